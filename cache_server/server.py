@@ -1,0 +1,119 @@
+"""Assemble and run the gRPC server: storage, services, health, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+import signal
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cache_server.services.action_cache import ActionCacheService
+from cache_server.services.bytestream import ByteStreamService
+from cache_server.services.capabilities import CapabilitiesService
+from cache_server.services.cas import CasService
+from cache_server.services.common import MAX_MESSAGE_SIZE, Backend
+from cache_server.storage.base import Store
+from cache_server.storage.disk import DiskStore
+from slipstream_protos import bytestream_pb2, remote_execution_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+
+DEFAULT_PORT = 9380  # below the ephemeral range (32768-60999), so it is free to bind
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+log = logging.getLogger("cache_server")
+
+
+@dataclass
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    storage: pathlib.Path | None = None
+    max_size: int | None = None
+    update_enabled: bool = True
+    worker_threads: int = 16
+
+
+def open_store(config: ServerConfig) -> Store:
+    from cache_server.storage.disk import default_storage_dir
+
+    return DiskStore(config.storage or default_storage_dir(), config.max_size)
+
+
+SERVICE_NAMES = (
+    remote_execution_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"].full_name,
+    remote_execution_pb2.DESCRIPTOR.services_by_name["ActionCache"].full_name,
+    remote_execution_pb2.DESCRIPTOR.services_by_name["Capabilities"].full_name,
+    bytestream_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name,
+)
+
+
+class CacheServer:
+    """The running server; start() binds, wait() serves until stop()."""
+
+    def __init__(self, config: ServerConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="store")
+        self.backend = Backend(store, self.executor, update_enabled=config.update_enabled)
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+            ]
+        )
+        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.backend), self.server)
+        re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.backend), self.server)
+        re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(self.backend), self.server)
+        bs_grpc.add_ByteStreamServicer_to_server(ByteStreamService(self.backend), self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = 0
+
+    async def start(self) -> None:
+        self.port = self.server.add_insecure_port(self.config.listen)
+        await self.server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        self.executor.shutdown(wait=True)
+        self.store.close()
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    store = open_store(config)
+    server = CacheServer(config, store)
+    try:
+        await server.start()
+    except RuntimeError as exc:
+        store.close()
+        raise OSError(f"cannot listen on {config.listen}: {exc}") from None
+    print(f"slipstream: serving the REAPI v2 cache on {server.address}", flush=True)
+    print(f"slipstream: storing in the {store.describe()}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    print("slipstream: shutting down", flush=True)
+    await server.stop()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()

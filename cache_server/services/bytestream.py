@@ -1,0 +1,234 @@
+"""ByteStream: streamed reads and resumable, verified writes of large blobs."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cache_server.compression import StreamDecompressor, compress_stream
+from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
+from cache_server.services.common import Backend, RpcError, grpc_errors, instance_ok
+from cache_server.storage.base import BlobWriter
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
+
+READ_CHUNK = 1024 * 1024
+# Small client chunks are gathered up to this size before they go to the store.
+WRITE_BUFFER = 1024 * 1024
+UPLOAD_IDLE_TIMEOUT = 600.0
+REMEMBER_COMPLETED = 10_000
+_SENTINEL: Any = object()
+
+
+@dataclass
+class _Upload:
+    """An unfinished write that a client may resume under the same name."""
+
+    writer: BlobWriter
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last_active: float = field(default_factory=time.monotonic)
+
+
+class ByteStreamService(bs_grpc.ByteStreamServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._uploads: dict[str, _Upload] = {}
+        self._completed: collections.OrderedDict[str, int] = collections.OrderedDict()
+
+    # ---- Read ----
+    @grpc_errors
+    async def Read(
+        self, request: bs_pb2.ReadRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+        name = parse_read_name(request.resource_name)
+        instance_ok(name.instance)
+        blob = name.blob
+        if request.read_offset < 0 or request.read_offset > blob.size:
+            raise RpcError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"read_offset {request.read_offset} is outside blob {blob} of {blob.size} bytes",
+            )
+        if request.read_limit < 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "read_limit must not be negative")
+        if name.compressed and request.read_limit:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "read_limit is not allowed on compressed reads"
+            )
+        chunks = await self.backend.run(
+            self.backend.store.read_blob, blob, request.read_offset, READ_CHUNK
+        )
+        if chunks is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"blob {blob} not found")
+        remaining = request.read_limit or blob.size - request.read_offset
+        if name.compressed:
+            async for data in self._compressed(chunks):
+                yield bs_pb2.ReadResponse(data=data)
+            return
+        while remaining > 0:
+            chunk = await self.backend.run(next, chunks, _SENTINEL)
+            if chunk is _SENTINEL:
+                break
+            if len(chunk) > remaining:
+                chunk = chunk[:remaining]
+            remaining -= len(chunk)
+            yield bs_pb2.ReadResponse(data=chunk)
+
+    async def _compressed(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+        compressor = compress_stream()
+        while True:
+            chunk = await self.backend.run(next, chunks, _SENTINEL)
+            if chunk is _SENTINEL:
+                break
+            out = compressor.compress(chunk)
+            if out:
+                yield out
+        yield compressor.flush()
+
+    # ---- Write ----
+    @grpc_errors
+    async def Write(
+        self,
+        request_iterator: AsyncIterator[bs_pb2.WriteRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> bs_pb2.WriteResponse:
+        self._expire_idle()
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Write stream carried no request")
+        resource = first.resource_name
+        name = parse_write_name(resource)
+        instance_ok(name.instance)
+        done_size = self._completed.get(resource)
+        if done_size is not None:
+            return bs_pb2.WriteResponse(committed_size=done_size)
+        if first.write_offset == 0 and not await self._missing(name):
+            # Already stored: finish early without reading the rest.
+            return bs_pb2.WriteResponse(committed_size=-1 if name.compressed else name.blob.size)
+        upload = self._uploads.get(resource)
+        if upload is None:
+            if first.write_offset != 0:
+                raise RpcError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"write_offset {first.write_offset} for an upload the server does not hold; start at 0",
+                )
+            writer = await self.backend.run(self.backend.store.open_writer, name.blob)
+            upload = self._uploads[resource] = _Upload(writer)
+        if upload.lock.locked():
+            raise RpcError(grpc.StatusCode.ABORTED, f"upload {resource[:200]} is already in progress")
+        async with upload.lock:
+            return await self._receive(name, resource, upload, first, request_iterator)
+
+    async def _missing(self, name: ResourceName) -> bool:
+        missing = await self.backend.run(self.backend.store.find_missing, [name.blob])
+        return bool(missing)
+
+    async def _receive(
+        self,
+        name: ResourceName,
+        resource: str,
+        upload: _Upload,
+        first: bs_pb2.WriteRequest,
+        rest: AsyncIterator[bs_pb2.WriteRequest],
+    ) -> bs_pb2.WriteResponse:
+        writer = upload.writer
+        # For compressed uploads offsets count compressed bytes, which the
+        # writer does not see; such uploads are not resumable and restart at 0.
+        decompressor = StreamDecompressor(name.blob.size) if name.compressed else None
+        received = writer.committed_size if decompressor is None else 0
+        buffer: list[bytes] = []
+        buffered = 0
+
+        async def flush() -> None:
+            nonlocal buffer, buffered
+            if buffer:
+                data = b"".join(buffer)
+                buffer, buffered = [], 0
+                await self.backend.run(writer.write, data)
+
+        request: bs_pb2.WriteRequest | None = first
+        finished = False
+        try:
+            while request is not None:
+                if request.resource_name and request.resource_name != resource:
+                    raise RpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT, "resource_name changed within one Write"
+                    )
+                if request.write_offset != received:
+                    raise RpcError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"write_offset {request.write_offset} does not follow the {received} bytes committed",
+                    )
+                received += len(request.data)
+                data = decompressor.feed(request.data) if decompressor else request.data
+                if data:
+                    if writer.committed_size + buffered + len(data) > name.blob.size:
+                        raise RpcError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"more than {name.blob.size} bytes sent for blob {name.blob}",
+                        )
+                    buffer.append(data)
+                    buffered += len(data)
+                    if buffered >= WRITE_BUFFER:
+                        await flush()
+                upload.last_active = time.monotonic()
+                if request.finish_write:
+                    finished = True
+                    break
+                request = await anext(rest, None)
+            await flush()
+        except asyncio.CancelledError:
+            # The client went away: what reached the store stays for a resume.
+            if decompressor is not None:
+                self._drop(resource)
+            raise
+        except BaseException:
+            self._drop(resource)
+            raise
+        if not finished:
+            if decompressor is not None:
+                self._drop(resource)
+            # The client went away without finishing; keep what it sent for a resume.
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Write stream ended without finish_write")
+        try:
+            await self.backend.run(writer.commit)
+        finally:
+            self._uploads.pop(resource, None)
+        self._completed[resource] = received
+        while len(self._completed) > REMEMBER_COMPLETED:
+            self._completed.popitem(last=False)
+        return bs_pb2.WriteResponse(committed_size=received)
+
+    def _drop(self, resource: str) -> None:
+        upload = self._uploads.pop(resource, None)
+        if upload is not None:
+            self.backend.executor.submit(upload.writer.abort)
+
+    def _expire_idle(self) -> None:
+        cutoff = time.monotonic() - UPLOAD_IDLE_TIMEOUT
+        for resource, upload in list(self._uploads.items()):
+            if upload.last_active < cutoff and not upload.lock.locked():
+                self._drop(resource)
+
+    # ---- QueryWriteStatus ----
+    @grpc_errors
+    async def QueryWriteStatus(
+        self, request: bs_pb2.QueryWriteStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bs_pb2.QueryWriteStatusResponse:
+        name = parse_write_name(request.resource_name)
+        instance_ok(name.instance)
+        done_size = self._completed.get(request.resource_name)
+        if done_size is not None:
+            return bs_pb2.QueryWriteStatusResponse(committed_size=done_size, complete=True)
+        upload = self._uploads.get(request.resource_name)
+        if upload is not None and not name.compressed:
+            return bs_pb2.QueryWriteStatusResponse(committed_size=upload.writer.committed_size)
+        if not await self._missing(name):
+            size = -1 if name.compressed else name.blob.size
+            return bs_pb2.QueryWriteStatusResponse(committed_size=size, complete=True)
+        return bs_pb2.QueryWriteStatusResponse(committed_size=0, complete=False)

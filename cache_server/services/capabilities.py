@@ -1,0 +1,46 @@
+"""Capabilities: what this cache offers, so clients pick the right protocol paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream_protos import semver_pb2
+
+# Bazel 4 speaks API 2.0; current clients speak up to 2.3.
+LOW_API = semver_pb2.SemVer(major=2, minor=0)
+HIGH_API = semver_pb2.SemVer(major=2, minor=3)
+
+
+class CapabilitiesService(re_grpc.CapabilitiesServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @grpc_errors
+    async def GetCapabilities(
+        self, request: re_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> re_pb2.ServerCapabilities:
+        zstd = [re_pb2.Compressor.ZSTD]
+        cache = re_pb2.CacheCapabilities(
+            digest_functions=[re_pb2.DigestFunction.SHA256],
+            action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
+                update_enabled=self.backend.update_enabled
+            ),
+            cache_priority_capabilities=re_pb2.PriorityCapabilities(
+                priorities=[re_pb2.PriorityCapabilities.PriorityRange(min_priority=0, max_priority=0)]
+            ),
+            max_batch_total_size_bytes=MAX_BATCH_TOTAL_SIZE,
+            symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
+            supported_compressors=zstd,
+            supported_batch_update_compressors=zstd,
+        )
+        return re_pb2.ServerCapabilities(
+            cache_capabilities=cache,
+            deprecated_api_version=LOW_API,
+            low_api_version=LOW_API,
+            high_api_version=HIGH_API,
+        )

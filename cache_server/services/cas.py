@@ -1,0 +1,195 @@
+"""ContentAddressableStorage: find, batch-write, batch-read blobs and walk trees."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.rpc import code_pb2, status_pb2
+
+from cache_server.compression import decompress_exact
+from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
+from cache_server.services.common import (
+    MAX_BATCH_TOTAL_SIZE,
+    Backend,
+    RpcError,
+    blob_from_request,
+    check_function,
+    grpc_errors,
+    instance_ok,
+    status_of,
+)
+from cache_server.storage.base import StoreFull, StoreUnavailable
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+
+DEFAULT_TREE_PAGE = 1000
+_OK = status_pb2.Status(code=code_pb2.OK)
+
+
+def _status(code: int, message: str) -> status_pb2.Status:
+    return status_pb2.Status(code=code, message=message)
+
+
+def _rpc_status(exc: BaseException) -> status_pb2.Status:
+    code, message = status_of(exc)
+    return _status(code.value[0], message)
+
+
+class CasService(re_grpc.ContentAddressableStorageServicer):
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+
+    @grpc_errors
+    async def FindMissingBlobs(
+        self, request: re_pb2.FindMissingBlobsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> re_pb2.FindMissingBlobsResponse:
+        instance_ok(request.instance_name)
+        check_function(request.digest_function)
+        blobs = [blob_from_request(d, "blob_digests") for d in request.blob_digests]
+        missing = await self.backend.run(self.backend.store.find_missing, blobs)
+        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[b.to_proto() for b in missing])
+
+    @grpc_errors
+    async def BatchUpdateBlobs(
+        self, request: re_pb2.BatchUpdateBlobsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> re_pb2.BatchUpdateBlobsResponse:
+        instance_ok(request.instance_name)
+        check_function(request.digest_function)
+        total = sum(len(r.data) for r in request.requests)
+        if total > MAX_BATCH_TOTAL_SIZE:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"batch of {total:,} bytes exceeds max_batch_total_size_bytes {MAX_BATCH_TOTAL_SIZE:,}",
+            )
+        # Digests are checked up front, so one malformed digest fails the call
+        # rather than leaving a half-applied batch behind it.
+        items = [(blob_from_request(r.digest, "requests.digest"), r) for r in request.requests]
+        statuses = await self.backend.run(self._store_batch, items)
+        return re_pb2.BatchUpdateBlobsResponse(
+            responses=[
+                re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=s)
+                for (_, r), s in zip(items, statuses, strict=True)
+            ]
+        )
+
+    def _store_batch(
+        self, items: list[tuple[BlobId, re_pb2.BatchUpdateBlobsRequest.Request]]
+    ) -> list[status_pb2.Status]:
+        store = self.backend.store
+        statuses = []
+        for blob, req in items:
+            try:
+                if req.compressor == re_pb2.Compressor.ZSTD:
+                    data = decompress_exact(req.data, blob.size)
+                elif req.compressor == re_pb2.Compressor.IDENTITY:
+                    data = req.data
+                else:
+                    raise DigestError(f"compressor {req.compressor} is not supported")
+                if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.hash:
+                    raise DigestError(f"data does not match digest {blob}")
+                store.put_blob(blob, data)
+                statuses.append(_OK)
+            except (DigestError, StoreFull, StoreUnavailable) as exc:
+                statuses.append(_rpc_status(exc))
+        return statuses
+
+    @grpc_errors
+    async def BatchReadBlobs(
+        self, request: re_pb2.BatchReadBlobsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> re_pb2.BatchReadBlobsResponse:
+        instance_ok(request.instance_name)
+        check_function(request.digest_function)
+        blobs = [blob_from_request(d, "digests") for d in request.digests]
+        total = sum(b.size for b in blobs)
+        if total > MAX_BATCH_TOTAL_SIZE:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"batch of {total:,} bytes exceeds max_batch_total_size_bytes {MAX_BATCH_TOTAL_SIZE:,}",
+            )
+        return await self.backend.run(self._read_batch, blobs)
+
+    def _read_batch(self, blobs: list[BlobId]) -> re_pb2.BatchReadBlobsResponse:
+        response = re_pb2.BatchReadBlobsResponse()
+        for blob in blobs:
+            entry = response.responses.add(digest=blob.to_proto())
+            try:
+                data = self.backend.store.get_blob(blob)
+            except StoreUnavailable as exc:
+                entry.status.CopyFrom(_rpc_status(exc))
+                continue
+            if data is None:
+                entry.status.CopyFrom(_status(code_pb2.NOT_FOUND, f"blob {blob} not found"))
+            else:
+                entry.data = data
+                entry.status.CopyFrom(_OK)
+        return response
+
+    @grpc_errors
+    async def GetTree(
+        self, request: re_pb2.GetTreeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[re_pb2.GetTreeResponse]:
+        instance_ok(request.instance_name)
+        check_function(request.digest_function)
+        root = blob_from_request(request.root_digest, "root_digest")
+        if request.page_size < 0:
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
+        start = _parse_page_token(request.page_token)
+        directories = await self.backend.run(collect_tree, self.backend.store, root)
+        if directories is None:
+            raise RpcError(grpc.StatusCode.NOT_FOUND, f"root directory {root} not found")
+        if start > len(directories):
+            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "page_token is past the end of the tree")
+        if request.page_size:
+            end = min(start + request.page_size, len(directories))
+            token = str(end) if end < len(directories) else ""
+            yield re_pb2.GetTreeResponse(directories=directories[start:end], next_page_token=token)
+            return
+        # No page size: stream the whole tree in messages of bounded size.
+        while True:
+            end = min(start + DEFAULT_TREE_PAGE, len(directories))
+            yield re_pb2.GetTreeResponse(directories=directories[start:end])
+            start = end
+            if start >= len(directories):
+                return
+
+
+def _parse_page_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit() or len(token) > 12:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"page_token {token[:40]!r} is not valid")
+    return int(token)
+
+
+def collect_tree(store: Any, root: BlobId) -> list[re_pb2.Directory] | None:
+    """Every directory reachable from root, breadth-first, each once; None if root is missing.
+
+    Subtrees missing from the CAS are left out, as the protocol allows.
+    """
+    seen = {root}
+    queue = [root]
+    found: list[re_pb2.Directory] = []
+    for position, digest in enumerate(queue):  # noqa: B007 - queue grows while we walk it
+        data = store.get_blob(digest) if digest != EMPTY_BLOB else b""
+        if data is None:
+            if position == 0:
+                return None
+            continue
+        directory = re_pb2.Directory()
+        try:
+            directory.ParseFromString(data)
+        except Exception:
+            raise DigestError(f"blob {digest} is not a Directory message") from None
+        found.append(directory)
+        for child in directory.directories:
+            try:
+                child_id = BlobId.from_proto(child.digest)
+            except DigestError:
+                continue
+            if child_id not in seen:
+                seen.add(child_id)
+                queue.append(child_id)
+    return found

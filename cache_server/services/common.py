@@ -1,0 +1,134 @@
+"""What every service shares: the store, its worker threads, and error mapping.
+
+Handlers raise ordinary exceptions; `grpc_errors` turns them into a gRPC status
+with a one-line message, so no handler repeats that logic and no client ever
+sees a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, NoReturn, ParamSpec, TypeVar
+
+import grpc
+
+from cache_server.digests import BlobId, DigestError, check_digest_function
+from cache_server.storage.base import RecordKeyError, Store, StoreFull, StoreUnavailable
+from slipstream_protos import remote_execution_pb2 as re_pb2
+
+log = logging.getLogger("cache_server")
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# The batch limit we advertise; it stays below gRPC's default 4 MiB message so
+# clients that keep that default can still receive a full batch response.
+MAX_BATCH_TOTAL_SIZE = 4 * 1024 * 1024 - 64 * 1024
+# What the server accepts in one message: above the batch limit, for overhead.
+MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+class RpcError(Exception):
+    """Abort the current call with this status code and message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status for an exception raised while serving a call."""
+    if isinstance(exc, RpcError):
+        return exc.code, exc.message
+    if isinstance(exc, DigestError | RecordKeyError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, StoreFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())[:500]
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    code, message = status_of(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error", exc_info=exc)
+    await context.abort(code, _one_line(message))
+    raise AssertionError("unreachable")  # context.abort always raises
+
+
+def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
+    """Wrap a servicer method (coroutine or async generator) with error mapping."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):  # type: ignore[call-arg]
+                    yield item
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                await _abort(context, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await method(self, request, context)  # type: ignore[call-arg,misc]
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await _abort(context, exc)
+
+    return unary_wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class Backend:
+    """The store plus the threads that run its blocking calls."""
+
+    store: Store
+    executor: ThreadPoolExecutor
+    update_enabled: bool = True
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, fn, *args)
+
+
+def blob_from_request(digest: re_pb2.Digest, what: str = "digest") -> BlobId:
+    """A validated BlobId from a request digest, or INVALID_ARGUMENT naming the field."""
+    try:
+        return BlobId.from_proto(digest)
+    except DigestError as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}") from None
+
+
+def check_function(value: int) -> None:
+    try:
+        check_digest_function(value)
+    except DigestError as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+
+
+def instance_ok(instance_name: str) -> str:
+    """Instance names are free-form, but must not smuggle path tricks."""
+    parts = instance_name.split("/") if instance_name else []
+    if any(p in ("", ".", "..") for p in parts) or "\0" in instance_name:
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"instance name {instance_name!r} is not valid"
+        )
+    return instance_name

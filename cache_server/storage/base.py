@@ -1,0 +1,153 @@
+"""The one storage interface every backend (disk, S3, tiered) implements.
+
+Stores are synchronous and thread-safe; the asyncio gRPC services call them in
+worker threads. A store holds two kinds of things:
+
+- CAS blobs, addressed by their SHA-256 digest. A store never makes a blob
+  visible unless its content matches its digest, and never returns bytes that
+  differ from what was verified on the way in.
+- Records: small values under a (namespace, key) name, e.g. action results
+  ("ac"), layer keys ("layers"), timing history ("timings"), pinned split plans.
+"""
+
+from __future__ import annotations
+
+import abc
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from urllib.parse import quote, unquote
+
+from cache_server.digests import BlobId
+
+# Records in these namespaces count toward the size bound and may be evicted;
+# the others (layer keys, timings, plans) are small and kept.
+EVICTABLE_NAMESPACES = frozenset({"ac"})
+_NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+MAX_RECORD_KEY_CHARS = 200
+_MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesystems
+
+
+class StoreFull(Exception):
+    """The blob cannot fit within the store's size bound."""
+
+
+class StoreUnavailable(Exception):
+    """The backing store cannot be reached right now (e.g. S3 is down)."""
+
+
+class RecordKeyError(ValueError):
+    """A record namespace or key the store cannot hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordInfo:
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    blobs: int
+    bytes_used: int
+    max_bytes: int | None
+    evictions: int
+
+
+def encode_record_key(namespace: str, key: str) -> str:
+    """A filesystem- and S3-safe name for a record key; keeps prefix order.
+
+    Each character encodes on its own, so a prefix of a key encodes to a prefix
+    of the key's encoding, and prefix listings work on the encoded names.
+    """
+    if not _NAMESPACE.fullmatch(namespace):
+        raise RecordKeyError(f"record namespace {namespace!r} is not valid")
+    if not key or len(key) > MAX_RECORD_KEY_CHARS:
+        raise RecordKeyError(f"record key must be 1 to {MAX_RECORD_KEY_CHARS} characters")
+    # "." is escaped too, so no key can become "." or ".." on disk.
+    encoded = quote(key, safe="-_~")
+    if len(encoded) > _MAX_ENCODED_KEY:
+        raise RecordKeyError(f"record key {key[:40]!r}... is too long once encoded")
+    return encoded
+
+
+def decode_record_key(encoded: str) -> str:
+    return unquote(encoded)
+
+
+class BlobWriter(abc.ABC):
+    """A streamed write of one blob; nothing is visible until commit() succeeds."""
+
+    def __init__(self, blob: BlobId) -> None:
+        self.blob = blob
+        self.committed_size = 0
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Append data; raises DigestError once more bytes arrive than the digest's size."""
+
+    @abc.abstractmethod
+    def commit(self) -> None:
+        """Verify size and hash, then make the blob visible; raises DigestError on mismatch."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard what was written. Safe to call more than once, and after commit."""
+
+
+class Store(abc.ABC):
+    """Storage for CAS blobs and records; see the module docstring."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line saying what is stored where, for the server's start-up message."""
+
+    # ---- CAS ----
+    @abc.abstractmethod
+    def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
+        """The blobs not present, in input order; refreshes the lifetime of the present ones."""
+
+    @abc.abstractmethod
+    def get_blob(self, blob: BlobId) -> bytes | None:
+        """The whole blob, or None when it is missing (or found corrupt)."""
+
+    @abc.abstractmethod
+    def read_blob(self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes] | None:
+        """Chunks of the blob from offset on, or None when it is missing.
+
+        The content is checked before the first chunk is produced, so a corrupt
+        blob is reported as missing rather than served.
+        """
+
+    @abc.abstractmethod
+    def put_blob(self, blob: BlobId, data: bytes) -> None:
+        """Store data under blob after verifying it; raises DigestError on mismatch."""
+
+    @abc.abstractmethod
+    def open_writer(self, blob: BlobId) -> BlobWriter:
+        """Start a streamed write of blob."""
+
+    # ---- records ----
+    @abc.abstractmethod
+    def get_record(self, namespace: str, key: str) -> bytes | None:
+        """The record's value, or None."""
+
+    @abc.abstractmethod
+    def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
+        """Store a record; with overwrite=False, returns False (and changes nothing) if it exists."""
+
+    @abc.abstractmethod
+    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+        """The records whose key starts with prefix, in key order."""
+
+    @abc.abstractmethod
+    def delete_record(self, namespace: str, key: str) -> None:
+        """Remove a record if present."""
+
+    def stats(self) -> StoreStats | None:
+        """Size figures for metrics, where the backend knows them cheaply."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (threads, connections)."""

@@ -1,0 +1,406 @@
+"""The embedded default store: content-addressed files under one directory.
+
+Layout under the root:
+    cas/ab/<hash>            blobs, sharded by the first two hex digits
+    records/<namespace>/<k>  records, k being the percent-encoded key
+    tmp/                     writes in progress (cleared at start)
+
+Every file starts with a 16-byte header: a magic, then the xxh3-64 checksum of
+the payload. A blob becomes visible only whole (written to tmp/, then renamed
+into place), so a crash or a dropped client never leaves a readable partial
+blob, and corruption on disk is caught on read and treated as a missing blob.
+
+CAS blobs and action results share one size bound with LRU eviction. Reading
+or finding an entry refreshes it; the order survives a restart through the
+files' modification times, which are bumped on access (at most once a minute
+per entry, to keep hot paths free of syscalls).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import pathlib
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import xxhash
+
+from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
+from cache_server.storage.base import (
+    EVICTABLE_NAMESPACES,
+    BlobWriter,
+    RecordInfo,
+    Store,
+    StoreFull,
+    StoreStats,
+    decode_record_key,
+    encode_record_key,
+)
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"SLS1"
+_HEADER = struct.Struct(">4s4xQ")  # magic, padding, xxh3-64 of the payload
+_TOUCH_INTERVAL = 60.0
+_READ_CHUNK = 1 << 20
+
+
+def default_storage_dir() -> pathlib.Path:
+    """Where the server keeps its data when no --storage is given."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return pathlib.Path(base) / "slipstream"
+
+
+@dataclass(slots=True)
+class _Entry:
+    size: int  # bytes on disk, header included
+    mtime: float
+
+
+class _CorruptFile(Exception):
+    pass
+
+
+def _open_checked(path: pathlib.Path) -> BinaryIO | None:
+    """Open a stored file after verifying its checksum; None if absent.
+
+    Raises _CorruptFile when the header or checksum does not match.
+    """
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - returned to the caller
+    except FileNotFoundError:
+        return None
+    try:
+        header = f.read(_HEADER.size)
+        if len(header) != _HEADER.size:
+            raise _CorruptFile(f"{path}: truncated header")
+        magic, expected = _HEADER.unpack(header)
+        if magic != _MAGIC:
+            raise _CorruptFile(f"{path}: bad magic")
+        h = xxhash.xxh3_64()
+        while chunk := f.read(_READ_CHUNK):
+            h.update(chunk)
+        if h.intdigest() != expected:
+            raise _CorruptFile(f"{path}: checksum mismatch")
+        f.seek(_HEADER.size)
+        return f
+    except BaseException:
+        f.close()
+        raise
+
+
+class DiskStore(Store):
+    """CAS and records on the local filesystem, bounded by max_size bytes."""
+
+    def __init__(self, root: pathlib.Path, max_size: int | None = None) -> None:
+        self.root = root
+        self.max_size = max_size
+        self._lock = threading.Lock()
+        self._lru: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
+        self._bytes_used = 0
+        self._evictions = 0
+        self._tmp = root / "tmp"
+        for sub in ("cas", "records", "tmp"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+        self._clear_tmp()
+        self._load_index()
+
+    # ---- set-up ----
+    def _clear_tmp(self) -> None:
+        for leftover in self._tmp.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+
+    def _load_index(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        cas = self.root / "cas"
+        for shard in cas.iterdir():
+            if shard.is_dir():
+                found.extend(self._scan(shard, f"cas/{shard.name}/"))
+        for namespace in EVICTABLE_NAMESPACES:
+            ns_dir = self.root / "records" / namespace
+            if ns_dir.is_dir():
+                found.extend(self._scan(ns_dir, f"records/{namespace}/"))
+        found.sort()
+        for mtime, rel, size in found:
+            self._lru[rel] = _Entry(size, mtime)
+            self._bytes_used += size
+        with self._lock:
+            self._evict_locked(keep=None)
+
+    @staticmethod
+    def _scan(directory: pathlib.Path, prefix: str) -> Iterator[tuple[float, str, int]]:
+        with os.scandir(directory) as it:
+            for item in it:
+                st = item.stat(follow_symlinks=False)
+                yield st.st_mtime, prefix + item.name, st.st_size
+
+    def describe(self) -> str:
+        bound = f"up to {self.max_size:,} bytes" if self.max_size else "no size bound"
+        return f"disk store at {self.root} ({bound}; {len(self._lru):,} entries, {self._bytes_used:,} bytes)"
+
+    # ---- paths and LRU ----
+    @staticmethod
+    def _blob_rel(blob: BlobId) -> str:
+        return f"cas/{blob.hash[:2]}/{blob.hash}"
+
+    @staticmethod
+    def _record_rel(namespace: str, key: str) -> str:
+        return f"records/{namespace}/{encode_record_key(namespace, key)}"
+
+    def _touch(self, rel: str) -> bool:
+        """Refresh an entry's place in the LRU; False if it is not indexed."""
+        now = time.time()
+        with self._lock:
+            entry = self._lru.get(rel)
+            if entry is None:
+                return False
+            self._lru.move_to_end(rel)
+            stale = now - entry.mtime > _TOUCH_INTERVAL
+            if stale:
+                entry.mtime = now
+        if stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(self.root / rel, (now, now))
+        return True
+
+    def _forget(self, rel: str) -> None:
+        with self._lock:
+            entry = self._lru.pop(rel, None)
+            if entry is not None:
+                self._bytes_used -= entry.size
+
+    def _admit(self, rel: str, size: int) -> None:
+        """Index a file just renamed into place, evicting older entries if needed."""
+        with self._lock:
+            old = self._lru.pop(rel, None)
+            if old is not None:
+                self._bytes_used -= old.size
+            self._lru[rel] = _Entry(size, time.time())
+            self._bytes_used += size
+            self._evict_locked(keep=rel)
+
+    def _evict_locked(self, keep: str | None) -> None:
+        if self.max_size is None:
+            return
+        while self._bytes_used > self.max_size and self._lru:
+            rel, entry = next(iter(self._lru.items()))
+            if rel == keep:
+                break
+            del self._lru[rel]
+            self._bytes_used -= entry.size
+            self._evictions += 1
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / rel)
+
+    def _check_fits(self, size: int) -> None:
+        if self.max_size is not None and size + _HEADER.size > self.max_size:
+            raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
+
+    def _install(self, tmp_path: pathlib.Path, rel: str, evictable: bool) -> None:
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        size = tmp_path.stat().st_size
+        os.replace(tmp_path, final)
+        if evictable:
+            self._admit(rel, size)
+
+    def _new_tmp(self) -> pathlib.Path:
+        return self._tmp / uuid.uuid4().hex
+
+    def _write_file(self, tmp_path: pathlib.Path, payload: bytes) -> None:
+        with open(tmp_path, "wb") as f:
+            f.write(_HEADER.pack(_MAGIC, xxhash.xxh3_64_intdigest(payload)))
+            f.write(payload)
+
+    def _read_checked(self, rel: str) -> bytes | None:
+        try:
+            f = _open_checked(self.root / rel)
+        except _CorruptFile as exc:
+            self._drop_corrupt(rel, exc)
+            return None
+        if f is None:
+            self._forget(rel)
+            return None
+        with f:
+            return f.read()
+
+    def _drop_corrupt(self, rel: str, exc: Exception) -> None:
+        log.warning("dropping corrupt entry: %s", exc)
+        self._forget(rel)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / rel)
+
+    # ---- CAS ----
+    def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
+        return [b for b in blobs if b != EMPTY_BLOB and not self._touch(self._blob_rel(b))]
+
+    def get_blob(self, blob: BlobId) -> bytes | None:
+        if blob == EMPTY_BLOB:
+            return b""
+        rel = self._blob_rel(blob)
+        data = self._read_checked(rel)
+        if data is not None:
+            self._touch(rel)
+        return data
+
+    def read_blob(self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes] | None:
+        if blob == EMPTY_BLOB:
+            return iter(())
+        rel = self._blob_rel(blob)
+        try:
+            f = _open_checked(self.root / rel)
+        except _CorruptFile as exc:
+            self._drop_corrupt(rel, exc)
+            return None
+        if f is None:
+            self._forget(rel)
+            return None
+        self._touch(rel)
+        f.seek(_HEADER.size + offset)
+        return _chunks(f, chunk_size)
+
+    def put_blob(self, blob: BlobId, data: bytes) -> None:
+        if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.hash:
+            raise DigestError(f"data does not match digest {blob}")
+        if blob == EMPTY_BLOB:
+            return
+        self._check_fits(blob.size)
+        tmp_path = self._new_tmp()
+        try:
+            self._write_file(tmp_path, data)
+            self._install(tmp_path, self._blob_rel(blob), evictable=True)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+
+    def open_writer(self, blob: BlobId) -> BlobWriter:
+        self._check_fits(blob.size)
+        return _DiskBlobWriter(self, blob)
+
+    # ---- records ----
+    def get_record(self, namespace: str, key: str) -> bytes | None:
+        rel = self._record_rel(namespace, key)
+        data = self._read_checked(rel)
+        if data is not None and namespace in EVICTABLE_NAMESPACES:
+            self._touch(rel)
+        return data
+
+    def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
+        rel = self._record_rel(namespace, key)
+        evictable = namespace in EVICTABLE_NAMESPACES
+        if evictable:
+            self._check_fits(len(value))
+        tmp_path = self._new_tmp()
+        try:
+            self._write_file(tmp_path, value)
+            if overwrite:
+                self._install(tmp_path, rel, evictable)
+                return True
+            final = self.root / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(tmp_path, final)  # atomic create-if-absent
+            except FileExistsError:
+                return False
+            if evictable:
+                self._admit(rel, final.stat().st_size)
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_path.unlink()
+
+    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+        encoded_prefix = encode_record_key(namespace, prefix) if prefix else ""
+        ns_dir = self.root / "records" / namespace
+        if not ns_dir.is_dir():
+            return []
+        found = []
+        with os.scandir(ns_dir) as it:
+            for item in it:
+                if item.name.startswith(encoded_prefix):
+                    try:
+                        st = item.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    found.append(
+                        RecordInfo(
+                            decode_record_key(item.name), st.st_size - _HEADER.size, st.st_mtime
+                        )
+                    )
+        found.sort(key=lambda r: r.key)
+        return found
+
+    def delete_record(self, namespace: str, key: str) -> None:
+        rel = self._record_rel(namespace, key)
+        self._forget(rel)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / rel)
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
+
+
+def _chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(chunk_size):
+            yield chunk
+
+
+class _DiskBlobWriter(BlobWriter):
+    """Streams into a temp file, hashing as it goes; commit verifies and renames."""
+
+    def __init__(self, store: DiskStore, blob: BlobId) -> None:
+        super().__init__(blob)
+        self._store = store
+        self._path = store._new_tmp()
+        self._file: BinaryIO | None = open(self._path, "wb")  # noqa: SIM115
+        self._file.write(b"\0" * _HEADER.size)
+        self._sha = hashlib.sha256()
+        self._xxh = xxhash.xxh3_64()
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise DigestError("write after the blob was committed or aborted")
+        if self.committed_size + len(data) > self.blob.size:
+            raise DigestError(f"more than {self.blob.size} bytes sent for blob {self.blob}")
+        self._file.write(data)
+        self._sha.update(data)
+        self._xxh.update(data)
+        self.committed_size += len(data)
+
+    def commit(self) -> None:
+        if self._file is None:
+            raise DigestError("commit after the blob was committed or aborted")
+        try:
+            if self.committed_size != self.blob.size:
+                raise DigestError(
+                    f"blob {self.blob} ended after {self.committed_size} of {self.blob.size} bytes"
+                )
+            if self._sha.hexdigest() != self.blob.hash:
+                raise DigestError(f"blob {self.blob} hashes to {self._sha.hexdigest()}")
+            self._file.seek(0)
+            self._file.write(_HEADER.pack(_MAGIC, self._xxh.intdigest()))
+            self._file.close()
+            self._file = None
+            if self.blob != EMPTY_BLOB:
+                self._store._install(self._path, self._store._blob_rel(self.blob), evictable=True)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            self._path.unlink()

@@ -1,0 +1,143 @@
+"""Test ids: the names runners use, and how JUnit records map onto them.
+
+A pytest node id looks like ``tests/test_x.py::TestC::test_y[param]``; other
+runners split by file path (``spec/models/user_spec.rb``) or by class name
+(``com.example.UserTest``). All functions here are pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+def _parts(test_id: str) -> list[str]:
+    # Parameters may hold "::" themselves, so split only the part before "[".
+    base, bracket, params = test_id.partition("[")
+    parts = base.split("::")
+    parts[-1] += bracket + params
+    return parts
+
+
+def file_of(test_id: str) -> str:
+    """The file a test id belongs to (the id itself when it has no ``::``)."""
+    return _parts(test_id)[0]
+
+
+def class_of(test_id: str) -> str | None:
+    """``file::Class[::Inner]`` for a test in a class, else None."""
+    parts = _parts(test_id)
+    return "::".join(parts[:-1]) if len(parts) > 2 else None
+
+
+def directories_of(path: str) -> list[str]:
+    """The parent directories of a path, innermost first, ending with ``""``."""
+    out = []
+    while "/" in path:
+        path = path.rsplit("/", 1)[0]
+        out.append(path)
+    out.append("")
+    return out
+
+
+def normalize_path(path: str) -> str:
+    """A relative POSIX path: backslashes to slashes, no leading ``./``."""
+    path = path.replace("\\", "/")
+    while path.startswith("./"):
+        path = path[2:]
+    return path
+
+
+def _module_dotted(path: str) -> str:
+    stem = path[:-3] if path.endswith(".py") else path
+    return stem.replace("/", ".")
+
+
+def junit_key(test_id: str) -> tuple[str, str] | None:
+    """The (classname, name) pytest writes in JUnit for a node id, or None if not a node id."""
+    parts = _parts(test_id)
+    if len(parts) < 2 or not parts[0].endswith(".py"):
+        return None
+    classname = ".".join([_module_dotted(parts[0]), *parts[1:-1]])
+    return classname, parts[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class JUnitCase:
+    """One <testcase>: its names, its time in seconds (None if absent) and outcome."""
+
+    classname: str
+    name: str
+    file: str | None
+    time: float | None
+    outcome: str  # "passed", "failed" or "skipped"
+    source: str  # the report it came from
+
+
+def node_id(case: JUnitCase) -> str:
+    """The best-guess runner id for a case when no candidate ids are known.
+
+    With a ``file`` attribute that agrees with the classname this is exact. Without one
+    (pytest's default xunit2), the classname is split where class names (Capitalized)
+    begin; when the file attribute names another module (a test inherited from a base
+    class elsewhere), the classname wins, as it names the module that collected it.
+    """
+    classname = case.classname
+    if case.file:
+        path = normalize_path(case.file)
+        dotted = _module_dotted(path)
+        if classname == dotted or classname.startswith(dotted + "."):
+            classes = classname[len(dotted) + 1 :]
+            return "::".join([path, *([c for c in classes.split(".") if c]), case.name])
+        if not classname:
+            return f"{path}::{case.name}"
+        if not path.endswith(".py"):
+            return f"{path}::{classname}::{case.name}"
+    if not classname:
+        return case.name
+    pieces = classname.split(".")
+    first_class = len(pieces)
+    while first_class > 1 and pieces[first_class - 1][:1].isupper():
+        first_class -= 1
+    module = "/".join(pieces[:first_class]) + ".py"
+    return "::".join([module, *pieces[first_class:], case.name])
+
+
+def case_file(case: JUnitCase) -> str:
+    """The file a case belongs to: its file attribute, else derived from its node id."""
+    if case.file:
+        return normalize_path(case.file)
+    return file_of(node_id(case))
+
+
+def match_cases(
+    cases: Iterable[JUnitCase], candidates: Iterable[str]
+) -> dict[str, list[JUnitCase]]:
+    """The cases that belong to each candidate id.
+
+    A candidate matches, in this order: a pytest node id by the (classname, name)
+    pytest writes for it; else the cases whose own id is the candidate; else all cases
+    of a file (candidate is a file path); else all cases of a class name (candidate is
+    a classname, as Surefire/Gradle splits use). Candidates with no match are left out.
+    """
+    by_key: dict[tuple[str, str], list[JUnitCase]] = {}
+    by_id: dict[str, list[JUnitCase]] = {}
+    by_file: dict[str, list[JUnitCase]] = {}
+    by_class: dict[str, list[JUnitCase]] = {}
+    for case in cases:
+        by_key.setdefault((case.classname, case.name), []).append(case)
+        by_id.setdefault(node_id(case), []).append(case)
+        by_file.setdefault(case_file(case), []).append(case)
+        by_class.setdefault(case.classname, []).append(case)
+    out: dict[str, list[JUnitCase]] = {}
+    for candidate in candidates:
+        key = junit_key(candidate)
+        found = (
+            (by_key.get(key) if key else None)
+            or by_id.get(candidate)
+            or by_file.get(normalize_path(candidate))
+            or by_class.get(candidate)
+        )
+        if found:
+            out[candidate] = found
+    return out

@@ -1,0 +1,33 @@
+"""Fixtures shared by all tests: a real cache server on a real socket."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from tests.server_process import ServerProcess
+
+
+@pytest.fixture
+def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
+    """A fresh `slipstream serve` on the disk store, on a free port."""
+    proc = ServerProcess(tmp_path / "store").start()
+    try:
+        yield proc
+    finally:
+        try:
+            proc.stop()
+        finally:
+            proc.kill()
+
+
+@pytest.fixture
+def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        server.address,
+        options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20)],
+    ) as ch:
+        yield ch

@@ -1,0 +1,81 @@
+"""Run `slipstream serve` as a real process for tests: start, stop, kill, restart."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+
+import grpc
+
+_LISTENING = re.compile(r"serving the REAPI v2 cache on (\S+)")
+
+
+class ServerProcess:
+    """A `slipstream serve` subprocess on a free loopback port."""
+
+    def __init__(self, storage: pathlib.Path, extra_args: Sequence[str] = (), port: int = 0) -> None:
+        self.storage = storage
+        self.extra_args = list(extra_args)
+        self.port = port
+        self.address = ""
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: list[str] = []
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        cmd = [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--storage",
+            str(self.storage),
+            *self.extra_args,
+        ]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        found = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                m = _LISTENING.search(line)
+                if m and not found.is_set():
+                    self.address = m.group(1)
+                    found.set()
+            found.set()
+
+        threading.Thread(target=pump, daemon=True).start()
+        if not found.wait(timeout) or not self.address:
+            self.kill()
+            raise RuntimeError("server did not start:\n" + "".join(self.output))
+        # Reuse the same port on restart, so clients can reconnect.
+        self.port = int(self.address.rsplit(":", 1)[1])
+        grpc.channel_ready_future(grpc.insecure_channel(self.address)).result(timeout=timeout)
+        return self
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def restart(self) -> ServerProcess:
+        self.stop()
+        return self.start()
