@@ -16,7 +16,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = subparsers.add_parser(
         "serve",
         help="run the build cache server (REAPI v2 over gRPC)",
-        description="Run the build cache server: REAPI v2 CAS, ActionCache, ByteStream, Capabilities.",
+        description="Run the build cache server: REAPI v2 CAS, ActionCache, ByteStream, "
+        "Capabilities.",
     )
     p.add_argument(
         "--listen",
@@ -26,10 +27,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--storage",
-        type=pathlib.Path,
-        metavar="DIR",
-        help="directory of the local disk store (default: ~/.cache/slipstream, or $XDG_CACHE_HOME)",
+        metavar="DIR|s3://BUCKET[/PREFIX]",
+        help="directory of the local disk store (default: ~/.cache/slipstream, or "
+        "$XDG_CACHE_HOME), or an S3 bucket (credentials: AWS environment, profile or role)",
     )
+    s3 = p.add_argument_group("S3 storage (with --storage s3://...)")
+    s3.add_argument("--s3-endpoint", metavar="URL", help="endpoint of an S3-compatible store")
+    s3.add_argument("--s3-region", metavar="REGION", help="bucket region (default: AWS config)")
+    s3.add_argument(
+        "--s3-addressing", choices=("path", "virtual"), help="bucket addressing (default: auto)"
+    )
+    s3.add_argument(
+        "--s3-timeout", metavar="SECONDS", type=float, default=10.0, help="connect/read timeout"
+    )
+    s3.add_argument(
+        "--s3-max-attempts", metavar="N", type=int, default=5, help="attempts per S3 request"
+    )
+    s3.add_argument(
+        "--cache-dir", type=pathlib.Path, metavar="DIR", help="a local disk tier in front of S3"
+    )
+    s3.add_argument("--cache-size", metavar="SIZE", help="size bound of the disk tier, e.g. 50G")
     p.add_argument("--max-size", metavar="SIZE", help="size bound with LRU eviction, e.g. 10G")
     p.add_argument(
         "--read-only-ac",
@@ -47,15 +64,57 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-size: {exc}") from None
     if args.listen.rpartition(":")[0] == "" or not args.listen.rpartition(":")[2].isdigit():
         raise UsageError(f"--listen {args.listen!r} is not HOST:PORT")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     config = ServerConfig(
         listen=args.listen,
-        storage=args.storage,
+        storage=pathlib.Path(args.storage) if args.storage else None,
         max_size=max_size,
         update_enabled=not args.read_only_ac,
     )
+    _configure_s3(args, config)
     try:
         asyncio.run(serve(config))
     except OSError as exc:
         raise UsageError(str(exc)) from None
     return 0
+
+
+def _configure_s3(args: argparse.Namespace, config: ServerConfig) -> None:
+    """Check the S3 and tier flags and fill them into config."""
+    s3_flags = ("s3_endpoint", "s3_region", "s3_addressing", "cache_dir", "cache_size")
+    if not (args.storage or "").startswith("s3://"):
+        used = [f"--{f.replace('_', '-')}" for f in s3_flags if getattr(args, f) is not None]
+        if used:
+            raise UsageError(f"{used[0]} needs --storage s3://BUCKET")
+        return
+    from cache_server.storage.s3 import S3Config, parse_s3_url
+
+    try:
+        bucket, prefix = parse_s3_url(args.storage)
+    except ValueError as exc:
+        raise UsageError(f"--storage: {exc}") from None
+    if args.max_size:
+        raise UsageError("--max-size is for a disk store; bound the disk tier with --cache-size")
+    if args.s3_endpoint and not args.s3_endpoint.startswith(("http://", "https://")):
+        raise UsageError(f"--s3-endpoint {args.s3_endpoint!r} is not an http:// or https:// URL")
+    if args.s3_timeout <= 0 or args.s3_max_attempts < 1:
+        raise UsageError("--s3-timeout must be positive and --s3-max-attempts at least 1")
+    if args.cache_size and not args.cache_dir:
+        raise UsageError("--cache-size needs --cache-dir")
+    try:
+        config.cache_size = parse_size(args.cache_size) if args.cache_size else None
+    except ValueError as exc:
+        raise UsageError(f"--cache-size: {exc}") from None
+    config.storage = None
+    config.cache_dir = args.cache_dir
+    config.s3 = S3Config(
+        bucket=bucket,
+        prefix=prefix,
+        endpoint_url=args.s3_endpoint,
+        region=args.s3_region,
+        addressing=args.s3_addressing or "auto",
+        max_attempts=args.s3_max_attempts,
+        timeout=args.s3_timeout,
+    )

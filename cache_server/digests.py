@@ -58,5 +58,6 @@ def verify(data: bytes, expected: BlobId) -> None:
 def check_digest_function(value: int) -> None:
     """Accept SHA256 or UNKNOWN (clients that predate the field); refuse the rest."""
     if value not in (re_pb2.DigestFunction.UNKNOWN, re_pb2.DigestFunction.SHA256):
-        name = re_pb2.DigestFunction.Value.Name(value) if value in re_pb2.DigestFunction.Value.values() else str(value)
+        known = value in re_pb2.DigestFunction.Value.values()
+        name = re_pb2.DigestFunction.Value.Name(value) if known else str(value)  # type: ignore[arg-type]
         raise DigestError(f"digest function {name} is not supported; this server uses SHA256")

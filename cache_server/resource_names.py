@@ -16,11 +16,21 @@ from dataclasses import dataclass
 from cache_server.digests import BlobId, DigestError
 
 RESERVED_SEGMENTS = frozenset(
-    {"blobs", "uploads", "actions", "actionResults", "operations", "capabilities", "compressed-blobs"}
+    {
+        "blobs",
+        "uploads",
+        "actions",
+        "actionResults",
+        "operations",
+        "capabilities",
+        "compressed-blobs",
+    }
 )
 _SIZE = re.compile(r"[0-9]{1,19}")
 _UPLOAD_ID = re.compile(r"[A-Za-z0-9._~-]{1,128}")
-_OTHER_DIGEST_FUNCTIONS = frozenset({"sha256tree", "blake3", "sha1", "md5", "sha384", "sha512", "vso", "murmur3"})
+_OTHER_DIGEST_FUNCTIONS = frozenset(
+    {"sha256tree", "blake3", "sha1", "md5", "sha384", "sha512", "vso", "murmur3"}
+)
 
 
 class ResourceNameError(DigestError):
@@ -38,7 +48,9 @@ class ResourceName:
 def _instance(segments: list[str], name: str) -> str:
     for s in segments:
         if s in ("", ".", "..") or s in RESERVED_SEGMENTS:
-            raise ResourceNameError(f"resource name {name[:200]!r} has a bad instance segment {s!r}")
+            raise ResourceNameError(
+                f"resource name {name[:200]!r} has a bad instance segment {s!r}"
+            )
     return "/".join(segments)
 
 
@@ -52,7 +64,9 @@ def _blob_part(parts: list[str], name: str) -> tuple[bool, BlobId, list[str]]:
             raise ResourceNameError(f"compressor {got!r} is not supported (only zstd)")
         rest = rest[1:]
     if rest and rest[0] in _OTHER_DIGEST_FUNCTIONS:
-        raise ResourceNameError(f"digest function {rest[0]} is not supported; this server uses SHA256")
+        raise ResourceNameError(
+            f"digest function {rest[0]} is not supported; this server uses SHA256"
+        )
     if len(rest) < 2:
         raise ResourceNameError(f"resource name {name[:200]!r} lacks a hash and size")
     hash_, size = rest[0], rest[1]
@@ -71,7 +85,9 @@ def parse_read_name(name: str) -> ResourceName:
             return ResourceName(_instance(parts[:i], name), blob, compressed)
         if part in RESERVED_SEGMENTS:
             break
-    raise ResourceNameError(f"{name[:200]!r} is not a read resource name ({{instance/}}blobs/HASH/SIZE)")
+    raise ResourceNameError(
+        f"{name[:200]!r} is not a read resource name ({{instance/}}blobs/HASH/SIZE)"
+    )
 
 
 def parse_write_name(name: str) -> ResourceName:
@@ -81,7 +97,9 @@ def parse_write_name(name: str) -> ResourceName:
             if len(parts) < i + 3 or not _UPLOAD_ID.fullmatch(parts[i + 1]):
                 raise ResourceNameError(f"resource name {name[:200]!r} lacks a valid upload id")
             if parts[i + 2] not in ("blobs", "compressed-blobs"):
-                raise ResourceNameError(f"resource name {name[:200]!r} lacks blobs/ after the upload id")
+                raise ResourceNameError(
+                    f"resource name {name[:200]!r} lacks blobs/ after the upload id"
+                )
             compressed, blob, _metadata = _blob_part(parts[i + 2 :], name)
             return ResourceName(_instance(parts[:i], name), blob, compressed, parts[i + 1])
         if part in RESERVED_SEGMENTS:

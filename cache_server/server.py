@@ -10,21 +10,27 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from slipstream_protos import bytestream_pb2, remote_execution_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
+from slipstream_protos import layers_pb2_grpc as layers_grpc
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 from cache_server.services.action_cache import ActionCacheService
 from cache_server.services.bytestream import ByteStreamService
 from cache_server.services.capabilities import CapabilitiesService
 from cache_server.services.cas import CasService
-from cache_server.services.common import MAX_MESSAGE_SIZE, Backend
+from cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDecoding
+from cache_server.services.layers import LayersService
 from cache_server.storage.base import Store
 from cache_server.storage.disk import DiskStore
-from slipstream_protos import bytestream_pb2, remote_execution_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+
+if TYPE_CHECKING:
+    from cache_server.storage.s3 import S3Config
 
 DEFAULT_PORT = 9380  # below the ephemeral range (32768-60999), so it is free to bind
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -38,12 +44,29 @@ class ServerConfig:
     max_size: int | None = None
     update_enabled: bool = True
     worker_threads: int = 16
+    s3: S3Config | None = None  # when set, the store is this bucket, not `storage`
+    cache_dir: pathlib.Path | None = None  # a disk tier in front of S3
+    cache_size: int | None = None
 
 
 def open_store(config: ServerConfig) -> Store:
     from cache_server.storage.disk import default_storage_dir
 
-    return DiskStore(config.storage or default_storage_dir(), config.max_size)
+    if config.s3 is None:
+        return DiskStore(config.storage or default_storage_dir(), config.max_size)
+    # Imported here: boto3 takes a while to import and the disk store does not need it.
+    from cache_server.storage.s3 import S3Store
+    from cache_server.storage.tiered import TieredStore
+
+    s3 = S3Store(config.s3)
+    try:
+        s3.check_bucket()
+        if config.cache_dir is None:
+            return s3
+        return TieredStore(DiskStore(config.cache_dir, config.cache_size), s3)
+    except BaseException:
+        s3.close()
+        raise
 
 
 SERVICE_NAMES = (
@@ -63,15 +86,21 @@ class CacheServer:
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="store")
         self.backend = Backend(store, self.executor, update_enabled=config.update_enabled)
         self.server = grpc.aio.server(
+            interceptors=[
+                TolerantDecoding(("/build.bazel.", "/google.bytestream.", "/slipstream."))
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-            ]
+            ],
         )
-        re_grpc.add_ContentAddressableStorageServicer_to_server(CasService(self.backend), self.server)
+        re_grpc.add_ContentAddressableStorageServicer_to_server(
+            CasService(self.backend), self.server
+        )
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.backend), self.server)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(self.backend), self.server)
         bs_grpc.add_ByteStreamServicer_to_server(ByteStreamService(self.backend), self.server)
+        layers_grpc.add_LayersServicer_to_server(LayersService(self.backend), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -103,9 +132,12 @@ async def serve(config: ServerConfig) -> None:
     server = CacheServer(config, store)
     try:
         await server.start()
-    except RuntimeError as exc:
+    except RuntimeError:
         store.close()
-        raise OSError(f"cannot listen on {config.listen}: {exc}") from None
+        raise OSError(
+            f"cannot listen on {config.listen}: "
+            "the port is in use or the host is not this machine's"
+        ) from None
     print(f"slipstream: serving the REAPI v2 cache on {server.address}", flush=True)
     print(f"slipstream: storing in the {store.describe()}", flush=True)
     stopping = asyncio.Event()

@@ -1,7 +1,7 @@
 """Regenerate the Python gRPC code in proto/slipstream_protos from the .proto sources.
 
-    python proto/generate.py          # rewrite the generated files
-    python proto/generate.py --check  # exit 1 when the committed files are stale
+python proto/generate.py          # rewrite the generated files
+python proto/generate.py --check  # exit 1 when the committed files are stale
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _include_dirs() -> list[str]:
     import google.rpc  # googleapis-common-protos ships google/rpc/status.proto
 
     well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"
-    googleapis = pathlib.Path(list(google.rpc.__path__)[0]).parent.parent
+    googleapis = pathlib.Path(next(iter(google.rpc.__path__))).parent.parent
     return [str(PROTO_ROOT), str(well_known), str(googleapis)]
 
 
@@ -39,9 +39,7 @@ def generate(out_dir: pathlib.Path) -> None:
 
 def _generated(root: pathlib.Path) -> dict[str, str]:
     return {
-        p.name: p.read_text()
-        for p in sorted(root.iterdir())
-        if p.name.endswith(GENERATED_SUFFIXES)
+        p.name: p.read_text() for p in sorted(root.iterdir()) if p.name.endswith(GENERATED_SUFFIXES)
     }
 
 

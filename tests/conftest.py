@@ -28,6 +28,34 @@ def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(
         server.address,
-        options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20)],
+        options=[
+            ("grpc.max_receive_message_length", 32 << 20),
+            ("grpc.max_send_message_length", 32 << 20),
+        ],
+    ) as ch:
+        yield ch
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One server for a whole module, for property tests that make many calls."""
+    proc = ServerProcess(tmp_path_factory.mktemp("store")).start()
+    try:
+        yield proc
+    finally:
+        try:
+            proc.stop()
+        finally:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def shared_channel(shared_server: ServerProcess) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        shared_server.address,
+        options=[
+            ("grpc.max_receive_message_length", 32 << 20),
+            ("grpc.max_send_message_length", 32 << 20),
+        ],
     ) as ch:
         yield ch

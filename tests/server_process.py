@@ -19,7 +19,9 @@ _LISTENING = re.compile(r"serving the REAPI v2 cache on (\S+)")
 class ServerProcess:
     """A `slipstream serve` subprocess on a free loopback port."""
 
-    def __init__(self, storage: pathlib.Path, extra_args: Sequence[str] = (), port: int = 0) -> None:
+    def __init__(
+        self, storage: pathlib.Path, extra_args: Sequence[str] = (), port: int = 0
+    ) -> None:
         self.storage = storage
         self.extra_args = list(extra_args)
         self.port = port

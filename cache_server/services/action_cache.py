@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
 from cache_server.services.common import (
@@ -19,8 +21,6 @@ from cache_server.services.common import (
     instance_ok,
 )
 from cache_server.storage.base import Store
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 AC_NAMESPACE = "ac"
 INLINE_LIMIT = 1024 * 1024
@@ -98,13 +98,16 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         if missing:
             raise RpcError(
                 grpc.StatusCode.NOT_FOUND,
-                f"action result for {action} references {len(missing)} missing blob(s), e.g. {missing[0]}",
+                f"action result for {action} references {len(missing)} missing blob(s), "
+                f"e.g. {missing[0]}",
             )
         self._inline(store, result, request)
         return result
 
     @staticmethod
-    def _inline(store: Store, result: re_pb2.ActionResult, request: re_pb2.GetActionResultRequest) -> None:
+    def _inline(
+        store: Store, result: re_pb2.ActionResult, request: re_pb2.GetActionResultRequest
+    ) -> None:
         """Fill stdout/stderr/file contents the client asked for, where they are small."""
 
         def small(digest: re_pb2.Digest) -> bytes | None:

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 
 from cache_server.compression import StreamDecompressor, compress_stream
 from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
 from cache_server.services.common import Backend, RpcError, grpc_errors, instance_ok
 from cache_server.storage.base import BlobWriter
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 
 READ_CHUNK = 1024 * 1024
 # Small client chunks are gathered up to this size before they go to the store.
@@ -115,12 +115,15 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             if first.write_offset != 0:
                 raise RpcError(
                     grpc.StatusCode.INVALID_ARGUMENT,
-                    f"write_offset {first.write_offset} for an upload the server does not hold; start at 0",
+                    f"write_offset {first.write_offset} for an upload the server does not hold; "
+                    "start at 0",
                 )
             writer = await self.backend.run(self.backend.store.open_writer, name.blob)
             upload = self._uploads[resource] = _Upload(writer)
         if upload.lock.locked():
-            raise RpcError(grpc.StatusCode.ABORTED, f"upload {resource[:200]} is already in progress")
+            raise RpcError(
+                grpc.StatusCode.ABORTED, f"upload {resource[:200]} is already in progress"
+            )
         async with upload.lock:
             return await self._receive(name, resource, upload, first, request_iterator)
 
@@ -162,7 +165,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 if request.write_offset != received:
                     raise RpcError(
                         grpc.StatusCode.INVALID_ARGUMENT,
-                        f"write_offset {request.write_offset} does not follow the {received} bytes committed",
+                        f"write_offset {request.write_offset} does not follow "
+                        f"the {received} bytes committed",
                     )
                 received += len(request.data)
                 data = decompressor.feed(request.data) if decompressor else request.data
@@ -194,7 +198,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             if decompressor is not None:
                 self._drop(resource)
             # The client went away without finishing; keep what it sent for a resume.
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Write stream ended without finish_write")
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "Write stream ended without finish_write"
+            )
         try:
             await self.backend.run(writer.commit)
         finally:

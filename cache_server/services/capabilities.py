@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
-
-from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 from slipstream_protos import semver_pb2
+
+from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
 
 # Bazel 4 speaks API 2.0; current clients speak up to 2.3.
 LOW_API = semver_pb2.SemVer(major=2, minor=0)
@@ -31,7 +31,9 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
                 update_enabled=self.backend.update_enabled
             ),
             cache_priority_capabilities=re_pb2.PriorityCapabilities(
-                priorities=[re_pb2.PriorityCapabilities.PriorityRange(min_priority=0, max_priority=0)]
+                priorities=[
+                    re_pb2.PriorityCapabilities.PriorityRange(min_priority=0, max_priority=0)
+                ]
             ),
             max_batch_total_size_bytes=MAX_BATCH_TOTAL_SIZE,
             symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,

@@ -8,6 +8,8 @@ from typing import Any
 
 import grpc
 from google.rpc import code_pb2, status_pb2
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 from cache_server.compression import decompress_exact
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
@@ -22,8 +24,6 @@ from cache_server.services.common import (
     status_of,
 )
 from cache_server.storage.base import StoreFull, StoreUnavailable
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 DEFAULT_TREE_PAGE = 1000
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -59,11 +59,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         instance_ok(request.instance_name)
         check_function(request.digest_function)
         total = sum(len(r.data) for r in request.requests)
-        if total > MAX_BATCH_TOTAL_SIZE:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch of {total:,} bytes exceeds max_batch_total_size_bytes {MAX_BATCH_TOTAL_SIZE:,}",
-            )
+        _check_batch_size(total)
         # Digests are checked up front, so one malformed digest fails the call
         # rather than leaving a half-applied batch behind it.
         items = [(blob_from_request(r.digest, "requests.digest"), r) for r in request.requests]
@@ -104,11 +100,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         check_function(request.digest_function)
         blobs = [blob_from_request(d, "digests") for d in request.digests]
         total = sum(b.size for b in blobs)
-        if total > MAX_BATCH_TOTAL_SIZE:
-            raise RpcError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"batch of {total:,} bytes exceeds max_batch_total_size_bytes {MAX_BATCH_TOTAL_SIZE:,}",
-            )
+        _check_batch_size(total)
         return await self.backend.run(self._read_batch, blobs)
 
     def _read_batch(self, blobs: list[BlobId]) -> re_pb2.BatchReadBlobsResponse:
@@ -141,7 +133,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         if directories is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"root directory {root} not found")
         if start > len(directories):
-            raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "page_token is past the end of the tree")
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, "page_token is past the end of the tree"
+            )
         if request.page_size:
             end = min(start + request.page_size, len(directories))
             token = str(end) if end < len(directories) else ""
@@ -154,6 +148,14 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             start = end
             if start >= len(directories):
                 return
+
+
+def _check_batch_size(total: int) -> None:
+    if total > MAX_BATCH_TOTAL_SIZE:
+        raise RpcError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"batch of {total:,} bytes exceeds max_batch_total_size_bytes {MAX_BATCH_TOTAL_SIZE:,}",
+        )
 
 
 def _parse_page_token(token: str) -> int:
@@ -172,7 +174,7 @@ def collect_tree(store: Any, root: BlobId) -> list[re_pb2.Directory] | None:
     seen = {root}
     queue = [root]
     found: list[re_pb2.Directory] = []
-    for position, digest in enumerate(queue):  # noqa: B007 - queue grows while we walk it
+    for position, digest in enumerate(queue):
         data = store.get_blob(digest) if digest != EMPTY_BLOB else b""
         if data is None:
             if position == 0:

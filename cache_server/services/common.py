@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import grpc
+from slipstream_protos import remote_execution_pb2 as re_pb2
 
 from cache_server.digests import BlobId, DigestError, check_digest_function
 from cache_server.storage.base import RecordKeyError, Store, StoreFull, StoreUnavailable
-from slipstream_protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger("cache_server")
 
@@ -68,6 +68,64 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     raise AssertionError("unreachable")  # context.abort always raises
 
 
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request message that did not parse (see TolerantDecoding)."""
+
+    error: str
+
+
+def _check_parsed(request: Any) -> Any:
+    if isinstance(request, MalformedRequest):
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}")
+    if hasattr(request, "__aiter__"):
+        return _checked_stream(request)
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, MalformedRequest):
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}"
+            )
+        yield request
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:
+            return MalformedRequest(" ".join(str(exc).split())[:200])
+
+    return decode
+
+
+class TolerantDecoding(grpc.aio.ServerInterceptor):
+    """Hand unparsable requests to the handler, which answers INVALID_ARGUMENT.
+
+    Left to itself gRPC answers UNKNOWN with a Python type name; the protocol
+    wants INVALID_ARGUMENT for garbage input.
+    """
+
+    def __init__(self, method_prefixes: tuple[str, ...]) -> None:
+        self.method_prefixes = method_prefixes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(self.method_prefixes):
+            return handler
+        if handler.request_deserializer is None:
+            return handler
+        return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+
+
 def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
     """Wrap a servicer method (coroutine or async generator) with error mapping."""
     if inspect.isasyncgenfunction(method):
@@ -75,6 +133,7 @@ def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
             try:
+                request = _check_parsed(request)
                 async for item in method(self, request, context):  # type: ignore[call-arg]
                     yield item
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -87,6 +146,7 @@ def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
     @functools.wraps(method)
     async def unary_wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
+            request = _check_parsed(request)
             return await method(self, request, context)  # type: ignore[call-arg,misc]
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise

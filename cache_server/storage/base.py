@@ -113,7 +113,9 @@ class Store(abc.ABC):
         """The whole blob, or None when it is missing (or found corrupt)."""
 
     @abc.abstractmethod
-    def read_blob(self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes] | None:
+    def read_blob(
+        self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes] | None:
         """Chunks of the blob from offset on, or None when it is missing.
 
         The content is checked before the first chunk is produced, so a corrupt
@@ -135,7 +137,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
-        """Store a record; with overwrite=False, returns False (and changes nothing) if it exists."""
+        """Store a record; with overwrite=False, an existing record is kept and False returned."""
 
     @abc.abstractmethod
     def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:

@@ -146,7 +146,8 @@ class DiskStore(Store):
 
     def describe(self) -> str:
         bound = f"up to {self.max_size:,} bytes" if self.max_size else "no size bound"
-        return f"disk store at {self.root} ({bound}; {len(self._lru):,} entries, {self._bytes_used:,} bytes)"
+        used = f"{len(self._lru):,} entries, {self._bytes_used:,} bytes"
+        return f"disk store at {self.root} ({bound}; {used})"
 
     # ---- paths and LRU ----
     @staticmethod
@@ -253,7 +254,9 @@ class DiskStore(Store):
             self._touch(rel)
         return data
 
-    def read_blob(self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20) -> Iterator[bytes] | None:
+    def read_blob(
+        self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes] | None:
         if blob == EMPTY_BLOB:
             return iter(())
         rel = self._blob_rel(blob)

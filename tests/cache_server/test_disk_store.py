@@ -1,0 +1,216 @@
+"""The disk store: restart, LRU bound, corruption, crash safety (through the real server)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import remote_execution_pb2 as re_pb2
+
+from cache_server.digests import BlobId
+from cache_server.storage.base import RecordKeyError
+from cache_server.storage.disk import DiskStore
+from tests.reapi import Reapi, digest, rpc_error
+from tests.server_process import ServerProcess
+
+
+def _blob_path(storage: pathlib.Path, d: re_pb2.Digest) -> pathlib.Path:
+    return storage / "cas" / d.hash[:2] / d.hash
+
+
+def test_restart_keeps_blobs_and_action_results(tmp_path: pathlib.Path) -> None:
+    server = ServerProcess(tmp_path / "s").start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            (d,) = api.upload(b"survives a restart")
+            big = os.urandom(1_500_000)
+            api.write(big)
+            result = re_pb2.ActionResult(output_files=[re_pb2.OutputFile(path="o", digest=d)])
+            api.ac.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(action_digest=digest(b"act"), action_result=result)
+            )
+        assert server.stop() == 0
+        assert any("shutting down" in line for line in server.output)
+        server.start()
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            assert api.missing(d, digest(big)) == []
+            assert api.read(digest(big)) == big
+            got = api.ac.GetActionResult(
+                re_pb2.GetActionResultRequest(action_digest=digest(b"act"))
+            )
+            assert got == result
+    finally:
+        server.kill()
+
+
+def test_size_bound_evicts_least_recently_used(tmp_path: pathlib.Path) -> None:
+    server = ServerProcess(tmp_path / "s", ["--max-size", "100K"]).start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            a, b, c = (bytes([i]) * 30_000 for i in (1, 2, 3))
+            da, db, dc = api.upload(a, b, c)
+            assert api.missing(da, db, dc) == []
+            api.missing(da)  # finding a blob refreshes it: b is now the oldest
+            (dd,) = api.upload(b"\4" * 30_000)
+            assert api.missing(da, db, dc, dd) == [db]
+            assert not _blob_path(tmp_path / "s", db).exists()
+            # A blob bigger than the whole bound is refused, not stored.
+            huge = b"\5" * 200_000
+            err = rpc_error(lambda: api.write(huge))
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        server.stop()
+
+
+def test_eviction_makes_dependent_action_result_not_found(tmp_path: pathlib.Path) -> None:
+    server = ServerProcess(tmp_path / "s", ["--max-size", "100K"]).start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            (d_out,) = api.upload(b"\1" * 40_000)
+            result = re_pb2.ActionResult(output_files=[re_pb2.OutputFile(path="o", digest=d_out)])
+            action = digest(b"evict me")
+            api.ac.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(action_digest=action, action_result=result)
+            )
+            api.upload(b"\2" * 50_000)
+            api.upload(b"\3" * 20_000)  # pushes the output (the oldest entry) out
+            assert api.missing(d_out) == [d_out]
+            err = rpc_error(
+                lambda: api.ac.GetActionResult(re_pb2.GetActionResultRequest(action_digest=action))
+            )
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        server.stop()
+
+
+def test_corrupt_blob_on_disk_is_never_served(tmp_path: pathlib.Path) -> None:
+    server = ServerProcess(tmp_path / "s").start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            small, big = b"small blob content", os.urandom(300_000)
+            d_small, d_big = api.upload(small, big)
+            for d in (d_small, d_big):
+                path = _blob_path(tmp_path / "s", d)
+                raw = bytearray(path.read_bytes())
+                raw[-1] ^= 0xFF  # flip bits in the payload
+                path.write_bytes(bytes(raw))
+            resp = api.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[d_small]))
+            assert resp.responses[0].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert resp.responses[0].data == b""
+            err = rpc_error(lambda: api.read(d_big))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            # Dropped from the index too, so clients upload it again.
+            assert api.missing(d_small, d_big) == [d_small, d_big]
+            api.upload(small)
+            assert api.read(d_small) == small
+    finally:
+        server.stop()
+
+
+def test_kill_mid_write_leaves_no_readable_partial_blob(tmp_path: pathlib.Path) -> None:
+    storage = tmp_path / "s"
+    server = ServerProcess(storage).start()
+    data = os.urandom(4 * 1024 * 1024)
+    d = digest(data)
+    name = f"uploads/k1/blobs/{d.hash}/{d.size_bytes}"
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            step = 512 * 1024
+            reqs = [
+                bs_pb2.WriteRequest(
+                    resource_name=name if i == 0 else "", write_offset=i, data=data[i : i + step]
+                )
+                for i in range(0, len(data) // 2, step)
+            ]
+
+            def stalled():
+                yield from reqs
+                time.sleep(1.0)  # hold the stream open with half the blob sent
+                server.kill()
+                yield bs_pb2.WriteRequest(write_offset=len(data) // 2, data=b"")
+
+            rpc_error(lambda: api.bytestream.Write(stalled()))
+        assert not _blob_path(storage, d).exists()
+        server.start()
+        assert not any((storage / "tmp").iterdir()), "leftover temp files are cleared at start"
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            assert api.missing(d) == [d]
+            assert rpc_error(lambda: api.read(d)).code() == grpc.StatusCode.NOT_FOUND
+            api.write(data, upload_id="k2")  # the client's retry succeeds
+            assert api.read(d) == data
+    finally:
+        server.kill()
+
+
+def test_store_records_api(tmp_path: pathlib.Path) -> None:
+    store = DiskStore(tmp_path)
+    assert store.put_record("layers", "deps/linux/1", b"one", overwrite=False)
+    assert not store.put_record("layers", "deps/linux/1", b"two", overwrite=False)
+    assert store.get_record("layers", "deps/linux/1") == b"one"
+    store.put_record("layers", "deps/linux/2", b"two")
+    store.put_record("layers", "deps/mac/1", b"three")
+    store.put_record("layers", "../../escape", b"safe")
+    assert [r.key for r in store.list_records("layers", "deps/linux/")] == [
+        "deps/linux/1",
+        "deps/linux/2",
+    ]
+    assert store.get_record("layers", "../../escape") == b"safe"
+    assert not (tmp_path.parent / "escape").exists()
+    store.delete_record("layers", "deps/mac/1")
+    assert store.get_record("layers", "deps/mac/1") is None
+    with pytest.raises(RecordKeyError):
+        store.put_record("layers", "", b"x")
+    with pytest.raises(RecordKeyError):
+        store.put_record("Bad NS", "k", b"x")
+    with pytest.raises(RecordKeyError):
+        store.put_record("layers", "x" * 1000, b"x")
+
+
+def test_store_writer_refuses_mismatch(tmp_path: pathlib.Path) -> None:
+    from cache_server.digests import DigestError
+
+    store = DiskStore(tmp_path)
+    blob = BlobId.of(b"abc")
+    writer = store.open_writer(blob)
+    writer.write(b"abd")
+    with pytest.raises(DigestError):
+        writer.commit()
+    assert store.get_blob(blob) is None
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_serve_cli_errors_and_sigterm(tmp_path: pathlib.Path) -> None:
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "client.cli", "serve", "--storage", str(tmp_path), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    for args in (["--max-size", "lots"], ["--listen", "nonsense"], ["--listen", "999.1.1.1:1"]):
+        proc = run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert "Traceback" not in proc.stderr
+    server = ServerProcess(tmp_path / "s").start()
+    assert server.proc is not None
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(20) == 0
+    text = "".join(server.output)
+    assert "serving the REAPI v2 cache on 127.0.0.1:" in text
+    assert f"disk store at {tmp_path / 's'}" in text
