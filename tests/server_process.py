@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grpc
 
@@ -20,9 +20,17 @@ class ServerProcess:
     """A `slipstream serve` subprocess on a free loopback port."""
 
     def __init__(
-        self, storage: pathlib.Path, extra_args: Sequence[str] = (), port: int = 0
+        self,
+        storage: pathlib.Path | str,
+        extra_args: Sequence[str] = (),
+        port: int = 0,
+        *,
+        env: Mapping[str, str] | None = None,
+        credentials: grpc.ChannelCredentials | None = None,  # for a server with TLS
     ) -> None:
         self.storage = storage
+        self.env = dict(env or {})
+        self.credentials = credentials
         self.extra_args = list(extra_args)
         self.port = port
         self.address = ""
@@ -41,7 +49,7 @@ class ServerProcess:
             str(self.storage),
             *self.extra_args,
         ]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )
@@ -63,8 +71,14 @@ class ServerProcess:
             raise RuntimeError("server did not start:\n" + "".join(self.output))
         # Reuse the same port on restart, so clients can reconnect.
         self.port = int(self.address.rsplit(":", 1)[1])
-        grpc.channel_ready_future(grpc.insecure_channel(self.address)).result(timeout=timeout)
+        grpc.channel_ready_future(self.channel()).result(timeout=timeout)
         return self
+
+    def channel(self) -> grpc.Channel:
+        """A channel to the server (TLS with `credentials` if given)."""
+        if self.credentials is not None:
+            return grpc.secure_channel(self.address, self.credentials)
+        return grpc.insecure_channel(self.address)
 
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM and wait; returns the exit code."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +25,7 @@ from cache_server.services.common import (
 from cache_server.storage.base import StoreFull, StoreUnavailable
 
 DEFAULT_TREE_PAGE = 1000
+UpdateRequest = re_pb2.BatchUpdateBlobsRequest.Request
 _OK = status_pb2.Status(code=code_pb2.OK)
 
 
@@ -71,12 +71,13 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             ]
         )
 
-    def _store_batch(
-        self, items: list[tuple[BlobId, re_pb2.BatchUpdateBlobsRequest.Request]]
-    ) -> list[status_pb2.Status]:
+    def _store_batch(self, items: list[tuple[BlobId, UpdateRequest]]) -> list[status_pb2.Status]:
         store = self.backend.store
-        statuses = []
-        for blob, req in items:
+
+        def store_one(
+            item: tuple[BlobId, re_pb2.BatchUpdateBlobsRequest.Request],
+        ) -> status_pb2.Status:
+            blob, req = item
             try:
                 if req.compressor == re_pb2.Compressor.ZSTD:
                     data = decompress_exact(req.data, blob.size)
@@ -84,13 +85,12 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
                     data = req.data
                 else:
                     raise DigestError(f"compressor {req.compressor} is not supported")
-                if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.hash:
-                    raise DigestError(f"data does not match digest {blob}")
-                store.put_blob(blob, data)
-                statuses.append(_OK)
+                store.put_blob(blob, data)  # verifies hash and size
+                return _OK
             except (DigestError, StoreFull, StoreUnavailable) as exc:
-                statuses.append(_rpc_status(exc))
-        return statuses
+                return _rpc_status(exc)
+
+        return store.map_blobs(store_one, items)
 
     @grpc_errors
     async def BatchReadBlobs(
@@ -104,20 +104,23 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         return await self.backend.run(self._read_batch, blobs)
 
     def _read_batch(self, blobs: list[BlobId]) -> re_pb2.BatchReadBlobsResponse:
-        response = re_pb2.BatchReadBlobsResponse()
-        for blob in blobs:
-            entry = response.responses.add(digest=blob.to_proto())
+        store = self.backend.store
+
+        def read_one(blob: BlobId) -> re_pb2.BatchReadBlobsResponse.Response:
+            entry = re_pb2.BatchReadBlobsResponse.Response(digest=blob.to_proto())
             try:
-                data = self.backend.store.get_blob(blob)
+                data = store.get_blob(blob)
             except StoreUnavailable as exc:
                 entry.status.CopyFrom(_rpc_status(exc))
-                continue
+                return entry
             if data is None:
                 entry.status.CopyFrom(_status(code_pb2.NOT_FOUND, f"blob {blob} not found"))
             else:
                 entry.data = data
                 entry.status.CopyFrom(_OK)
-        return response
+            return entry
+
+        return re_pb2.BatchReadBlobsResponse(responses=store.map_blobs(read_one, blobs))
 
     @grpc_errors
     async def GetTree(

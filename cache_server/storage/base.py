@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, unquote
 
 from cache_server.digests import BlobId
+
+X = TypeVar("X")
+Y = TypeVar("Y")
 
 # Records in these namespaces count toward the size bound and may be evicted;
 # the others (layer keys, timings, plans) are small and kept.
@@ -146,6 +150,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def delete_record(self, namespace: str, key: str) -> None:
         """Remove a record if present."""
+
+    def map_blobs(self, fn: Callable[[X], Y], items: Sequence[X]) -> list[Y]:
+        """fn (which calls this store) applied to each item, results in order.
+
+        Batch RPCs go through here: a backend with slow round trips (S3) runs
+        the calls in parallel; a local one runs them in turn.
+        """
+        return [fn(item) for item in items]
 
     def stats(self) -> StoreStats | None:
         """Size figures for metrics, where the backend knows them cheaply."""

@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 import xxhash
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
+from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
 from cache_server.storage.base import (
     EVICTABLE_NAMESPACES,
     BlobWriter,
@@ -273,8 +273,7 @@ class DiskStore(Store):
         return _chunks(f, chunk_size)
 
     def put_blob(self, blob: BlobId, data: bytes) -> None:
-        if len(data) != blob.size or hashlib.sha256(data).hexdigest() != blob.hash:
-            raise DigestError(f"data does not match digest {blob}")
+        verify(data, blob)
         if blob == EMPTY_BLOB:
             return
         self._check_fits(blob.size)

@@ -1,0 +1,177 @@
+"""A local disk store in front of a shared one (S3): fast reads, write-through.
+
+Reads try the disk first, then the shared store, and fill the disk on the way.
+Writes are acknowledged only once the shared store holds them; the disk copy
+follows and its failure (full, broken) never fails the write. Records go
+straight to the shared store, so every replica sees the same values.
+
+There is no write-behind mode: acknowledging before the shared store has a
+blob would lose it if this machine went away, and other replicas would not
+see it in the meantime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
+from cache_server.storage.base import (
+    BlobWriter,
+    RecordInfo,
+    Store,
+    StoreFull,
+    StoreStats,
+    X,
+    Y,
+)
+from cache_server.storage.disk import DiskStore
+
+log = logging.getLogger(__name__)
+
+
+class TieredStore(Store):
+    def __init__(self, fast: DiskStore, shared: Store) -> None:
+        self.fast = fast
+        self.shared = shared
+
+    def describe(self) -> str:
+        return f"{self.fast.describe()}, in front of the {self.shared.describe()}"
+
+    # ---- CAS ----
+    def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
+        not_local = self.fast.find_missing(blobs)
+        return self.shared.find_missing(not_local) if not_local else []
+
+    def map_blobs(self, fn: Callable[[X], Y], items: Sequence[X]) -> list[Y]:
+        return self.shared.map_blobs(fn, items)
+
+    def get_blob(self, blob: BlobId) -> bytes | None:
+        data = self.fast.get_blob(blob)
+        if data is not None:
+            return data
+        data = self.shared.get_blob(blob)
+        if data is not None:
+            self._fill(blob, data)
+        return data
+
+    def _fill(self, blob: BlobId, data: bytes) -> None:
+        try:
+            self.fast.put_blob(blob, data)
+        except (OSError, StoreFull, DigestError) as exc:
+            log.warning("disk cache not filled with %s: %s", blob, exc)
+
+    def read_blob(
+        self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes] | None:
+        chunks = self.fast.read_blob(blob, offset, chunk_size)
+        if chunks is not None:
+            return chunks
+        chunks = self.shared.read_blob(blob, offset, chunk_size)
+        if chunks is None or offset != 0 or blob == EMPTY_BLOB:
+            return chunks
+        try:
+            writer = self.fast.open_writer(blob)
+        except (OSError, StoreFull) as exc:
+            log.info("disk cache not filled with %s: %s", blob, exc)
+            return chunks
+        return _tee(chunks, writer)
+
+    def put_blob(self, blob: BlobId, data: bytes) -> None:
+        self.shared.put_blob(blob, data)
+        self._fill(blob, data)
+
+    def open_writer(self, blob: BlobId) -> BlobWriter:
+        shared = self.shared.open_writer(blob)
+        try:
+            local: BlobWriter | None = self.fast.open_writer(blob)
+        except (OSError, StoreFull):
+            local = None
+        return _TieredWriter(blob, shared, local)
+
+    # ---- records ----
+    def get_record(self, namespace: str, key: str) -> bytes | None:
+        return self.shared.get_record(namespace, key)
+
+    def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
+        return self.shared.put_record(namespace, key, value, overwrite=overwrite)
+
+    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+        return self.shared.list_records(namespace, prefix)
+
+    def delete_record(self, namespace: str, key: str) -> None:
+        self.shared.delete_record(namespace, key)
+
+    def stats(self) -> StoreStats | None:
+        return self.fast.stats()
+
+    def close(self) -> None:
+        try:
+            self.shared.close()
+        finally:
+            self.fast.close()
+
+
+def _tee(chunks: Iterator[bytes], writer: BlobWriter) -> Iterator[bytes]:
+    """Pass chunks through while copying them to the disk; commit (verified) at the end."""
+    ok = True
+    try:
+        for chunk in chunks:
+            if ok:
+                try:
+                    writer.write(chunk)
+                except (OSError, DigestError) as exc:
+                    log.warning("disk cache fill of %s stopped: %s", writer.blob, exc)
+                    writer.abort()
+                    ok = False
+            yield chunk
+        if ok:
+            try:
+                writer.commit()
+            except (OSError, DigestError) as exc:
+                log.warning("disk cache fill of %s failed: %s", writer.blob, exc)
+    finally:
+        writer.abort()
+
+
+class _TieredWriter(BlobWriter):
+    """Writes to both; the shared commit decides, the disk copy is best effort."""
+
+    def __init__(self, blob: BlobId, shared: BlobWriter, local: BlobWriter | None) -> None:
+        super().__init__(blob)
+        self._shared = shared
+        self._local = local
+
+    def write(self, data: bytes) -> None:
+        self._shared.write(data)
+        self.committed_size = self._shared.committed_size
+        if self._local is not None:
+            try:
+                self._local.write(data)
+            except (OSError, DigestError) as exc:
+                log.warning("disk copy of %s dropped: %s", self.blob, exc)
+                self._drop_local()
+
+    def _drop_local(self) -> None:
+        if self._local is not None:
+            self._local.abort()
+            self._local = None
+
+    def commit(self) -> None:
+        try:
+            self._shared.commit()
+        except BaseException:
+            self._drop_local()
+            raise
+        if self._local is not None:
+            try:
+                self._local.commit()
+            except (OSError, DigestError) as exc:
+                log.warning("disk copy of %s not kept: %s", self.blob, exc)
+            self._local = None
+
+    def abort(self) -> None:
+        try:
+            self._shared.abort()
+        finally:
+            self._drop_local()
