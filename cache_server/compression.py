@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import zstandard
 
 from cache_server.digests import DigestError
@@ -35,6 +37,17 @@ class StreamDecompressor:
         if self._produced > self._size:
             raise DigestError(f"zstd data expands past the blob size {self._size}")
         return out
+
+
+_local = threading.local()
+
+
+def compress_blob(data: bytes) -> bytes:
+    """One zstd frame of data (a compressor per thread: they are not thread-safe)."""
+    compressor = getattr(_local, "compressor", None)
+    if compressor is None:
+        compressor = _local.compressor = zstandard.ZstdCompressor(level=1)
+    return compressor.compress(data)
 
 
 def compress_stream() -> zstandard.ZstdCompressionObj:

@@ -72,15 +72,18 @@ class JUnitCase:
     time: float | None
     outcome: str  # "passed", "failed" or "skipped"
     source: str  # the report it came from
+    group: str | None = None  # tests that must share a shard (an xdist_group mark)
 
 
 def node_id(case: JUnitCase) -> str:
     """The best-guess runner id for a case when no candidate ids are known.
 
     With a ``file`` attribute that agrees with the classname this is exact. Without one
-    (pytest's default xunit2), the classname is split where class names (Capitalized)
-    begin; when the file attribute names another module (a test inherited from a base
-    class elsewhere), the classname wins, as it names the module that collected it.
+    (pytest's default xunit2), a classname whose module is named like a pytest test file
+    (``test_*``, ``*_test``) is split where class names (Capitalized) begin; when the
+    file attribute names another module (a test inherited from a base class elsewhere),
+    the classname wins, as it names the module that collected it. Other classnames give
+    ``classname::name``.
     """
     classname = case.classname
     if case.file:
@@ -99,8 +102,11 @@ def node_id(case: JUnitCase) -> str:
     first_class = len(pieces)
     while first_class > 1 and pieces[first_class - 1][:1].isupper():
         first_class -= 1
-    module = "/".join(pieces[:first_class]) + ".py"
-    return "::".join([module, *pieces[first_class:], case.name])
+    module = pieces[first_class - 1]
+    if module.startswith("test_") or module.endswith("_test"):  # pytest's python_files
+        path = "/".join(pieces[:first_class]) + ".py"
+        return "::".join([path, *pieces[first_class:], case.name])
+    return f"{classname}::{case.name}"  # JUnit from another runner (Surefire, go, ...)
 
 
 def case_file(case: JUnitCase) -> str:

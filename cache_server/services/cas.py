@@ -7,10 +7,8 @@ from typing import Any
 
 import grpc
 from google.rpc import code_pb2, status_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
-from cache_server.compression import decompress_exact
+from cache_server.compression import compress_blob, decompress_exact
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
 from cache_server.services.common import (
     MAX_BATCH_TOTAL_SIZE,
@@ -23,8 +21,11 @@ from cache_server.services.common import (
     status_of,
 )
 from cache_server.storage.base import StoreFull, StoreUnavailable
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 DEFAULT_TREE_PAGE = 1000
+COMPRESS_MIN = 512  # smaller blobs gain too little from zstd to be worth it
 UpdateRequest = re_pb2.BatchUpdateBlobsRequest.Request
 _OK = status_pb2.Status(code=code_pb2.OK)
 
@@ -101,9 +102,10 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         blobs = [blob_from_request(d, "digests") for d in request.digests]
         total = sum(b.size for b in blobs)
         _check_batch_size(total)
-        return await self.backend.run(self._read_batch, blobs)
+        zstd = re_pb2.Compressor.ZSTD in request.acceptable_compressors
+        return await self.backend.run(self._read_batch, blobs, zstd)
 
-    def _read_batch(self, blobs: list[BlobId]) -> re_pb2.BatchReadBlobsResponse:
+    def _read_batch(self, blobs: list[BlobId], zstd: bool) -> re_pb2.BatchReadBlobsResponse:
         store = self.backend.store
 
         def read_one(blob: BlobId) -> re_pb2.BatchReadBlobsResponse.Response:
@@ -118,6 +120,10 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             else:
                 entry.data = data
                 entry.status.CopyFrom(_OK)
+                if zstd and len(data) >= COMPRESS_MIN:
+                    compressed = compress_blob(data)
+                    if len(compressed) < len(data):
+                        entry.data, entry.compressor = compressed, re_pb2.Compressor.ZSTD
             return entry
 
         return re_pb2.BatchReadBlobsResponse(responses=store.map_blobs(read_one, blobs))

@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 _MAGIC = b"SLS1"
 _HEADER = struct.Struct(">4s4xQ")  # magic, padding, xxh3-64 of the payload
 _TOUCH_INTERVAL = 60.0
+_ABANDONED_AFTER = 24 * 3600.0
 _READ_CHUNK = 1 << 20
 
 
@@ -64,6 +65,19 @@ def default_storage_dir() -> pathlib.Path:
 class _Entry:
     size: int  # bytes on disk, header included
     mtime: float
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process that named a temp file still runs (False if unparsable)."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class _CorruptFile(Exception):
@@ -108,19 +122,36 @@ class DiskStore(Store):
         self._lru: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._bytes_used = 0
         self._evictions = 0
+        self._indexed = False
         self._tmp = root / "tmp"
         for sub in ("cas", "records", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self._clear_tmp()
-        self._load_index()
 
     # ---- set-up ----
     def _clear_tmp(self) -> None:
-        for leftover in self._tmp.iterdir():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
+        """Remove writes left by processes that died.
 
-    def _load_index(self) -> None:
+        Other live processes (a CLI reading timings beside the server) may
+        share the directory, so only files of dead or long-gone writers go.
+        """
+        cutoff = time.time() - _ABANDONED_AFTER
+        for leftover in self._tmp.iterdir():
+            pid, _, _ = leftover.name.partition("-")
+            with contextlib.suppress(OSError):
+                if not _alive(pid) or leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+
+    def _ensure_index(self) -> None:
+        """Build the LRU index on first use: record-only users never pay for the scan."""
+        if self._indexed:
+            return
+        with self._lock:
+            if not self._indexed:
+                self._load_index_locked()
+                self._indexed = True
+
+    def _load_index_locked(self) -> None:
         found: list[tuple[float, str, int]] = []
         cas = self.root / "cas"
         for shard in cas.iterdir():
@@ -134,8 +165,7 @@ class DiskStore(Store):
         for mtime, rel, size in found:
             self._lru[rel] = _Entry(size, mtime)
             self._bytes_used += size
-        with self._lock:
-            self._evict_locked(keep=None)
+        self._evict_locked(keep=None)
 
     @staticmethod
     def _scan(directory: pathlib.Path, prefix: str) -> Iterator[tuple[float, str, int]]:
@@ -145,6 +175,7 @@ class DiskStore(Store):
                 yield st.st_mtime, prefix + item.name, st.st_size
 
     def describe(self) -> str:
+        self._ensure_index()
         bound = f"up to {self.max_size:,} bytes" if self.max_size else "no size bound"
         used = f"{len(self._lru):,} entries, {self._bytes_used:,} bytes"
         return f"disk store at {self.root} ({bound}; {used})"
@@ -160,6 +191,7 @@ class DiskStore(Store):
 
     def _touch(self, rel: str) -> bool:
         """Refresh an entry's place in the LRU; False if it is not indexed."""
+        self._ensure_index()
         now = time.time()
         with self._lock:
             entry = self._lru.get(rel)
@@ -175,6 +207,7 @@ class DiskStore(Store):
         return True
 
     def _forget(self, rel: str) -> None:
+        self._ensure_index()
         with self._lock:
             entry = self._lru.pop(rel, None)
             if entry is not None:
@@ -182,6 +215,7 @@ class DiskStore(Store):
 
     def _admit(self, rel: str, size: int) -> None:
         """Index a file just renamed into place, evicting older entries if needed."""
+        self._ensure_index()
         with self._lock:
             old = self._lru.pop(rel, None)
             if old is not None:
@@ -216,7 +250,7 @@ class DiskStore(Store):
             self._admit(rel, size)
 
     def _new_tmp(self) -> pathlib.Path:
-        return self._tmp / uuid.uuid4().hex
+        return self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
 
     def _write_file(self, tmp_path: pathlib.Path, payload: bytes) -> None:
         with open(tmp_path, "wb") as f:
@@ -349,6 +383,7 @@ class DiskStore(Store):
             os.unlink(self.root / rel)
 
     def stats(self) -> StoreStats:
+        self._ensure_index()
         with self._lock:
             return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
 

@@ -9,8 +9,8 @@ import threading
 import grpc
 import pytest
 import zstandard
-from slipstream_protos import bytestream_pb2 as bs_pb2
 
+from slipstream_protos import bytestream_pb2 as bs_pb2
 from tests.reapi import Reapi, digest, rpc_error
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 
 import grpc
 import pytest
 import zstandard
-from slipstream_protos import remote_execution_pb2 as re_pb2
 
 from cache_server.services.common import MAX_BATCH_TOTAL_SIZE
+from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 
 EMPTY = digest(b"")
@@ -209,3 +210,23 @@ def test_instance_names_with_path_tricks_are_refused(api: Reapi) -> None:
         request = re_pb2.FindMissingBlobsRequest(instance_name=instance, blob_digests=[EMPTY])
         err = rpc_error(functools.partial(api.cas.FindMissingBlobs, request))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_batch_read_compresses_when_the_client_accepts_zstd(api: Reapi) -> None:
+    text, noise = b"very compressible " * 1000, os.urandom(4000)
+    d_text, d_noise, d_tiny = api.upload(text, noise, b"tiny")
+    resp = api.cas.BatchReadBlobs(
+        re_pb2.BatchReadBlobsRequest(
+            digests=[d_text, d_noise, d_tiny], acceptable_compressors=[re_pb2.Compressor.ZSTD]
+        )
+    )
+    by_hash = {r.digest.hash: r for r in resp.responses}
+    packed = by_hash[d_text.hash]
+    assert packed.compressor == re_pb2.Compressor.ZSTD and len(packed.data) < len(text)
+    assert zstandard.ZstdDecompressor().decompressobj().decompress(packed.data) == text
+    # Incompressible or tiny blobs come back as they are.
+    assert by_hash[d_noise.hash].compressor == re_pb2.Compressor.IDENTITY
+    assert by_hash[d_noise.hash].data == noise
+    assert by_hash[d_tiny.hash].data == b"tiny"
+    plain = api.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[d_text]))
+    assert plain.responses[0].compressor == re_pb2.Compressor.IDENTITY

@@ -11,12 +11,12 @@ import time
 
 import grpc
 import pytest
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
 
 from cache_server.digests import BlobId
 from cache_server.storage.base import RecordKeyError
 from cache_server.storage.disk import DiskStore
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess
 
@@ -214,3 +214,25 @@ def test_serve_cli_errors_and_sigterm(tmp_path: pathlib.Path) -> None:
     text = "".join(server.output)
     assert "serving the REAPI v2 cache on 127.0.0.1:" in text
     assert f"disk store at {tmp_path / 's'}" in text
+
+
+def test_second_process_on_the_same_dir_keeps_writes_in_flight(tmp_path: pathlib.Path) -> None:
+    store = DiskStore(tmp_path)
+    data = os.urandom(100_000)
+    blob = BlobId.of(data)
+    writer = store.open_writer(blob)
+    writer.write(data[:50_000])
+    # A CLI reading timings opens the same directory while the write is open.
+    reader = DiskStore(tmp_path)
+    assert reader.put_record("timings", "suite/1", b"{}")
+    writer.write(data[50_000:])
+    writer.commit()
+    assert store.get_blob(blob) == data
+    assert reader.get_blob(blob) == data
+    # Leftovers of a process that no longer runs are cleared.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / "tmp" / f"{dead.pid}-abandoned"
+    leftover.write_bytes(b"partial")
+    DiskStore(tmp_path)
+    assert not leftover.exists()

@@ -1,0 +1,524 @@
+"""Splitting tests into shards that finish together: pure functions, no I/O.
+
+A shard's wall time is modelled as: start-up, plus the cost of every file it touches
+(collection, module/class fixtures), plus its tests. ``build_units`` groups tests into
+units that must share a shard (a class, an xdist group, a whole file, a chunk of a big
+file); ``split`` assigns units to shards:
+
+1. LPT: units from longest to shortest, each to the least-loaded shard. Units are
+   ordered by (weight, xxhash of id, id), a total order, so input order never matters.
+2. Karmarkar-Karp differencing as well when shards hold few units, and branch and
+   bound (capped by a node count) for tiny inputs; the best wins.
+3. A move/swap pass between the fullest shard and the others, capped by an iteration
+   count (never by wall-clock time, so every runner computes the same plan).
+
+Weights are balanced as integer microseconds, so the arithmetic is exact and the same
+on every machine.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import xxhash
+
+from splitter.ids import class_of, file_of
+
+Granularity = Literal["auto", "test", "class", "file"]
+GRANULARITIES: tuple[Granularity, ...] = ("auto", "test", "class", "file")
+DEFAULT_MAX_ITERATIONS = 2000
+# Differencing beats LPT when shards hold few units; above this many per shard LPT
+# plus the improvement pass is already within a fraction of a percent.
+_DIFFERENCING_UNITS_PER_SHARD = 20
+# Branch and bound for tiny inputs, capped by a node count (never by time).
+_EXACT_MAX_UNITS = 16
+_EXACT_NODE_LIMIT = 50_000
+_SCALE = 1_000_000  # seconds to integer microseconds
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """Tests that run in the same shard; ``weight`` is what the balancing sees."""
+
+    tests: tuple[str, ...]  # sorted
+    files: tuple[str, ...]  # sorted, distinct
+    test_time: float  # predicted seconds of the tests alone
+    weight: float  # test_time plus the share of file costs this unit carries
+
+    @property
+    def id(self) -> str:
+        return self.tests[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    index: int
+    tests: tuple[str, ...]  # sorted
+    files: tuple[str, ...]  # sorted
+    predicted: float  # seconds: start-up + file costs + tests
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A split: the shards, the lower bound on any split's makespan, and a hash."""
+
+    shards: tuple[Shard, ...]
+    makespan: float
+    lower_bound: float
+    ratio: float  # makespan / lower_bound, 1.0 when both are zero
+    plan_hash: str
+    method: str  # "lpt", "differencing" or "exact", plus "+improved" when the pass helped
+
+    def shard_of(self) -> dict[str, int]:
+        """Test id to shard index."""
+        return {t: s.index for s in self.shards for t in s.tests}
+
+
+class _UnionFind:
+    def __init__(self, items: Iterable[str]) -> None:
+        self.parent = {item: item for item in items}
+
+    def find(self, item: str) -> str:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            # The smaller id becomes the root: the result does not depend on call order.
+            lo, hi = (ra, rb) if ra < rb else (rb, ra)
+            self.parent[hi] = lo
+
+    def union_by(self, items: Iterable[str], key: Mapping[str, str | None]) -> None:
+        first: dict[str, str] = {}
+        for item in items:
+            k = key.get(item)
+            if k is not None:
+                self.union(first.setdefault(k, item), item)
+
+    def components(self) -> list[tuple[str, ...]]:
+        groups: dict[str, list[str]] = {}
+        for item in self.parent:
+            groups.setdefault(self.find(item), []).append(item)
+        return sorted(tuple(sorted(g)) for g in groups.values())
+
+
+def _unit(
+    tests: Sequence[str], times: Mapping[str, float], file_of_test: Mapping[str, str], extra: float
+) -> Unit:
+    if len(tests) == 1:  # the common case, kept cheap for 100,000-test suites
+        t = tests[0]
+        return Unit((t,), (file_of_test[t],), times[t], times[t] + extra)
+    ordered = tuple(sorted(tests))
+    test_time = math.fsum(times[t] for t in ordered)
+    files = tuple(sorted({file_of_test[t] for t in ordered}))
+    return Unit(ordered, files, test_time, test_time + extra)
+
+
+def _files_cost(files: Collection[str], fcosts: Mapping[str, float]) -> float:
+    if len(files) == 1:
+        for f in files:
+            return fcosts.get(f, 0.0)
+    return math.fsum(fcosts.get(f, 0.0) for f in files)
+
+
+def build_units(
+    times: Mapping[str, float],
+    n: int,
+    granularity: Granularity = "auto",
+    *,
+    file_costs: Mapping[str, float] | None = None,
+    groups: Mapping[str, str] | None = None,
+) -> list[Unit]:
+    """Group tests (id -> predicted seconds) into the units ``split`` balances.
+
+    ``groups`` (test id -> group name, e.g. an xdist_group mark) always stay together.
+    ``test`` and ``class`` units carry an equal share of their files' costs; ``file``
+    units carry their files' costs. ``auto`` keeps each file whole unless it is longer
+    than total/n, and cuts those files into the fewest chunks that fit, each chunk
+    paying the file cost once.
+    """
+    if n < 1:
+        raise ValueError("the number of shards must be at least 1")
+    fcosts = file_costs or {}
+    tests = sorted(times)
+    file_of_test = {t: file_of(t) for t in tests}
+    atoms: list[tuple[str, ...]]
+    if granularity == "test" and not groups:
+        atoms = [(t,) for t in tests]
+    else:
+        uf = _UnionFind(tests)
+        if groups:
+            uf.union_by(tests, groups)
+        if granularity in ("class", "auto"):
+            uf.union_by(tests, {t: class_of(t) for t in tests})
+        if granularity == "file":
+            uf.union_by(tests, file_of_test)
+        atoms = uf.components()
+    if granularity == "auto":
+        return _auto_units(atoms, times, file_of_test, n, fcosts, groups or {})
+    atom_files = [{file_of_test[t] for t in a} for a in atoms]
+    if granularity == "file":
+        return [
+            _unit(a, times, file_of_test, _files_cost(fs, fcosts))
+            for a, fs in zip(atoms, atom_files, strict=True)
+        ]
+    sharing: dict[str, int] = {}
+    for fs in atom_files:
+        for f in fs:
+            sharing[f] = sharing.get(f, 0) + 1
+    return [
+        _unit(
+            a,
+            times,
+            file_of_test,
+            _files_cost(fs, {f: fcosts[f] / sharing[f] for f in fs if f in fcosts}),
+        )
+        for a, fs in zip(atoms, atom_files, strict=True)
+    ]
+
+
+def _auto_units(
+    atoms: list[tuple[str, ...]],
+    times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
+    n: int,
+    fcosts: Mapping[str, float],
+    groups: Mapping[str, str],
+) -> list[Unit]:
+    # Whole files, merged where a group spans files.
+    uf = _UnionFind(file_of_test)
+    for atom in atoms:
+        for t in atom[1:]:
+            uf.union(atom[0], t)
+    uf.union_by(file_of_test, file_of_test)
+    wholes = uf.components()
+    total = math.fsum(times.values()) + _files_cost(set(file_of_test.values()), fcosts)
+    target = total / n
+    atoms_of: dict[str, list[tuple[str, ...]]] = {}
+    for atom in atoms:
+        atoms_of.setdefault(uf.find(atom[0]), []).append(atom)
+    units: list[Unit] = []
+    for whole in wholes:
+        fcost = _files_cost({file_of_test[t] for t in whole}, fcosts)
+        tests_time = math.fsum(times[t] for t in whole)
+        if tests_time + fcost <= target or len(whole) == 1:
+            units.append(_unit(whole, times, file_of_test, fcost))
+            continue
+        pieces = atoms_of[whole[0]]
+        room = max(target - fcost, tests_time / n)
+        if any(math.fsum(times[t] for t in p) > room for p in pieces):
+            # A class too long for one shard: only explicit groups still bind.
+            sub = _UnionFind(whole)
+            sub.union_by(whole, groups)
+            pieces = sub.components()
+        k = max(1, min(len(pieces), n, math.ceil(tests_time / room)))
+        for chunk in _lpt_chunks(pieces, times, file_of_test, k):
+            chunk_cost = _files_cost({file_of_test[t] for t in chunk}, fcosts)
+            units.append(_unit(chunk, times, file_of_test, chunk_cost))
+    return units
+
+
+def _lpt_chunks(
+    pieces: Sequence[tuple[str, ...]],
+    times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
+    k: int,
+) -> list[list[str]]:
+    units = [_unit(p, times, file_of_test, 0.0) for p in pieces]
+    unit_weights = [_int_weight(u.weight) for u in units]
+    order = _order(units, unit_weights)
+    bins = _lpt([unit_weights[i] for i in order], range(len(order)), k)
+    chunks: list[list[str]] = [[] for _ in range(k)]
+    for r, b in enumerate(bins):
+        chunks[b].extend(units[order[r]].tests)
+    return [c for c in chunks if c]
+
+
+def _int_weight(seconds: float) -> int:
+    return max(0, round(seconds * _SCALE))
+
+
+def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
+    """Unit indices from heaviest to lightest, ties broken by a hash of the id, then the id."""
+    keys = [
+        (-w, xxhash.xxh64_intdigest(u.id.encode("utf-8", "surrogatepass")), u.id)
+        for u, w in zip(units, weights, strict=True)
+    ]
+    return sorted(range(len(units)), key=keys.__getitem__)
+
+
+def _lpt(weights: Sequence[int], order: Sequence[int], n: int) -> list[int]:
+    assign = [0] * len(weights)
+    heap = [(0, s) for s in range(n)]
+    for i in order:
+        load, s = heap[0]
+        assign[i] = s
+        heapq.heapreplace(heap, (load + weights[i], s))
+    return assign
+
+
+def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[int]:
+    """Multiway Karmarkar-Karp: merge the two partial partitions with the largest spread."""
+    # A partial partition: (-(spread), tie, sums sorted descending, unit lists alongside).
+    heap: list[tuple[int, int, list[int], list[list[int]]]] = []
+    for rank, i in enumerate(order):
+        sums = [weights[i]] + [0] * (n - 1)
+        heap.append((-weights[i], rank, sums, [[i]] + [[] for _ in range(n - 1)]))
+    heapq.heapify(heap)
+    tie = len(order)
+    while len(heap) > 1:
+        _, _, sa, la = heapq.heappop(heap)
+        _, _, sb, lb = heapq.heappop(heap)
+        # Largest sums of one with the smallest of the other.
+        pairs = sorted(
+            ((sa[j] + sb[n - 1 - j], la[j] + lb[n - 1 - j]) for j in range(n)),
+            key=lambda p: -p[0],
+        )
+        sums = [p[0] for p in pairs]
+        low = sums[-1]
+        heapq.heappush(
+            heap, (-(sums[0] - low), tie, [x - low for x in sums], [p[1] for p in pairs])
+        )
+        tie += 1
+    assign = [0] * len(weights)
+    if heap:
+        for s, members in enumerate(heap[0][3]):
+            for i in members:
+                assign[i] = s
+    return assign
+
+
+def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[int] | None:
+    """Branch and bound over units in rank order: an assignment with makespan below
+    ``beat`` if one is found within ``node_limit`` nodes, else None."""
+    m = len(weights)
+    bound = max(math.ceil(sum(weights) / n), max(weights, default=0))
+    loads = [0] * n
+    assign = [0] * m
+    best: list[int] | None = None
+    best_makespan = beat
+    nodes = 0
+
+    def dfs(i: int) -> None:
+        nonlocal best, best_makespan, nodes
+        nodes += 1
+        if i == m:
+            best, best_makespan = assign[:], max(loads)
+            return
+        tried: set[int] = set()
+        for s in range(n):
+            load = loads[s]
+            # Shards with equal loads are interchangeable: try one of them.
+            if load in tried or load + weights[i] >= best_makespan:
+                continue
+            tried.add(load)
+            loads[s] += weights[i]
+            assign[i] = s
+            dfs(i + 1)
+            loads[s] -= weights[i]
+            if best_makespan <= bound or nodes >= node_limit:
+                return
+
+    dfs(0)
+    return best
+
+
+def _improve(
+    weights: Sequence[int], assign: list[int], n: int, floor: int, max_iterations: int
+) -> bool:
+    """Moves and swaps out of the fullest shard while they lower it; True if any helped.
+
+    Each look at a (fullest, other) pair of shards counts as one iteration.
+    """
+    loads = [0] * n
+    bins: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    for i, s in enumerate(assign):
+        loads[s] += weights[i]
+        bins[s].append((weights[i], i))
+    for members in bins:
+        members.sort()
+    improved = False
+    iterations = 0
+    while iterations < max_iterations:
+        top = max(range(n), key=lambda s: (loads[s], -s))
+        if loads[top] <= floor:
+            break
+        found = False
+        for other in sorted(range(n), key=lambda s: (loads[s], s)):
+            if other == top or iterations >= max_iterations:
+                continue
+            iterations += 1
+            gap = loads[top] - loads[other]
+            if gap <= 1:
+                break
+            best = _best_exchange(bins[top], bins[other], gap)
+            if best is None:
+                continue
+            a, b = best
+            delta = a[0] - (b[0] if b else 0)
+            bins[top].remove(a)
+            bisect.insort(bins[other], a)
+            assign[a[1]] = other
+            if b is not None:
+                bins[other].remove(b)
+                bisect.insort(bins[top], b)
+                assign[b[1]] = top
+            loads[top] -= delta
+            loads[other] += delta
+            found = improved = True
+            break
+        if not found:
+            break
+    return improved
+
+
+def _best_exchange(
+    top: list[tuple[int, int]], other: list[tuple[int, int]], gap: int
+) -> tuple[tuple[int, int], tuple[int, int] | None] | None:
+    """The move (a, None) or swap (a, b) whose weight change d is closest to gap/2, 0 < d < gap."""
+    other_weights = [w for w, _ in other]
+    best: tuple[tuple[int, int], tuple[int, int] | None] | None = None
+    best_dist = gap  # |2d - gap| must beat this: any 0 < d < gap qualifies
+    for a in top:
+        wa = a[0]
+        if wa == 0:
+            continue
+        if 0 < wa < gap and abs(2 * wa - gap) < best_dist:
+            best, best_dist = (a, None), abs(2 * wa - gap)
+        j = bisect.bisect_left(other_weights, wa - gap // 2)
+        for k in (j - 1, j):
+            if 0 <= k < len(other):
+                d = wa - other_weights[k]
+                if 0 < d < gap and abs(2 * d - gap) < best_dist:
+                    best, best_dist = (a, other[k]), abs(2 * d - gap)
+        if best_dist <= 1:
+            break
+    return best
+
+
+def _makespan(weights: Sequence[int], assign: Sequence[int], n: int) -> int:
+    loads = [0] * n
+    for r, s in enumerate(assign):
+        loads[s] += weights[r]
+    return max(loads)
+
+
+def lower_bound(
+    units: Sequence[Unit], n: int, file_costs: Mapping[str, float], startup: float
+) -> float:
+    """start-up + max(everything / n, the longest unit with its files' costs)."""
+    files = {f for u in units for f in u.files}
+    total = math.fsum(u.test_time for u in units) + math.fsum(file_costs.get(f, 0.0) for f in files)
+    longest = max(
+        (u.test_time + math.fsum(file_costs.get(f, 0.0) for f in u.files) for u in units),
+        default=0.0,
+    )
+    return startup + max(total / n, longest)
+
+
+def plan_hash(shards: Sequence[Sequence[str]]) -> str:
+    """A short hash of which tests go to which shard; every runner prints it."""
+    h = xxhash.xxh64()
+    h.update(f"{len(shards)}\n".encode())
+    for index, tests in enumerate(shards):
+        h.update(f"#{index}\n".encode())
+        for t in sorted(tests):
+            h.update(t.encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+def split(
+    units: Sequence[Unit],
+    n: int,
+    *,
+    file_costs: Mapping[str, float] | None = None,
+    startup: float = 0.0,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> Plan:
+    """Assign units to n shards so the slowest shard finishes as early as possible.
+
+    The result depends only on the set of units (not their order), n, the costs and
+    max_iterations. Predicted shard times count each file's cost once per shard.
+    """
+    if n < 1:
+        raise ValueError("the number of shards must be at least 1")
+    fcosts = file_costs or {}
+    # Everything below works on units ranked by the total order, never on input positions.
+    unit_weights = [_int_weight(u.weight) for u in units]
+    order = _order(units, unit_weights)
+    weights = [unit_weights[i] for i in order]
+    ranks = range(len(order))
+    floor = math.ceil(sum(weights) / n)
+    candidates = [("lpt", _lpt(weights, ranks, n))]
+    if 0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n and n > 1:
+        candidates.append(("differencing", _differencing(weights, ranks, n)))
+    if 0 < len(units) <= _EXACT_MAX_UNITS and n > 1:
+        beat = min(_makespan(weights, a, n) for _, a in candidates)
+        exact = _exact(weights, n, beat, _EXACT_NODE_LIMIT)
+        if exact is not None:
+            candidates.append(("exact", exact))
+    best: tuple[int, str, list[int]] | None = None
+    for name, assign in candidates:
+        if _improve(weights, assign, n, floor, max_iterations):
+            name += "+improved"
+        makespan = _makespan(weights, assign, n)
+        if best is None or makespan < best[0]:
+            best = (makespan, name, assign)
+    assert best is not None
+    _, method, by_rank = best
+    assign = [0] * len(units)
+    for r, s in enumerate(by_rank):
+        assign[order[r]] = s
+    shard_tests: list[list[str]] = [[] for _ in range(n)]
+    shard_time = [0.0] * n
+    shard_files: list[set[str]] = [set() for _ in range(n)]
+    for i, s in enumerate(assign):
+        shard_tests[s].extend(units[i].tests)
+        shard_time[s] += units[i].test_time
+        shard_files[s].update(units[i].files)
+    shards = tuple(
+        Shard(
+            index=s,
+            tests=tuple(sorted(shard_tests[s])),
+            files=tuple(sorted(shard_files[s])),
+            predicted=(startup if shard_tests[s] else 0.0)
+            + shard_time[s]
+            + math.fsum(fcosts.get(f, 0.0) for f in shard_files[s]),
+        )
+        for s in range(n)
+    )
+    predicted_makespan = max(s.predicted for s in shards)
+    lb = lower_bound(units, n, fcosts, startup) if units else 0.0
+    return Plan(
+        shards=shards,
+        makespan=predicted_makespan,
+        lower_bound=lb,
+        ratio=predicted_makespan / lb if lb > 0 else 1.0,
+        plan_hash=plan_hash([s.tests for s in shards]),
+        method=method,
+    )
+
+
+def split_tests(
+    times: Mapping[str, float],
+    n: int,
+    granularity: Granularity = "auto",
+    *,
+    file_costs: Mapping[str, float] | None = None,
+    groups: Mapping[str, str] | None = None,
+    startup: float = 0.0,
+    max_iterations: int = DEFAULT_MAX_ITERATIONS,
+) -> Plan:
+    """``build_units`` then ``split``: test ids with predicted seconds to a plan."""
+    units = build_units(times, n, granularity, file_costs=file_costs, groups=groups)
+    return split(units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations)

@@ -1,0 +1,298 @@
+"""Timing history and the estimates made from it.
+
+Every upload is its own append-only record in the store's "timings" namespace, under
+``{suite}/{time_ns:020d}-{uuid}``, so concurrent uploads never overwrite each other.
+Uploads that carry the same run id (the N shards of one CI run) merge into one run.
+``estimate`` (pure) turns runs into a predicted time per test: a percentile of its last
+K runs, and for a test with no history the median of its file, else of its directory,
+else of the whole suite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from cache_server.storage.base import Store
+from splitter.ids import JUnitCase, directories_of, file_of, match_cases, node_id
+
+NAMESPACE = "timings"
+RECORD_VERSION = 1
+DEFAULT_LAST_RUNS = 10
+DEFAULT_PERCENTILE = 50.0
+# JUnit rounds to the millisecond, so "0.000" means "under half a millisecond".
+MIN_TEST_SECONDS = 0.0005
+_SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+class HistoryError(ValueError):
+    """A suite name the history cannot hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    seconds: float
+    failed: bool
+
+
+@dataclass(slots=True)
+class Run:
+    """The timings of one run (possibly merged from several shard uploads)."""
+
+    run_id: str | None
+    created_ns: int
+    tests: dict[str, Sample] = field(default_factory=dict)
+    file_costs: dict[str, float] = field(default_factory=dict)
+    startup: float | None = None  # seconds a shard spends outside files and tests
+    groups: dict[str, str] = field(default_factory=dict)  # test -> group that shares a shard
+
+
+@dataclass(frozen=True, slots=True)
+class Estimates:
+    """Predicted seconds per test and per file; ``from_history`` is False when guessed."""
+
+    tests: dict[str, float]
+    file_costs: dict[str, float]
+    from_history: bool
+    known: int  # how many of the tests had their own history
+    startup: float = 0.0
+
+
+def _merge_sample(old: Sample | None, new: Sample) -> Sample:
+    # A test seen twice in one run (a rerun) counts once: a pass beats a failure, and
+    # between two of a kind the longer one (what a runner really waited for).
+    if old is None or (old.failed and not new.failed):
+        return new
+    if new.failed and not old.failed:
+        return old
+    return new if new.seconds > old.seconds else old
+
+
+def run_from_cases(
+    cases: Iterable[JUnitCase],
+    *,
+    run_id: str | None = None,
+    created_ns: int | None = None,
+    file_costs: Mapping[str, float] | None = None,
+    candidates: Iterable[str] | None = None,
+    startup: float | None = None,
+) -> Run:
+    """One run from JUnit cases. Skipped cases and cases without a time are not timings.
+
+    With candidates (the ids the runner uses), cases are mapped onto them (see
+    ``ids.match_cases``; a file or class candidate gets the sum of its cases);
+    otherwise each case is keyed by its best-guess node id.
+    """
+    timed = [c for c in cases if c.outcome != "skipped" and c.time is not None]
+    run = Run(run_id, time.time_ns() if created_ns is None else created_ns, startup=startup)
+    run.file_costs.update(file_costs or {})
+    if candidates is None:
+        for case in cases:
+            if case.group:
+                run.groups[node_id(case)] = case.group
+        for case in timed:
+            assert case.time is not None
+            key = node_id(case)
+            run.tests[key] = _merge_sample(
+                run.tests.get(key), Sample(case.time, case.outcome == "failed")
+            )
+        return run
+    wanted = list(candidates)
+    for candidate, matched in match_cases([c for c in cases if c.group], wanted).items():
+        run.groups[candidate] = matched[0].group or ""
+    for candidate, matched in match_cases(timed, wanted).items():
+        per_case: dict[tuple[str, str, str | None], Sample] = {}
+        for case in matched:
+            assert case.time is not None
+            names = (case.classname, case.name, case.file)
+            per_case[names] = _merge_sample(
+                per_case.get(names), Sample(case.time, case.outcome == "failed")
+            )
+        run.tests[candidate] = Sample(
+            math.fsum(s.seconds for s in per_case.values()),
+            any(s.failed for s in per_case.values()),
+        )
+    return run
+
+
+def merge_runs(runs: Iterable[Run]) -> list[Run]:
+    """Runs with the same run id merged into one; oldest first."""
+    merged: dict[str, Run] = {}
+    alone: list[Run] = []
+    for run in sorted(runs, key=lambda r: r.created_ns):
+        if run.run_id is None:
+            alone.append(run)
+            continue
+        into = merged.setdefault(run.run_id, Run(run.run_id, run.created_ns))
+        for test, sample in run.tests.items():
+            into.tests[test] = _merge_sample(into.tests.get(test), sample)
+        into.file_costs.update(run.file_costs)
+        if run.startup is not None:
+            into.startup = max(into.startup or 0.0, run.startup)
+        into.groups.update(run.groups)
+    return sorted([*merged.values(), *alone], key=lambda r: (r.created_ns, r.run_id or ""))
+
+
+def groups_of(runs: Sequence[Run], *, last_runs: int = DEFAULT_LAST_RUNS) -> dict[str, str]:
+    """Test -> group from the recent runs, the newest run winning."""
+    groups: dict[str, str] = {}
+    for run in merge_runs(runs)[-last_runs:]:
+        groups.update(run.groups)
+    return groups
+
+
+def _percentile(values: Sequence[float], pct: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        raise ValueError("no values")
+    pos = (len(ordered) - 1) * pct / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _median(values: Sequence[float]) -> float:
+    return _percentile(values, 50.0)
+
+
+def estimate(
+    tests: Iterable[str],
+    runs: Sequence[Run],
+    *,
+    last_runs: int = DEFAULT_LAST_RUNS,
+    percentile: float = DEFAULT_PERCENTILE,
+) -> Estimates:
+    """Predicted seconds for each test, from the last ``last_runs`` runs that timed it.
+
+    A test's estimate is the given percentile of its samples (failed samples only when
+    it never passed). A file path gets the sum of its tests. Without history of its own:
+    the median of its file's estimates, else its directory's (innermost first), else the
+    whole suite's. With no history at
+    all every test gets 1 second and ``from_history`` is False.
+    """
+    wanted = sorted(set(tests))
+    merged = merge_runs(runs)
+    samples: dict[str, list[Sample]] = {}
+    for run in reversed(merged):
+        for test, sample in run.tests.items():
+            got = samples.setdefault(test, [])
+            if len(got) < last_runs:
+                got.append(sample)
+    own: dict[str, float] = {}
+    for test, got in samples.items():
+        passed = [s.seconds for s in got if not s.failed]
+        own[test] = max(
+            MIN_TEST_SECONDS, _percentile(passed or [s.seconds for s in got], percentile)
+        )
+    file_samples: dict[str, list[float]] = {}
+    for run in reversed(merged):
+        for f, cost in run.file_costs.items():
+            got_f = file_samples.setdefault(f, [])
+            if len(got_f) < last_runs:
+                got_f.append(cost)
+    file_costs = {f: _percentile(v, percentile) for f, v in file_samples.items()}
+    startups = [r.startup for r in merged[-last_runs:] if r.startup is not None]
+    startup = _median(startups) if startups else 0.0
+    if not own:
+        return Estimates({t: 1.0 for t in wanted}, file_costs, False, 0, startup)
+    by_scope: dict[str, list[float]] = {}
+    file_total: dict[str, float] = {}  # for runners that split by file path
+    for test, seconds in own.items():
+        f = file_of(test)
+        if f != test:
+            file_total[f] = file_total.get(f, 0.0) + seconds
+        for scope in [f, *directories_of(f)]:
+            by_scope.setdefault(scope, []).append(seconds)
+    medians: dict[str, float] = {}
+    result: dict[str, float] = {}
+    known = 0
+    for test in wanted:
+        if test in own or test in file_total:
+            result[test] = own.get(test) or file_total[test]
+            known += 1
+            continue
+        f = file_of(test)
+        for scope in [f, *directories_of(f)]:
+            if scope in by_scope:
+                if scope not in medians:
+                    medians[scope] = _median(by_scope[scope])
+                result[test] = medians[scope]
+                break
+    if file_costs:
+        fallback = _median(list(file_costs.values()))
+        for f in {file_of(t) for t in wanted} - file_costs.keys():
+            file_costs[f] = fallback
+    return Estimates(result, file_costs, True, known, startup)
+
+
+# ---- the store (I/O) ----
+
+
+def _check_suite(suite: str) -> None:
+    if not _SUITE.fullmatch(suite):
+        raise HistoryError(f"suite name {suite!r} must be 1-64 of letters, digits, '.', '_', '-'")
+
+
+def encode_run(run: Run) -> bytes:
+    return json.dumps(
+        {
+            "version": RECORD_VERSION,
+            "run_id": run.run_id,
+            "created_ns": run.created_ns,
+            "tests": {t: [s.seconds, s.failed] for t, s in sorted(run.tests.items())},
+            "file_costs": dict(sorted(run.file_costs.items())),
+            "startup": run.startup,
+            "groups": dict(sorted(run.groups.items())),
+        },
+        separators=(",", ":"),
+    ).encode()
+
+
+def decode_run(data: bytes) -> Run:
+    """A run from its record; raises ValueError for a record it cannot read."""
+    try:
+        raw = json.loads(data)
+        if raw.get("version") != RECORD_VERSION:
+            raise ValueError(f"record version {raw.get('version')!r} is not {RECORD_VERSION}")
+        run_id = raw.get("run_id")
+        return Run(
+            run_id=str(run_id) if run_id is not None else None,
+            created_ns=int(raw["created_ns"]),
+            tests={str(t): Sample(float(v[0]), bool(v[1])) for t, v in raw["tests"].items()},
+            file_costs={str(f): float(c) for f, c in raw.get("file_costs", {}).items()},
+            startup=None if raw.get("startup") is None else float(raw["startup"]),
+            groups={str(t): str(g) for t, g in raw.get("groups", {}).items()},
+        )
+    except (KeyError, TypeError, IndexError, AttributeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"unreadable timing record: {exc}") from None
+
+
+def append_run(store: Store, suite: str, run: Run) -> str:
+    """Store one upload as a new record; returns its key."""
+    _check_suite(suite)
+    key = f"{suite}/{run.created_ns:020d}-{uuid.uuid4().hex}"
+    if not store.put_record(NAMESPACE, key, encode_run(run), overwrite=False):
+        raise RuntimeError(f"timing record {key} already exists")  # a uuid4 collision
+    return key
+
+
+def load_runs(store: Store, suite: str, *, max_records: int = 1000) -> tuple[list[Run], list[str]]:
+    """The newest ``max_records`` uploads of a suite, and a warning per unreadable record."""
+    _check_suite(suite)
+    infos = store.list_records(NAMESPACE, f"{suite}/")
+    runs: list[Run] = []
+    warnings: list[str] = []
+    for info in infos[-max_records:]:
+        data = store.get_record(NAMESPACE, info.key)
+        if data is None:
+            continue  # deleted since the listing
+        try:
+            runs.append(decode_run(data))
+        except ValueError as exc:
+            warnings.append(f"timing record {info.key}: {exc}; ignored")
+    return runs, warnings

@@ -1,0 +1,200 @@
+"""The pure split: partition, order independence, groups, granularity, quality."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from splitter.algorithm import Unit, build_units, plan_hash, split, split_tests
+
+# Ids like pytest's, with the odd characters parameters bring.
+_names = st.text(alphabet="abcXYZ_-[]:# '\"\\", min_size=1, max_size=6)
+_test_ids = st.builds(
+    lambda f, c, n: f"tests/test_{f}.py::{c + '::' if c else ''}test_{n}",
+    st.sampled_from(["a", "b", "c", "d"]),
+    st.sampled_from(["", "TestX", "TestY"]),
+    _names,
+)
+_suites = st.dictionaries(
+    _test_ids, st.floats(min_value=0.0, max_value=50.0, allow_nan=False), max_size=60
+)
+_granularity = st.sampled_from(["auto", "test", "class", "file"])
+_file_costs = st.dictionaries(
+    st.sampled_from([f"tests/test_{f}.py" for f in "abcd"]), st.floats(0.0, 5.0), max_size=4
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_suites, st.integers(1, 9), _granularity, _file_costs)
+def test_shards_partition_the_input(times, n, by, file_costs):
+    plan = split_tests(times, n, by, file_costs=file_costs)
+    assert len(plan.shards) == n
+    assert [s.index for s in plan.shards] == list(range(n))
+    every = [t for s in plan.shards for t in s.tests]
+    assert len(every) == len(set(every)), "a test is in two shards"
+    assert set(every) == set(times), "a test is missing or invented"
+    assert plan.makespan >= plan.lower_bound - 1e-6
+    assert plan.ratio >= 1.0 - 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(_suites, st.integers(1, 9), _granularity, _file_costs, st.randoms(use_true_random=False))
+def test_input_order_does_not_matter(times, n, by, file_costs, rnd):
+    items = list(times.items())
+    rnd.shuffle(items)
+    shuffled = dict(items)
+    cost_items = list(file_costs.items())
+    rnd.shuffle(cost_items)
+    a = split_tests(times, n, by, file_costs=file_costs)
+    b = split_tests(shuffled, n, by, file_costs=dict(cost_items))
+    assert [s.tests for s in a.shards] == [s.tests for s in b.shards]
+    assert a.plan_hash == b.plan_hash
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 100.0, allow_nan=False), min_size=1, max_size=40),
+    st.integers(1, 6),
+    st.randoms(use_true_random=False),
+)
+def test_units_order_does_not_matter(weights, n, rnd):
+    units = [Unit((f"t{i}",), ("f",), w, w) for i, w in enumerate(weights)]
+    shuffled = units[:]
+    rnd.shuffle(shuffled)
+    assert split(units, n).shard_of() == split(shuffled, n).shard_of()
+
+
+@settings(max_examples=100, deadline=None)
+@given(_suites, st.integers(1, 6), st.dictionaries(_test_ids, st.sampled_from(["g1", "g2"])))
+def test_groups_and_classes_stay_together(times, n, groups):
+    groups = {t: g for t, g in groups.items() if t in times}
+    plan = split_tests(times, n, "class", groups=groups)
+    where = plan.shard_of()
+    by_group: dict[str, set[int]] = {}
+    for t, g in groups.items():
+        by_group.setdefault(g, set()).add(where[t])
+    for t in times:
+        if "::Test" in t:
+            by_group.setdefault(t.rsplit("::", 1)[0], set()).add(where[t])
+    assert all(len(shards) == 1 for shards in by_group.values())
+
+
+def test_file_granularity_keeps_files_whole():
+    times = {f"tests/test_{f}.py::test_{i}": float(i + 1) for f in "abcdef" for i in range(5)}
+    plan = split_tests(times, 3, "file")
+    for shard in plan.shards:
+        for f in shard.files:
+            assert all(t in shard.tests for t in times if t.startswith(f + "::"))
+
+
+def test_auto_keeps_small_files_whole_and_cuts_only_the_long_one():
+    times = {f"tests/test_small{f}.py::test_{i}": 1.0 for f in range(8) for i in range(3)}
+    times.update({f"tests/test_big.py::test_{i}": 2.0 for i in range(30)})  # 60 of 84 s
+    costs = {f: 0.5 for f in {t.split("::")[0] for t in times}}
+    plan = split_tests(times, 4, "auto", file_costs=costs)
+    owners: dict[str, set[int]] = {}
+    for shard in plan.shards:
+        for t in shard.tests:
+            owners.setdefault(t.split("::")[0], set()).add(shard.index)
+    assert all(len(s) == 1 for f, s in owners.items() if "small" in f)
+    assert len(owners["tests/test_big.py"]) == 3  # the fewest chunks that fit total/4
+    # By test, every shard imports nearly every file; auto pays fewer file costs.
+    by_test = split_tests(times, 4, "test", file_costs=costs)
+    assert plan.makespan < by_test.makespan
+
+
+def test_predicted_time_counts_each_file_once_per_shard_plus_startup():
+    times = {"a.py::t1": 1.0, "a.py::t2": 2.0, "b.py::t3": 4.0}
+    plan = split_tests(times, 1, "test", file_costs={"a.py": 0.5, "b.py": 0.25}, startup=3.0)
+    assert plan.shards[0].predicted == pytest.approx(3.0 + 7.0 + 0.75)
+    assert plan.lower_bound == pytest.approx(plan.makespan)
+    assert plan.ratio == pytest.approx(1.0)
+
+
+def test_lower_bound_is_longest_unit_when_it_dominates():
+    plan = split_tests({"a::x": 10.0, "a::y": 1.0, "a::z": 1.0}, 3, "test")
+    assert plan.lower_bound == pytest.approx(10.0)
+    assert plan.makespan == pytest.approx(10.0)
+
+
+def test_more_shards_than_tests_leaves_empty_shards():
+    plan = split_tests({"a::x": 1.0, "b::y": 2.0}, 5, "test")
+    assert sum(1 for s in plan.shards if not s.tests) == 3
+    assert plan.makespan == pytest.approx(2.0)
+
+
+def test_empty_input():
+    plan = split_tests({}, 3)
+    assert [s.tests for s in plan.shards] == [(), (), ()]
+    assert plan.ratio == 1.0
+
+
+def test_zero_shards_is_an_error():
+    with pytest.raises(ValueError):
+        split_tests({"a::x": 1.0}, 0)
+
+
+def test_exact_search_finds_the_perfect_split_lpt_misses():
+    # The classic LPT counterexample: 3,3,2,2,2 into 2 shards: LPT gives 7, optimum 6.
+    units = [Unit((f"t{i}",), ("f",), w, w) for i, w in enumerate([3, 3, 2, 2, 2])]
+    plan = split(units, 2, max_iterations=0)
+    assert plan.makespan == pytest.approx(6.0)
+    assert plan.method == "exact"
+    # The move/swap pass alone fixes it too.
+    assert split(units, 2).makespan == pytest.approx(6.0)
+
+
+def test_differencing_beats_lpt_on_few_units_per_shard():
+    # 8,7,6,5,4 into 2: LPT 17, differencing 16 (the optimum, 15, needs the exact search).
+    weights = [8, 7, 6, 5, 4] + [0.001 * i for i in range(1, 15)]  # too many for exact
+    units = [Unit((f"t{i:02}",), ("f",), w, w) for i, w in enumerate(weights)]
+    plan = split(units, 2, max_iterations=0)
+    assert plan.method == "differencing"
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=7), st.integers(1, 3))
+def test_tiny_inputs_are_split_optimally(weights, n):
+    import itertools
+
+    units = [Unit((f"t{i}",), ("f",), float(w), float(w)) for i, w in enumerate(weights)]
+    optimum = min(
+        max(sum(w for w, s in zip(weights, a, strict=True) if s == k) for k in range(n))
+        for a in itertools.product(range(n), repeat=len(weights))
+    )
+    assert split(units, n, max_iterations=0).makespan == pytest.approx(optimum)
+
+
+def test_improvement_pass_is_capped_by_iterations_not_time():
+    rng = random.Random(3)
+    times = {f"t{i}.py::x": rng.lognormvariate(0, 1.5) for i in range(2000)}
+    no_pass = split_tests(times, 16, "test", max_iterations=0)
+    with_pass = split_tests(times, 16, "test")
+    assert with_pass.makespan <= no_pass.makespan
+    assert split_tests(times, 16, "test").plan_hash == with_pass.plan_hash
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_within_one_percent_of_the_bound_with_20_units_per_shard(seed):
+    rng = random.Random(seed)
+    n = 8
+    times = {f"t{i}.py::x": rng.lognormvariate(-2, 1.5) for i in range(20 * n)}
+    plan = split_tests(times, n, "test")
+    assert plan.ratio <= 1.01, plan
+
+
+def test_plan_hash_names_the_assignment():
+    assert plan_hash([["a", "b"], ["c"]]) == plan_hash([["b", "a"], ["c"]])
+    assert plan_hash([["a", "b"], ["c"]]) != plan_hash([["a"], ["b", "c"]])
+    assert plan_hash([["a"], []]) != plan_hash([["a"], [], []])
+
+
+def test_build_units_weights_share_file_cost_between_units():
+    times = {"a.py::x": 1.0, "a.py::y": 1.0}
+    units = build_units(times, 2, "test", file_costs={"a.py": 1.0})
+    assert [u.weight for u in units] == [1.5, 1.5]
+    units = build_units(times, 2, "file", file_costs={"a.py": 1.0})
+    assert [u.weight for u in units] == [3.0]

@@ -1,0 +1,173 @@
+"""``slipstream split`` and ``slipstream plan`` through client.cli.main."""
+
+from __future__ import annotations
+
+import io
+import pathlib
+
+import pytest
+
+from cache_server.storage.disk import DiskStore
+from client.cli import main
+from splitter.history import Run, Sample, append_run
+
+DATA = pathlib.Path(__file__).parent / "data"
+IDS = [
+    "tests/test_x.py::TestC::test_y[a-b]",
+    "tests/test_x.py::test_plain",
+    "tests/sub/test_z.py::test_fails",
+    "tests/test_child.py::TestChild::test_base_method",
+    "tests/test_new.py::test_unknown",
+    "tests/test_flaky.py::test_retry",
+    "tests/test_flaky.py::test_other",
+]
+
+
+def run_cli(monkeypatch, capsys, args, stdin=""):
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(autouse=True)
+def no_ci_env(monkeypatch):
+    for var in ("CIRCLE_NODE_INDEX", "CI_NODE_INDEX", "BUILDKITE_PARALLEL_JOB"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("by", ["auto", "test", "class", "file"])
+def test_split_shards_partition_stdin_in_input_order(monkeypatch, capsys, by):
+    junit = ["--junit", str(DATA / "pytest_*.xml"), "--junit", str(DATA / "duplicates.xml")]
+    seen: list[str] = []
+    hashes = set()
+    for index in range(3):
+        code, out, err = run_cli(
+            monkeypatch,
+            capsys,
+            ["split", "--total", "3", "--index", str(index), "--by", by, *junit],
+            "\n".join(IDS) + "\n\n",
+        )
+        assert code == 0, err
+        lines = out.splitlines()
+        assert lines == [t for t in IDS if t in lines]  # the input's order
+        seen += lines
+        assert err.count("\n") == 1 and "plan " in err
+        hashes.add(err.rsplit("plan ", 1)[1].strip())
+    assert sorted(seen) == sorted(IDS)
+    assert len(hashes) == 1  # every runner prints the same plan hash
+
+
+def test_split_reads_gitlab_variables_one_based(monkeypatch, capsys):
+    monkeypatch.setenv("CI_NODE_INDEX", "1")
+    monkeypatch.setenv("CI_NODE_TOTAL", "1")
+    code, out, err = run_cli(monkeypatch, capsys, ["split", "--quiet"], "\n".join(IDS))
+    assert code == 0
+    assert out.splitlines() == IDS
+    assert "warning: no timings" in err  # the default history is empty here
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["split", "--total", "2"], "give both --index and --total"),
+        (["split"], "give --index and --total"),
+        (["split", "--total", "2", "--index", "2"], "from 0 to 1"),
+        (["split", "--total", "0", "--index", "0"], "at least 1"),
+        (["split", "--total", "2", "--index", "0", "--junit", "/nonexistent/*.xml"], "no file"),
+        (["split", "--total", "2", "--index", "0", "--suite", "../x"], "suite name"),
+        (["plan", "--target", "soon"], "not a duration"),
+        (["plan", "--target", "1m", "--overhead", "2m"], "longer than --overhead"),
+        (["plan", "--target", "1m"], "no timings to plan from"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, args, message):
+    code, _, err = run_cli(monkeypatch, capsys, args, "a::b\n")
+    assert code == 2
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_choice_is_argparse_exit_2(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as info:
+        run_cli(monkeypatch, capsys, ["split", "--by", "module"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_not_junit_files_are_warned_about_and_the_rest_used(monkeypatch, capsys):
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        ["split", "--total", "1", "--index", "0", "--junit", str(DATA / "*.xml")],
+        "\n".join(IDS),
+    )
+    assert code == 0 and out.splitlines() == IDS
+    warned = [line for line in err.splitlines() if "warning" in line]
+    assert len(warned) == 6 and all("; ignored" in line for line in warned)
+    assert any("xml_bomb.xml" in line for line in warned)
+
+
+def test_split_and_plan_from_the_history_store(monkeypatch, capsys, tmp_path):
+    store = DiskStore(tmp_path / "store")
+    tests = {f"tests/test_{i}.py::test_x": Sample(float(10 * (i + 1)), False) for i in range(6)}
+    append_run(store, "default", Run("r1", 1, dict(tests), {}, 5.0))
+    store.close()
+    stdin = "\n".join(tests)
+    outs = []
+    for index in range(2):
+        code, out, err = run_cli(
+            monkeypatch,
+            capsys,
+            [
+                "split",
+                "--total",
+                "2",
+                "--index",
+                str(index),
+                "--storage-dir",
+                str(tmp_path / "store"),
+            ],
+            stdin,
+        )
+        assert code == 0, err
+        outs.append(out.splitlines())
+        # 10..60 into 2: the best is 110|100, plus 5 s start-up; the bound is 5 + 210/2.
+        assert "makespan 115.0s, lower bound 110.0s" in err
+    assert sorted(outs[0] + outs[1]) == sorted(tests)
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        ["plan", "--target", "2m", "--overhead", "10s", "--storage-dir", str(tmp_path / "store")],
+    )
+    assert code == 0, err
+    chosen = [line for line in out.splitlines() if "fewest" in line]
+    # 2 shards: 10 + 115 > 120; 3 shards: 10 + 5 + 70 <= 120.
+    assert len(chosen) == 1 and chosen[0].split()[0] == "3"
+    code, out, err = run_cli(
+        monkeypatch, capsys, ["plan", "--target", "30s", "--storage-dir", str(tmp_path / "store")]
+    )
+    assert code == 1 and "cannot be split is longer" in out  # a 60 s test never fits 30 s
+
+
+def test_split_by_file_paths_with_rspec_reports(monkeypatch, capsys):
+    files = ["spec/models/user_spec.rb", "./spec/api/orders_spec.rb", "spec/new_spec.rb"]
+    outs = []
+    for index in range(2):
+        code, out, err = run_cli(
+            monkeypatch,
+            capsys,
+            ["split", "--total", "2", "--index", str(index), "--junit", str(DATA / "rspec.xml")],
+            "\n".join(files),
+        )
+        assert code == 0, err
+        outs.append(out.splitlines())
+    # orders_spec (2.5 s) alone; user_spec (1.25 + 0.75 s) with the new file (2 s, from spec/).
+    assert sorted(outs, key=len) == [
+        ["./spec/api/orders_spec.rb"],
+        ["spec/models/user_spec.rb", "spec/new_spec.rb"],
+    ]

@@ -1,0 +1,150 @@
+"""Timing history: runs, merging, estimates, and the store (DiskStore)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from cache_server.storage.disk import DiskStore
+from splitter import history
+from splitter.history import Run, Sample, append_run, estimate, load_runs, merge_runs
+from splitter.ids import JUnitCase
+
+
+def run(tests, *, run_id=None, created=0, file_costs=None, startup=None):
+    samples = {t: Sample(s, False) if isinstance(s, float) else s for t, s in tests.items()}
+    return Run(run_id, created, samples, dict(file_costs or {}), startup)
+
+
+def test_estimate_is_robust_to_one_noisy_run():
+    runs = [run({"a.py::x": s}, created=i) for i, s in enumerate([1.0, 1.1, 0.9, 30.0, 1.0])]
+    assert estimate(["a.py::x"], runs).tests["a.py::x"] == pytest.approx(1.0)
+
+
+def test_estimate_uses_only_the_last_k_runs():
+    runs = [run({"a.py::x": 10.0}, created=i) for i in range(5)]
+    runs += [run({"a.py::x": 1.0}, created=10 + i) for i in range(3)]
+    assert estimate(["a.py::x"], runs, last_runs=3).tests["a.py::x"] == 1.0
+    assert estimate(["a.py::x"], runs, last_runs=8, percentile=90).tests["a.py::x"] == 10.0
+
+
+def test_failed_samples_count_only_when_a_test_never_passed():
+    runs = [
+        run({"a.py::x": Sample(100.0, True), "a.py::y": Sample(7.0, True)}, created=0),
+        run({"a.py::x": 2.0}, created=1),
+    ]
+    got = estimate(["a.py::x", "a.py::y"], runs).tests
+    assert got == {"a.py::x": 2.0, "a.py::y": 7.0}
+
+
+def test_unknown_tests_get_file_then_directory_then_suite_medians():
+    runs = [
+        run(
+            {
+                "d/e/test_a.py::x": 1.0,
+                "d/e/test_a.py::y": 3.0,
+                "d/test_b.py::z": 10.0,
+                "f/test_c.py::w": 100.0,
+            }
+        )
+    ]
+    got = estimate(
+        ["d/e/test_a.py::new", "d/e/test_new.py::t", "d/test_new.py::t", "g/test_n.py::t"], runs
+    )
+    assert got.tests["d/e/test_a.py::new"] == 2.0  # its file
+    assert got.tests["d/e/test_new.py::t"] == 2.0  # its directory d/e
+    assert got.tests["d/test_new.py::t"] == 3.0  # directory d: 1, 3, 10
+    assert got.tests["g/test_n.py::t"] == pytest.approx(6.5)  # the suite: 1, 3, 10, 100
+    assert got.known == 0 and got.from_history
+
+
+def test_file_path_ids_get_the_sum_of_their_tests():
+    runs = [run({"spec/a_spec.rb::x": 1.0, "spec/a_spec.rb::y": 2.0})]
+    assert estimate(["spec/a_spec.rb"], runs).tests == {"spec/a_spec.rb": 3.0}
+
+
+def test_no_history_means_equal_guesses():
+    got = estimate(["a::x", "b::y"], [])
+    assert not got.from_history
+    assert got.tests == {"a::x": 1.0, "b::y": 1.0}
+
+
+def test_zero_times_are_floored():
+    got = estimate(["a.py::x"], [run({"a.py::x": 0.0})])
+    assert got.tests["a.py::x"] == history.MIN_TEST_SECONDS
+
+
+def test_shard_uploads_of_one_run_merge_into_one_run():
+    parts = [
+        run({"a.py::x": 1.0}, run_id="r1", created=5, file_costs={"a.py": 0.5}, startup=1.0),
+        run({"b.py::y": 2.0}, run_id="r1", created=6, startup=2.0),
+        run({"a.py::x": 9.0}, created=7),
+    ]
+    merged = merge_runs(parts)
+    assert len(merged) == 2
+    assert merged[0].tests == {"a.py::x": Sample(1.0, False), "b.py::y": Sample(2.0, False)}
+    assert merged[0].file_costs == {"a.py": 0.5} and merged[0].startup == 2.0
+
+
+def test_run_from_cases_skips_skips_and_counts_reruns_once():
+    def case(name, time, outcome="passed"):
+        return JUnitCase("tests.test_a", name, None, time, outcome, "r.xml")
+
+    cases = [
+        case("test_r", 5.0, "failed"),
+        case("test_r", 1.0),
+        case("test_s", 0.0, "skipped"),
+        case("test_n", None),
+    ]
+    got = history.run_from_cases(cases, created_ns=1)
+    assert got.tests == {"tests/test_a.py::test_r": Sample(1.0, False)}
+    by_file = history.run_from_cases(cases, created_ns=1, candidates=["tests/test_a.py"])
+    assert by_file.tests == {"tests/test_a.py": Sample(1.0, False)}
+
+
+def test_records_round_trip():
+    original = run({"a.py::x": Sample(1.5, True)}, run_id="r", created=3, file_costs={"a.py": 2.0})
+    original.startup = 0.25
+    assert history.decode_run(history.encode_run(original)) == original
+    with pytest.raises(ValueError):
+        history.decode_run(b'{"version": 1}')
+    with pytest.raises(ValueError):
+        history.decode_run(b"not json")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DiskStore(tmp_path / "store")
+    yield s
+    s.close()
+
+
+def test_concurrent_appends_never_overwrite(store):
+    def upload(i):
+        append_run(store, "suite", run({f"t{i}.py::x": float(i)}, run_id="r", created=1))
+
+    threads = [threading.Thread(target=upload, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    runs, warnings = load_runs(store, "suite")
+    assert warnings == [] and len(runs) == 16
+    merged = merge_runs(runs)
+    assert len(merged) == 1 and len(merged[0].tests) == 16
+
+
+def test_suites_are_separate_and_bad_records_are_warned_about(store):
+    append_run(store, "one", run({"a.py::x": 1.0}, created=1))
+    append_run(store, "one-more", run({"b.py::x": 1.0}, created=1))
+    store.put_record(history.NAMESPACE, "one/00000000000000000002-bad", b"garbage")
+    runs, warnings = load_runs(store, "one")
+    assert [list(r.tests) for r in runs] == [["a.py::x"]]
+    assert len(warnings) == 1 and "one/00000000000000000002-bad" in warnings[0]
+
+
+@pytest.mark.parametrize("suite", ["", "a/b", "x" * 65, "../up"])
+def test_bad_suite_names(store, suite):
+    with pytest.raises(history.HistoryError):
+        load_runs(store, suite)
