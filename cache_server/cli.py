@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import pathlib
 
+from cache_server import config as settings
+from cache_server.logs import setup_logging
 from cache_server.server import DEFAULT_LISTEN, ServerConfig, serve
 from cache_server.sizes import parse_size
 from client.cli import UsageError
@@ -54,24 +55,26 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="refuse UpdateActionResult (clients may still upload CAS blobs)",
     )
     p.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
+    settings.add_arguments(p)
+    settings.layered(p)  # after every option: the config file and SLIPSTREAM_* fill them in
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    settings.apply_layers(args)
     try:
         max_size = parse_size(args.max_size) if args.max_size else None
     except ValueError as exc:
         raise UsageError(f"--max-size: {exc}") from None
     if args.listen.rpartition(":")[0] == "" or not args.listen.rpartition(":")[2].isdigit():
         raise UsageError(f"--listen {args.listen!r} is not HOST:PORT")
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(settings.check_log_level(args.log_level), args.log_format)
     config = ServerConfig(
         listen=args.listen,
         storage=pathlib.Path(args.storage) if args.storage else None,
         max_size=max_size,
         update_enabled=not args.read_only_ac,
+        ops=settings.ops_config(args),
     )
     _configure_s3(args, config)
     try:

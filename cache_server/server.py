@@ -9,17 +9,15 @@ import pathlib
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from slipstream_protos import bytestream_pb2, remote_execution_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
-from slipstream_protos import layers_pb2_grpc as layers_grpc
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
+from cache_server.config import OpsConfig
+from cache_server.operations import Operations
 from cache_server.services.action_cache import ActionCacheService
 from cache_server.services.bytestream import ByteStreamService
 from cache_server.services.capabilities import CapabilitiesService
@@ -28,6 +26,10 @@ from cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDeco
 from cache_server.services.layers import LayersService
 from cache_server.storage.base import Store
 from cache_server.storage.disk import DiskStore
+from slipstream_protos import bytestream_pb2, remote_execution_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
+from slipstream_protos import layers_pb2_grpc as layers_grpc
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 if TYPE_CHECKING:
     from cache_server.storage.s3 import S3Config
@@ -47,6 +49,7 @@ class ServerConfig:
     s3: S3Config | None = None  # when set, the store is this bucket, not `storage`
     cache_dir: pathlib.Path | None = None  # a disk tier in front of S3
     cache_size: int | None = None
+    ops: OpsConfig = field(default_factory=OpsConfig)  # auth, TLS, limits, metrics, audit
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -85,10 +88,10 @@ class CacheServer:
         self.store = store
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="store")
         self.backend = Backend(store, self.executor, update_enabled=config.update_enabled)
+        self.ops = Operations(config.ops, store)
+        covered = ("/build.bazel.", "/google.bytestream.", "/slipstream.")
         self.server = grpc.aio.server(
-            interceptors=[
-                TolerantDecoding(("/build.bazel.", "/google.bytestream.", "/slipstream."))
-            ],
+            interceptors=[self.ops.interceptor(covered), TolerantDecoding(covered)],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
@@ -109,14 +112,16 @@ class CacheServer:
         self.port = 0
 
     async def start(self) -> None:
-        self.port = self.server.add_insecure_port(self.config.listen)
+        self.port = self.ops.bind(self.server, self.config.listen)
         await self.server.start()
+        await self.ops.start(self.health)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        await self.ops.stop(grace)
         self.executor.shutdown(wait=True)
         self.store.close()
 
@@ -138,8 +143,13 @@ async def serve(config: ServerConfig) -> None:
             f"cannot listen on {config.listen}: "
             "the port is in use or the host is not this machine's"
         ) from None
-    print(f"slipstream: serving the REAPI v2 cache on {server.address}", flush=True)
+    print(
+        f"slipstream: serving the REAPI v2 cache on {server.address} ({server.ops.transport})",
+        flush=True,
+    )
     print(f"slipstream: storing in the {store.describe()}", flush=True)
+    for line in server.ops.describe():
+        print(f"slipstream: {line}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -20,6 +20,7 @@ SUBCOMMAND_MODULES = (
     "splitter.cli",
     "client.layers_cli",
     "client.shard_cli",
+    "cache_server.ops_cli",
 )
 
 Handler = Callable[[argparse.Namespace], int]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 from collections.abc import Iterator
 
@@ -10,11 +11,16 @@ import pytest
 
 from tests.server_process import ServerProcess
 
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 32 << 20),
+    ("grpc.max_send_message_length", 32 << 20),
+]
 
-@pytest.fixture
-def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
-    """A fresh `slipstream serve` on the disk store, on a free port."""
-    proc = ServerProcess(tmp_path / "store").start()
+
+@contextlib.contextmanager
+def running_server(storage: pathlib.Path) -> Iterator[ServerProcess]:
+    """A `slipstream serve` on the disk store at storage, stopped (or killed) afterwards."""
+    proc = ServerProcess(storage).start()
     try:
         yield proc
     finally:
@@ -25,37 +31,26 @@ def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
+def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
+    """A fresh `slipstream serve` on the disk store, on a free port."""
+    with running_server(tmp_path / "store") as proc:
+        yield proc
+
+
+@pytest.fixture
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(
-        server.address,
-        options=[
-            ("grpc.max_receive_message_length", 32 << 20),
-            ("grpc.max_send_message_length", 32 << 20),
-        ],
-    ) as ch:
+    with grpc.insecure_channel(server.address, options=_CHANNEL_OPTIONS) as ch:
         yield ch
 
 
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for a whole module, for property tests that make many calls."""
-    proc = ServerProcess(tmp_path_factory.mktemp("store")).start()
-    try:
+    with running_server(tmp_path_factory.mktemp("store")) as proc:
         yield proc
-    finally:
-        try:
-            proc.stop()
-        finally:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
 def shared_channel(shared_server: ServerProcess) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(
-        shared_server.address,
-        options=[
-            ("grpc.max_receive_message_length", 32 << 20),
-            ("grpc.max_send_message_length", 32 << 20),
-        ],
-    ) as ch:
+    with grpc.insecure_channel(shared_server.address, options=_CHANNEL_OPTIONS) as ch:
         yield ch

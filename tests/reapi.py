@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import grpc
+
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 from slipstream_protos import remote_execution_pb2 as re_pb2

@@ -7,8 +7,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
 from cache_server.services.common import (
@@ -21,6 +19,8 @@ from cache_server.services.common import (
     instance_ok,
 )
 from cache_server.storage.base import Store
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 AC_NAMESPACE = "ac"
 INLINE_LIMIT = 1024 * 1024

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 
 from cache_server.compression import StreamDecompressor, compress_stream
 from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
 from cache_server.services.common import Backend, RpcError, grpc_errors, instance_ok
 from cache_server.storage.base import BlobWriter
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 
 READ_CHUNK = 1024 * 1024
 # Small client chunks are gathered up to this size before they go to the store.

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
+from cache_server.auth import AC_WRITE, current_caller
+from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 from slipstream_protos import semver_pb2
-
-from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
 
 # Bazel 4 speaks API 2.0; current clients speak up to 2.3.
 LOW_API = semver_pb2.SemVer(major=2, minor=0)
@@ -25,17 +26,22 @@ class CapabilitiesService(re_grpc.CapabilitiesServicer):
         self, request: re_pb2.GetCapabilitiesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> re_pb2.ServerCapabilities:
         zstd = [re_pb2.Compressor.ZSTD]
+        caller = current_caller()  # what this caller may do, not what anyone may
+        limits = caller.limits
         cache = re_pb2.CacheCapabilities(
             digest_functions=[re_pb2.DigestFunction.SHA256],
             action_cache_update_capabilities=re_pb2.ActionCacheUpdateCapabilities(
-                update_enabled=self.backend.update_enabled
+                update_enabled=self.backend.update_enabled and caller.allows(AC_WRITE)
             ),
             cache_priority_capabilities=re_pb2.PriorityCapabilities(
                 priorities=[
                     re_pb2.PriorityCapabilities.PriorityRange(min_priority=0, max_priority=0)
                 ]
             ),
-            max_batch_total_size_bytes=MAX_BATCH_TOTAL_SIZE,
+            max_batch_total_size_bytes=min(
+                MAX_BATCH_TOTAL_SIZE, limits.max_batch_size or MAX_BATCH_TOTAL_SIZE
+            ),
+            max_cas_blob_size_bytes=limits.max_blob_size or 0,
             symlink_absolute_path_strategy=re_pb2.SymlinkAbsolutePathStrategy.ALLOWED,
             supported_compressors=zstd,
             supported_batch_update_compressors=zstd,

@@ -8,6 +8,7 @@ sees a traceback.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -17,10 +18,10 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
 
 import grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
 
 from cache_server.digests import BlobId, DigestError, check_digest_function
 from cache_server.storage.base import RecordKeyError, Store, StoreFull, StoreUnavailable
+from slipstream_protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger("cache_server")
 
@@ -166,7 +167,9 @@ class Backend:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, fn, *args)
+        # In the caller's context, so log records from store threads name the call.
+        run = functools.partial(contextvars.copy_context().run, fn, *args)
+        return await loop.run_in_executor(self.executor, run)
 
 
 def blob_from_request(digest: re_pb2.Digest, what: str = "digest") -> BlobId:

@@ -257,7 +257,8 @@ class DiskStore(Store):
             f.write(_HEADER.pack(_MAGIC, xxhash.xxh3_64_intdigest(payload)))
             f.write(payload)
 
-    def _read_checked(self, rel: str) -> bytes | None:
+    def _open(self, rel: str) -> BinaryIO | None:
+        """A stored file, checked and positioned at its payload; None if absent or corrupt."""
         try:
             f = _open_checked(self.root / rel)
         except _CorruptFile as exc:
@@ -265,6 +266,11 @@ class DiskStore(Store):
             return None
         if f is None:
             self._forget(rel)
+        return f
+
+    def _read_checked(self, rel: str) -> bytes | None:
+        f = self._open(rel)
+        if f is None:
             return None
         with f:
             return f.read()
@@ -294,13 +300,8 @@ class DiskStore(Store):
         if blob == EMPTY_BLOB:
             return iter(())
         rel = self._blob_rel(blob)
-        try:
-            f = _open_checked(self.root / rel)
-        except _CorruptFile as exc:
-            self._drop_corrupt(rel, exc)
-            return None
+        f = self._open(rel)
         if f is None:
-            self._forget(rel)
             return None
         self._touch(rel)
         f.seek(_HEADER.size + offset)

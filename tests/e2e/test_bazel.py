@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from slipstream_protos import bytestream_pb2, bytestream_pb2_grpc
 
+from slipstream_protos import bytestream_pb2, bytestream_pb2_grpc
 from tests.e2e.bazel_harness import BIG_OUTPUT_BYTES, Bazel, BuildResult, write_workspace
 from tests.server_process import ServerProcess
 

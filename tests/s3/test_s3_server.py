@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
 
 from cache_server.storage.s3 import S3Config, S3Store
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.s3.conftest import s3_client, server_args
 from tests.s3.fault_proxy import FaultProxy

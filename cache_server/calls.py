@@ -1,0 +1,360 @@
+"""One wrapper around every service handler, with pluggable hooks.
+
+Authentication, per-caller limits, metrics, the audit log and the request-id of
+structured logs are all cross-cutting: none of them belongs in a handler. Each
+is a `Hook`; `CallWrapper` (a grpc.aio interceptor) replaces the behavior and
+the (de)serializers of every handler it covers with wrappers that run the hooks
+around the call:
+
+    begin(call)            before the handler; raise RpcError to refuse the call
+    request(call, msg)     for each request message (streamed ones too)
+    response(call, msg)    for each response message
+    end(call)              after the call, with call.code set; for every hook, even
+                           when an earlier hook's begin refused the call
+
+The wrapper sets the context variable `CURRENT` inside the wrapped behavior (with
+grpc.aio a context variable set in `intercept_service` does not reliably reach
+the handler), so handlers and log records can see who is calling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from cache_server.services.common import MalformedRequest, RpcError
+
+log = logging.getLogger("cache_server.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_MAX_REQUEST_ID = 64
+
+
+@dataclass
+class Call:
+    """One RPC as the hooks see it."""
+
+    method: str  # "/package.Service/Method"
+    context: grpc.aio.ServicerContext[Any, Any]
+    request_id: str
+    started: float = field(default_factory=time.monotonic)
+    caller: Any = None  # set by the auth hook (cache_server.auth.Caller)
+    request: Any = None  # the unary request, or the first streamed one
+    response: Any = None  # the unary response, or the first streamed one
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    details: str = ""
+    notes: dict[str, Any] = field(default_factory=dict)  # per-hook scratch space
+
+    @property
+    def service(self) -> str:
+        return self.method.rsplit("/", 2)[-2] if self.method.count("/") >= 2 else ""
+
+    @property
+    def method_name(self) -> str:
+        return self.method.rsplit("/", 1)[-1]
+
+    def metadata(self, key: str) -> str | None:
+        for k, v in self.context.invocation_metadata() or ():
+            if k == key and isinstance(v, str):
+                return v
+        return None
+
+
+CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar(
+    "slipstream_call", default=None
+)
+
+
+def current_call() -> Call | None:
+    return CURRENT.get()
+
+
+class Hook:
+    """Base class: every method is optional."""
+
+    def begin(self, call: Call) -> None:
+        """Called before the handler; raise RpcError to refuse the call."""
+
+    def request(self, call: Call, message: Any) -> None:
+        """Called for each request message; raise RpcError to refuse it."""
+
+    def response(self, call: Call, message: Any) -> None:
+        """Called for each response message."""
+
+    def end(self, call: Call) -> None:
+        """Called once the call is over, even if a begin refused it; call.code is its status."""
+
+    def received(self, method: str, size: int) -> None:
+        """Bytes of one request message as received on the wire."""
+
+    def sent(self, method: str, size: int) -> None:
+        """Bytes of one response message as sent on the wire."""
+
+
+def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == REQUEST_ID_HEADER and isinstance(v, str):
+            cleaned = "".join(ch for ch in v if ch.isalnum() or ch in "-_.:")
+            if cleaned:
+                return cleaned[:_MAX_REQUEST_ID]
+    return uuid.uuid4().hex[:16]
+
+
+def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> Any:
+    if exc is None:
+        return context.code() or grpc.StatusCode.OK, ""
+    if isinstance(exc, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED, "cancelled"
+    if isinstance(exc, grpc.aio.AbortError):
+        return context.code() or grpc.StatusCode.UNKNOWN, context.details() or ""
+    return grpc.StatusCode.UNKNOWN, type(exc).__name__
+
+
+class _Run:
+    """The hooks of one call, run in order."""
+
+    def __init__(self, hooks: Sequence[Hook], call: Call) -> None:
+        self.hooks = hooks
+        self.call = call
+        self.ended = False
+
+    def begin(self) -> None:
+        for hook in self.hooks:
+            hook.begin(self.call)
+
+    def request(self, message: Any) -> None:
+        if isinstance(message, MalformedRequest):
+            return  # the handler answers INVALID_ARGUMENT for it
+        if self.call.request is None:
+            self.call.request = message
+        for hook in self.hooks:
+            hook.request(self.call, message)
+
+    def response(self, message: Any) -> None:
+        if message is None:
+            return  # a handler that wrote its responses with context.write
+        if self.call.response is None:
+            self.call.response = message
+        for hook in self.hooks:
+            hook.response(self.call, message)
+
+    async def refuse(self, err: RpcError) -> None:
+        """End the call as refused, then tell the client (abort sends the status at once)."""
+        self.end(err)
+        await self.call.context.abort(err.code, err.message)
+
+    def end(self, exc: BaseException | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        call = self.call
+        if isinstance(exc, RpcError):
+            call.code, call.details = exc.code, exc.message
+        else:
+            call.code, call.details = _final_code(call.context, exc)
+        for hook in reversed(self.hooks):
+            try:
+                hook.end(call)
+            except Exception:
+                logging.getLogger("cache_server").exception("hook %r failed", hook)
+
+
+class CallWrapper(grpc.aio.ServerInterceptor):
+    """Run `hooks` around every handler whose method starts with one of `prefixes`."""
+
+    def __init__(self, hooks: Sequence[Hook], method_prefixes: tuple[str, ...]) -> None:
+        self.hooks = list(hooks)
+        self.method_prefixes = method_prefixes
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(self.method_prefixes):
+            return handler
+        return self.wrap(handler, method)
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        fields: dict[str, Any] = {}
+        if handler.request_deserializer is not None:
+            fields["request_deserializer"] = self._counting_in(handler.request_deserializer, method)
+        if handler.response_serializer is not None:
+            fields["response_serializer"] = self._counting_out(handler.response_serializer, method)
+        if handler.unary_unary is not None:
+            fields["unary_unary"] = self._unary_unary(handler.unary_unary, method)
+        elif handler.unary_stream is not None:
+            fields["unary_stream"] = self._unary_stream(handler.unary_stream, method)
+        elif handler.stream_unary is not None:
+            fields["stream_unary"] = self._stream_unary(handler.stream_unary, method)
+        elif handler.stream_stream is not None:
+            fields["stream_stream"] = self._stream_stream(handler.stream_stream, method)
+        return handler._replace(**fields)
+
+    # ---- bytes on the wire ----
+    def _counting_in(self, decode: Callable[[bytes], Any], method: str) -> Callable[[bytes], Any]:
+        hooks = self.hooks
+
+        def counted(raw: bytes) -> Any:
+            for hook in hooks:
+                hook.received(method, len(raw))
+            return decode(raw)
+
+        return counted
+
+    def _counting_out(self, encode: Callable[[Any], bytes], method: str) -> Callable[[Any], bytes]:
+        hooks = self.hooks
+
+        def counted(message: Any) -> bytes:
+            raw = encode(message)
+            for hook in hooks:
+                hook.sent(method, len(raw))
+            return raw
+
+        return counted
+
+    # ---- behaviors ----
+    def _start(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Any = None
+    ) -> _Run:
+        call = Call(method, context, _request_id(context))
+        if not isinstance(request, MalformedRequest):
+            call.request = request  # seen by end() even when begin() refuses the call
+        CURRENT.set(call)
+        return _Run(self.hooks, call)
+
+    def _requests(self, run: _Run, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async def checked() -> AsyncIterator[Any]:
+            async for message in requests:
+                run.request(message)
+                yield message
+
+        return checked()
+
+    def _unary_unary(self, behavior: Any, method: str) -> Any:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            run = self._start(context, method, request)
+            exc: BaseException | None = None
+            try:
+                try:
+                    run.begin()
+                    run.request(request)
+                except RpcError as err:
+                    exc = err
+                    await run.refuse(err)
+                response = await behavior(request, context)
+                run.response(response)
+                return response
+            except BaseException as err:
+                exc = exc or err
+                raise
+            finally:
+                run.end(exc)
+
+        return wrapped
+
+    def _stream_unary(self, behavior: Any, method: str) -> Any:
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            run = self._start(context, method)
+            exc: BaseException | None = None
+            try:
+                try:
+                    run.begin()
+                except RpcError as err:
+                    exc = err
+                    await run.refuse(err)
+                response = await behavior(self._requests(run, requests), context)
+                run.response(response)
+                return response
+            except BaseException as err:
+                exc = exc or err
+                raise
+            finally:
+                run.end(exc)
+
+        return wrapped
+
+    def _unary_stream(self, behavior: Any, method: str) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            # Streams with context.write and returns None: wrapped like a unary call,
+            # never left unwrapped (that would skip authentication).
+            return self._unary_unary(behavior, method)
+
+        async def wrapped(
+            request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            run = self._start(context, method, request)
+            exc: BaseException | None = None
+            try:
+                try:
+                    run.begin()
+                    run.request(request)
+                except RpcError as err:
+                    exc = err
+                    await run.refuse(err)
+                async for response in behavior(request, context):
+                    run.response(response)
+                    yield response
+            except BaseException as err:
+                exc = exc or err
+                raise
+            finally:
+                run.end(exc)
+
+        return wrapped
+
+    def _stream_stream(self, behavior: Any, method: str) -> Any:
+        if not inspect.isasyncgenfunction(behavior):
+            return self._stream_unary(behavior, method)
+
+        async def wrapped(
+            requests: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            run = self._start(context, method)
+            exc: BaseException | None = None
+            try:
+                try:
+                    run.begin()
+                except RpcError as err:
+                    exc = err
+                    await run.refuse(err)
+                async for response in behavior(self._requests(run, requests), context):
+                    run.response(response)
+                    yield response
+            except BaseException as err:
+                exc = exc or err
+                raise
+            finally:
+                run.end(exc)
+
+        return wrapped
+
+
+class AccessLog(Hook):
+    """One INFO line per call on the `cache_server.access` logger."""
+
+    def end(self, call: Call) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        log.info(
+            "%s %s %.1fms",
+            call.method,
+            call.code.name,
+            (time.monotonic() - call.started) * 1000,
+            extra={"grpc_code": call.code.name, "duration_ms": _ms(call), "details": call.details},
+        )
+
+
+def _ms(call: Call) -> float:
+    return round((time.monotonic() - call.started) * 1000, 3)

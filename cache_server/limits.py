@@ -1,0 +1,96 @@
+"""Per-caller limits against abuse: blob size, batch size, calls in flight.
+
+A hook (see cache_server.calls) after authentication: it reads the caller's
+limits (cache_server.auth.Limits: server-wide flags, overridden per token) and
+answers RESOURCE_EXHAUSTED, with a one-line reason, for a call over any of them.
+Anonymous callers are counted per client address.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any
+
+import grpc
+
+from cache_server.auth import OPEN, Authenticator, Caller
+from cache_server.calls import Call, Hook
+from cache_server.resource_names import ResourceNameError, parse_write_name
+from cache_server.services.common import RpcError
+
+_CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
+BATCH_UPDATE = f"{_CAS}BatchUpdateBlobs"
+BATCH_READ = f"{_CAS}BatchReadBlobs"
+BYTESTREAM_WRITE = "/google.bytestream.ByteStream/Write"
+
+
+def _who(caller: Caller) -> str:
+    return f"caller {caller.name!r}" if caller.authenticated else "anonymous callers"
+
+
+def _exhausted(message: str) -> RpcError:
+    return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+class LimitEnforcer(Hook):
+    def __init__(self) -> None:
+        self.in_flight: collections.Counter[str] = collections.Counter()
+
+    def begin(self, call: Call) -> None:
+        caller = call.caller if isinstance(call.caller, Caller) else OPEN
+        limit = caller.limits.max_streams
+        key = Authenticator.limit_key(call)
+        if limit is not None and self.in_flight[key] >= limit:
+            verb = "has" if caller.authenticated else "have"
+            raise _exhausted(
+                f"{_who(caller)} {verb} {self.in_flight[key]} calls in flight already; "
+                f"the limit is {limit}"
+            )
+        self.in_flight[key] += 1
+        call.notes["limits.key"] = key
+
+    def end(self, call: Call) -> None:
+        key = call.notes.pop("limits.key", None)
+        if key is not None:
+            self.in_flight[key] -= 1
+            if self.in_flight[key] <= 0:
+                del self.in_flight[key]
+
+    def request(self, call: Call, message: Any) -> None:
+        caller = call.caller if isinstance(call.caller, Caller) else OPEN
+        limits = caller.limits
+        if call.method == BATCH_UPDATE:
+            sizes = [r.digest.size_bytes for r in message.requests]
+            self._blob_sizes(caller, sizes)
+            self._batch(caller, sum(sizes), "BatchUpdateBlobs")
+        elif call.method == BATCH_READ:
+            self._batch(caller, sum(d.size_bytes for d in message.digests), "BatchReadBlobs")
+        elif call.method == BYTESTREAM_WRITE and limits.max_blob_size is not None:
+            if message is not call.request:
+                return  # only the first message names the blob
+            try:
+                name = parse_write_name(message.resource_name)
+            except ResourceNameError:
+                return  # the handler reports it
+            self._blob_sizes(caller, [name.blob.size])
+
+    @staticmethod
+    def _blob_sizes(caller: Caller, sizes: list[int]) -> None:
+        limit = caller.limits.max_blob_size
+        if limit is None:
+            return
+        for size in sizes:
+            if size > limit:
+                raise _exhausted(
+                    f"a blob of {size:,} bytes is over the {limit:,}-byte blob size limit "
+                    f"of {_who(caller)}"
+                )
+
+    @staticmethod
+    def _batch(caller: Caller, total: int, what: str) -> None:
+        limit = caller.limits.max_batch_size
+        if limit is not None and total > limit:
+            raise _exhausted(
+                f"{what} of {total:,} bytes is over the {limit:,}-byte batch limit of "
+                f"{_who(caller)}; use ByteStream for more"
+            )

@@ -1,0 +1,215 @@
+"""Prometheus metrics, served over HTTP on their own port (--metrics-listen).
+
+Calls are measured by a hook around every handler (cache_server.calls), the
+store by a collector that asks it at scrape time:
+
+    slipstream_grpc_requests_total{service,method,code}   calls, by final status
+    slipstream_grpc_request_seconds{service,method}       latency histogram
+    slipstream_grpc_received_bytes_total{service,method}  request bytes on the wire
+    slipstream_grpc_sent_bytes_total{service,method}      response bytes on the wire
+    slipstream_grpc_in_flight                              calls being served now
+    slipstream_cache_lookups_total{service,result}        hit / miss, per blob or key:
+        ac (GetActionResult), cas (FindMissingBlobs, BatchReadBlobs),
+        bytestream (Read), layers (GetLayer)
+    slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
+    slipstream_store_evictions_total
+    slipstream_s3_requests_total{operation}               from S3Store.request_counts()
+    slipstream_s3_errors_total{kind}                      from S3Store.error_counts(), if any
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cache_server.calls import Call, Hook
+from cache_server.storage.base import Store
+
+log = logging.getLogger("cache_server")
+
+_RE = "/build.bazel.remote.execution.v2."
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+def _split(method: str) -> tuple[str, str]:
+    """("build.bazel.remote.execution.v2.ActionCache", "GetActionResult") from a full method."""
+    service, _, name = method.strip("/").rpartition("/")
+    return service, name
+
+
+def _lookups(call: Call) -> tuple[str, int, int] | None:
+    """(service, hits, misses) of one finished call, where it is a lookup."""
+    code = call.code
+    method = call.method
+    if method == f"{_RE}ActionCache/GetActionResult":
+        return _single("ac", code)
+    if method == "/google.bytestream.ByteStream/Read":
+        return _single("bytestream", code)
+    if method == "/slipstream.layers.v1.Layers/GetLayer":
+        return _single("layers", code)
+    if code is not grpc.StatusCode.OK or call.request is None or call.response is None:
+        return None
+    if method == f"{_RE}ContentAddressableStorage/FindMissingBlobs":
+        missing = len(call.response.missing_blob_digests)
+        return "cas", len(call.request.blob_digests) - missing, missing
+    if method == f"{_RE}ContentAddressableStorage/BatchReadBlobs":
+        found = sum(1 for r in call.response.responses if r.status.code == 0)
+        return "cas", found, len(call.response.responses) - found
+    return None
+
+
+def _single(service: str, code: grpc.StatusCode) -> tuple[str, int, int] | None:
+    if code is grpc.StatusCode.OK:
+        return service, 1, 0
+    if code is grpc.StatusCode.NOT_FOUND:
+        return service, 0, 1
+    return None
+
+
+class StoreCollector(Collector):
+    """Store size, evictions and S3 request counts, read when Prometheus scrapes."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def _s3(self) -> Any:
+        store: Any = self.store
+        for candidate in (store, getattr(store, "shared", None)):
+            if candidate is not None and callable(getattr(candidate, "request_counts", None)):
+                return candidate
+        return None
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.store.stats()
+        except Exception:
+            log.exception("store stats failed")
+            stats = None
+        if stats is not None:
+            yield GaugeMetricFamily(
+                "slipstream_store_bytes", "Bytes held by the store", value=stats.bytes_used
+            )
+            yield GaugeMetricFamily(
+                "slipstream_store_blobs", "Entries held by the store", value=stats.blobs
+            )
+            if stats.max_bytes is not None:
+                yield GaugeMetricFamily(
+                    "slipstream_store_max_bytes", "Size bound of the store", value=stats.max_bytes
+                )
+            yield CounterMetricFamily(
+                "slipstream_store_evictions",
+                "Entries evicted to stay within the size bound",
+                value=stats.evictions,
+            )
+        s3 = self._s3()
+        if s3 is None:
+            return
+        requests = CounterMetricFamily(
+            "slipstream_s3_requests",
+            "HTTP requests sent to S3, retries included",
+            labels=["operation"],
+        )
+        for operation, count in sorted(s3.request_counts().items()):
+            requests.add_metric([operation], count)
+        yield requests
+        error_counts: Callable[[], dict[str, int]] | None = getattr(s3, "error_counts", None)
+        if callable(error_counts):
+            errors = CounterMetricFamily(
+                "slipstream_s3_errors", "Failed S3 requests", labels=["kind"]
+            )
+            for kind, count in sorted(error_counts().items()):
+                errors.add_metric([kind], count)
+            yield errors
+
+
+class Metrics(Hook):
+    """Counts calls, bytes, latency and cache hits; serves them over HTTP."""
+
+    def __init__(self, store: Store) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "slipstream_grpc_requests",
+            "gRPC calls served",
+            ["service", "method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "slipstream_grpc_request_seconds",
+            "Time to serve a gRPC call",
+            ["service", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            "slipstream_grpc_received_bytes",
+            "Bytes of request messages",
+            ["service", "method"],
+            registry=r,
+        )
+        self.sent_bytes = Counter(
+            "slipstream_grpc_sent_bytes",
+            "Bytes of response messages",
+            ["service", "method"],
+            registry=r,
+        )
+        self.in_flight = Gauge("slipstream_grpc_in_flight", "Calls being served", registry=r)
+        self.lookups = Counter(
+            "slipstream_cache_lookups",
+            "Cache lookups by result (per blob for batch calls)",
+            ["service", "result"],
+            registry=r,
+        )
+        r.register(StoreCollector(store))
+        self._http: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- hook ----
+    def begin(self, call: Call) -> None:
+        self.in_flight.inc()
+        call.notes["metrics.in_flight"] = True
+
+    def end(self, call: Call) -> None:
+        if call.notes.pop("metrics.in_flight", False):
+            self.in_flight.dec()
+        service, method = _split(call.method)
+        self.requests.labels(service, method, call.code.name).inc()
+        self.latency.labels(service, method).observe(time.monotonic() - call.started)
+        found = _lookups(call)
+        if found is not None:
+            kind, hits, misses = found
+            if hits:
+                self.lookups.labels(kind, "hit").inc(hits)
+            if misses:
+                self.lookups.labels(kind, "miss").inc(misses)
+
+    def received(self, method: str, size: int) -> None:
+        self.received_bytes.labels(*_split(method)).inc(size)
+
+    def sent(self, method: str, size: int) -> None:
+        self.sent_bytes.labels(*_split(method)).inc(size)
+
+    # ---- HTTP ----
+    def serve(self, listen: str) -> str:
+        """Serve /metrics on HOST:PORT (port 0 picks one); returns the URL."""
+        host, _, port = listen.rpartition(":")
+        host = host.strip("[]")
+        self._http, self._thread = start_http_server(int(port), host, registry=self.registry)
+        bound = self._http.server_port
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{bound}/metrics"
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None

@@ -1,0 +1,99 @@
+"""What the security and operations settings add to a CacheServer.
+
+The hooks around every call (access log, metrics, authentication, limits,
+audit: cache_server.calls), the TLS credentials of the gRPC port, the metrics
+HTTP server, and a plaintext health-only gRPC port for probes.
+"""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+
+from cache_server.audit import AuditLog
+from cache_server.auth import Authenticator
+from cache_server.calls import AccessLog, CallWrapper, Hook
+from cache_server.config import OpsConfig
+from cache_server.limits import LimitEnforcer
+from cache_server.metrics import Metrics
+from cache_server.storage.base import Store
+
+
+class Operations:
+    def __init__(self, config: OpsConfig, store: Store) -> None:
+        self.config = config
+        self.auth = Authenticator(config.tokens, config.anonymous, config.limits)
+        self.metrics = Metrics(store)
+        self.audit = AuditLog(config.audit_log) if config.audit_log else None
+        # Order matters: metrics and the access log see every call, refused ones
+        # too; limits and audit need the caller that authentication finds.
+        hooks: list[Hook] = [AccessLog(), self.metrics, self.auth, LimitEnforcer()]
+        if self.audit is not None:
+            hooks.append(self.audit)
+        self.hooks = hooks
+        self.metrics_url: str | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
+
+    def interceptor(self, method_prefixes: tuple[str, ...]) -> CallWrapper:
+        return CallWrapper(self.hooks, method_prefixes)
+
+    def bind(self, server: grpc.aio.Server, listen: str) -> int:
+        """Add the gRPC port, with TLS if configured; returns the bound port."""
+        tls = self.config.tls
+        if tls is None:
+            return server.add_insecure_port(listen)
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key, tls.cert)],
+            root_certificates=tls.client_ca,
+            require_client_auth=tls.client_ca is not None,
+        )
+        return server.add_secure_port(listen, credentials)
+
+    @property
+    def transport(self) -> str:
+        tls = self.config.tls
+        if tls is None:
+            return "plaintext"
+        return "mutual TLS" if tls.client_ca is not None else "TLS"
+
+    async def start(self, servicer: health.aio.HealthServicer) -> None:
+        """Start the metrics HTTP server and the probe port, if configured."""
+        if self.config.metrics_listen:
+            try:
+                self.metrics_url = self.metrics.serve(self.config.metrics_listen)
+            except OSError as exc:
+                raise OSError(
+                    f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror or exc}"
+                ) from None
+        if self.config.health_listen:
+            probe = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, probe)
+            try:
+                self.health_port = probe.add_insecure_port(self.config.health_listen)
+            except RuntimeError:
+                raise OSError(
+                    f"cannot serve health checks on {self.config.health_listen}: "
+                    "the port is in use or the host is not this machine's"
+                ) from None
+            await probe.start()
+            self._health_server = probe
+
+    async def stop(self, grace: float) -> None:
+        if self._health_server is not None:
+            await self._health_server.stop(grace)
+        self.metrics.close()
+        if self.audit is not None:
+            self.audit.close()
+
+    def describe(self) -> list[str]:
+        """Start-up lines about what is on (printed by `slipstream serve`)."""
+        lines = [f"access: {self.auth.describe()}"]
+        if self.metrics_url:
+            lines.append(f"metrics on {self.metrics_url}")
+        if self.health_port is not None:
+            host = (self.config.health_listen or "").rpartition(":")[0]
+            lines.append(f"health checks (plaintext) on {host}:{self.health_port}")
+        if self.audit is not None:
+            lines.append(f"audit log: {self.audit.path}")
+        return lines
