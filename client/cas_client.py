@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 import grpc
 import zstandard
@@ -69,15 +70,75 @@ class BlobMismatch(CasError):
     """Content does not match its digest (corrupt download, or a file changed while read)."""
 
 
+class HeaderInterceptor(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[type-arg]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[type-arg]
+):
+    """Adds fixed metadata (e.g. `authorization: Bearer TOKEN`) to every call on a channel."""
+
+    def __init__(self, headers: Sequence[tuple[str, str]]) -> None:
+        self.headers = list(headers)
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self.headers])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
 def connect(address: str) -> grpc.Channel:
-    """An insecure channel to HOST:PORT with message limits fit for CAS batches."""
-    return grpc.insecure_channel(
-        address,
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
-        ],
-    )
+    """A channel to `HOST:PORT`, `grpc://HOST:PORT` or `grpcs://HOST:PORT` (TLS).
+
+    The environment completes it: $SLIPSTREAM_TOKEN is sent as a bearer token,
+    $SLIPSTREAM_TLS_CA names the CA bundle that signs the server's certificate
+    (and turns TLS on), and $SLIPSTREAM_TLS_CERT / $SLIPSTREAM_TLS_KEY name this
+    client's certificate for servers that require one (mutual TLS).
+    """
+    scheme, sep, rest = address.partition("://")
+    target = rest if sep else address
+    ca, cert, key = (os.environ.get(f"SLIPSTREAM_TLS_{n}") for n in ("CA", "CERT", "KEY"))
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+    ]
+    if scheme == "grpcs" or (sep == "" and ca):
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(ca),
+            private_key=_read(key),
+            certificate_chain=_read(cert),
+        )
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    token = os.environ.get("SLIPSTREAM_TOKEN")
+    if not token:
+        return channel
+    return grpc.intercept_channel(channel, HeaderInterceptor([bearer(token)]))
+
+
+def bearer(token: str) -> tuple[str, str]:
+    """The metadata entry that carries a token."""
+    return ("authorization", f"Bearer {token}")
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise CasError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def rpc_error(exc: grpc.RpcError, what: str) -> CasError:

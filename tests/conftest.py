@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 32 << 20),
@@ -17,23 +16,10 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-@contextlib.contextmanager
-def running_server(storage: pathlib.Path) -> Iterator[ServerProcess]:
-    """A `slipstream serve` on the disk store at storage, stopped (or killed) afterwards."""
-    proc = ServerProcess(storage).start()
-    try:
-        yield proc
-    finally:
-        try:
-            proc.stop()
-        finally:
-            proc.kill()
-
-
 @pytest.fixture
 def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
     """A fresh `slipstream serve` on the disk store, on a free port."""
-    with running_server(tmp_path / "store") as proc:
+    with running(ServerProcess(tmp_path / "store")) as proc:
         yield proc
 
 
@@ -46,7 +32,7 @@ def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
 @pytest.fixture(scope="module")
 def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for a whole module, for property tests that make many calls."""
-    with running_server(tmp_path_factory.mktemp("store")) as proc:
+    with running(ServerProcess(tmp_path_factory.mktemp("store"))) as proc:
         yield proc
 
 

@@ -20,6 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from cache_server.auth import hash_token
+from client.cas_client import HeaderInterceptor, bearer
 from tests.server_process import ServerProcess
 
 
@@ -43,33 +44,6 @@ def write_token_file(path: pathlib.Path, tokens: Sequence[Token]) -> pathlib.Pat
     return path
 
 
-class _Headers(
-    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
-    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
-    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
-):
-    """Adds fixed metadata to every call, as a client configured with a token would."""
-
-    def __init__(self, headers: Sequence[tuple[str, str]]) -> None:
-        self.headers = list(headers)
-
-    def _details(self, details: Any) -> Any:
-        return details._replace(metadata=[*(details.metadata or ()), *self.headers])
-
-    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return continuation(self._details(details), request)
-
-    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
-        return continuation(self._details(details), requests)
-
-
 @contextmanager
 def channel_for(
     server: ServerProcess,
@@ -86,21 +60,9 @@ def channel_for(
     )
     extra = list(headers)
     if token is not None:
-        extra.append(("authorization", f"Bearer {token}"))
+        extra.append(bearer(token))
     with base:
-        yield grpc.intercept_channel(base, _Headers(extra)) if extra else base
-
-
-@contextmanager
-def running(server: ServerProcess) -> Iterator[ServerProcess]:
-    server.start()
-    try:
-        yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            server.kill()
+        yield grpc.intercept_channel(base, HeaderInterceptor(extra)) if extra else base
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

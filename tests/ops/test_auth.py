@@ -18,9 +18,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import layers_pb2, layers_pb2_grpc
 from slipstream_protos import remote_execution_pb2 as re_pb2
-from tests.ops.helpers import Token, channel_for, running, write_token_file
+from tests.ops.helpers import Token, channel_for, write_token_file
 from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 READER = Token("reader", "tok-reader-3f1c9a", ("read",))
 BUILDER = Token("builder", "tok-builder-77ab02", ("read", "cas-write"))

@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import pytest
 
 from tests.e2e.bazel_harness import Bazel, BuildResult, Processes, write_workspace
-from tests.ops.helpers import Token, metrics_url, running, scrape, write_token_file
-from tests.server_process import ServerProcess
+from tests.ops.helpers import Token, metrics_url, scrape, write_token_file
+from tests.server_process import ServerProcess, running
 
 pytestmark = pytest.mark.bazel
 

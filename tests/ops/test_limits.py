@@ -15,9 +15,9 @@ import pytest
 
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import remote_execution_pb2 as re_pb2
-from tests.ops.helpers import Token, channel_for, code_of, running, write_token_file
+from tests.ops.helpers import Token, channel_for, code_of, write_token_file
 from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 LIMITED = Token(
     "limited",

@@ -14,10 +14,10 @@ import pytest
 
 from slipstream_protos import layers_pb2, layers_pb2_grpc
 from slipstream_protos import remote_execution_pb2 as re_pb2
-from tests.ops.helpers import Token, channel_for, code_of, metrics_url, running, scrape
+from tests.ops.helpers import Token, channel_for, code_of, metrics_url, scrape
 from tests.ops.helpers import write_token_file as _write_tokens
 from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 BUILDER = Token("builder", "tok-builder-c0ffee11", ("read", "cas-write"))
 TRUSTED = Token("trusted", "tok-trusted-deadbeef22", ("read", "cas-write", "ac-write"))

@@ -6,10 +6,10 @@ from prometheus_client import CollectorRegistry
 
 from cache_server.metrics import StoreCollector
 from cache_server.storage.base import StoreStats
-from tests.ops.helpers import channel_for, metrics_url, running, scrape
+from tests.ops.helpers import channel_for, metrics_url, scrape
 from tests.reapi import Reapi
 from tests.s3.conftest import aws_env, bucket, moto_url, server_args  # noqa: F401 (fixtures)
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 
 def test_s3_requests_are_counted(bucket: str, moto_url: str) -> None:  # noqa: F811

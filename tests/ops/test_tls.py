@@ -23,11 +23,10 @@ from tests.ops.helpers import (
     channel_for,
     make_pki,
     output_line,
-    running,
     write_token_file,
 )
 from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, running
 
 TRUSTED = Token("trusted", "tok-tls-trusted-81", ("read", "cas-write", "ac-write"))
 
