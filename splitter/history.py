@@ -233,7 +233,7 @@ def estimate(
 # ---- the store (I/O) ----
 
 
-def _check_suite(suite: str) -> None:
+def check_suite(suite: str) -> None:
     if not _SUITE.fullmatch(suite):
         raise HistoryError(f"suite name {suite!r} must be 1-64 of letters, digits, '.', '_', '-'")
 
@@ -274,7 +274,7 @@ def decode_run(data: bytes) -> Run:
 
 def append_run(store: Store, suite: str, run: Run) -> str:
     """Store one upload as a new record; returns its key."""
-    _check_suite(suite)
+    check_suite(suite)
     key = f"{suite}/{run.created_ns:020d}-{uuid.uuid4().hex}"
     if not store.put_record(NAMESPACE, key, encode_run(run), overwrite=False):
         raise RuntimeError(f"timing record {key} already exists")  # a uuid4 collision
@@ -283,7 +283,7 @@ def append_run(store: Store, suite: str, run: Run) -> str:
 
 def load_runs(store: Store, suite: str, *, max_records: int = 1000) -> tuple[list[Run], list[str]]:
     """The newest ``max_records`` uploads of a suite, and a warning per unreadable record."""
-    _check_suite(suite)
+    check_suite(suite)
     infos = store.list_records(NAMESPACE, f"{suite}/")
     runs: list[Run] = []
     warnings: list[str] = []

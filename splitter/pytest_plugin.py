@@ -25,7 +25,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import xxhash
@@ -36,6 +36,9 @@ from splitter.history import Estimates, Run, Sample
 from splitter.ids import file_of, junit_key
 from splitter.junit import FILE_COST_PROPERTY, GROUP_PROPERTY, STARTUP_PROPERTY
 from splitter.sources import TimingSource, open_store, runs_from_junit
+
+if TYPE_CHECKING:
+    from splitter.remote import Remote
 
 _WORKER_KEY = "slipstream_file_costs"
 _WORKER_GROUPS_KEY = "slipstream_groups"
@@ -63,6 +66,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--shard-record", action="store_true", help="append timings to the history")
     group.addoption("--shard-run-id", help="id shared by the shards of one run (default: CI's)")
     group.addoption("--shard-junit", metavar="PATH", help="write a JUnit report keyed by node id")
+    group.addoption(
+        "--shard-server",
+        metavar="HOST:PORT",
+        help="ask this split server for the shard (needs --run-key; falls back to a local "
+        "split when it cannot be reached)",
+    )
+    group.addoption("--run-key", help="the CI run's id: every runner of one run gives the same")
+    group.addoption(
+        "--queue",
+        action="store_true",
+        help="pull batches from the run's queue on --shard-server (still give --shard-index "
+        "and --shard-total: they are the fallback's split)",
+    )
+    group.addoption(
+        "--lease-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="queue mode: a batch not completed within this goes back to the queue "
+        "(default: the server's, from the batch's predicted time)",
+    )
+    group.addoption(
+        "--shard-connect-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long to wait for --shard-server before falling back (default 5)",
+    )
 
 
 @dataclass(slots=True)
@@ -87,6 +118,7 @@ class Sharding:
     owners: dict[str, list[int]] = field(default_factory=dict)  # file -> shards in plan
     predicted: float | None = None
     count_plan_hash: str | None = None  # the plan by count, when there are no timings
+    remote: Remote | None = None  # --shard-server: the server decides (splitter.remote)
 
 
 class SlipstreamPlugin:
@@ -104,7 +136,7 @@ class SlipstreamPlugin:
     # ---- before collection ----
     def prepare(self) -> None:
         s = self.sharding
-        if s is None:
+        if s is None or s.remote is not None:
             return
         rootpath = self.config.rootpath
         try:
@@ -159,7 +191,14 @@ class SlipstreamPlugin:
         s = self.sharding
         if s is None:
             return
-        mine = select(s, ids, self.groups)
+        if s.remote is not None:
+            remote = s.remote
+            remote.say = lambda line: _terminal_line(config, line)
+            got = remote.select(ids, self.groups)
+            s.predicted = remote.predicted
+            mine = set(ids) if got is None else got
+        else:
+            mine = select(s, ids, self.groups)
         keep = [item for item, nodeid in zip(items, ids, strict=True) if nodeid in mine]
         drop = [item for item, nodeid in zip(items, ids, strict=True) if nodeid not in mine]
         if drop:
@@ -183,6 +222,8 @@ class SlipstreamPlugin:
         if s is None:
             return []
         lines = [f"slipstream split: warning: {w}" for w in s.warnings]
+        if s.remote is not None:
+            return lines  # the shard line comes after collection
         if s.plan is None:
             lines.append(f"slipstream split: shard {s.index} of 0..{s.total - 1}, even by count")
         else:
@@ -194,6 +235,29 @@ class SlipstreamPlugin:
                 f"plan {s.plan.plan_hash}"
             )
         return lines
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool | None:
+        """Queue mode: run what the queue leases instead of every collected item."""
+        s = self.sharding
+        remote = s.remote if s is not None else None
+        if remote is None or not remote.queue_joined:
+            return None
+        if session.testsfailed and not session.config.option.continue_on_collection_errors:
+            raise session.Interrupted(f"{session.testsfailed} errors during collection")
+        if session.config.option.collectonly:
+            return True
+        items = {_base_id(item): item for item in session.items}
+        remote.run_queue(session, items, self._sample)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+        return True
+
+    def _sample(self, nodeid: str) -> Sample | None:
+        got = self.outcomes.get(nodeid)
+        return None if got is None else Sample(got.seconds, got.failed)
 
     # ---- results ----
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -235,7 +299,10 @@ class SlipstreamPlugin:
             run = self.run(wall)
             if opts.shard_junit:
                 write_junit(run, pathlib.Path(opts.shard_junit))
-            if opts.shard_record:
+            remote = self.sharding.remote if self.sharding is not None else None
+            if opts.shard_record and remote is not None:
+                remote.upload(run, write_junit)
+            elif opts.shard_record:
                 source = _source(config)
                 try:
                     store = open_store(source.storage_dir)
@@ -283,7 +350,8 @@ class SlipstreamPlugin:
             if extra > 0:
                 tests[top_id] = Sample(tests[top_id].seconds - extra, tests[top_id].failed)
             file_costs[f] = file_costs.get(f, 0.0) + extra
-        run_id = self.config.option.shard_run_id or ci.run_id_from_env(os.environ)
+        opts = self.config.option
+        run_id = opts.shard_run_id or opts.run_key or ci.run_id_from_env(os.environ)
         startup = None
         if not self.config.pluginmanager.hasplugin("dsession"):
             startup = wall - math.fsum(s.seconds for s in tests.values())
@@ -472,8 +540,45 @@ def pytest_configure(config: pytest.Config) -> None:
         warning = _rootdir_warning(config)
         if warning:
             sharding.warnings.append(warning)
+    if opts.shard_server or opts.run_key or opts.queue:
+        sharding = _with_remote(config, sharding)
     if sharding is None and not (opts.shard_junit or opts.shard_record):
         return
     plugin = SlipstreamPlugin(config, sharding)
     plugin.prepare()
     config.pluginmanager.register(plugin, "slipstream-split")
+
+
+def _with_remote(config: pytest.Config, sharding: Sharding | None) -> Sharding:
+    """The sharding with its server settings; UsageError for an incomplete set."""
+    # Imported here: gRPC and the client are not needed by runs without a server.
+    from client.split_client import server_address
+    from splitter.remote import Remote
+
+    opts = config.option
+    if not (opts.shard_server and opts.run_key):
+        raise pytest.UsageError("slipstream: give both --shard-server and --run-key")
+    if sharding is None:
+        raise pytest.UsageError(
+            "slipstream: --shard-server needs --shard-index and --shard-total "
+            "(in queue mode too: they are the split used when the server is unreachable)"
+        )
+    if opts.lease_timeout < 0 or opts.shard_connect_timeout <= 0:
+        raise pytest.UsageError("slipstream: timeouts must be positive")
+    try:
+        address = server_address(opts.shard_server)
+    except ValueError as exc:
+        raise pytest.UsageError(f"slipstream: {exc}") from None
+    sharding.remote = Remote(
+        address=address,
+        run_key=opts.run_key,
+        suite=opts.shard_suite,
+        index=sharding.index,
+        total=sharding.total,
+        granularity=opts.shard_by,
+        queue=opts.queue,
+        lease_timeout=opts.lease_timeout,
+        connect_timeout=opts.shard_connect_timeout,
+        timings=tuple(opts.shard_timings),
+    )
+    return sharding

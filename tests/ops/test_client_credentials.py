@@ -17,7 +17,9 @@ from tests.server_process import ServerProcess, running
 TRUSTED = Token("layers-writer", "tok-client-creds-5521", ("read", "cas-write", "ac-write"))
 
 
-def _cache(args: list[str], env: dict[str, str], cwd: pathlib.Path) -> subprocess.CompletedProcess[str]:
+def _cache(
+    args: list[str], env: dict[str, str], cwd: pathlib.Path
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLIPSTREAM_")}
     return subprocess.run(
         [sys.executable, "-m", "client.cli", "cache", *args],
@@ -62,7 +64,15 @@ def test_cache_client_sends_token_over_mutual_tls(tmp_path: pathlib.Path) -> Non
             save, {"SLIPSTREAM_TLS_CA": str(pki.ca), "SLIPSTREAM_TOKEN": TRUSTED.value}, work
         )
         assert no_cert.returncode == 1 and len(no_cert.stderr.splitlines()) == 1
-        restore = ["restore", "--key", "deps-1", "--server", address, "--into", str(tmp_path / "out")]
+        restore = [
+            "restore",
+            "--key",
+            "deps-1",
+            "--server",
+            address,
+            "--into",
+            str(tmp_path / "out"),
+        ]
         got = _cache(restore, {**tls, "SLIPSTREAM_TOKEN": TRUSTED.value}, work)
         assert got.returncode == 0, got.stderr
         assert (tmp_path / "out" / "deps" / "lib.txt").read_text() == "cached bytes\n"
