@@ -30,6 +30,7 @@ import zstandard
 
 from cache_server.compression import StreamDecompressor
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
+from cache_server.server import DEFAULT_LISTEN
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 from slipstream_protos import remote_execution_pb2 as re_pb2
@@ -130,6 +131,62 @@ def connect(address: str) -> grpc.Channel:
 def bearer(token: str) -> tuple[str, str]:
     """The metadata entry that carries a token."""
     return ("authorization", f"Bearer {token}")
+
+
+def server_address(given: str | None) -> str:
+    """The server to talk to: given, else $SLIPSTREAM_SERVER, else the default.
+
+    HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS; kept as it is for
+    connect). ValueError, with the reason, for anything else.
+    """
+    address = (given or os.environ.get("SLIPSTREAM_SERVER") or DEFAULT_LISTEN).rstrip("/")
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme not in ("grpc", "grpcs"):
+        raise ValueError(f"server {address!r}: the scheme must be grpc:// or grpcs://")
+    host, _, port = (rest if sep else address).rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"server {address!r} is not HOST:PORT")
+    return address if scheme == "grpcs" else f"{host}:{port}"
+
+
+def wait_ready(channel: grpc.Channel, timeout: float) -> str | None:
+    """None once the channel is ready; else why not (refused fast, or timed out)."""
+    states: list[grpc.ChannelConnectivity] = []
+    changed = threading.Condition()
+
+    def note(state: grpc.ChannelConnectivity) -> None:
+        with changed:
+            states.append(state)
+            changed.notify_all()
+
+    channel.subscribe(note, try_to_connect=True)
+    try:
+        with changed:
+            done = changed.wait_for(
+                lambda: (
+                    bool(states)
+                    and states[-1]
+                    in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+                ),
+                timeout,
+            )
+            if not done:
+                return f"no answer within {timeout:.0f}s"
+            if states[-1] is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                return "connection failed"
+            return None
+    finally:
+        channel.unsubscribe(note)
+
+
+def connect_ready(address: str, timeout: float) -> grpc.Channel:
+    """connect(address), once the server answers; ServerUnavailable (one line) if it does not."""
+    channel = connect(address)
+    problem = wait_ready(channel, timeout)
+    if problem:
+        channel.close()
+        raise ServerUnavailable(f"cannot reach the server at {address} ({problem})")
+    return channel
 
 
 def _read(path: str | None) -> bytes | None:

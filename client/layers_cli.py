@@ -21,7 +21,7 @@ from rich.progress import (
 
 from cache_server.server import DEFAULT_LISTEN
 from cache_server.storage.base import MAX_RECORD_KEY_CHARS
-from client.cas_client import CasError, ServerUnavailable, connect
+from client.cas_client import CasError, connect_ready, server_address
 from client.cli import UsageError
 from client.layer_tree import IncompleteTree, UnsafeTree
 from client.layers import LayerClient, LayerError, LayerExists, RestoreResult, SaveResult
@@ -115,9 +115,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--server",
-        default=os.environ.get("SLIPSTREAM_SERVER") or DEFAULT_LISTEN,
         metavar="HOST:PORT",
-        help="cache server address",
+        help="cache server: HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)",
     )
     p.add_argument("--workers", type=int, default=8, help="parallel transfers (default 8)")
 
@@ -129,48 +128,14 @@ def _check_key(key: str, what: str) -> None:
         raise UsageError(f"{what} {key[:40]!r} contains control characters")
 
 
-def wait_ready(channel: grpc.Channel, timeout: float) -> str | None:
-    """None once the channel is ready; else why not (refused fast, or timed out)."""
-    states: list[grpc.ChannelConnectivity] = []
-    changed = threading.Condition()
-
-    def note(state: grpc.ChannelConnectivity) -> None:
-        with changed:
-            states.append(state)
-            changed.notify_all()
-
-    channel.subscribe(note, try_to_connect=True)
-    try:
-        with changed:
-            done = changed.wait_for(
-                lambda: (
-                    bool(states)
-                    and states[-1]
-                    in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.TRANSIENT_FAILURE)
-                ),
-                timeout,
-            )
-            if not done:
-                return f"no answer within {timeout:.0f}s"
-            if states[-1] is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                return "connection failed"
-            return None
-    finally:
-        channel.unsubscribe(note)
-
-
 def _connect(args: argparse.Namespace) -> grpc.Channel:
-    host, _, port = args.server.rpartition(":")
-    if not host or not port.isdigit():
-        raise UsageError(f"--server {args.server!r} is not HOST:PORT")
+    try:
+        address = server_address(args.server)
+    except ValueError as exc:
+        raise UsageError(f"--server: {exc}") from None
     if args.workers < 1 or args.workers > 64:
         raise UsageError("--workers must be 1 to 64")
-    channel = connect(args.server)
-    problem = wait_ready(channel, CONNECT_TIMEOUT)
-    if problem:
-        channel.close()
-        raise ServerUnavailable(f"cannot reach the cache server at {args.server} ({problem})")
-    return channel
+    return connect_ready(address, CONNECT_TIMEOUT)
 
 
 class RichProgress:

@@ -8,13 +8,13 @@ import os
 import sys
 
 from cache_server.server import DEFAULT_LISTEN
+from client.cas_client import server_address
 from client.cli import UsageError
 from client.split_client import (
     DEFAULT_CONNECT_TIMEOUT,
     SplitClient,
     SplitRefused,
     SplitUnavailable,
-    server_address,
     shard_or_fallback,
 )
 from splitter import ci, history, junit

@@ -8,7 +8,6 @@ collected different tests, bad input) is an error the caller reports.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,9 +15,7 @@ from typing import TypeVar
 
 import grpc
 
-from cache_server.server import DEFAULT_LISTEN
-from client.cas_client import connect
-from client.layers_cli import wait_ready
+from client.cas_client import ServerUnavailable, connect_ready
 from slipstream_protos import split_pb2
 from slipstream_protos import split_pb2_grpc as split_grpc
 from splitter.algorithm import Granularity
@@ -43,18 +40,6 @@ class SplitUnavailable(Exception):
 
 class SplitRefused(Exception):
     """The split service answered with an error; the message is one line."""
-
-
-def server_address(given: str | None) -> str:
-    """HOST:PORT from --server/--shard-server (a grpc:// prefix allowed), else
-    $SLIPSTREAM_SERVER, else the default. Raises ValueError for a malformed one."""
-    address = given or os.environ.get("SLIPSTREAM_SERVER") or DEFAULT_LISTEN
-    if address.startswith("grpc://"):
-        address = address[len("grpc://") :]
-    host, _, port = address.rstrip("/").rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"server {address!r} is not HOST:PORT")
-    return f"{host}:{port}"
 
 
 def _one_line(exc: grpc.RpcError) -> str:
@@ -106,11 +91,10 @@ class SplitClient:
         self._stub: split_grpc.SplitStub | None = None
 
     def open(self) -> SplitClient:
-        channel = connect(self.address)
-        problem = wait_ready(channel, self.connect_timeout)
-        if problem:
-            channel.close()
-            raise SplitUnavailable(f"cannot reach the server at {self.address} ({problem})")
+        try:
+            channel = connect_ready(self.address, self.connect_timeout)
+        except ServerUnavailable as exc:
+            raise SplitUnavailable(str(exc)) from None
         self._channel = channel
         self._stub = split_grpc.SplitStub(channel)
         return self

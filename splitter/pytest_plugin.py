@@ -552,7 +552,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _with_remote(config: pytest.Config, sharding: Sharding | None) -> Sharding:
     """The sharding with its server settings; UsageError for an incomplete set."""
     # Imported here: gRPC and the client are not needed by runs without a server.
-    from client.split_client import server_address
+    from client.cas_client import server_address
     from splitter.remote import Remote
 
     opts = config.option

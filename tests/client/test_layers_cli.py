@@ -82,7 +82,7 @@ def test_unreachable_server_is_one_line(
     monkeypatch.setenv("SLIPSTREAM_SERVER", f"127.0.0.1:{port}")
     code, _, err = run(capsys, "cache", "restore", "--key", "k")
     assert code == 1 and err.count("\n") == 1
-    assert f"cannot reach the cache server at 127.0.0.1:{port}" in err
+    assert f"cannot reach the server at 127.0.0.1:{port}" in err
 
 
 def test_unsafe_tree_is_one_line_exit_1(
