@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from cache_server.services.common import MalformedRequest, RpcError
+from cache_server.services.common import MalformedRequest, MethodWrapper, RpcError
 
 log = logging.getLogger("cache_server.access")
 
@@ -168,23 +168,12 @@ class _Run:
                 logging.getLogger("cache_server").exception("hook %r failed", hook)
 
 
-class CallWrapper(grpc.aio.ServerInterceptor):
+class CallWrapper(MethodWrapper):
     """Run `hooks` around every handler whose method starts with one of `prefixes`."""
 
     def __init__(self, hooks: Sequence[Hook], method_prefixes: tuple[str, ...]) -> None:
+        super().__init__(method_prefixes)
         self.hooks = list(hooks)
-        self.method_prefixes = method_prefixes
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Any],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method or ""
-        if handler is None or not method.startswith(self.method_prefixes):
-            return handler
-        return self.wrap(handler, method)
 
     def wrap(self, handler: Any, method: str) -> Any:
         fields: dict[str, Any] = {}

@@ -103,11 +103,11 @@ def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return decode
 
 
-class TolerantDecoding(grpc.aio.ServerInterceptor):
-    """Hand unparsable requests to the handler, which answers INVALID_ARGUMENT.
+class MethodWrapper(grpc.aio.ServerInterceptor):
+    """An interceptor that rewrites the handlers of the methods under some prefixes.
 
-    Left to itself gRPC answers UNKNOWN with a Python type name; the protocol
-    wants INVALID_ARGUMENT for garbage input.
+    Subclasses say how in wrap(); the handler is gRPC's RpcMethodHandler, a
+    namedtuple whose behaviour and (de)serializers can be replaced.
     """
 
     def __init__(self, method_prefixes: tuple[str, ...]) -> None:
@@ -122,6 +122,20 @@ class TolerantDecoding(grpc.aio.ServerInterceptor):
         method = handler_call_details.method or ""
         if handler is None or not method.startswith(self.method_prefixes):
             return handler
+        return self.wrap(handler, method)
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        raise NotImplementedError
+
+
+class TolerantDecoding(MethodWrapper):
+    """Hand unparsable requests to the handler, which answers INVALID_ARGUMENT.
+
+    Left to itself gRPC answers UNKNOWN with a Python type name; the protocol
+    wants INVALID_ARGUMENT for garbage input.
+    """
+
+    def wrap(self, handler: Any, method: str) -> Any:
         if handler.request_deserializer is None:
             return handler
         return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
