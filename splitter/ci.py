@@ -52,6 +52,21 @@ def shard_from_env(env: Mapping[str, str]) -> tuple[int, int] | None:
     return None
 
 
+def resolve_shard(
+    index: int | None, total: int | None, env: Mapping[str, str]
+) -> tuple[int, int]:
+    """(index, total) from flags, else from the CI's variables; ValueError if neither."""
+    if index is None and total is None:
+        found = shard_from_env(env)
+        if found is None:
+            raise ValueError("give --index and --total (no CI shard variables are set)")
+        return found
+    if index is None or total is None:
+        raise ValueError("give both --index and --total")
+    check_shard(index, total)
+    return index, total
+
+
 def run_id_from_env(env: Mapping[str, str]) -> str | None:
     """An id every shard of this CI run shares, or None outside CI."""
     for variables in _CI_RUN_VARIABLES:

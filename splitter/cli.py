@@ -107,17 +107,9 @@ def _estimates(args: argparse.Namespace, tests: Sequence[str]) -> Estimates:
 
 def _shard_args(args: argparse.Namespace) -> tuple[int, int]:
     try:
-        if args.index is None and args.total is None:
-            found = ci.shard_from_env(os.environ)
-            if found is None:
-                raise UsageError("give --index and --total (no CI shard variables are set)")
-            return found
-        if args.index is None or args.total is None:
-            raise UsageError("give both --index and --total")
-        ci.check_shard(args.index, args.total)
+        return ci.resolve_shard(args.index, args.total, os.environ)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return args.index, args.total
 
 
 def summary(plan: Plan, index: int) -> str:
