@@ -52,9 +52,7 @@ def shard_from_env(env: Mapping[str, str]) -> tuple[int, int] | None:
     return None
 
 
-def resolve_shard(
-    index: int | None, total: int | None, env: Mapping[str, str]
-) -> tuple[int, int]:
+def resolve_shard(index: int | None, total: int | None, env: Mapping[str, str]) -> tuple[int, int]:
     """(index, total) from flags, else from the CI's variables; ValueError if neither."""
     if index is None and total is None:
         found = shard_from_env(env)
