@@ -8,8 +8,10 @@ Starts `slipstream serve` on the disk store (in a temp dir under --storage-dir;
   - FindMissingBlobs of 1,000 digests, half present (calls/s)
   - BatchReadBlobs of 4 KiB blobs (blobs/s)
   - one 64 MiB ByteStream write and read (MB/s)
+  - a mixed load from several concurrent client processes (ops/s, p50/p99 latency)
   - SHA-256 on one core in this process (MB/s), the ceiling for a verifying write
-The workload is a function of a server address, so peers can run the same one.
+The workload is a function of a server address, so peers can run the same one
+(benchmarks/bench_peers.py runs it against BuildGrid in the same process run).
 """
 
 from __future__ import annotations
@@ -17,20 +19,24 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import pathlib
 import platform
+import random
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import grpc
+
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
-
 from tests.server_process import ServerProcess
 
 
@@ -42,9 +48,19 @@ class Sizes:
     find_calls: int = 50
     find_digests: int = 1000
     stream_mib: int = 64
+    clients: int = 8  # concurrent client processes in the mixed load
+    mixed_ops: int = 300  # operations per client
 
 
-SMOKE = Sizes(small_blobs=200, batch=100, find_calls=3, find_digests=100, stream_mib=2)
+SMOKE = Sizes(
+    small_blobs=200,
+    batch=100,
+    find_calls=3,
+    find_digests=100,
+    stream_mib=2,
+    clients=2,
+    mixed_ops=10,
+)
 
 
 @dataclass
@@ -53,6 +69,8 @@ class Row:
     count: int
     seconds: float
     unit: str
+    p50_ms: float | None = None  # per-operation latency, for the mixed load
+    p99_ms: float | None = None
 
     @property
     def rate(self) -> float:
@@ -75,13 +93,15 @@ def sha256_rate(mib: int) -> Row:
     return Row("sha256 one core", mib, seconds, "MiB/s")
 
 
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
 def run_workload(address: str, sizes: Sizes) -> list[Row]:
     """The REAPI workload against the server at address; one row per operation."""
-    options = [
-        ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.max_send_message_length", 64 << 20),
-    ]
-    with grpc.insecure_channel(address, options=options) as channel:
+    with grpc.insecure_channel(address, options=_OPTIONS) as channel:
         cas = re_grpc.ContentAddressableStorageStub(channel)
         bytestream = bs_grpc.ByteStreamStub(channel)
         blobs = [os.urandom(sizes.small_size) for _ in range(sizes.small_blobs)]
@@ -158,7 +178,186 @@ def run_workload(address: str, sizes: Sizes) -> list[Row]:
                 "MiB/s",
             )
         )
+    rows.append(run_mixed(address, sizes))
     return rows
+
+
+# ---- the mixed load: several client processes at once ----
+
+_MIX = (  # (operation, cumulative probability)
+    ("find", 0.30),  # FindMissingBlobs of 100 digests, half present
+    ("read", 0.50),  # BatchReadBlobs of 10 present 4 KiB blobs
+    ("update", 0.70),  # BatchUpdateBlobs of 10 new 4 KiB blobs
+    ("get_ac", 0.85),  # GetActionResult, a hit whose outputs the server may check
+    ("update_ac", 0.90),  # UpdateActionResult
+    ("stream", 1.00),  # ByteStream read of a 1 MiB blob
+)
+_Pool = tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]
+
+
+def _action_result(outputs: list[re_pb2.Digest]) -> re_pb2.ActionResult:
+    return re_pb2.ActionResult(
+        exit_code=0,
+        output_files=[re_pb2.OutputFile(path=f"out/{i}", digest=d) for i, d in enumerate(outputs)],
+    )
+
+
+def _setup_pool(address: str) -> _Pool:
+    """Blobs and action results the mixed load reads: 1,000 small, 4 big, 100 results."""
+    small = [os.urandom(4096) for _ in range(1000)]
+    big = [os.urandom(1 << 20) for _ in range(4)]
+    with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+        cas = re_grpc.ContentAddressableStorageStub(channel)
+        ac = re_grpc.ActionCacheStub(channel)
+        for group in [small[i : i + 500] for i in range(0, len(small), 500)] + [[b] for b in big]:
+            cas.BatchUpdateBlobs(
+                re_pb2.BatchUpdateBlobsRequest(
+                    requests=[
+                        re_pb2.BatchUpdateBlobsRequest.Request(digest=_digest(b), data=b)
+                        for b in group
+                    ]
+                )
+            )
+        digests = [_digest(b) for b in small]
+        actions = []
+        for i in range(100):
+            key = _digest(os.urandom(64))
+            outputs = digests[i * 10 : i * 10 + 3]
+            ac.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(
+                    action_digest=key, action_result=_action_result(outputs)
+                )
+            )
+            actions.append((key.hash, key.size_bytes))
+    return (
+        [(d.hash, d.size_bytes) for d in digests],
+        [(d.hash, d.size_bytes) for d in map(_digest, big)],
+        actions,
+    )
+
+
+def _mixed_client(
+    address: str,
+    seed: int,
+    ops: int,
+    pool: _Pool,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """One client process: prepare, wait for the others, then time each operation."""
+    rng = random.Random(seed)
+    small, big, actions = ([re_pb2.Digest(hash=h, size_bytes=n) for h, n in p] for p in pool)
+    plan: list[tuple[str, Any]] = []
+    for _ in range(ops):
+        r = rng.random()
+        op = next(name for name, p in _MIX if r < p)
+        if op == "find":
+            present = rng.sample(small, 50)
+            arg: Any = present + [_digest(os.urandom(32)) for _ in range(50)]
+        elif op == "read":
+            arg = rng.sample(small, 10)
+        elif op == "update":
+            arg = [os.urandom(4096) for _ in range(10)]
+        elif op == "get_ac":
+            arg = rng.choice(actions)
+        elif op == "update_ac":
+            arg = (_digest(os.urandom(64)), _action_result(rng.sample(small, 3)))
+        else:
+            arg = rng.choice(big)
+        plan.append((op, arg))
+    try:
+        results.put(_run_plan(address, plan, barrier))
+    except BaseException as e:
+        results.put(f"client {seed}: {e!r}")
+        raise
+
+
+def _run_plan(address: str, plan: list[tuple[str, Any]], barrier: Any) -> list[float]:
+    latencies: list[float] = []
+    with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+        cas = re_grpc.ContentAddressableStorageStub(channel)
+        ac = re_grpc.ActionCacheStub(channel)
+        bytestream = bs_grpc.ByteStreamStub(channel)
+        re_grpc.CapabilitiesStub(channel).GetCapabilities(re_pb2.GetCapabilitiesRequest())
+        barrier.wait()
+        for op, arg in plan:
+            start = time.perf_counter()
+            if op == "find":
+                cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=arg))
+            elif op == "read":
+                resp = cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=arg))
+                assert all(r.status.code == 0 for r in resp.responses)
+            elif op == "update":
+                blobs: list[bytes] = arg
+                cas.BatchUpdateBlobs(
+                    re_pb2.BatchUpdateBlobsRequest(
+                        requests=[
+                            re_pb2.BatchUpdateBlobsRequest.Request(digest=_digest(b), data=b)
+                            for b in blobs
+                        ]
+                    )
+                )
+            elif op == "get_ac":
+                ac.GetActionResult(re_pb2.GetActionResultRequest(action_digest=arg))
+            elif op == "update_ac":
+                key, result = arg
+                ac.UpdateActionResult(
+                    re_pb2.UpdateActionResultRequest(action_digest=key, action_result=result)
+                )
+            else:
+                d: re_pb2.Digest = arg
+                req = bs_pb2.ReadRequest(resource_name=f"blobs/{d.hash}/{d.size_bytes}")
+                assert sum(len(r.data) for r in bytestream.Read(req)) == d.size_bytes
+            latencies.append(time.perf_counter() - start)
+    return latencies
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+def run_mixed(address: str, sizes: Sizes) -> Row:
+    """Clients (separate processes, so the client side is not one GIL) run a mix of
+    find/read/update/action-cache/ByteStream calls at once; ops/s and p50/p99 latency."""
+    pool = _setup_pool(address)
+    ctx = multiprocessing.get_context("spawn")  # grpc does not survive fork
+    barrier = ctx.Barrier(sizes.clients + 1)
+    results = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_mixed_client,
+            args=(address, seed, sizes.mixed_ops, pool, barrier, results),
+            daemon=True,
+        )
+        for seed in range(sizes.clients)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        barrier.wait(timeout=300)
+        start = time.perf_counter()
+        latencies = []
+        for _ in procs:
+            got = results.get(timeout=900)
+            if isinstance(got, str):
+                raise RuntimeError(f"mixed load failed: {got}")
+            latencies += got
+        seconds = time.perf_counter() - start
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert statistics.fmean(latencies) > 0
+    return Row(
+        f"mixed load, {sizes.clients} clients",
+        len(latencies),
+        seconds,
+        "ops/s",
+        p50_ms=round(_percentile(latencies, 50) * 1000, 3),
+        p99_ms=round(_percentile(latencies, 99) * 1000, 3),
+    )
 
 
 def machine() -> dict[str, object]:
@@ -195,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
     print(f"{'operation':<36} {'rate':>14}  unit")
     for row in rows:
-        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}")
+        latency = f"  p50 {row.p50_ms} ms, p99 {row.p99_ms} ms" if row.p50_ms is not None else ""
+        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}{latency}")
     if args.json:
         results = {
             "machine": machine(),
