@@ -255,7 +255,10 @@ class Authenticator(Hook):
         return f"{len(self.callers)} token(s), {anon}"
 
     def identify(self, call: Call) -> Caller:
-        header = call.metadata("authorization")
+        return self.identify_header(call.metadata("authorization"))
+
+    def identify_header(self, header: str | None) -> Caller:
+        """The caller an authorization header (or its absence) names; RpcError if refused."""
         if self.open:
             return self.anonymous_caller
         if header is None:

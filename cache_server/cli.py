@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--cache-dir", type=pathlib.Path, metavar="DIR", help="a local disk tier in front of S3"
     )
     s3.add_argument("--cache-size", metavar="SIZE", help="size bound of the disk tier, e.g. 50G")
+    p.add_argument(
+        "--http-listen",
+        metavar="HOST:PORT",
+        help="also serve a Bazel HTTP cache and ccache remote storage here "
+        "(same store and tokens; port 0 picks a free one)",
+    )
     p.add_argument("--max-size", metavar="SIZE", help="size bound with LRU eviction, e.g. 10G")
     p.add_argument(
         "--read-only-ac",
@@ -68,6 +74,13 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-size: {exc}") from None
     if args.listen.rpartition(":")[0] == "" or not args.listen.rpartition(":")[2].isdigit():
         raise UsageError(f"--listen {args.listen!r} is not HOST:PORT")
+    http = args.http_listen
+    if http is not None and (
+        http.rpartition(":")[0] == ""
+        or not http.rpartition(":")[2].isdigit()
+        or int(http.rpartition(":")[2]) > 65535
+    ):
+        raise UsageError(f"--http-listen {http!r} is not HOST:PORT")
     setup_logging(settings.check_log_level(args.log_level), args.log_format)
     config = ServerConfig(
         listen=args.listen,
@@ -75,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_size=max_size,
         update_enabled=not args.read_only_ac,
         ops=settings.ops_config(args),
+        http_listen=http,
     )
     _configure_s3(args, config)
     try:

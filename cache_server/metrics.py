@@ -10,7 +10,10 @@ store by a collector that asks it at scrape time:
     slipstream_grpc_in_flight                              calls being served now
     slipstream_cache_lookups_total{service,result}        hit / miss, per blob or key:
         ac (GetActionResult), cas (FindMissingBlobs, BatchReadBlobs),
-        bytestream (Read), layers (GetLayer)
+        bytestream (Read), layers (GetLayer); over HTTP (cache_server.http_cache):
+        http_ac, http_cas, ccache (GET and HEAD)
+    slipstream_http_requests_total{route,method,code}     HTTP cache requests, by status
+    slipstream_http_request_seconds{route,method}         their latency
     slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
     slipstream_store_evictions_total
     slipstream_s3_requests_total{operation}               from S3Store.request_counts()
@@ -169,6 +172,19 @@ class Metrics(Hook):
             ["service", "result"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "slipstream_http_requests",
+            "HTTP cache requests served",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "slipstream_http_request_seconds",
+            "Time to serve an HTTP cache request",
+            ["route", "method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         r.register(StoreCollector(store))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -191,6 +207,16 @@ class Metrics(Hook):
                 self.lookups.labels(kind, "hit").inc(hits)
             if misses:
                 self.lookups.labels(kind, "miss").inc(misses)
+
+    def http_request(
+        self, route: str, method: str, status: int, seconds: float, hit: bool | None
+    ) -> None:
+        """One HTTP cache request (route: ac, cas, ccache or invalid); hit for lookups."""
+        self.http_requests.labels(route, method, str(status)).inc()
+        self.http_latency.labels(route, method).observe(seconds)
+        if hit is not None:
+            kind = route if route == "ccache" else f"http_{route}"
+            self.lookups.labels(kind, "hit" if hit else "miss").inc()
 
     def received(self, method: str, size: int) -> None:
         self.received_bytes.labels(*_split(method)).inc(size)

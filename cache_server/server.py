@@ -34,6 +34,7 @@ from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 from slipstream_protos import split_pb2_grpc as split_grpc
 
 if TYPE_CHECKING:
+    from cache_server.http_cache import HttpCache
     from cache_server.storage.s3 import S3Config
 
 DEFAULT_PORT = 9380  # below the ephemeral range (32768-60999), so it is free to bind
@@ -52,6 +53,7 @@ class ServerConfig:
     cache_dir: pathlib.Path | None = None  # a disk tier in front of S3
     cache_size: int | None = None
     ops: OpsConfig = field(default_factory=OpsConfig)  # auth, TLS, limits, metrics, audit
+    http_listen: str | None = None  # also serve the HTTP cache (Bazel, ccache) here
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -113,16 +115,25 @@ class CacheServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
+        self.http: HttpCache | None = None
+        if config.http_listen is not None:
+            from cache_server.http_cache import HttpCache  # aiohttp: only when asked for
+
+            self.http = HttpCache(self.backend, self.ops)
 
     async def start(self) -> None:
         self.port = self.ops.bind(self.server, self.config.listen)
         await self.server.start()
         await self.ops.start(self.health)
+        if self.http is not None and self.config.http_listen is not None:
+            await self.http.start(self.config.http_listen)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:
         await self.health.enter_graceful_shutdown()
+        if self.http is not None:
+            await self.http.stop()
         await self.server.stop(grace)
         await self.ops.stop(grace)
         self.executor.shutdown(wait=True)
@@ -132,6 +143,14 @@ class CacheServer:
     def address(self) -> str:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        if self.http is None or self.config.http_listen is None:
+            return None
+        host = self.config.http_listen.rsplit(":", 1)[0]
+        scheme = "http" if self.config.ops.tls is None else "https"
+        return f"{scheme}://{host}:{self.http.port}"
 
 
 async def serve(config: ServerConfig) -> None:
@@ -146,13 +165,23 @@ async def serve(config: ServerConfig) -> None:
             f"cannot listen on {config.listen}: "
             "the port is in use or the host is not this machine's"
         ) from None
+    except OSError:
+        await server.stop(0)
+        raise
+    # Everything else is said before the gRPC line, which tells waiting
+    # scripts (and tests) that the server is up.
+    print(f"slipstream: storing in the {store.describe()}", flush=True)
+    for line in server.ops.describe():
+        print(f"slipstream: {line}", flush=True)
+    if server.http_url is not None:
+        print(
+            f"slipstream: serving the HTTP cache (Bazel, ccache) on {server.http_url}",
+            flush=True,
+        )
     print(
         f"slipstream: serving the REAPI v2 cache on {server.address} ({server.ops.transport})",
         flush=True,
     )
-    print(f"slipstream: storing in the {store.describe()}", flush=True)
-    for line in server.ops.describe():
-        print(f"slipstream: {line}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,8 +25,9 @@ X = TypeVar("X")
 Y = TypeVar("Y")
 
 # Records in these namespaces count toward the size bound and may be evicted;
-# the others (layer keys, timings, plans) are small and kept.
-EVICTABLE_NAMESPACES = frozenset({"ac"})
+# the others (layer keys, timings, plans) are small and kept. "ccache" holds the
+# HTTP endpoint's ccache keys (cache_server.http_cache), whose contents are CAS blobs.
+EVICTABLE_NAMESPACES = frozenset({"ac", "ccache"})
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MAX_RECORD_KEY_CHARS = 200
 _MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesystems
@@ -111,6 +112,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
         """The blobs not present, in input order; refreshes the lifetime of the present ones."""
+
+    @abc.abstractmethod
+    def find_blob(self, sha256: str) -> BlobId | None:
+        """The stored blob with this hash, size included, or None; refreshes its lifetime.
+
+        For protocols that name blobs by hash alone (the HTTP cache). The content
+        is not checked here: get_blob and read_blob check it.
+        """
 
     @abc.abstractmethod
     def get_blob(self, blob: BlobId) -> bytes | None:

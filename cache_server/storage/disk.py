@@ -285,6 +285,18 @@ class DiskStore(Store):
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
         return [b for b in blobs if b != EMPTY_BLOB and not self._touch(self._blob_rel(b))]
 
+    def find_blob(self, sha256: str) -> BlobId | None:
+        if sha256 == EMPTY_BLOB.hash:
+            return EMPTY_BLOB
+        rel = self._blob_rel(BlobId(sha256, 0))  # validates the hash
+        try:
+            size = os.stat(self.root / rel).st_size - _HEADER.size
+        except FileNotFoundError:
+            return None
+        if size < 0 or not self._touch(rel):
+            return None
+        return BlobId(sha256, size)
+
     def get_blob(self, blob: BlobId) -> bytes | None:
         if blob == EMPTY_BLOB:
             return b""

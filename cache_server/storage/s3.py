@@ -244,6 +244,20 @@ class S3Store(Store):
         self.known.add(blob)
         return True
 
+    def find_blob(self, sha256: str) -> BlobId | None:
+        if sha256 == EMPTY_BLOB.hash:
+            return EMPTY_BLOB
+        key = blob_key(self.prefix, BlobId(sha256, 0))  # validates the hash
+        try:
+            head = self._call("check a blob", self.client.head_object, Key=key)
+        except ClientError as exc:
+            if _is_missing(exc):
+                return None
+            raise self._unavailable("check a blob", exc) from exc
+        blob = BlobId(sha256, int(head["ContentLength"]))
+        self.known.add(blob)
+        return blob
+
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
         unknown = list(dict.fromkeys(b for b in blobs if b != EMPTY_BLOB and b not in self.known))
         if len(unknown) == 1:

@@ -43,6 +43,9 @@ class TieredStore(Store):
         not_local = self.fast.find_missing(blobs)
         return self.shared.find_missing(not_local) if not_local else []
 
+    def find_blob(self, sha256: str) -> BlobId | None:
+        return self.fast.find_blob(sha256) or self.shared.find_blob(sha256)
+
     def map_blobs(self, fn: Callable[[X], Y], items: Sequence[X]) -> list[Y]:
         return self.shared.map_blobs(fn, items)
 

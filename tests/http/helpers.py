@@ -1,0 +1,81 @@
+"""Helpers for the HTTP cache endpoint tests: a server with --http-listen, a keep-alive client."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import pathlib
+import urllib.parse
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from tests.ops.helpers import output_line
+from tests.server_process import ServerProcess
+
+
+def http_server(storage: pathlib.Path, extra_args: Sequence[str] = ()) -> ServerProcess:
+    """A `slipstream serve` that also serves the HTTP cache, on a free port."""
+    return ServerProcess(storage, ["--http-listen", "127.0.0.1:0", *extra_args])
+
+
+def http_url(server: ServerProcess) -> str:
+    line = output_line(server, "serving the HTTP cache")
+    return line.rsplit(" on ", 1)[1].strip()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
+
+    @property
+    def text(self) -> str:
+        return self.body.decode(errors="replace")
+
+
+class HttpClient:
+    """One HTTP/1.1 connection (keep-alive) to the server's HTTP cache."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        assert parsed.hostname and parsed.port
+        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | Iterable[bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        all_headers = {**self.headers, **(headers or {})}
+        if isinstance(body, bytes):
+            all_headers.setdefault("Content-Length", str(len(body)))
+        self.conn.request(method, path, body=body, headers=all_headers)
+        resp = self.conn.getresponse()
+        data = resp.read()
+        return Reply(resp.status, data, dict(resp.getheaders()))
+
+    def get(self, path: str) -> Reply:
+        return self.request("GET", path)
+
+    def head(self, path: str) -> Reply:
+        return self.request("HEAD", path)
+
+    def put(self, path: str, body: bytes | Iterable[bytes], **headers: str) -> Reply:
+        return self.request("PUT", path, body, headers)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
