@@ -84,6 +84,30 @@ class _CorruptFile(Exception):
     pass
 
 
+def _check_header(path: pathlib.Path | str, header: bytes) -> int:
+    """The payload checksum a header records; _CorruptFile if it is not our header."""
+    if len(header) != _HEADER.size:
+        raise _CorruptFile(f"{path}: truncated header")
+    magic, expected = _HEADER.unpack(header)
+    if magic != _MAGIC:
+        raise _CorruptFile(f"{path}: bad magic")
+    return int(expected)
+
+
+def _read_checked_file(path: str) -> bytes | None:
+    """A small stored file's payload, read in one go and verified; None if absent."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        return None
+    expected = _check_header(path, raw[: _HEADER.size])
+    payload = memoryview(raw)[_HEADER.size :]
+    if xxhash.xxh3_64_intdigest(payload) != expected:
+        raise _CorruptFile(f"{path}: checksum mismatch")
+    return bytes(payload)
+
+
 def _open_checked(path: pathlib.Path) -> BinaryIO | None:
     """Open a stored file after verifying its checksum; None if absent.
 
@@ -94,12 +118,7 @@ def _open_checked(path: pathlib.Path) -> BinaryIO | None:
     except FileNotFoundError:
         return None
     try:
-        header = f.read(_HEADER.size)
-        if len(header) != _HEADER.size:
-            raise _CorruptFile(f"{path}: truncated header")
-        magic, expected = _HEADER.unpack(header)
-        if magic != _MAGIC:
-            raise _CorruptFile(f"{path}: bad magic")
+        expected = _check_header(path, f.read(_HEADER.size))
         h = xxhash.xxh3_64()
         while chunk := f.read(_READ_CHUNK):
             h.update(chunk)
@@ -241,21 +260,33 @@ class DiskStore(Store):
         if self.max_size is not None and size + _HEADER.size > self.max_size:
             raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
 
-    def _install(self, tmp_path: pathlib.Path, rel: str, evictable: bool) -> None:
-        final = self.root / rel
-        final.parent.mkdir(parents=True, exist_ok=True)
-        size = tmp_path.stat().st_size
-        os.replace(tmp_path, final)
+    def _install(self, tmp_path: pathlib.Path, rel: str, size: int, evictable: bool) -> None:
+        """Rename a finished temp file (size bytes on disk) into place: the blob appears whole."""
+        final = os.path.join(self.root, rel)
+        try:
+            os.replace(tmp_path, final)
+        except FileNotFoundError:  # first file of its shard or namespace
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(tmp_path, final)
         if evictable:
             self._admit(rel, size)
 
     def _new_tmp(self) -> pathlib.Path:
         return self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
 
-    def _write_file(self, tmp_path: pathlib.Path, payload: bytes) -> None:
-        with open(tmp_path, "wb") as f:
-            f.write(_HEADER.pack(_MAGIC, xxhash.xxh3_64_intdigest(payload)))
-            f.write(payload)
+    def _write_file(self, tmp_path: pathlib.Path, payload: bytes) -> int:
+        """Write header and payload to a new file; returns its size."""
+        header = _HEADER.pack(_MAGIC, xxhash.xxh3_64_intdigest(payload))
+        size = len(header) + len(payload)
+        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            written = os.writev(fd, [header, payload])  # one syscall in the usual case
+            rest = memoryview(header + payload)[written:] if written < size else None
+            while rest:
+                rest = rest[os.write(fd, rest) :]
+        finally:
+            os.close(fd)
+        return size
 
     def _open(self, rel: str) -> BinaryIO | None:
         """A stored file, checked and positioned at its payload; None if absent or corrupt."""
@@ -269,11 +300,14 @@ class DiskStore(Store):
         return f
 
     def _read_checked(self, rel: str) -> bytes | None:
-        f = self._open(rel)
-        if f is None:
+        try:
+            data = _read_checked_file(os.path.join(self.root, rel))
+        except _CorruptFile as exc:
+            self._drop_corrupt(rel, exc)
             return None
-        with f:
-            return f.read()
+        if data is None:
+            self._forget(rel)
+        return data
 
     def _drop_corrupt(self, rel: str, exc: Exception) -> None:
         log.warning("dropping corrupt entry: %s", exc)
@@ -326,11 +360,12 @@ class DiskStore(Store):
         self._check_fits(blob.size)
         tmp_path = self._new_tmp()
         try:
-            self._write_file(tmp_path, data)
-            self._install(tmp_path, self._blob_rel(blob), evictable=True)
-        finally:
+            size = self._write_file(tmp_path, data)
+            self._install(tmp_path, self._blob_rel(blob), size, evictable=True)
+        except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 tmp_path.unlink()
+            raise
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
         self._check_fits(blob.size)
@@ -351,9 +386,9 @@ class DiskStore(Store):
             self._check_fits(len(value))
         tmp_path = self._new_tmp()
         try:
-            self._write_file(tmp_path, value)
+            size = self._write_file(tmp_path, value)
             if overwrite:
-                self._install(tmp_path, rel, evictable)
+                self._install(tmp_path, rel, size, evictable)
                 return True
             final = self.root / rel
             final.parent.mkdir(parents=True, exist_ok=True)
@@ -362,7 +397,7 @@ class DiskStore(Store):
             except FileExistsError:
                 return False
             if evictable:
-                self._admit(rel, final.stat().st_size)
+                self._admit(rel, size)
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -444,7 +479,8 @@ class _DiskBlobWriter(BlobWriter):
             self._file.close()
             self._file = None
             if self.blob != EMPTY_BLOB:
-                self._store._install(self._path, self._store._blob_rel(self.blob), evictable=True)
+                size = _HEADER.size + self.blob.size
+                self._store._install(self._path, self._store._blob_rel(self.blob), size, True)
         finally:
             self.abort()
 
