@@ -1,0 +1,520 @@
+"""Slipstream beside BuildGrid: the cache workload of bench_cache against both, in one run.
+
+    python -m benchmarks.bench_peers [--smoke] [--kinds memory,disk,s3] [--json PATH]
+                                     [--storage-dir DIR] [--buildgrid-venv DIR]
+
+Sets up BuildGrid (PyPI `buildgrid` 0.9.x, which needs Python 3.13) in its own venv
+(default ~/.cache/slipstream-bench/buildgrid-venv, reused when present), starts it with a
+cache-only config (CAS, ActionCache, ByteStream, Capabilities) on a free 127.0.0.1 port,
+and runs bench_cache.run_workload against Slipstream and BuildGrid one after the other,
+each with a fresh store of the same kind:
+
+  memory  BuildGrid's in-memory LRU store; Slipstream has no memory store, so its disk
+          store on tmpfs (/dev/shm) stands in
+  disk    both disk stores under --storage-dir (default /dev/shm, a tmpfs: steadier
+          figures than a shared disk; the table says which filesystem it was)
+  s3      both on the same local moto server (smaller sizes: moto answers one S3
+          request at a time, so it sets the pace for both)
+
+Prints each row for both servers and the Slipstream/BuildGrid ratio (rates: higher is
+better for Slipstream; latencies: BuildGrid's over Slipstream's, so again higher is
+better), and the SHA-256 one-core rate measured in the same run beside Slipstream's
+ByteStream rates. Targets (issue 8): >= 2x BuildGrid on every row of the same storage kind;
+ByteStream within 2x of SHA-256 alone. If BuildGrid cannot be set up, the reason is
+printed and stored in the JSON, and only Slipstream's side runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import glob
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from benchmarks.bench_cache import SMOKE, Row, Sizes, machine, run_workload, sha256_rate
+from tests.server_process import ServerProcess
+
+HERE = pathlib.Path(__file__).parent
+KINDS = ("memory", "disk", "s3")
+BUILDGRID_REQUIREMENT = "buildgrid>=0.9,<0.10"
+# moto serves one request at a time: S3 rows use fewer, smaller operations.
+S3_SIZES = Sizes(small_blobs=1000, find_calls=2, stream_mib=64, clients=4, mixed_ops=25)
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",  # never look for an instance role off this machine
+}
+
+
+class PeerUnavailable(RuntimeError):
+    """The peer could not be set up or started; the message says exactly why."""
+
+
+def cache_dir() -> pathlib.Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+    return pathlib.Path(base) / "slipstream-bench"
+
+
+def find_python313() -> str | None:
+    """BuildGrid 0.9 needs Python 3.13: $SLIPSTREAM_BENCH_PYTHON313, PATH, then pyenv."""
+    candidates = [os.environ.get("SLIPSTREAM_BENCH_PYTHON313"), shutil.which("python3.13")]
+    pyenv = os.environ.get("PYENV_ROOT") or str(pathlib.Path.home() / ".pyenv")
+    candidates += sorted(glob.glob(f"{pyenv}/versions/3.13.*/bin/python3"), reverse=True)
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def _installed_version(venv: pathlib.Path) -> str | None:
+    python = venv / "bin" / "python"
+    if not (python.exists() and (venv / "bin" / "bgd").exists()):
+        return None
+    proc = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('buildgrid'))"],
+        capture_output=True,
+        text=True,
+    )
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def ensure_buildgrid(venv: pathlib.Path, python: str | None = None) -> tuple[pathlib.Path, str]:
+    """The bgd executable and BuildGrid's version; creates the venv unless it holds 0.9.x."""
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f"{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another benchmark run may be installing it
+        version = _installed_version(venv)
+        if version is None or not version.startswith("0.9."):
+            python = python or find_python313()
+            if python is None:
+                raise PeerUnavailable(
+                    "BuildGrid 0.9 needs Python 3.13 and none was found "
+                    "(set SLIPSTREAM_BENCH_PYTHON313, or put python3.13 on PATH)"
+                )
+            print(f"setting up BuildGrid in {venv} with {python} ...", flush=True)
+            started = time.perf_counter()
+            shutil.rmtree(venv, ignore_errors=True)
+            for cmd in (
+                [python, "-m", "venv", str(venv)],
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", BUILDGRID_REQUIREMENT],
+            ):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    raise PeerUnavailable(
+                        f"`{' '.join(cmd)}` failed ({proc.returncode}):\n"
+                        + (proc.stderr or proc.stdout)[-3000:]
+                    )
+            version = _installed_version(venv)
+            if version is None:
+                raise PeerUnavailable(f"pip installed {BUILDGRID_REQUIREMENT} but no bgd in {venv}")
+            print(f"BuildGrid {version} set up in {time.perf_counter() - started:.0f}s", flush=True)
+    return venv / "bin" / "bgd", version
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fs_type(path: pathlib.Path) -> str:
+    """The filesystem type holding path, from /proc/mounts (e.g. tmpfs, ext4)."""
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError):
+        resolved = str(path.resolve())
+        for line in pathlib.Path("/proc/mounts").read_text().splitlines():
+            parts = line.split()
+            mount = parts[1]
+            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
+            if inside and len(mount) >= len(best):
+                best, kind = mount, parts[2]
+    return kind
+
+
+@dataclass
+class S3:
+    endpoint: str
+    slipstream_bucket: str
+    buildgrid_bucket: str
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[str]:
+    """moto in server mode on a free loopback port; yields its URL."""
+    exe = shutil.which("moto_server")
+    if exe is None:
+        raise PeerUnavailable("moto_server not found (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **AWS_ENV},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(url + "/moto-api/data.json", timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise PeerUnavailable("moto_server did not start") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def make_buckets(endpoint: str, *names: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+    )
+    for name in names:
+        client.create_bucket(Bucket=name)
+
+
+def buildgrid_config(address: str, kind: str, store: pathlib.Path, s3: S3 | None) -> str:
+    """A cache-only BuildGrid config: CAS, ByteStream, ActionCache (Capabilities comes
+    with them), instance name "", no auth. BuildGrid's default pool (5 threads per CPU,
+    and as many concurrent RPCs) rejects the mixed load's bursts with RESOURCE_EXHAUSTED
+    ("Concurrent RPC limit exceeded") on 2 CPUs, so it gets 16 threads and queues up to
+    256 RPCs instead."""
+    if kind == "memory":
+        storage = "  - !lru-storage &cas\n    size: 4096M\n"
+    elif kind == "disk":
+        storage = f"  - !disk-storage &cas\n    path: {store}\n"
+    else:
+        assert s3 is not None
+        storage = (
+            "  - !s3-storage &cas\n"
+            f"    bucket: {s3.buildgrid_bucket}\n"
+            f"    endpoint: {s3.endpoint}\n"
+            f"    access-key: {AWS_ENV['AWS_ACCESS_KEY_ID']}\n"
+            f"    secret-key: {AWS_ENV['AWS_SECRET_ACCESS_KEY']}\n"
+        )
+    return f"""\
+server:
+  - !channel
+    address: "{address}"
+    insecure-mode: true
+authorization:
+  method: none
+storages:
+{storage}caches:
+  - !lru-action-cache &ac
+    storage: *cas
+    max-cached-refs: 1000000
+    allow-updates: true
+instances:
+  - name: ""
+    services:
+      - !cas
+        storage: *cas
+      - !bytestream
+        storage: *cas
+      - !action-cache
+        cache: *ac
+thread-pool-size: 16
+maximum-concurrent-rpcs: 256
+"""
+
+
+@contextlib.contextmanager
+def buildgrid_server(
+    bgd: pathlib.Path, kind: str, workdir: pathlib.Path, s3: S3 | None
+) -> Iterator[str]:
+    """Start `bgd server start` on a free loopback port; yields its address."""
+    address = f"127.0.0.1:{free_port()}"
+    store = workdir / "buildgrid-cas"
+    store.mkdir(parents=True, exist_ok=True)
+    config = workdir / "buildgrid.yml"
+    config.write_text(buildgrid_config(address, kind, store, s3))
+    log = workdir / "buildgrid.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(AWS_ENV)
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [str(bgd), "server", "start", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=workdir,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        with grpc.insecure_channel(address) as channel:
+            ready = grpc.channel_ready_future(channel)
+            while True:
+                try:
+                    ready.result(timeout=0.5)
+                    break
+                except grpc.FutureTimeoutError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise PeerUnavailable(
+                            f"BuildGrid did not start (exit {proc.poll()}):\n"
+                            + log.read_text()[-3000:]
+                        ) from None
+        yield address
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@contextlib.contextmanager
+def slipstream_server(kind: str, workdir: pathlib.Path, s3: S3 | None) -> Iterator[str]:
+    """Start `slipstream serve`: the disk store in workdir, or S3 (memory: disk on tmpfs)."""
+    if kind == "s3":
+        assert s3 is not None
+        server = ServerProcess(f"s3://{s3.slipstream_bucket}", ["--s3-endpoint", s3.endpoint])
+    else:
+        server = ServerProcess(workdir / "slipstream-store")
+    saved = {k: os.environ.get(k) for k in AWS_ENV}
+    os.environ.update(AWS_ENV)  # the server process inherits the dummy credentials
+    try:
+        server.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield server.address
+    finally:
+        try:
+            server.stop()
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def slipstream_s3_works() -> str | None:
+    """None if `slipstream serve --storage s3://...` exists here, else why not."""
+    try:
+        import cache_server.storage.s3  # noqa: F401
+    except ImportError as e:
+        return f"Slipstream's S3 backend is not importable: {e}"
+    return None
+
+
+@dataclass
+class Pair:
+    kind: str
+    operation: str
+    unit: str
+    slipstream: float
+    buildgrid: float | None
+    ratio: float | None  # > 1: Slipstream better (rates S/B; latencies B/S)
+    better: str  # "higher" for rates, "lower" for latencies
+
+
+def _pairs(kind: str, ours: list[Row], theirs: list[Row] | None) -> list[Pair]:
+    pairs: list[Pair] = []
+    for i, row in enumerate(ours):
+        other = theirs[i] if theirs else None
+        rate_b = other.rate if other else None
+        pairs.append(
+            Pair(
+                kind,
+                row.name,
+                row.unit,
+                row.rate,
+                rate_b,
+                row.rate / rate_b if rate_b else None,
+                "higher",
+            )
+        )
+        if row.p50_ms is not None:
+            for label, a, b in (
+                ("p50", row.p50_ms, other.p50_ms if other else None),
+                ("p99", row.p99_ms, other.p99_ms if other else None),
+            ):
+                assert a is not None
+                pairs.append(
+                    Pair(
+                        kind, f"  {label} latency", "ms", a, b, b / a if b and a else None, "lower"
+                    )
+                )
+    return pairs
+
+
+def run_kind(
+    kind: str,
+    sizes: Sizes,
+    storage_dir: pathlib.Path | None,
+    bgd: pathlib.Path | None,
+    s3_endpoint: str | None,
+) -> dict[str, object]:
+    """Slipstream, then BuildGrid, each on a fresh store of this kind."""
+    s3 = None
+    if kind == "s3":
+        assert s3_endpoint is not None
+        suffix = f"{os.getpid()}-{time.monotonic_ns()}"
+        s3 = S3(s3_endpoint, f"slipstream-{suffix}", f"buildgrid-{suffix}")
+        make_buckets(s3_endpoint, s3.slipstream_bucket, s3.buildgrid_bucket)
+    # The memory pairing puts Slipstream's disk store on tmpfs whatever --storage-dir says.
+    shm = pathlib.Path("/dev/shm")
+    ours_dir = shm if kind == "memory" and shm.is_dir() else storage_dir
+    result: dict[str, object] = {"kind": kind, "sizes": asdict(sizes)}
+    with tempfile.TemporaryDirectory(dir=ours_dir, prefix="slipstream-bench-") as tmp:
+        print(f"[{kind}] Slipstream ...", flush=True)
+        with slipstream_server(kind, pathlib.Path(tmp), s3) as address:
+            ours = run_workload(address, sizes)
+        result["slipstream_store"] = (
+            "s3 (moto)" if kind == "s3" else f"disk on {fs_type(pathlib.Path(tmp))} ({ours_dir})"
+        )
+    theirs = None
+    if bgd is not None:
+        with tempfile.TemporaryDirectory(dir=storage_dir, prefix="buildgrid-bench-") as tmp:
+            print(f"[{kind}] BuildGrid ...", flush=True)
+            with buildgrid_server(bgd, kind, pathlib.Path(tmp), s3) as address:
+                theirs = run_workload(address, sizes)
+            result["buildgrid_store"] = {
+                "memory": "in-memory LRU (!lru-storage)",
+                "disk": f"disk on {fs_type(pathlib.Path(tmp))} ({storage_dir})",
+                "s3": "s3 (moto), action cache in memory (!lru-action-cache)",
+            }[kind]
+    result["slipstream"] = [{**asdict(r), "rate": r.rate} for r in ours]
+    result["buildgrid"] = [{**asdict(r), "rate": r.rate} for r in theirs] if theirs else None
+    result["pairs"] = [asdict(p) for p in _pairs(kind, ours, theirs)]
+    return result
+
+
+def print_table(results: dict[str, object]) -> None:
+    sha = results["sha256_mib_s"]
+    assert isinstance(sha, float)
+    print()
+    print(f"{'storage':<8} {'operation':<34} {'Slipstream':>12} {'BuildGrid':>12} {'S/B':>7}  unit")
+    for run in results["runs"]:  # type: ignore[attr-defined]
+        for p in run["pairs"]:
+            theirs = f"{p['buildgrid']:>12,.1f}" if p["buildgrid"] is not None else f"{'-':>12}"
+            ratio = f"{p['ratio']:>6.2f}x" if p["ratio"] is not None else f"{'-':>7}"
+            print(
+                f"{p['kind']:<8} {p['operation']:<34} {p['slipstream']:>12,.1f} "
+                f"{theirs} {ratio}  {p['unit']}"
+            )
+    print(f"\nSHA-256 on one core, this run: {sha:,.1f} MiB/s")
+    for run in results["runs"]:  # type: ignore[attr-defined]
+        for p in run["pairs"]:
+            if p["operation"].startswith("ByteStream"):
+                print(
+                    f"  {run['kind']:<7} Slipstream {p['operation']}: {p['slipstream']:,.1f} MiB/s "
+                    f"= SHA-256 / {sha / p['slipstream']:.2f} (target: within 2x)"
+                )
+    print("S/B: Slipstream over BuildGrid for rates, BuildGrid over Slipstream for latencies;")
+    print("above 1 means Slipstream is better, the target is 2x on every row.")
+    for run in results["runs"]:  # type: ignore[attr-defined]
+        print(
+            f"  {run['kind']}: Slipstream {run['slipstream_store']}; "
+            f"BuildGrid {run.get('buildgrid_store', '-')}"
+        )
+    if results.get("buildgrid_unavailable"):
+        print(f"BuildGrid not measured: {results['buildgrid_unavailable']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to check it runs")
+    parser.add_argument(
+        "--kinds", default=",".join(KINDS), help="storage kinds, from memory,disk,s3 (default all)"
+    )
+    parser.add_argument(
+        "--json", type=pathlib.Path, default=HERE / "peers_results.json", help="results file"
+    )
+    parser.add_argument(
+        "--storage-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("/dev/shm") if pathlib.Path("/dev/shm").is_dir() else None,
+        help="where both disk stores go (default /dev/shm, a tmpfs)",
+    )
+    parser.add_argument(
+        "--buildgrid-venv",
+        type=pathlib.Path,
+        default=cache_dir() / "buildgrid-venv",
+        help="BuildGrid's venv, created if missing (default ~/.cache/slipstream-bench/...)",
+    )
+    parser.add_argument("--buildgrid-python", help="a Python 3.13 for BuildGrid's venv")
+    parser.add_argument(
+        "--no-buildgrid", action="store_true", help="measure Slipstream's side only"
+    )
+    args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        parser.error(f"unknown storage kinds: {sorted(unknown)}")
+    sizes = SMOKE if args.smoke else Sizes()
+    s3_sizes = SMOKE if args.smoke else S3_SIZES
+
+    results: dict[str, object] = {"machine": machine(), "smoke": args.smoke, "runs": []}
+    bgd = None
+    if args.no_buildgrid:
+        results["buildgrid_unavailable"] = "--no-buildgrid"
+    else:
+        try:
+            bgd, version = ensure_buildgrid(args.buildgrid_venv, args.buildgrid_python)
+            results["buildgrid_version"] = version
+        except PeerUnavailable as e:
+            results["buildgrid_unavailable"] = str(e)
+            print(f"BuildGrid unavailable, measuring Slipstream only: {e}", file=sys.stderr)
+    if "s3" in kinds and (why := slipstream_s3_works()):
+        print(f"skipping s3: {why}", file=sys.stderr)
+        results["s3_skipped"] = why
+        kinds.remove("s3")
+
+    results["sha256_mib_s"] = sha256_rate(sizes.stream_mib).rate
+    runs: list[dict[str, object]] = []
+    with contextlib.ExitStack() as stack:
+        s3_endpoint = stack.enter_context(moto_server()) if "s3" in kinds else None
+        for kind in kinds:
+            try:
+                run = run_kind(
+                    kind, s3_sizes if kind == "s3" else sizes, args.storage_dir, bgd, s3_endpoint
+                )
+            except PeerUnavailable as e:
+                print(f"[{kind}] {e}", file=sys.stderr)
+                results.setdefault("errors", {})[kind] = str(e)  # type: ignore[index]
+                continue
+            runs.append(run)
+    results["runs"] = runs
+    results["storage_dir"] = str(args.storage_dir)
+    results["storage_fs"] = fs_type(args.storage_dir or pathlib.Path(tempfile.gettempdir()))
+    print_table(results)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
