@@ -39,6 +39,8 @@ _DIFFERENCING_UNITS_PER_SHARD = 20
 _EXACT_MAX_UNITS = 16
 _EXACT_NODE_LIMIT = 50_000
 _SCALE = 1_000_000  # seconds to integer microseconds
+# An auto plan this close to its lower bound is kept without trying finer units.
+_AUTO_GOOD_ENOUGH = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +140,7 @@ def build_units(
     *,
     file_costs: Mapping[str, float] | None = None,
     groups: Mapping[str, str] | None = None,
+    granules_per_shard: int = 1,
 ) -> list[Unit]:
     """Group tests (id -> predicted seconds) into the units ``split`` balances.
 
@@ -145,7 +148,9 @@ def build_units(
     ``test`` and ``class`` units carry an equal share of their files' costs; ``file``
     units carry their files' costs. ``auto`` keeps each file whole unless it is longer
     than total/n, and cuts those files into the fewest chunks that fit, each chunk
-    paying the file cost once.
+    paying the file cost once. With ``granules_per_shard`` k > 1, ``auto`` cuts files
+    longer than total/(k*n) too, where importing the file again costs less than half
+    such a piece: finer units for balance, at the price of more imports.
     """
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
@@ -165,7 +170,7 @@ def build_units(
             uf.union_by(tests, file_of_test)
         atoms = uf.components()
     if granularity == "auto":
-        return _auto_units(atoms, times, file_of_test, n, fcosts, groups or {})
+        return _auto_units(atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard)
     atom_files = [{file_of_test[t] for t in a} for a in atoms]
     if granularity == "file":
         return [
@@ -194,6 +199,7 @@ def _auto_units(
     n: int,
     fcosts: Mapping[str, float],
     groups: Mapping[str, str],
+    granules_per_shard: int,
 ) -> list[Unit]:
     # Whole files, merged where a group spans files.
     uf = _UnionFind(file_of_test)
@@ -204,6 +210,7 @@ def _auto_units(
     wholes = uf.components()
     total = math.fsum(times.values()) + _files_cost(set(file_of_test.values()), fcosts)
     target = total / n
+    granule = target / granules_per_shard
     atoms_of: dict[str, list[tuple[str, ...]]] = {}
     for atom in atoms:
         atoms_of.setdefault(uf.find(atom[0]), []).append(atom)
@@ -211,17 +218,20 @@ def _auto_units(
     for whole in wholes:
         fcost = _files_cost({file_of_test[t] for t in whole}, fcosts)
         tests_time = math.fsum(times[t] for t in whole)
-        if tests_time + fcost <= target or len(whole) == 1:
+        cheap_to_cut = fcost <= granule / 2
+        limit = granule if cheap_to_cut else target
+        if tests_time + fcost <= limit or len(whole) == 1:
             units.append(_unit(whole, times, file_of_test, fcost))
             continue
         pieces = atoms_of[whole[0]]
-        room = max(target - fcost, tests_time / n)
-        if any(math.fsum(times[t] for t in p) > room for p in pieces):
+        shard_room = max(target - fcost, tests_time / n)
+        room = granule - fcost if cheap_to_cut and granule < target else shard_room
+        if any(math.fsum(times[t] for t in p) > shard_room for p in pieces):
             # A class too long for one shard: only explicit groups still bind.
             sub = _UnionFind(whole)
             sub.union_by(whole, groups)
             pieces = sub.components()
-        k = max(1, min(len(pieces), n, math.ceil(tests_time / room)))
+        k = max(1, min(len(pieces), granules_per_shard * n, math.ceil(tests_time / room)))
         for chunk in _lpt_chunks(pieces, times, file_of_test, k):
             chunk_cost = _files_cost({file_of_test[t] for t in chunk}, fcosts)
             units.append(_unit(chunk, times, file_of_test, chunk_cost))
@@ -519,6 +529,25 @@ def split_tests(
     startup: float = 0.0,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
 ) -> Plan:
-    """``build_units`` then ``split``: test ids with predicted seconds to a plan."""
-    units = build_units(times, n, granularity, file_costs=file_costs, groups=groups)
-    return split(units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations)
+    """``build_units`` then ``split``: test ids with predicted seconds to a plan.
+
+    For ``auto``, when whole files leave the plan short of the lower bound, finer
+    units (files cut to about a quarter of a shard) are tried too, and the plan
+    with the shorter predicted makespan wins (the coarser on a tie).
+    """
+    plan = split(
+        build_units(times, n, granularity, file_costs=file_costs, groups=groups),
+        n,
+        file_costs=file_costs,
+        startup=startup,
+        max_iterations=max_iterations,
+    )
+    if granularity != "auto" or plan.ratio <= 1 + _AUTO_GOOD_ENOUGH:
+        return plan
+    finer_units = build_units(
+        times, n, granularity, file_costs=file_costs, groups=groups, granules_per_shard=4
+    )
+    finer = split(
+        finer_units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations
+    )
+    return finer if finer.makespan < plan.makespan else plan

@@ -100,7 +100,12 @@ def test_auto_keeps_small_files_whole_and_cuts_only_the_long_one():
         for t in shard.tests:
             owners.setdefault(t.split("::")[0], set()).add(shard.index)
     assert all(len(s) == 1 for f, s in owners.items() if "small" in f)
-    assert len(owners["tests/test_big.py"]) == 3  # the fewest chunks that fit total/4
+    assert len(owners["tests/test_big.py"]) > 1
+    # Whole-file units cut the big file into the fewest chunks that fit total/4...
+    coarse = build_units(times, 4, "auto", file_costs=costs)
+    assert sum(1 for u in coarse if "tests/test_big.py" in u.files) == 3
+    # ...and the plan auto picks is never worse than the one they give.
+    assert plan.makespan <= split(coarse, 4, file_costs=costs).makespan
     # By test, every shard imports nearly every file; auto pays fewer file costs.
     by_test = split_tests(times, 4, "test", file_costs=costs)
     assert plan.makespan < by_test.makespan
@@ -198,3 +203,16 @@ def test_build_units_weights_share_file_cost_between_units():
     assert [u.weight for u in units] == [1.5, 1.5]
     units = build_units(times, 2, "file", file_costs={"a.py": 1.0})
     assert [u.weight for u in units] == [3.0]
+
+
+def test_auto_cuts_coarse_files_when_whole_files_cannot_balance():
+    # Few files, each close to a shard's share: whole files leave shards uneven.
+    times = {f"tests/test_{f}.py::test_{i}": 1.0 + (i % 3) for f in "abcde" for i in range(12)}
+    plan = split_tests(times, 4, "auto")
+    whole = split(build_units(times, 4, "auto"), 4)
+    assert whole.ratio > 1.1
+    assert plan.makespan < whole.makespan
+    assert plan.ratio < 1.02
+    # Still a partition, and still deterministic.
+    assert sorted(t for s in plan.shards for t in s.tests) == sorted(times)
+    assert split_tests(dict(reversed(list(times.items()))), 4, "auto").plan_hash == plan.plan_hash
