@@ -35,34 +35,25 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import grpc
 
 from benchmarks.bench_cache import SMOKE, Row, Sizes, machine, run_workload, sha256_rate
-from tests.server_process import ServerProcess
+from tests.s3.moto import AWS_ENV, moto_server
+from tests.server_process import ServerProcess, free_port
 
 HERE = pathlib.Path(__file__).parent
 KINDS = ("memory", "disk", "s3")
 BUILDGRID_REQUIREMENT = "buildgrid>=0.9,<0.10"
 # moto serves one request at a time: S3 rows use fewer, smaller operations.
 S3_SIZES = Sizes(small_blobs=1000, find_calls=2, stream_mib=64, clients=4, mixed_ops=25)
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",  # never look for an instance role off this machine
-}
 
 
 class PeerUnavailable(RuntimeError):
@@ -127,12 +118,6 @@ def ensure_buildgrid(venv: pathlib.Path, python: str | None = None) -> tuple[pat
     return venv / "bin" / "bgd", version
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def fs_type(path: pathlib.Path) -> str:
     """The filesystem type holding path, from /proc/mounts (e.g. tmpfs, ext4)."""
     best, kind = "", "unknown"
@@ -152,36 +137,6 @@ class S3:
     endpoint: str
     slipstream_bucket: str
     buildgrid_bucket: str
-
-
-@contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto in server mode on a free loopback port; yields its URL."""
-    exe = shutil.which("moto_server")
-    if exe is None:
-        raise PeerUnavailable("moto_server not found (pip install 'moto[server]')")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, **AWS_ENV},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(url + "/moto-api/data.json", timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise PeerUnavailable("moto_server did not start") from None
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def make_buckets(endpoint: str, *names: str) -> None:

@@ -15,38 +15,35 @@ import argparse
 import json
 import os
 import pathlib
-import socket
-import subprocess
 import tempfile
-import time
-import urllib.request
 from dataclasses import asdict
 
 import boto3
 
 from benchmarks.bench_cache import SMOKE, Sizes, run_workload
-from tests.s3.conftest import AWS_ENV, server_args
+from tests.s3.conftest import server_args
 from tests.s3.fault_proxy import FaultProxy
+from tests.s3.moto import AWS_ENV, moto_server
 from tests.server_process import ServerProcess
 
 
-def _moto() -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        ["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+def _run_mode(mode: str, url: str, proxy: FaultProxy, sizes: Sizes) -> dict[str, object]:
+    """The workload through a server on a fresh bucket; its rows and S3 request counts."""
+    bucket = f"bench-{mode.replace('+', '-')}-{os.getpid()}"
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = ["--cache-dir", tmp, "--cache-size", "4G"] if mode != "s3" else []
+        server = ServerProcess(f"s3://{bucket}", server_args(proxy.url, *extra)).start()
+        proxy.requests.clear()
         try:
-            urllib.request.urlopen(url + "/moto-api/data.json", timeout=1).close()
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("moto_server did not start")
+            rows = run_workload(server.address, sizes)
+        finally:
+            server.stop()
+    requests = dict(proxy.requests)
+    print(f"--- {mode}: S3 requests for the whole workload {requests}")
+    for row in rows:
+        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}")
+    return {"mode": mode, "rows": [asdict(r) for r in rows], "s3": requests}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,30 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else Sizes(small_blobs=4000, clients=4, mixed_ops=100)
     os.environ.update(AWS_ENV)
-    moto, url = _moto()
-    proxy = FaultProxy(int(url.rsplit(":", 1)[1])).start()
     results = []
-    try:
-        for mode in ("s3", "disk+s3"):
-            bucket = f"bench-{mode.replace('+', '-')}-{os.getpid()}"
-            boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
-            with tempfile.TemporaryDirectory() as tmp:
-                extra = ["--cache-dir", tmp, "--cache-size", "4G"] if mode != "s3" else []
-                server = ServerProcess(f"s3://{bucket}", server_args(proxy.url, *extra)).start()
-                proxy.requests.clear()
-                try:
-                    rows = run_workload(server.address, sizes)
-                finally:
-                    server.stop()
-            requests = dict(proxy.requests)
-            results.append({"mode": mode, "rows": [asdict(r) for r in rows], "s3": requests})
-            print(f"--- {mode}: S3 requests for the whole workload {requests}")
-            for row in rows:
-                print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}")
-    finally:
-        proxy.close()
-        moto.terminate()
-        moto.wait(10)
+    with moto_server() as url:
+        proxy = FaultProxy(int(url.rsplit(":", 1)[1])).start()
+        try:
+            for mode in ("s3", "disk+s3"):
+                results.append(_run_mode(mode, url, proxy, sizes))
+        finally:
+            proxy.close()
     if args.json:
         args.json.write_text(json.dumps({"sizes": asdict(sizes), "results": results}, indent=2))
     return 0

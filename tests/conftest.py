@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from tests.e2e.bazel_harness import Bazel, write_workspace
 from tests.server_process import ServerProcess, running
 
 _CHANNEL_OPTIONS = [
@@ -40,3 +42,20 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
 def shared_channel(shared_server: ServerProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(shared_server.address, options=_CHANNEL_OPTIONS) as ch:
         yield ch
+
+
+@pytest.fixture
+def bazel(tmp_path: pathlib.Path) -> Iterator[Bazel]:
+    """A small Bazel workspace (tests/e2e/bazel_harness.py), its server shut down afterwards.
+
+    Skips, saying why, only when there is no `bazel` (CI installs bazel-bootstrap).
+    """
+    path = shutil.which("bazel")
+    if path is None:
+        print("SKIPPED: no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
+        pytest.skip("no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
+    workspace = write_workspace(tmp_path, bazel=path)
+    try:
+        yield workspace
+    finally:
+        workspace.shutdown()

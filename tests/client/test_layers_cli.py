@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pathlib
-import socket
 
 import grpc
 import pytest
 
 from benchmarks import bench_layers
 from client.cli import main
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -76,9 +75,7 @@ def test_bad_input_is_one_line_exit_2(
 def test_unreachable_server_is_one_line(
     workdir: pathlib.Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv("SLIPSTREAM_SERVER", f"127.0.0.1:{port}")
     code, _, err = run(capsys, "cache", "restore", "--key", "k")
     assert code == 1 and err.count("\n") == 1

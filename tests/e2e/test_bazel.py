@@ -11,35 +11,20 @@ from __future__ import annotations
 import hashlib
 import pathlib
 import re
-import shutil
 import subprocess
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from slipstream_protos import bytestream_pb2, bytestream_pb2_grpc
-from tests.e2e.bazel_harness import BIG_OUTPUT_BYTES, Bazel, BuildResult, write_workspace
+from tests.e2e.bazel_harness import BIG_OUTPUT_BYTES, Bazel, BuildResult
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.bazel
 
-BAZEL = shutil.which("bazel")
 # A multi-segment instance name, so the ByteStream resource names Bazel sends have one too.
 INSTANCE = "e2e/bazel"
-
-
-@pytest.fixture
-def bazel(tmp_path: pathlib.Path) -> Iterator[Bazel]:
-    if BAZEL is None:
-        print("SKIPPED: no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
-        pytest.skip("no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
-    b = write_workspace(tmp_path, bazel=BAZEL)
-    try:
-        yield b
-    finally:
-        b.shutdown()
 
 
 def _describe(label: str, result: BuildResult, seconds: float) -> str:

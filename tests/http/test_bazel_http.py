@@ -11,30 +11,16 @@ Bazel's HTTP and gRPC caches share one store.
 from __future__ import annotations
 
 import pathlib
-import shutil
-from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.bazel_harness import Bazel, BuildResult, write_workspace
+from tests.e2e.bazel_harness import Bazel, BuildResult
 from tests.http.helpers import http_server, http_url
 from tests.server_process import ServerProcess, running
 
 pytestmark = pytest.mark.bazel
 
-BAZEL = shutil.which("bazel")
 INSTANCE = "e2e/http"
-
-
-@pytest.fixture
-def bazel(tmp_path: pathlib.Path) -> Iterator[Bazel]:
-    if BAZEL is None:
-        pytest.skip("no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
-    b = write_workspace(tmp_path, bazel=BAZEL)
-    try:
-        yield b
-    finally:
-        b.shutdown()
 
 
 def _build(

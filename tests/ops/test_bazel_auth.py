@@ -14,32 +14,18 @@ from __future__ import annotations
 
 import json
 import pathlib
-import shutil
-from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.bazel_harness import Bazel, BuildResult, Processes, write_workspace
+from tests.e2e.bazel_harness import Bazel, BuildResult, Processes
 from tests.ops.helpers import Token, metrics_url, scrape, write_token_file
 from tests.server_process import ServerProcess, running
 
 pytestmark = pytest.mark.bazel
 
-BAZEL = shutil.which("bazel")
 TRUSTED = Token("ci-main", "tok-bazel-main-5d9e1f0a", ("read", "cas-write", "ac-write"))
 TARGETS = ("//:greeting", "//:script")  # two small actions: enough to see hits and writes
 AC = "build.bazel.remote.execution.v2.ActionCache"
-
-
-@pytest.fixture
-def bazel(tmp_path: pathlib.Path) -> Iterator[Bazel]:
-    if BAZEL is None:
-        pytest.skip("no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
-    b = write_workspace(tmp_path, bazel=BAZEL)
-    try:
-        yield b
-    finally:
-        b.shutdown()
 
 
 def _flags(bazel: Bazel, server: ServerProcess, token: str | None) -> list[str]:

@@ -7,25 +7,20 @@ every action is a remote cache hit and every output byte-identical.
 from __future__ import annotations
 
 import pathlib
-import shutil
 
 import pytest
 
-from tests.e2e.bazel_harness import write_workspace
+from tests.e2e.bazel_harness import Bazel
 from tests.s3.conftest import server_args
 from tests.server_process import ServerProcess
 
 pytestmark = pytest.mark.bazel
-BAZEL = shutil.which("bazel")
 
 
 @pytest.mark.parametrize("tier", [False, True], ids=["s3", "disk+s3"])
 def test_bazel_warm_build_over_s3_is_all_hits(
-    tier: bool, bucket: str, moto_url: str, tmp_path: pathlib.Path
+    tier: bool, bucket: str, moto_url: str, tmp_path: pathlib.Path, bazel: Bazel
 ) -> None:
-    if BAZEL is None:
-        pytest.skip("no `bazel` on PATH (CI installs Debian's bazel-bootstrap)")
-    bazel = write_workspace(tmp_path, bazel=BAZEL)
     procs = []
 
     def start(name: str) -> ServerProcess:
@@ -48,7 +43,6 @@ def test_bazel_warm_build_over_s3_is_all_hits(
         assert second.processes.remote_hits == first.processes.executed
         assert bazel.output_hashes() == outputs
     finally:
-        bazel.shutdown()
         for proc in procs:
             try:
                 proc.stop()

@@ -8,7 +8,6 @@ import concurrent.futures
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from benchmarks.bench_split import make_sample_project, run_pytest, run_shard
 from client.split_client import SplitClient
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 from tests.splitter.test_plugin import junit_ids
 
 TOTAL = 3
@@ -123,12 +122,6 @@ def test_queue_survives_a_runner_killed_mid_run(project, all_ids, shared_server,
     assert "tests/test_slow.py::test_slow[4]" in survivor_ran
     assert survivor_ran | {r.test_id for r in before.results} == set(all_ids)
     assert all(s.plan_hash == after.plan_hash for s in [survivor])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.parametrize("queue", [False, True])
