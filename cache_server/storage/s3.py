@@ -55,7 +55,10 @@ T = TypeVar("T")
 
 PART_SIZE = 8 << 20  # multipart part size; also the largest single PutObject
 WHOLE_READ_LIMIT = 8 << 20  # read_blob fetches and verifies smaller blobs whole
-READ_WINDOW = 16 << 20  # bytes per ranged GET when streaming a large blob
+# Bytes per ranged GET when streaming a large blob. Large: every GET costs a request
+# (and S3-compatible stores such as moto pay per range), and a body cut short is
+# resumed from where it stopped anyway.
+READ_WINDOW = 256 << 20
 _BODY_ATTEMPTS = 4  # body reads cut mid-way are resumed this often (botocore does not)
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
@@ -78,6 +81,7 @@ class S3Config:
     head_concurrency: int = 16
     known_present_entries: int = 500_000
     known_present_ttl: float = 6 * 3600.0
+    read_window: int = READ_WINDOW
 
     def describe(self) -> str:
         where = f" at {self.endpoint_url}" if self.endpoint_url else ""
@@ -328,7 +332,7 @@ class S3Store(Store):
             if data is None:
                 return None
             return (data[i : i + chunk_size] for i in range(offset, len(data), chunk_size))
-        ranges = windows(offset, blob.size, READ_WINDOW)
+        ranges = windows(offset, blob.size, self.config.read_window)
         first = self._open_range(blob, *ranges[0])
         if first is None:
             self.known.discard(blob)

@@ -86,8 +86,9 @@ def test_faulty_s3_loses_nothing_acknowledged(
 def test_large_streamed_read_survives_cut_connections(
     make_store: StoreFactory, proxy: FaultProxy, fault: str
 ) -> None:
-    store = make_store(proxy.url, timeout=1.0, max_attempts=6)
-    data = os.urandom(2 * s3mod.READ_WINDOW + 777)
+    window = 4 << 20  # small windows, so the read spans several ranged GETs
+    store = make_store(proxy.url, timeout=1.0, max_attempts=6, read_window=window)
+    data = os.urandom(2 * window + 777)
     blob = BlobId.of(data)
     writer = store.open_writer(blob)
     writer.write(data)
