@@ -369,9 +369,10 @@ def machine() -> dict[str, object]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def server_benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The options every benchmark of one server shares: --smoke, --json, --storage-dir."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--smoke", action="store_true", help="tiny sizes, to check the benchmark runs"
@@ -383,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         default=pathlib.Path("/dev/shm") if pathlib.Path("/dev/shm").is_dir() else None,
         help="where the server's store goes (default /dev/shm, a tmpfs)",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = server_benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else Sizes()
     rows = [sha256_rate(sizes.stream_mib)]

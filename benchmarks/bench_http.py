@@ -14,7 +14,6 @@ The rows are comparable with bench_cache's gRPC rows (BatchUpdateBlobs, ByteStre
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import json
@@ -26,7 +25,7 @@ import urllib.parse
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from benchmarks.bench_cache import Row, machine
+from benchmarks.bench_cache import Row, machine, server_benchmark_parser
 from tests.server_process import ServerProcess
 
 _HTTP_LINE = "serving the HTTP cache"
@@ -155,19 +154,7 @@ def _http_url(server: ServerProcess, timeout: float = 10.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--smoke", action="store_true", help="tiny sizes, to check the benchmark runs"
-    )
-    parser.add_argument("--json", type=pathlib.Path, help="write the results here")
-    parser.add_argument(
-        "--storage-dir",
-        type=pathlib.Path,
-        default=pathlib.Path("/dev/shm") if pathlib.Path("/dev/shm").is_dir() else None,
-        help="where the server's store goes (default /dev/shm, a tmpfs)",
-    )
+    parser = server_benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     sizes = SMOKE if args.smoke else HttpSizes()
     with tempfile.TemporaryDirectory(dir=args.storage_dir) as tmp:
