@@ -108,23 +108,29 @@ def _open_write(
 def test_calls_in_flight_are_limited_per_caller(limits_server: ServerProcess) -> None:
     with channel_for(limits_server, LIMITED.value) as ch:
         api = Reapi(ch)
-        held = [_open_write(api, f"held-{i}") for i in range(2)]
+        held: dict[int, tuple[grpc.Future[bs_pb2.WriteResponse], queue.Queue[object]]] = {}
         try:
-            # Wait until the server counts both streams in flight.
-            for _ in range(100):
-                code, message = code_of_or_ok(lambda: api.missing(digest(b"probe")))
-                if code is EXHAUSTED:
-                    break
+            # Hold two streams open, then probe. A probe can reach the server before a
+            # held stream does and take its place (that stream is then refused), so a
+            # held stream that ended is opened again until both are in and a probe is
+            # the one refused.
+            for attempt in range(100):
+                for i in range(2):
+                    if i not in held or held[i][0].done():
+                        held[i] = _open_write(api, f"held-{i}-{attempt}")
                 time.sleep(0.05)
+                code, message = code_of_or_ok(lambda: api.missing(digest(b"probe")))
+                if code is EXHAUSTED and not any(f.done() for f, _ in held.values()):
+                    break
             assert code is EXHAUSTED
             assert message == "caller 'limited' has 2 calls in flight already; the limit is 2"
             # Another caller is not affected.
             with channel_for(limits_server, TRUSTED.value) as other:
                 assert Reapi(other).missing(digest(b"")) == []
         finally:
-            for _, release in held:
+            for _, release in held.values():
                 release.put(None)
-        for future, _ in held:
+        for future, _ in held.values():
             assert future.result().committed_size == 400
         # The streams are over: the caller may call again.
         assert api.missing(digest(b"held" * 100)) == []
