@@ -13,13 +13,14 @@ worker threads. A store holds two kinds of things:
 from __future__ import annotations
 
 import abc
+import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, unquote
 
-from cache_server.digests import BlobId
+from cache_server.digests import BlobId, DigestError
 
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -87,6 +88,23 @@ class BlobWriter(abc.ABC):
     def __init__(self, blob: BlobId) -> None:
         self.blob = blob
         self.committed_size = 0
+        self._sha = hashlib.sha256()
+
+    def _take(self, data: bytes) -> None:
+        """Count and hash data; DigestError once more bytes arrive than the digest's size."""
+        if self.committed_size + len(data) > self.blob.size:
+            raise DigestError(f"more than {self.blob.size} bytes sent for blob {self.blob}")
+        self._sha.update(data)
+        self.committed_size += len(data)
+
+    def _check_complete(self) -> None:
+        """DigestError unless exactly the blob's bytes were taken."""
+        if self.committed_size != self.blob.size:
+            raise DigestError(
+                f"blob {self.blob} ended after {self.committed_size} of {self.blob.size} bytes"
+            )
+        if self._sha.hexdigest() != self.blob.hash:
+            raise DigestError(f"blob {self.blob} hashes to {self._sha.hexdigest()}")
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
 import logging
 import os
 import pathlib
@@ -451,29 +450,20 @@ class _DiskBlobWriter(BlobWriter):
         self._path = store._new_tmp()
         self._file: BinaryIO | None = open(self._path, "wb")  # noqa: SIM115
         self._file.write(b"\0" * _HEADER.size)
-        self._sha = hashlib.sha256()
         self._xxh = xxhash.xxh3_64()
 
     def write(self, data: bytes) -> None:
         if self._file is None:
             raise DigestError("write after the blob was committed or aborted")
-        if self.committed_size + len(data) > self.blob.size:
-            raise DigestError(f"more than {self.blob.size} bytes sent for blob {self.blob}")
+        self._take(data)
         self._file.write(data)
-        self._sha.update(data)
         self._xxh.update(data)
-        self.committed_size += len(data)
 
     def commit(self) -> None:
         if self._file is None:
             raise DigestError("commit after the blob was committed or aborted")
         try:
-            if self.committed_size != self.blob.size:
-                raise DigestError(
-                    f"blob {self.blob} ended after {self.committed_size} of {self.blob.size} bytes"
-                )
-            if self._sha.hexdigest() != self.blob.hash:
-                raise DigestError(f"blob {self.blob} hashes to {self._sha.hexdigest()}")
+            self._check_complete()
             self._file.seek(0)
             self._file.write(_HEADER.pack(_MAGIC, self._xxh.intdigest()))
             self._file.close()

@@ -537,7 +537,6 @@ class S3BlobWriter(BlobWriter):
         super().__init__(blob)
         self._store = store
         self._key = blob_key(store.prefix, blob)
-        self._sha = hashlib.sha256()
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._upload_id: str | None = None
@@ -547,12 +546,9 @@ class S3BlobWriter(BlobWriter):
     def write(self, data: bytes) -> None:
         if self._closed:
             raise DigestError("write after the blob was committed or aborted")
-        if self.committed_size + len(data) > self.blob.size:
-            raise DigestError(f"more than {self.blob.size} bytes sent for blob {self.blob}")
-        self._sha.update(data)
+        self._take(data)
         self._buffer.append(data)
         self._buffered += len(data)
-        self.committed_size += len(data)
         if self._buffered >= PART_SIZE and self.blob.size > PART_SIZE:
             try:
                 self._upload_part()
@@ -584,12 +580,7 @@ class S3BlobWriter(BlobWriter):
         if self._closed:
             raise DigestError("commit after the blob was committed or aborted")
         try:
-            if self.committed_size != self.blob.size:
-                raise DigestError(
-                    f"blob {self.blob} ended after {self.committed_size} of {self.blob.size} bytes"
-                )
-            if self._sha.hexdigest() != self.blob.hash:
-                raise DigestError(f"blob {self.blob} hashes to {self._sha.hexdigest()}")
+            self._check_complete()
             store = self._store
             if self.blob == EMPTY_BLOB:
                 pass
