@@ -147,6 +147,15 @@ class _Run:
         for hook in self.hooks:
             hook.response(self.call, message)
 
+    async def admit(self, *request: Any) -> None:
+        """Run the hooks' begin (and request, given a unary request); refuse if one says no."""
+        try:
+            self.begin()
+            for message in request:
+                self.request(message)
+        except RpcError as err:
+            await self.refuse(err)
+
     async def refuse(self, err: RpcError) -> None:
         """End the call as refused, then tell the client (abort sends the status at once)."""
         self.end(err)
@@ -236,17 +245,12 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method, request)
             exc: BaseException | None = None
             try:
-                try:
-                    run.begin()
-                    run.request(request)
-                except RpcError as err:
-                    exc = err
-                    await run.refuse(err)
+                await run.admit(request)
                 response = await behavior(request, context)
                 run.response(response)
                 return response
             except BaseException as err:
-                exc = exc or err
+                exc = err
                 raise
             finally:
                 run.end(exc)
@@ -258,16 +262,12 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method)
             exc: BaseException | None = None
             try:
-                try:
-                    run.begin()
-                except RpcError as err:
-                    exc = err
-                    await run.refuse(err)
+                await run.admit()
                 response = await behavior(self._requests(run, requests), context)
                 run.response(response)
                 return response
             except BaseException as err:
-                exc = exc or err
+                exc = err
                 raise
             finally:
                 run.end(exc)
@@ -286,17 +286,12 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method, request)
             exc: BaseException | None = None
             try:
-                try:
-                    run.begin()
-                    run.request(request)
-                except RpcError as err:
-                    exc = err
-                    await run.refuse(err)
+                await run.admit(request)
                 async for response in behavior(request, context):
                     run.response(response)
                     yield response
             except BaseException as err:
-                exc = exc or err
+                exc = err
                 raise
             finally:
                 run.end(exc)
@@ -313,16 +308,12 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method)
             exc: BaseException | None = None
             try:
-                try:
-                    run.begin()
-                except RpcError as err:
-                    exc = err
-                    await run.refuse(err)
+                await run.admit()
                 async for response in behavior(self._requests(run, requests), context):
                     run.response(response)
                     yield response
             except BaseException as err:
-                exc = exc or err
+                exc = err
                 raise
             finally:
                 run.end(exc)

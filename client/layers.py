@@ -75,6 +75,14 @@ class Progress(Protocol):
 
 
 class NoProgress:
+    """Progress nobody watches (also usable as a context manager, like RichProgress)."""
+
+    def __enter__(self) -> NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
     def phase(self, description: str, total_bytes: int) -> None:
         pass
 

@@ -24,7 +24,14 @@ from cache_server.storage.base import MAX_RECORD_KEY_CHARS
 from client.cas_client import CasError, connect_ready, server_address
 from client.cli import UsageError
 from client.layer_tree import IncompleteTree, UnsafeTree
-from client.layers import LayerClient, LayerError, LayerExists, RestoreResult, SaveResult
+from client.layers import (
+    LayerClient,
+    LayerError,
+    LayerExists,
+    NoProgress,
+    RestoreResult,
+    SaveResult,
+)
 
 CONNECT_TIMEOUT = 10.0
 EXIT_OK = 0
@@ -176,25 +183,8 @@ class RichProgress:
             self._progress.update(self._task, skipped=f"{_size(self._skipped)} already present")
 
 
-class QuietProgress:
-    def __enter__(self) -> QuietProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def phase(self, description: str, total_bytes: int) -> None:
-        pass
-
-    def advance(self, nbytes: int) -> None:
-        pass
-
-    def skipped(self, nbytes: int) -> None:
-        pass
-
-
-def _progress() -> RichProgress | QuietProgress:
-    return RichProgress() if sys.stdout.isatty() else QuietProgress()
+def _progress() -> RichProgress | NoProgress:
+    return RichProgress() if sys.stdout.isatty() else NoProgress()
 
 
 def _size(n: int) -> str:

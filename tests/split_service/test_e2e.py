@@ -17,7 +17,7 @@ import pytest
 from benchmarks.bench_split import make_sample_project, run_pytest, run_shard
 from client.split_client import SplitClient
 from tests.server_process import ServerProcess, free_port
-from tests.splitter.test_plugin import junit_ids
+from tests.splitter.test_plugin import collected_ids, junit_ids
 
 TOTAL = 3
 HANG = """
@@ -40,10 +40,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def all_ids(project: pathlib.Path) -> list[str]:
-    _, proc = run_pytest(project, "-q", "--collect-only")
-    ids = [line for line in proc.stdout.splitlines() if "::" in line]
-    assert len(ids) == 55
-    return ids
+    return collected_ids(project)
 
 
 def server_args(server: ServerProcess, run_key: str, suite: str) -> list[str]:

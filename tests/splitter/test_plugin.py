@@ -37,6 +37,11 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @pytest.fixture(scope="module")
 def all_ids(project: pathlib.Path) -> list[str]:
+    return collected_ids(project)
+
+
+def collected_ids(project: pathlib.Path) -> list[str]:
+    """The node ids pytest collects in the sample project (all 55 of them)."""
     _, proc = run_pytest(project, "-q", "--collect-only")
     ids = [line for line in proc.stdout.splitlines() if "::" in line]
     assert len(ids) == 55
