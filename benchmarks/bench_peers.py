@@ -9,8 +9,7 @@ cache-only config (CAS, ActionCache, ByteStream, Capabilities) on a free 127.0.0
 and runs bench_cache.run_workload against Slipstream and BuildGrid one after the other,
 each with a fresh store of the same kind:
 
-  memory  BuildGrid's in-memory LRU store; Slipstream has no memory store, so its disk
-          store on tmpfs (/dev/shm) stands in
+  memory  both in-memory LRU stores, bounded at 4 GiB (Slipstream: --storage memory://)
   disk    both disk stores under --storage-dir (default /dev/shm, a tmpfs: steadier
           figures than a shared disk; the table says which filesystem it was)
   s3      both on the same local moto server (smaller sizes: moto answers one S3
@@ -51,6 +50,7 @@ from tests.server_process import ServerProcess, free_port
 
 HERE = pathlib.Path(__file__).parent
 KINDS = ("memory", "disk", "s3")
+MEMORY_BOUND = "4096M"  # both memory stores' size bound
 BUILDGRID_REQUIREMENT = "buildgrid>=0.9,<0.10"
 # moto serves one request at a time: S3 rows use fewer, smaller operations.
 S3_SIZES = Sizes(small_blobs=1000, find_calls=2, stream_mib=64, clients=4, mixed_ops=25)
@@ -160,7 +160,7 @@ def buildgrid_config(address: str, kind: str, store: pathlib.Path, s3: S3 | None
     ("Concurrent RPC limit exceeded") on 2 CPUs, so it gets 16 threads and queues up to
     256 RPCs instead."""
     if kind == "memory":
-        storage = "  - !lru-storage &cas\n    size: 4096M\n"
+        storage = f"  - !lru-storage &cas\n    size: {MEMORY_BOUND}\n"
     elif kind == "disk":
         storage = f"  - !disk-storage &cas\n    path: {store}\n"
     else:
@@ -246,8 +246,10 @@ def buildgrid_server(
 
 @contextlib.contextmanager
 def slipstream_server(kind: str, workdir: pathlib.Path, s3: S3 | None) -> Iterator[str]:
-    """Start `slipstream serve`: the disk store in workdir, or S3 (memory: disk on tmpfs)."""
-    if kind == "s3":
+    """Start `slipstream serve` on a store of this kind (disk: in workdir)."""
+    if kind == "memory":
+        server = ServerProcess("memory://", ["--max-size", MEMORY_BOUND])
+    elif kind == "s3":
         assert s3 is not None
         server = ServerProcess(f"s3://{s3.slipstream_bucket}", ["--s3-endpoint", s3.endpoint])
     else:
@@ -335,17 +337,16 @@ def run_kind(
         suffix = f"{os.getpid()}-{time.monotonic_ns()}"
         s3 = S3(s3_endpoint, f"slipstream-{suffix}", f"buildgrid-{suffix}")
         make_buckets(s3_endpoint, s3.slipstream_bucket, s3.buildgrid_bucket)
-    # The memory pairing puts Slipstream's disk store on tmpfs whatever --storage-dir says.
-    shm = pathlib.Path("/dev/shm")
-    ours_dir = shm if kind == "memory" and shm.is_dir() else storage_dir
     result: dict[str, object] = {"kind": kind, "sizes": asdict(sizes)}
-    with tempfile.TemporaryDirectory(dir=ours_dir, prefix="slipstream-bench-") as tmp:
+    with tempfile.TemporaryDirectory(dir=storage_dir, prefix="slipstream-bench-") as tmp:
         print(f"[{kind}] Slipstream ...", flush=True)
         with slipstream_server(kind, pathlib.Path(tmp), s3) as address:
             ours = run_workload(address, sizes)
-        result["slipstream_store"] = (
-            "s3 (moto)" if kind == "s3" else f"disk on {fs_type(pathlib.Path(tmp))} ({ours_dir})"
-        )
+        result["slipstream_store"] = {
+            "memory": f"in-memory LRU (memory://, up to {MEMORY_BOUND})",
+            "disk": f"disk on {fs_type(pathlib.Path(tmp))} ({storage_dir})",
+            "s3": "s3 (moto)",
+        }[kind]
     theirs = None
     if bgd is not None:
         with tempfile.TemporaryDirectory(dir=storage_dir, prefix="buildgrid-bench-") as tmp:

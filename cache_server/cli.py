@@ -12,6 +12,8 @@ from cache_server.server import DEFAULT_LISTEN, ServerConfig, serve
 from cache_server.sizes import parse_size
 from client.cli import UsageError
 
+MEMORY_URL = "memory://"
+
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser(
@@ -28,9 +30,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument(
         "--storage",
-        metavar="DIR|s3://BUCKET[/PREFIX]",
+        metavar="DIR|s3://BUCKET[/PREFIX]|memory://",
         help="directory of the local disk store (default: ~/.cache/slipstream, or "
-        "$XDG_CACHE_HOME), or an S3 bucket (credentials: AWS environment, profile or role)",
+        "$XDG_CACHE_HOME), an S3 bucket (credentials: AWS environment, profile or role), "
+        "or memory:// for RAM only (contents are lost at exit)",
     )
     s3 = p.add_argument_group("S3 storage (with --storage s3://...)")
     s3.add_argument("--s3-endpoint", metavar="URL", help="endpoint of an S3-compatible store")
@@ -81,10 +84,14 @@ def run_serve(args: argparse.Namespace) -> int:
         or int(http.rpartition(":")[2]) > 65535
     ):
         raise UsageError(f"--http-listen {http!r} is not HOST:PORT")
+    in_memory = (args.storage or "").startswith(MEMORY_URL)
+    if in_memory and args.storage != MEMORY_URL:
+        raise UsageError(f"--storage {args.storage!r}: write just {MEMORY_URL} for RAM storage")
     setup_logging(settings.check_log_level(args.log_level), args.log_format)
     config = ServerConfig(
         listen=args.listen,
-        storage=pathlib.Path(args.storage) if args.storage else None,
+        storage=pathlib.Path(args.storage) if args.storage and not in_memory else None,
+        in_memory=in_memory,
         max_size=max_size,
         update_enabled=not args.read_only_ac,
         ops=settings.ops_config(args),

@@ -46,6 +46,7 @@ log = logging.getLogger("cache_server")
 class ServerConfig:
     listen: str = DEFAULT_LISTEN
     storage: pathlib.Path | None = None
+    in_memory: bool = False  # `--storage memory://`: a MemoryStore, not `storage`
     max_size: int | None = None
     update_enabled: bool = True
     worker_threads: int = 16
@@ -59,6 +60,10 @@ class ServerConfig:
 def open_store(config: ServerConfig) -> Store:
     from cache_server.storage.disk import default_storage_dir
 
+    if config.in_memory:
+        from cache_server.storage.memory import MemoryStore
+
+        return MemoryStore(config.max_size)
     if config.s3 is None:
         return DiskStore(config.storage or default_storage_dir(), config.max_size)
     # Imported here: boto3 takes a while to import and the disk store does not need it.

@@ -128,7 +128,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             return await self._receive(name, resource, upload, first, request_iterator)
 
     async def _missing(self, name: ResourceName) -> bool:
-        missing = await self.backend.run(self.backend.store.find_missing, [name.blob])
+        missing = await self.backend.find_missing([name.blob])
         return bool(missing)
 
     async def _receive(

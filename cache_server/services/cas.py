@@ -15,6 +15,7 @@ from cache_server.services.common import (
     Backend,
     RpcError,
     blob_from_request,
+    blobs_from_request,
     check_function,
     grpc_errors,
     instance_ok,
@@ -49,9 +50,13 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.FindMissingBlobsResponse:
         instance_ok(request.instance_name)
         check_function(request.digest_function)
-        blobs = [blob_from_request(d, "blob_digests") for d in request.blob_digests]
-        missing = await self.backend.run(self.backend.store.find_missing, blobs)
-        return re_pb2.FindMissingBlobsResponse(missing_blob_digests=[b.to_proto() for b in missing])
+        blobs = blobs_from_request(request.blob_digests, "blob_digests")
+        missing = await self.backend.find_missing(blobs)
+        response = re_pb2.FindMissingBlobsResponse()
+        add = response.missing_blob_digests.add
+        for blob in missing:
+            add(hash=blob.hash, size_bytes=blob.size)
+        return response
 
     @grpc_errors
     async def BatchUpdateBlobs(
@@ -59,18 +64,18 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.BatchUpdateBlobsResponse:
         instance_ok(request.instance_name)
         check_function(request.digest_function)
-        total = sum(len(r.data) for r in request.requests)
-        _check_batch_size(total)
+        requests = request.requests
+        _check_batch_size(sum(len(r.data) for r in requests))
         # Digests are checked up front, so one malformed digest fails the call
         # rather than leaving a half-applied batch behind it.
-        items = [(blob_from_request(r.digest, "requests.digest"), r) for r in request.requests]
+        blobs = blobs_from_request([r.digest for r in requests], "requests.digest")
+        items = list(zip(blobs, requests, strict=True))
         statuses = await self.backend.run(self._store_batch, items)
-        return re_pb2.BatchUpdateBlobsResponse(
-            responses=[
-                re_pb2.BatchUpdateBlobsResponse.Response(digest=r.digest, status=s)
-                for (_, r), s in zip(items, statuses, strict=True)
-            ]
-        )
+        response = re_pb2.BatchUpdateBlobsResponse()
+        add = response.responses.add
+        for blob, status in zip(blobs, statuses, strict=True):
+            add(digest=re_pb2.Digest(hash=blob.hash, size_bytes=blob.size), status=status)
+        return response
 
     def _store_batch(self, items: list[tuple[BlobId, UpdateRequest]]) -> list[status_pb2.Status]:
         store = self.backend.store
@@ -99,7 +104,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     ) -> re_pb2.BatchReadBlobsResponse:
         instance_ok(request.instance_name)
         check_function(request.digest_function)
-        blobs = [blob_from_request(d, "digests") for d in request.digests]
+        blobs = blobs_from_request(request.digests, "digests")
         total = sum(b.size for b in blobs)
         _check_batch_size(total)
         zstd = re_pb2.Compressor.ZSTD in request.acceptable_compressors

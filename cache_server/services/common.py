@@ -12,7 +12,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -185,11 +185,25 @@ class Backend:
         run = functools.partial(contextvars.copy_context().run, fn, *args)
         return await loop.run_in_executor(self.executor, run)
 
+    async def find_missing(self, blobs: list[BlobId]) -> list[BlobId]:
+        """The store's find_missing, in place when the store answers from memory."""
+        if self.store.finds_in_memory:
+            return self.store.find_missing(blobs)
+        return await self.run(self.store.find_missing, blobs)
+
 
 def blob_from_request(digest: re_pb2.Digest, what: str = "digest") -> BlobId:
     """A validated BlobId from a request digest, or INVALID_ARGUMENT naming the field."""
     try:
         return BlobId.from_proto(digest)
+    except DigestError as exc:
+        raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}") from None
+
+
+def blobs_from_request(digests: Iterable[re_pb2.Digest], what: str) -> list[BlobId]:
+    """Validated BlobIds of a request's digests, or INVALID_ARGUMENT naming the field."""
+    try:
+        return BlobId.from_protos(digests)
     except DigestError as exc:
         raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {exc}") from None
 

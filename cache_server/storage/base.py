@@ -122,6 +122,10 @@ class BlobWriter(abc.ABC):
 class Store(abc.ABC):
     """Storage for CAS blobs and records; see the module docstring."""
 
+    # True when find_missing answers from memory without waiting on I/O, so a
+    # caller on an event loop may call it in place rather than on a worker thread.
+    finds_in_memory: bool = False
+
     @abc.abstractmethod
     def describe(self) -> str:
         """One line saying what is stored where, for the server's start-up message."""
@@ -149,8 +153,10 @@ class Store(abc.ABC):
     ) -> Iterator[bytes] | None:
         """Chunks of the blob from offset on, or None when it is missing.
 
-        The content is checked before the first chunk is produced, so a corrupt
-        blob is reported as missing rather than served.
+        The content is checked: a corrupt blob is reported as missing when that
+        is known up front (small blobs), and otherwise the iterator raises
+        StoreUnavailable before it produces the last chunk, so a corrupt blob is
+        never read through to its end.
         """
 
     @abc.abstractmethod

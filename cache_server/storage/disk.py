@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import itertools
 import logging
 import os
 import pathlib
 import struct
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -41,6 +42,7 @@ from cache_server.storage.base import (
     Store,
     StoreFull,
     StoreStats,
+    StoreUnavailable,
     decode_record_key,
     encode_record_key,
 )
@@ -52,6 +54,7 @@ _HEADER = struct.Struct(">4s4xQ")  # magic, padding, xxh3-64 of the payload
 _TOUCH_INTERVAL = 60.0
 _ABANDONED_AFTER = 24 * 3600.0
 _READ_CHUNK = 1 << 20
+_TMP_NAMES = itertools.count()  # next() on it is atomic under the GIL
 
 
 def default_storage_dir() -> pathlib.Path:
@@ -93,45 +96,35 @@ def _check_header(path: pathlib.Path | str, header: bytes) -> int:
     return int(expected)
 
 
-def _read_checked_file(path: str) -> bytes | None:
-    """A small stored file's payload, read in one go and verified; None if absent."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        return None
-    expected = _check_header(path, raw[: _HEADER.size])
-    payload = memoryview(raw)[_HEADER.size :]
-    if xxhash.xxh3_64_intdigest(payload) != expected:
-        raise _CorruptFile(f"{path}: checksum mismatch")
-    return bytes(payload)
+def _read_checked_file(path: str, size_hint: int = -1) -> bytes | None:
+    """A small stored file's payload, read in one go and verified; None if absent.
 
-
-def _open_checked(path: pathlib.Path) -> BinaryIO | None:
-    """Open a stored file after verifying its checksum; None if absent.
-
-    Raises _CorruptFile when the header or checksum does not match.
+    size_hint, the payload size when the caller knows it, saves a stat call.
     """
     try:
-        f = open(path, "rb")  # noqa: SIM115 - returned to the caller
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        expected = _check_header(path, f.read(_HEADER.size))
-        h = xxhash.xxh3_64()
-        while chunk := f.read(_READ_CHUNK):
-            h.update(chunk)
-        if h.intdigest() != expected:
-            raise _CorruptFile(f"{path}: checksum mismatch")
-        f.seek(_HEADER.size)
-        return f
-    except BaseException:
-        f.close()
-        raise
+        want = _HEADER.size + size_hint + 1 if size_hint >= 0 else os.fstat(fd).st_size + 1
+        raw = os.read(fd, want)
+        if len(raw) == want:  # larger than expected: read the rest
+            raw += b"".join(iter(functools.partial(os.read, fd, _READ_CHUNK), b""))
+    finally:
+        os.close(fd)
+    expected = _check_header(path, raw[: _HEADER.size])
+    payload = raw[_HEADER.size :]
+    if xxhash.xxh3_64_intdigest(payload) != expected:
+        raise _CorruptFile(f"{path}: checksum mismatch")
+    return payload
 
 
 class DiskStore(Store):
     """CAS and records on the local filesystem, bounded by max_size bytes."""
+
+    # Finds read the in-memory index; the server loads it at start (describe()),
+    # and the only syscalls are the access-time bumps, once a minute per entry.
+    finds_in_memory = True
 
     def __init__(self, root: pathlib.Path, max_size: int | None = None) -> None:
         self.root = root
@@ -259,7 +252,7 @@ class DiskStore(Store):
         if self.max_size is not None and size + _HEADER.size > self.max_size:
             raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
 
-    def _install(self, tmp_path: pathlib.Path, rel: str, size: int, evictable: bool) -> None:
+    def _install(self, tmp_path: str, rel: str, size: int, evictable: bool) -> None:
         """Rename a finished temp file (size bytes on disk) into place: the blob appears whole."""
         final = os.path.join(self.root, rel)
         try:
@@ -270,10 +263,12 @@ class DiskStore(Store):
         if evictable:
             self._admit(rel, size)
 
-    def _new_tmp(self) -> pathlib.Path:
-        return self._tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
+    def _new_tmp(self) -> str:
+        # pid first (see _clear_tmp); the counter is unique within this process and
+        # the store's id keeps two stores of one process apart.
+        return f"{self._tmp}/{os.getpid()}-{id(self):x}-{next(_TMP_NAMES)}"
 
-    def _write_file(self, tmp_path: pathlib.Path, payload: bytes) -> int:
+    def _write_file(self, tmp_path: str, payload: bytes) -> int:
         """Write header and payload to a new file; returns its size."""
         header = _HEADER.pack(_MAGIC, xxhash.xxh3_64_intdigest(payload))
         size = len(header) + len(payload)
@@ -287,20 +282,9 @@ class DiskStore(Store):
             os.close(fd)
         return size
 
-    def _open(self, rel: str) -> BinaryIO | None:
-        """A stored file, checked and positioned at its payload; None if absent or corrupt."""
+    def _read_checked(self, rel: str, size_hint: int = -1) -> bytes | None:
         try:
-            f = _open_checked(self.root / rel)
-        except _CorruptFile as exc:
-            self._drop_corrupt(rel, exc)
-            return None
-        if f is None:
-            self._forget(rel)
-        return f
-
-    def _read_checked(self, rel: str) -> bytes | None:
-        try:
-            data = _read_checked_file(os.path.join(self.root, rel))
+            data = _read_checked_file(os.path.join(self.root, rel), size_hint)
         except _CorruptFile as exc:
             self._drop_corrupt(rel, exc)
             return None
@@ -316,7 +300,28 @@ class DiskStore(Store):
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
-        return [b for b in blobs if b != EMPTY_BLOB and not self._touch(self._blob_rel(b))]
+        # One lock and one clock read for the whole list: calls carry thousands.
+        self._ensure_index()
+        now = time.time()
+        missing: list[BlobId] = []
+        stale: list[str] = []
+        lru = self._lru
+        with self._lock:
+            for blob in blobs:
+                rel = f"cas/{blob.hash[:2]}/{blob.hash}"
+                entry = lru.get(rel)
+                if entry is None:
+                    if blob != EMPTY_BLOB:
+                        missing.append(blob)
+                    continue
+                lru.move_to_end(rel)
+                if now - entry.mtime > _TOUCH_INTERVAL:
+                    entry.mtime = now
+                    stale.append(rel)
+        for rel in stale:
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(os.path.join(self.root, rel), (now, now))
+        return missing
 
     def find_blob(self, sha256: str) -> BlobId | None:
         if sha256 == EMPTY_BLOB.hash:
@@ -334,7 +339,7 @@ class DiskStore(Store):
         if blob == EMPTY_BLOB:
             return b""
         rel = self._blob_rel(blob)
-        data = self._read_checked(rel)
+        data = self._read_checked(rel, blob.size)
         if data is not None:
             self._touch(rel)
         return data
@@ -345,12 +350,49 @@ class DiskStore(Store):
         if blob == EMPTY_BLOB:
             return iter(())
         rel = self._blob_rel(blob)
-        f = self._open(rel)
-        if f is None:
+        if blob.size <= chunk_size:  # one read: checked before anything is returned
+            data = self.get_blob(blob)
+            return None if data is None else iter((data[offset:],) if offset < len(data) else ())
+        path = os.path.join(self.root, rel)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed by the generator
+        except FileNotFoundError:
+            self._forget(rel)
+            return None
+        try:
+            expected = _check_header(path, f.read(_HEADER.size))
+        except _CorruptFile as exc:
+            f.close()
+            self._drop_corrupt(rel, exc)
             return None
         self._touch(rel)
-        f.seek(_HEADER.size + offset)
-        return _chunks(f, chunk_size)
+        return self._verified_chunks(f, rel, blob, expected, offset, chunk_size)
+
+    def _verified_chunks(
+        self, f: BinaryIO, rel: str, blob: BlobId, expected: int, offset: int, chunk_size: int
+    ) -> Iterator[bytes]:
+        """The payload from offset on, checked as it streams (one pass over the file):
+        the last chunk is held back until the whole payload matched its checksum, so
+        a corrupt blob never reads through to its end."""
+        xxh = xxhash.xxh3_64()
+        skip = offset  # bytes before offset are hashed but not produced
+        pending = b""
+        with f:
+            while chunk := f.read(chunk_size):
+                xxh.update(chunk)
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                    if not chunk:
+                        continue
+                if pending:
+                    yield pending
+                pending = chunk
+        if xxh.intdigest() != expected:
+            self._drop_corrupt(rel, _CorruptFile(f"{rel}: checksum mismatch"))
+            raise StoreUnavailable(f"blob {blob} failed its checksum on disk and was dropped")
+        if pending:
+            yield pending
 
     def put_blob(self, blob: BlobId, data: bytes) -> None:
         verify(data, blob)
@@ -363,7 +405,7 @@ class DiskStore(Store):
             self._install(tmp_path, self._blob_rel(blob), size, evictable=True)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
-                tmp_path.unlink()
+                os.unlink(tmp_path)
             raise
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
@@ -400,7 +442,7 @@ class DiskStore(Store):
             return True
         finally:
             with contextlib.suppress(FileNotFoundError):
-                tmp_path.unlink()
+                os.unlink(tmp_path)
 
     def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
         encoded_prefix = encode_record_key(namespace, prefix) if prefix else ""
@@ -433,12 +475,6 @@ class DiskStore(Store):
         self._ensure_index()
         with self._lock:
             return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
-
-
-def _chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    with f:
-        while chunk := f.read(chunk_size):
-            yield chunk
 
 
 class _DiskBlobWriter(BlobWriter):
@@ -479,4 +515,4 @@ class _DiskBlobWriter(BlobWriter):
             self._file.close()
             self._file = None
         with contextlib.suppress(FileNotFoundError):
-            self._path.unlink()
+            os.unlink(self._path)

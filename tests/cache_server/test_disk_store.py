@@ -119,6 +119,38 @@ def test_corrupt_blob_on_disk_is_never_served(tmp_path: pathlib.Path) -> None:
         server.stop()
 
 
+def test_corrupt_large_blob_fails_its_read_before_the_end(tmp_path: pathlib.Path) -> None:
+    """Large blobs are checked as they stream: the read fails before its last chunk."""
+    server = ServerProcess(tmp_path / "s").start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            data = os.urandom(3 * 1024 * 1024 + 5)  # several read chunks
+            (d,) = api.upload(data)
+            path = _blob_path(tmp_path / "s", d)
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0xFF
+            path.write_bytes(bytes(raw))
+            received = 0
+            request = bs_pb2.ReadRequest(resource_name=f"blobs/{d.hash}/{d.size_bytes}")
+            with pytest.raises(grpc.RpcError) as err:
+                for response in api.bytestream.Read(request):
+                    received += len(response.data)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "checksum" in (err.value.details() or "")
+            assert received < len(data)
+            # Dropped: the next read is a plain miss and clients upload it again.
+            assert api.missing(d) == [d]
+            assert rpc_error(lambda: api.read(d)).code() == grpc.StatusCode.NOT_FOUND
+            api.upload(data)
+            assert api.read(d) == data
+            # Reads from an offset are checked over the whole blob too.
+            offset = 2 * 1024 * 1024 + 1
+            assert api.read(d, offset=offset) == data[offset:]
+    finally:
+        server.stop()
+
+
 def test_kill_mid_write_leaves_no_readable_partial_blob(tmp_path: pathlib.Path) -> None:
     storage = tmp_path / "s"
     server = ServerProcess(storage).start()

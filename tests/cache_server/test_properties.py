@@ -116,3 +116,35 @@ def test_arbitrary_resource_names_never_crash_the_parser(name: str) -> None:
         except DigestError:
             continue
         assert ".." not in parsed.instance.split("/")
+
+
+_VALID_HASH = st.text(alphabet="0123456789abcdef", min_size=64, max_size=64)
+
+
+@st.composite
+def _hashlike(draw: st.DrawFn) -> str:
+    """Mostly valid hashes; the rest spoiled in one way a client could get wrong."""
+    h = draw(_VALID_HASH)
+    spoil = draw(st.sampled_from(["none", "none", "char", "short", "long"]))
+    if spoil == "char":
+        i = draw(st.integers(0, 63))
+        return h[:i] + draw(st.sampled_from("ABCDEFG g\u00e9\u0130-")) + h[i + 1 :]
+    return {"none": h, "short": h[:-1], "long": h + "0"}[spoil]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_hashlike(), st.integers(min_value=-2, max_value=1 << 40)), max_size=6))
+def test_bulk_digest_check_agrees_with_one_by_one(pairs: list[tuple[str, int]]) -> None:
+    """BlobId.from_protos checks in bulk; it must accept and refuse exactly what BlobId does."""
+    digests = [re_pb2.Digest(hash=h, size_bytes=n) for h, n in pairs]
+    try:
+        expected: list[BlobId] | str = [BlobId(h, n) for h, n in pairs]
+    except DigestError as exc:
+        expected = str(exc)
+    try:
+        got: list[BlobId] | str = BlobId.from_protos(digests)
+    except DigestError as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, list):
+        assert all(type(b) is BlobId for b in got)

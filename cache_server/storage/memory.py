@@ -1,0 +1,223 @@
+"""A store in RAM (`--storage memory://`): the disk store's semantics, nothing kept at exit.
+
+Blobs are immutable `bytes`, handed out without copying. CAS blobs and records
+of EVICTABLE_NAMESPACES share one LRU and one size bound, counted in payload
+bytes; other records (layer keys, timings, split state) are kept outside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
+from cache_server.storage.base import (
+    EVICTABLE_NAMESPACES,
+    BlobWriter,
+    RecordInfo,
+    Store,
+    StoreFull,
+    StoreStats,
+    encode_record_key,
+)
+
+# An LRU key: a blob's hash, or (namespace, key) of an evictable record.
+_Key = str | tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class _Record:
+    value: bytes
+    modified: float  # seconds since the epoch
+
+
+class MemoryStore(Store):
+    """CAS and records in this process's memory, bounded by max_size payload bytes."""
+
+    finds_in_memory = True  # find_missing never waits on I/O
+
+    def __init__(self, max_size: int | None = None) -> None:
+        self.max_size = max_size
+        self._lock = threading.Lock()
+        # Evictable entries, least recently used first, to their payload.
+        self._lru: collections.OrderedDict[_Key, bytes] = collections.OrderedDict()
+        self._records: dict[str, dict[str, _Record]] = {}  # every record, by namespace
+        self._bytes_used = 0
+        self._evictions = 0
+
+    def describe(self) -> str:
+        bound = f"up to {self.max_size:,} bytes" if self.max_size is not None else "no size bound"
+        with self._lock:
+            used = f"{len(self._lru):,} entries, {self._bytes_used:,} bytes"
+        return f"memory store ({bound}; {used}; contents are lost at exit)"
+
+    # ---- LRU ----
+    def _check_fits(self, size: int) -> None:
+        if self.max_size is not None and size > self.max_size:
+            raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
+
+    def _admit_locked(self, key: _Key, data: bytes) -> None:
+        """Insert or replace an evictable entry as the newest, then evict down to the bound."""
+        old = self._lru.pop(key, None)
+        if old is not None:
+            self._bytes_used -= len(old)
+        self._lru[key] = data
+        self._bytes_used += len(data)
+        if self.max_size is None:
+            return
+        while self._bytes_used > self.max_size:
+            oldest, payload = next(iter(self._lru.items()))
+            if oldest == key:
+                break
+            del self._lru[oldest]
+            self._bytes_used -= len(payload)
+            self._evictions += 1
+            if isinstance(oldest, tuple):
+                del self._records[oldest[0]][oldest[1]]
+
+    def _drop_locked(self, key: _Key) -> None:
+        old = self._lru.pop(key, None)
+        if old is not None:
+            self._bytes_used -= len(old)
+
+    # ---- CAS ----
+    def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
+        missing = []
+        lru = self._lru
+        with self._lock:
+            for b in blobs:
+                if b.hash in lru:
+                    lru.move_to_end(b.hash)
+                elif b != EMPTY_BLOB:
+                    missing.append(b)
+        return missing
+
+    def find_blob(self, sha256: str) -> BlobId | None:
+        if sha256 == EMPTY_BLOB.hash:
+            return EMPTY_BLOB
+        BlobId(sha256, 0)  # validates the hash, as the disk store does
+        with self._lock:
+            data = self._lru.get(sha256)
+            if data is None:
+                return None
+            self._lru.move_to_end(sha256)
+        return BlobId(sha256, len(data))
+
+    def get_blob(self, blob: BlobId) -> bytes | None:
+        with self._lock:
+            data = self._lru.get(blob.hash)
+            if data is not None:
+                self._lru.move_to_end(blob.hash)
+                return data
+        return b"" if blob == EMPTY_BLOB else None
+
+    def read_blob(
+        self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
+    ) -> Iterator[bytes] | None:
+        data = self.get_blob(blob)
+        if data is None:
+            return None
+        return _chunks(data, offset, chunk_size)
+
+    def put_blob(self, blob: BlobId, data: bytes) -> None:
+        verify(data, blob)
+        if blob == EMPTY_BLOB:
+            return
+        self._check_fits(blob.size)
+        self._install(blob, bytes(data))  # no copy when data is already bytes
+
+    def _install(self, blob: BlobId, data: bytes) -> None:
+        with self._lock:
+            if blob.hash in self._lru:
+                self._lru.move_to_end(blob.hash)  # same content: just refresh it
+            else:
+                self._admit_locked(blob.hash, data)
+
+    def open_writer(self, blob: BlobId) -> BlobWriter:
+        self._check_fits(blob.size)
+        return _MemoryBlobWriter(self, blob)
+
+    # ---- records ----
+    def get_record(self, namespace: str, key: str) -> bytes | None:
+        encode_record_key(namespace, key)  # the same key rules as every store
+        with self._lock:
+            record = self._records.get(namespace, {}).get(key)
+            if record is None:
+                return None
+            if namespace in EVICTABLE_NAMESPACES:
+                self._lru.move_to_end((namespace, key))
+            return record.value
+
+    def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
+        encode_record_key(namespace, key)
+        evictable = namespace in EVICTABLE_NAMESPACES
+        if evictable:
+            self._check_fits(len(value))
+        record = _Record(bytes(value), time.time())
+        with self._lock:
+            records = self._records.setdefault(namespace, {})
+            if not overwrite and key in records:
+                return False
+            records[key] = record
+            if evictable:
+                self._admit_locked((namespace, key), record.value)
+            return True
+
+    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+        if prefix:
+            encode_record_key(namespace, prefix)
+        with self._lock:
+            records = self._records.get(namespace, {})
+            found = [
+                RecordInfo(key, len(r.value), r.modified)
+                for key, r in records.items()
+                if key.startswith(prefix)
+            ]
+        found.sort(key=lambda r: r.key)
+        return found
+
+    def delete_record(self, namespace: str, key: str) -> None:
+        encode_record_key(namespace, key)
+        with self._lock:
+            if self._records.get(namespace, {}).pop(key, None) is not None:
+                self._drop_locked((namespace, key))
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
+
+
+def _chunks(data: bytes, offset: int, chunk_size: int) -> Iterator[bytes]:
+    for start in range(offset, len(data), chunk_size):
+        yield data[start : start + chunk_size]
+
+
+class _MemoryBlobWriter(BlobWriter):
+    """Gathers chunks in a list; commit joins, verifies and installs them."""
+
+    def __init__(self, store: MemoryStore, blob: BlobId) -> None:
+        super().__init__(blob)
+        self._store = store
+        self._chunks: list[bytes] | None = []
+
+    def write(self, data: bytes) -> None:
+        if self._chunks is None:
+            raise DigestError("write after the blob was committed or aborted")
+        self._take(data)
+        self._chunks.append(bytes(data))
+
+    def commit(self) -> None:
+        if self._chunks is None:
+            raise DigestError("commit after the blob was committed or aborted")
+        try:
+            self._check_complete()
+            if self.blob != EMPTY_BLOB:
+                self._store._install(self.blob, b"".join(self._chunks))
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self._chunks = None

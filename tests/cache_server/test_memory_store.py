@@ -1,0 +1,425 @@
+"""The memory store (`--storage memory://`): the store API, its LRU bound, and the real server."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cache_server.cli
+from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
+from cache_server.server import ServerConfig, open_store
+from cache_server.storage.base import RecordKeyError, StoreFull
+from cache_server.storage.memory import MemoryStore
+from client.cli import main
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from tests.reapi import Reapi, digest, rpc_error
+from tests.server_process import ServerProcess, running
+
+
+def _put(store: MemoryStore, data: bytes) -> BlobId:
+    blob = BlobId.of(data)
+    store.put_blob(blob, data)
+    return blob
+
+
+# ---- CAS ----
+def test_blob_round_trip_without_copies() -> None:
+    store = MemoryStore(None)
+    data = os.urandom(10_000)
+    blob = _put(store, data)
+    got = store.get_blob(blob)
+    assert got == data and got is data  # kept as the immutable bytes given, not copied
+    assert store.find_blob(blob.hash) == blob
+    other = BlobId.of(b"never stored")
+    assert store.find_missing([other, blob, EMPTY_BLOB, other]) == [other, other]
+    assert store.get_blob(other) is None
+    assert store.read_blob(other) is None
+    assert store.find_blob(other.hash) is None
+    with pytest.raises(DigestError):
+        store.find_blob("not-a-hash")
+
+
+def test_empty_blob_is_always_present() -> None:
+    store = MemoryStore(10)
+    assert store.find_missing([EMPTY_BLOB]) == []
+    assert store.get_blob(EMPTY_BLOB) == b""
+    chunks = store.read_blob(EMPTY_BLOB)
+    assert chunks is not None and list(chunks) == []
+    assert store.find_blob(EMPTY_BLOB.hash) == EMPTY_BLOB
+    store.put_blob(EMPTY_BLOB, b"")
+    writer = store.open_writer(EMPTY_BLOB)
+    writer.commit()
+    assert store.stats().blobs == 0 and store.stats().bytes_used == 0
+
+
+def test_read_blob_offsets_and_chunks() -> None:
+    store = MemoryStore(None)
+    data = bytes(range(256)) * 40 + b"tail"  # 10,244 bytes
+    blob = _put(store, data)
+    for offset, chunk_size in [(0, 1 << 20), (0, 1000), (5, 1000), (10_000, 100), (3, 1)]:
+        chunks = store.read_blob(blob, offset, chunk_size)
+        assert chunks is not None
+        got = list(chunks)
+        assert b"".join(got) == data[offset:]
+        assert all(len(c) == chunk_size for c in got[:-1])
+        assert 0 < len(got[-1]) <= chunk_size
+        assert all(type(c) is bytes for c in got)
+    at_end = store.read_blob(blob, len(data), 7)
+    assert at_end is not None and list(at_end) == []
+
+
+def test_put_blob_verifies() -> None:
+    store = MemoryStore(None)
+    blob = BlobId.of(b"abc")
+    with pytest.raises(DigestError):
+        store.put_blob(blob, b"abd")  # right size, wrong hash
+    with pytest.raises(DigestError):
+        store.put_blob(blob, b"abcd")  # wrong size
+    assert store.get_blob(blob) is None
+    assert store.find_missing([blob]) == [blob]
+    assert store.stats().bytes_used == 0
+
+
+def test_writer_commit_and_abort() -> None:
+    store = MemoryStore(None)
+    data = os.urandom(50_000)
+    blob = BlobId.of(data)
+    writer = store.open_writer(blob)
+    writer.write(data[:20_000])
+    writer.write(data[20_000:])
+    assert writer.committed_size == len(data)
+    assert store.find_missing([blob]) == [blob]  # nothing visible before commit
+    writer.commit()
+    assert store.get_blob(blob) == data
+    writer.abort()  # safe after commit
+    with pytest.raises(DigestError):
+        writer.write(b"more")
+    with pytest.raises(DigestError):
+        writer.commit()
+
+    other = BlobId.of(b"aborted upload")
+    dropped = store.open_writer(other)
+    dropped.write(b"aborted")
+    dropped.abort()
+    dropped.abort()
+    with pytest.raises(DigestError):
+        dropped.write(b" upload")
+    assert store.find_missing([other]) == [other]
+    assert store.stats().blobs == 1
+
+
+def test_writer_refuses_wrong_size_and_hash() -> None:
+    store = MemoryStore(None)
+    blob = BlobId.of(b"abc")
+    too_long = store.open_writer(blob)
+    too_long.write(b"ab")
+    with pytest.raises(DigestError):
+        too_long.write(b"cd")
+    too_short = store.open_writer(blob)
+    too_short.write(b"ab")
+    with pytest.raises(DigestError):
+        too_short.commit()
+    wrong_hash = store.open_writer(blob)
+    wrong_hash.write(b"abd")
+    with pytest.raises(DigestError):
+        wrong_hash.commit()
+    with pytest.raises(DigestError):
+        wrong_hash.commit()  # a failed commit also ends the write
+    assert store.get_blob(blob) is None
+    assert store.stats().bytes_used == 0
+
+
+# ---- records ----
+def test_records_api() -> None:
+    store = MemoryStore(None)
+    assert store.put_record("layers", "deps/linux/1", b"one", overwrite=False)
+    assert not store.put_record("layers", "deps/linux/1", b"two", overwrite=False)
+    assert store.get_record("layers", "deps/linux/1") == b"one"
+    assert store.put_record("layers", "deps/linux/1", b"ONE")  # overwrite by default
+    assert store.get_record("layers", "deps/linux/1") == b"ONE"
+    store.put_record("layers", "deps/mac/1", b"three")
+    store.put_record("layers", "deps/linux/2", b"two!")
+    store.put_record("layers", "deps/linux", b"no slash")
+    store.put_record("timings", "deps/linux/9", b"other namespace")
+    infos = store.list_records("layers", "deps/linux/")
+    assert [(r.key, r.size) for r in infos] == [("deps/linux/1", 3), ("deps/linux/2", 4)]
+    assert all(r.modified > 0 for r in infos)
+    assert [r.key for r in store.list_records("layers")] == [
+        "deps/linux",
+        "deps/linux/1",
+        "deps/linux/2",
+        "deps/mac/1",
+    ]
+    assert store.list_records("nothing-here") == []
+    store.delete_record("layers", "deps/mac/1")
+    store.delete_record("layers", "deps/mac/1")  # absent: no error
+    assert store.get_record("layers", "deps/mac/1") is None
+    assert store.get_record("timings", "deps/linux/1") is None
+    for namespace, key in [("layers", ""), ("Bad NS", "k"), ("layers", "x" * 1000)]:
+        with pytest.raises(RecordKeyError):
+            store.put_record(namespace, key, b"x")
+        with pytest.raises(RecordKeyError):
+            store.get_record(namespace, key)
+    with pytest.raises(RecordKeyError):
+        store.list_records("Bad NS", "k")
+
+
+def test_action_results_count_toward_the_bound_and_can_be_deleted() -> None:
+    store = MemoryStore(100)
+    store.put_record("ac", "a", b"x" * 40)
+    assert store.stats().bytes_used == 40
+    store.put_record("ac", "a", b"x" * 30)  # replacing counts the new size only
+    assert (store.stats().blobs, store.stats().bytes_used) == (1, 30)
+    assert not store.put_record("ac", "a", b"y" * 10, overwrite=False)
+    assert store.get_record("ac", "a") == b"x" * 30
+    store.delete_record("ac", "a")
+    assert (store.stats().blobs, store.stats().bytes_used) == (0, 0)
+    assert store.list_records("ac") == []
+
+
+# ---- LRU bound ----
+def test_eviction_is_least_recently_used_first() -> None:
+    store = MemoryStore(100)
+    a, b, c = (_put(store, bytes([i]) * 30) for i in (1, 2, 3))
+    store.put_record("ac", "result", b"r" * 10)  # 100 bytes: full, nothing evicted
+    assert store.stats().evictions == 0
+    assert store.find_missing([a]) == []  # refreshes a: b is now the oldest
+    d = _put(store, b"\4" * 30)
+    assert store.find_missing([a, b, c, d]) == [b]
+    assert store.get_record("ac", "result") == b"r" * 10
+    assert store.get_blob(c) is not None  # c is now newer than a
+    assert store.get_record("ac", "result") is not None  # and the result newer still
+    e = _put(store, b"\5" * 40)  # 140 bytes: a, then d (30 each) must go
+    assert store.find_missing([a, c, d, e]) == [a, d]  # the record is the oldest now
+    assert [r.key for r in store.list_records("ac")] == ["result"]  # listing refreshes nothing
+    f = _put(store, b"\6" * 30)
+    assert store.get_record("ac", "result") is None
+    assert store.list_records("ac") == []
+    assert store.find_missing([c, e, f]) == []
+    stats = store.stats()
+    assert (stats.blobs, stats.bytes_used, stats.max_bytes, stats.evictions) == (3, 100, 100, 4)
+
+
+def test_finding_by_hash_refreshes() -> None:
+    store = MemoryStore(60)
+    a, b = _put(store, b"\1" * 30), _put(store, b"\2" * 30)
+    assert store.find_blob(a.hash) == a
+    c = _put(store, b"\3" * 30)
+    assert store.find_missing([a, b, c]) == [b]
+
+
+def test_writer_commit_evicts_and_refreshes() -> None:
+    store = MemoryStore(60)
+    a, b = _put(store, b"\1" * 30), _put(store, b"\2" * 30)
+    writer = store.open_writer(a)  # a is stored already: committing again refreshes it
+    writer.write(b"\1" * 30)
+    writer.commit()
+    c = BlobId.of(b"\3" * 30)
+    writer = store.open_writer(c)
+    writer.write(b"\3" * 30)
+    writer.commit()
+    assert store.find_missing([a, b, c]) == [b]
+    assert store.stats().bytes_used == 60
+
+
+def test_what_can_never_fit_is_refused() -> None:
+    store = MemoryStore(100)
+    kept = _put(store, b"\1" * 50)
+    exact = _put(store, b"\2" * 100)  # exactly the bound fits, evicting the rest
+    assert store.find_missing([kept, exact]) == [kept]
+    big = b"\3" * 101
+    with pytest.raises(StoreFull):
+        store.put_blob(BlobId.of(big), big)
+    with pytest.raises(StoreFull):
+        store.open_writer(BlobId.of(big))
+    with pytest.raises(StoreFull):
+        store.put_record("ac", "big", big)
+    with pytest.raises(StoreFull):
+        store.put_record("ccache", "big", big)
+    assert store.find_missing([exact]) == []  # a refusal evicts nothing
+    assert store.get_record("ac", "big") is None
+    assert store.stats().evictions == 1
+    assert store.put_record("layers", "big", big)  # not bounded: kept outside the LRU
+
+
+def test_records_outside_the_evictable_namespaces_are_kept() -> None:
+    store = MemoryStore(100)
+    for i in range(5):
+        store.put_record("split", f"suite/lease/{i}", b"s" * 60)
+        store.put_record("timings", f"suite/{i}", b"t" * 60)
+    assert store.stats().bytes_used == 0
+    blobs = [_put(store, bytes([i]) * 40) for i in range(5)]
+    assert store.find_missing(blobs) == blobs[:3]
+    assert len(store.list_records("split", "suite/lease/")) == 5
+    assert all(store.get_record("timings", f"suite/{i}") == b"t" * 60 for i in range(5))
+    stats = store.stats()
+    assert (stats.blobs, stats.bytes_used) == (2, 80)
+
+
+def test_describe_says_bound_and_that_contents_are_lost() -> None:
+    store = MemoryStore(1 << 20)
+    _put(store, b"described")
+    text = store.describe()
+    assert text.startswith("memory store (up to 1,048,576 bytes; 1 entries, 9 bytes;")
+    assert "lost at exit" in text
+    assert MemoryStore(None).describe().startswith("memory store (no size bound;")
+
+
+def test_threads_share_one_consistent_store() -> None:
+    store = MemoryStore(50_000)
+    payloads = [os.urandom(1000 + i) for i in range(120)]
+    claims: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for i, data in enumerate(payloads):
+                blob = BlobId.of(data)
+                if (i + n) % 2:
+                    store.put_blob(blob, data)
+                else:
+                    writer = store.open_writer(blob)
+                    writer.write(data[:500])
+                    writer.write(data[500:])
+                    writer.commit()
+                got = store.get_blob(blob)
+                assert got is None or got == data
+                chunks = store.read_blob(blob, 100, 333)
+                assert chunks is None or b"".join(chunks) == data[100:]
+                store.find_missing([BlobId.of(p) for p in payloads[: i + 1]])
+                if store.put_record("split", f"claim/{i}", str(n).encode(), overwrite=False):
+                    claims.append((f"claim/{i}", n))
+                store.put_record("ac", f"r/{n}/{i}", data[:50])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads often, so races show up
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors
+    # Each claim went to exactly one thread, and the record holds that thread's value.
+    assert sorted(key for key, _ in claims) == sorted(f"claim/{i}" for i in range(120))
+    for key, n in claims:
+        assert store.get_record("split", key) == str(n).encode()
+    # The byte count matches what is actually held, within the bound.
+    stats = store.stats()
+    held = [p for p in payloads if store.get_blob(BlobId.of(p)) is not None]
+    results = store.list_records("ac")
+    assert stats.bytes_used == sum(map(len, held)) + sum(r.size for r in results)
+    assert stats.blobs == len(held) + len(results)
+    assert stats.bytes_used <= 50_000
+    assert stats.evictions > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    blobs=st.lists(st.binary(max_size=3000), min_size=1, max_size=6),
+    reads=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(0, 3100), st.integers(1, 1500)), max_size=10
+    ),
+)
+def test_cas_round_trip_property(blobs: list[bytes], reads: list[tuple[int, int, int]]) -> None:
+    store = MemoryStore(None)
+    ids = [_put(store, data) for data in blobs]
+    assert store.find_missing(ids) == []
+    for blob, data in zip(ids, blobs, strict=True):
+        assert store.get_blob(blob) == data
+    for which, offset, chunk_size in reads:
+        data = blobs[which % len(blobs)]
+        offset = min(offset, len(data))
+        chunks = store.read_blob(ids[which % len(blobs)], offset, chunk_size)
+        assert chunks is not None
+        got = list(chunks)
+        assert b"".join(got) == data[offset:]
+        assert all(0 < len(c) <= chunk_size for c in got)
+
+
+# ---- the server and its command line ----
+def test_server_on_memory_storage() -> None:
+    server = ServerProcess("memory://", ["--max-size", "100K"])
+    with running(server), grpc.insecure_channel(server.address) as ch:
+        text = "".join(server.output)
+        assert "storing in the memory store (up to 102,400 bytes;" in text, text
+        assert "lost at exit" in text
+        api = Reapi(ch)
+        small = [b"first blob", b"second blob", os.urandom(20_000)]
+        digests = api.upload(*small)
+        absent = digest(b"not uploaded")
+        assert api.missing(absent, *digests) == [absent]
+        resp = api.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=[*digests, absent]))
+        assert [r.data for r in resp.responses[:3]] == small
+        assert resp.responses[3].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+        streamed = os.urandom(60_000)
+        assert api.write(streamed, chunk=7_000).committed_size == len(streamed)
+        assert api.read(digest(streamed)) == streamed
+        assert api.read(digest(streamed), offset=12_345, limit=1000) == streamed[12_345:13_345]
+        # 60,000 + 20,021 + one more 30,000 is over 100K: the oldest blobs are evicted.
+        (later,) = api.upload(b"\7" * 30_000)
+        assert api.missing(*digests, digest(streamed), later) == digests
+        err = rpc_error(lambda: api.write(b"\5" * 200_000, upload_id="too-big"))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_s3_flags_with_memory_storage_are_a_usage_error() -> None:
+    for args, message in [
+        (["--s3-endpoint", "http://x"], "--s3-endpoint needs --storage s3://"),
+        (["--cache-dir", "/tmp/x"], "--cache-dir needs --storage s3://"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "client.cli", "serve", "--storage", "memory://", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_memory_storage_from_flag_environment_or_file(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    configs: list[ServerConfig] = []
+
+    async def record(config: ServerConfig) -> None:
+        configs.append(config)
+
+    monkeypatch.setattr(cache_server.cli, "serve", record)
+    for name in ("SLIPSTREAM_CONFIG", "SLIPSTREAM_STORAGE", "SLIPSTREAM_MAX_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    toml = tmp_path / "slipstream.toml"
+    toml.write_text('storage = "memory://"\nmax_size = "1M"\n')
+    assert main(["serve", "--storage", "memory://", "--max-size", "2K"]) == 0
+    with monkeypatch.context() as mp:
+        mp.setenv("SLIPSTREAM_STORAGE", "memory://")
+        assert main(["serve"]) == 0
+    assert main(["serve", "--config", str(toml)]) == 0
+    assert main(["serve", "--storage", str(tmp_path / "disk")]) == 0
+    assert [(c.in_memory, c.storage, c.max_size) for c in configs] == [
+        (True, None, 2048),
+        (True, None, None),
+        (True, None, 1 << 20),
+        (False, tmp_path / "disk", None),
+    ]
+    store = open_store(configs[0])
+    assert isinstance(store, MemoryStore) and store.max_size == 2048
+    assert main(["serve", "--storage", "memory://somewhere"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "write just memory://" in err, err
