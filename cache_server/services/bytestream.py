@@ -146,13 +146,26 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         received = writer.committed_size if decompressor is None else 0
         buffer: list[bytes] = []
         buffered = 0
+        accepted = writer.committed_size  # bytes taken for the writer, in flight or buffered
+        # One store write runs in a worker thread while the next chunks arrive:
+        # hashing releases the GIL, so receiving and hashing overlap.
+        in_flight: asyncio.Future[None] | None = None
 
         async def flush() -> None:
-            nonlocal buffer, buffered
+            nonlocal buffer, buffered, in_flight
             if buffer:
                 data = b"".join(buffer)
                 buffer, buffered = [], 0
-                await self.backend.run(writer.write, data)
+                if in_flight is not None:
+                    await in_flight
+                in_flight = asyncio.ensure_future(self.backend.run(writer.write, data))
+
+        async def settle() -> None:
+            """Let the write in flight finish; on the way out its error is moot."""
+            if in_flight is not None:
+                await asyncio.wait([in_flight])
+                if not in_flight.cancelled():
+                    in_flight.exception()
 
         request: bs_pb2.WriteRequest | None = first
         finished = False
@@ -168,16 +181,18 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                         f"write_offset {request.write_offset} does not follow "
                         f"the {received} bytes committed",
                     )
-                received += len(request.data)
-                data = decompressor.feed(request.data) if decompressor else request.data
+                chunk = request.data  # a copy out of the message: take it once
+                received += len(chunk)
+                data = decompressor.feed(chunk) if decompressor else chunk
                 if data:
-                    if writer.committed_size + buffered + len(data) > name.blob.size:
+                    if accepted + len(data) > name.blob.size:
                         raise RpcError(
                             grpc.StatusCode.INVALID_ARGUMENT,
                             f"more than {name.blob.size} bytes sent for blob {name.blob}",
                         )
                     buffer.append(data)
                     buffered += len(data)
+                    accepted += len(data)
                     if buffered >= WRITE_BUFFER:
                         await flush()
                 upload.last_active = time.monotonic()
@@ -186,12 +201,17 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     break
                 request = await anext(rest, None)
             await flush()
+            await settle()
+            if in_flight is not None:
+                in_flight.result()
         except asyncio.CancelledError:
+            await settle()  # before the upload is dropped or left for a resume
             # The client went away: what reached the store stays for a resume.
             if decompressor is not None:
                 self._drop(resource)
             raise
         except BaseException:
+            await settle()
             self._drop(resource)
             raise
         if not finished:

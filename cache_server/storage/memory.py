@@ -29,6 +29,21 @@ _Key = str | tuple[str, str]
 
 
 @dataclass(frozen=True, slots=True)
+class _Pieces:
+    """A streamed blob kept as the pieces it arrived in: joining them would copy
+    (and fault in) the whole blob once more at the end of every large upload."""
+
+    parts: tuple[bytes, ...]
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+
+_Payload = bytes | _Pieces
+
+
+@dataclass(frozen=True, slots=True)
 class _Record:
     value: bytes
     modified: float  # seconds since the epoch
@@ -43,7 +58,7 @@ class MemoryStore(Store):
         self.max_size = max_size
         self._lock = threading.Lock()
         # Evictable entries, least recently used first, to their payload.
-        self._lru: collections.OrderedDict[_Key, bytes] = collections.OrderedDict()
+        self._lru: collections.OrderedDict[_Key, _Payload] = collections.OrderedDict()
         self._records: dict[str, dict[str, _Record]] = {}  # every record, by namespace
         self._bytes_used = 0
         self._evictions = 0
@@ -59,7 +74,7 @@ class MemoryStore(Store):
         if self.max_size is not None and size > self.max_size:
             raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
 
-    def _admit_locked(self, key: _Key, data: bytes) -> None:
+    def _admit_locked(self, key: _Key, data: _Payload) -> None:
         """Insert or replace an evictable entry as the newest, then evict down to the bound."""
         old = self._lru.pop(key, None)
         if old is not None:
@@ -111,16 +126,20 @@ class MemoryStore(Store):
             data = self._lru.get(blob.hash)
             if data is not None:
                 self._lru.move_to_end(blob.hash)
-                return data
+        if data is not None:
+            return b"".join(data.parts) if isinstance(data, _Pieces) else data
         return b"" if blob == EMPTY_BLOB else None
 
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
     ) -> Iterator[bytes] | None:
-        data = self.get_blob(blob)
+        with self._lock:
+            data = self._lru.get(blob.hash)
+            if data is not None:
+                self._lru.move_to_end(blob.hash)
         if data is None:
-            return None
-        return _chunks(data, offset, chunk_size)
+            return iter(()) if blob == EMPTY_BLOB else None
+        return _chunks(data.parts if isinstance(data, _Pieces) else (data,), offset, chunk_size)
 
     def put_blob(self, blob: BlobId, data: bytes) -> None:
         verify(data, blob)
@@ -129,7 +148,7 @@ class MemoryStore(Store):
         self._check_fits(blob.size)
         self._install(blob, bytes(data))  # no copy when data is already bytes
 
-    def _install(self, blob: BlobId, data: bytes) -> None:
+    def _install(self, blob: BlobId, data: _Payload) -> None:
         with self._lock:
             if blob.hash in self._lru:
                 self._lru.move_to_end(blob.hash)  # same content: just refresh it
@@ -190,13 +209,19 @@ class MemoryStore(Store):
             return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
 
 
-def _chunks(data: bytes, offset: int, chunk_size: int) -> Iterator[bytes]:
-    for start in range(offset, len(data), chunk_size):
-        yield data[start : start + chunk_size]
+def _chunks(parts: tuple[bytes, ...], offset: int, chunk_size: int) -> Iterator[bytes]:
+    """The bytes of parts from offset on, in slices of at most chunk_size."""
+    for part in parts:
+        if offset >= len(part):
+            offset -= len(part)
+            continue
+        for start in range(offset, len(part), chunk_size):
+            yield part[start : start + chunk_size]
+        offset = 0
 
 
 class _MemoryBlobWriter(BlobWriter):
-    """Gathers chunks in a list; commit joins, verifies and installs them."""
+    """Gathers chunks in a list; commit verifies them and installs them as they are."""
 
     def __init__(self, store: MemoryStore, blob: BlobId) -> None:
         super().__init__(blob)
@@ -215,7 +240,9 @@ class _MemoryBlobWriter(BlobWriter):
         try:
             self._check_complete()
             if self.blob != EMPTY_BLOB:
-                self._store._install(self.blob, b"".join(self._chunks))
+                parts = tuple(self._chunks)
+                payload = parts[0] if len(parts) == 1 else _Pieces(parts, self.blob.size)
+                self._store._install(self.blob, payload)
         finally:
             self.abort()
 
