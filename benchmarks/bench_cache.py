@@ -27,7 +27,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -71,6 +71,7 @@ class Row:
     unit: str
     p50_ms: float | None = None  # per-operation latency, for the mixed load
     p99_ms: float | None = None
+    rounds: list[float] | None = None  # each round's rate, when this is their median
 
     @property
     def rate(self) -> float:
@@ -99,11 +100,42 @@ _OPTIONS = [
 ]
 
 
-def run_workload(address: str, sizes: Sizes) -> list[Row]:
-    """The REAPI workload against the server at address; one row per operation."""
-    with grpc.insecure_channel(address, options=_OPTIONS) as channel:
-        cas = re_grpc.ContentAddressableStorageStub(channel)
-        bytestream = bs_grpc.ByteStreamStub(channel)
+class Workload:
+    """The REAPI workload against one server, one operation per method, each returning
+    its Row. Operations may run again (rounds): every upload sends fresh blobs, and the
+    reads read what the latest uploads stored."""
+
+    def __init__(self, address: str, sizes: Sizes) -> None:
+        self.address = address
+        self.sizes = sizes
+        self.channel = grpc.insecure_channel(address, options=_OPTIONS)
+        self.cas = re_grpc.ContentAddressableStorageStub(self.channel)
+        self.bytestream = bs_grpc.ByteStreamStub(self.channel)
+        self._batches: list[list[re_pb2.Digest]] = []  # stored by the latest upload
+        self._big: re_pb2.Digest | None = None  # stored by the latest stream write
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Workload:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def operations(self) -> list[Callable[[], Row]]:
+        """In the order they must first run: reads need what the writes stored."""
+        return [
+            self.batch_update,
+            self.find_missing,
+            self.batch_read,
+            self.stream_write,
+            self.stream_read,
+            self.mixed,
+        ]
+
+    def batch_update(self) -> Row:
+        sizes = self.sizes
         blobs = [os.urandom(sizes.small_size) for _ in range(sizes.small_blobs)]
         digests = [_digest(b) for b in blobs]
         batches = [
@@ -113,7 +145,7 @@ def run_workload(address: str, sizes: Sizes) -> list[Row]:
 
         def upload() -> None:
             for batch in batches:
-                cas.BatchUpdateBlobs(
+                self.cas.BatchUpdateBlobs(
                     re_pb2.BatchUpdateBlobsRequest(
                         requests=[
                             re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b)
@@ -122,64 +154,98 @@ def run_workload(address: str, sizes: Sizes) -> list[Row]:
                     )
                 )
 
-        rows = [Row("BatchUpdateBlobs 4 KiB", len(blobs), _timed(upload), "blobs/s")]
+        row = Row("BatchUpdateBlobs 4 KiB", len(blobs), _timed(upload), "blobs/s")
+        self._batches = [[d for d, _ in batch] for batch in batches]
+        return row
 
+    def find_missing(self) -> Row:
+        sizes = self.sizes
+        present = [d for batch in self._batches for d in batch]
         half = sizes.find_digests // 2
-        query = digests[:half] + [_digest(os.urandom(32)) for _ in range(sizes.find_digests - half)]
+        absent = [_digest(os.urandom(32)) for _ in range(sizes.find_digests - half)]
+        query = present[:half] + absent
 
         def find() -> None:
             for _ in range(sizes.find_calls):
-                resp = cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=query))
-                assert len(resp.missing_blob_digests) == sizes.find_digests - half
+                resp = self.cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=query))
+                assert len(resp.missing_blob_digests) == len(absent)
 
         name = f"FindMissingBlobs {sizes.find_digests} digests"
-        rows.append(Row(name, sizes.find_calls, _timed(find), "calls/s"))
+        return Row(name, sizes.find_calls, _timed(find), "calls/s")
 
+    def batch_read(self) -> Row:
         def read() -> None:
-            for batch in batches:
-                resp = cas.BatchReadBlobs(
-                    re_pb2.BatchReadBlobsRequest(digests=[d for d, _ in batch])
-                )
+            for batch in self._batches:
+                resp = self.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=batch))
                 assert all(r.status.code == 0 for r in resp.responses)
 
-        rows.append(Row("BatchReadBlobs 4 KiB", len(blobs), _timed(read), "blobs/s"))
+        count = sum(map(len, self._batches))
+        return Row("BatchReadBlobs 4 KiB", count, _timed(read), "blobs/s")
 
-        big = os.urandom(sizes.stream_mib << 20)
+    def stream_write(self) -> Row:
+        mib = self.sizes.stream_mib
+        big = os.urandom(mib << 20)
         d = _digest(big)
         chunk = 1 << 20
-
-        def requests() -> Iterator[bs_pb2.WriteRequest]:
-            name = f"uploads/bench/blobs/{d.hash}/{d.size_bytes}"
-            for i in range(0, len(big), chunk):
-                yield bs_pb2.WriteRequest(
-                    resource_name=name if i == 0 else "",
-                    write_offset=i,
-                    data=big[i : i + chunk],
-                    finish_write=i + chunk >= len(big),
-                )
+        name = f"uploads/bench-{d.hash[:8]}/blobs/{d.hash}/{d.size_bytes}"
+        requests = [
+            bs_pb2.WriteRequest(
+                resource_name=name if i == 0 else "",
+                write_offset=i,
+                data=big[i : i + chunk],
+                finish_write=i + chunk >= len(big),
+            )
+            for i in range(0, len(big), chunk)
+        ]
 
         def write() -> None:
-            assert bytestream.Write(requests()).committed_size == len(big)
+            assert self.bytestream.Write(iter(requests)).committed_size == len(big)
 
-        def stream_read() -> None:
-            req = bs_pb2.ReadRequest(resource_name=f"blobs/{d.hash}/{d.size_bytes}")
-            assert sum(len(r.data) for r in bytestream.Read(req)) == len(big)
+        row = Row(f"ByteStream write {mib} MiB", mib, _timed(write), "MiB/s")
+        self._big = d
+        return row
 
-        rows.append(
-            Row(
-                f"ByteStream write {sizes.stream_mib} MiB", sizes.stream_mib, _timed(write), "MiB/s"
-            )
-        )
-        rows.append(
-            Row(
-                f"ByteStream read {sizes.stream_mib} MiB",
-                sizes.stream_mib,
-                _timed(stream_read),
-                "MiB/s",
-            )
-        )
-    rows.append(run_mixed(address, sizes))
-    return rows
+    def stream_read(self) -> Row:
+        d = self._big
+        assert d is not None, "stream_write first"
+        req = bs_pb2.ReadRequest(resource_name=f"blobs/{d.hash}/{d.size_bytes}")
+
+        def read() -> None:
+            assert sum(len(r.data) for r in self.bytestream.Read(req)) == d.size_bytes
+
+        mib = self.sizes.stream_mib
+        return Row(f"ByteStream read {mib} MiB", mib, _timed(read), "MiB/s")
+
+    def mixed(self) -> Row:
+        return run_mixed(self.address, self.sizes)
+
+
+def median_row(rows: list[Row]) -> Row:
+    """One Row for several rounds of an operation: the median rate and latencies."""
+    rate = statistics.median(r.rate for r in rows)
+    first = rows[0]
+    p50 = [r.p50_ms for r in rows if r.p50_ms is not None]
+    p99 = [r.p99_ms for r in rows if r.p99_ms is not None]
+    return Row(
+        first.name,
+        first.count,
+        first.count / rate,
+        first.unit,
+        p50_ms=statistics.median(p50) if p50 else None,
+        p99_ms=statistics.median(p99) if p99 else None,
+        rounds=[round(r.rate, 3) for r in rows],
+    )
+
+
+def run_workload(address: str, sizes: Sizes, rounds: int = 1) -> list[Row]:
+    """The REAPI workload against the server at address; one row per operation,
+    each the median of `rounds` runs."""
+    with Workload(address, sizes) as workload:
+        results: list[list[Row]] = [[] for _ in workload.operations()]
+        for _ in range(rounds):
+            for i, operation in enumerate(workload.operations()):
+                results[i].append(operation())
+    return [median_row(rows) for rows in results]
 
 
 # ---- the mixed load: several client processes at once ----

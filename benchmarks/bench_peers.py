@@ -1,13 +1,16 @@
 """Slipstream beside BuildGrid: the cache workload of bench_cache against both, in one run.
 
-    python -m benchmarks.bench_peers [--smoke] [--kinds memory,disk,s3] [--json PATH]
-                                     [--storage-dir DIR] [--buildgrid-venv DIR]
+    python -m benchmarks.bench_peers [--smoke] [--kinds memory,disk,s3] [--rounds N]
+                                     [--json PATH] [--storage-dir DIR] [--buildgrid-venv DIR]
 
 Sets up BuildGrid (PyPI `buildgrid` 0.9.x, which needs Python 3.13) in its own venv
 (default ~/.cache/slipstream-bench/buildgrid-venv, reused when present), starts it with a
 cache-only config (CAS, ActionCache, ByteStream, Capabilities) on a free 127.0.0.1 port,
-and runs bench_cache.run_workload against Slipstream and BuildGrid one after the other,
-each with a fresh store of the same kind:
+and runs bench_cache's workload against Slipstream and BuildGrid, each with a fresh
+store of the same kind, both running at once and measured in turns: every operation runs
+--rounds times on each (the order flipping every round) and each figure is the median, so
+both meet the same machine noise. The memory kind also measures benchmarks.reference_server
+(a RAM-only Python server doing no checks): the most any Python server could show here.
 
   memory  both in-memory LRU stores, bounded at 4 GiB (Slipstream: --storage memory://)
   disk    both disk stores under --storage-dir (default /dev/shm, a tmpfs: steadier
@@ -34,6 +37,7 @@ import os
 import pathlib
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +48,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from benchmarks.bench_cache import SMOKE, Row, Sizes, machine, run_workload, sha256_rate
+from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
 from tests.s3.moto import AWS_ENV, moto_server
 from tests.server_process import ServerProcess, free_port
 
@@ -282,6 +286,40 @@ def slipstream_s3_works() -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def reference_server() -> Iterator[str]:
+    """benchmarks.reference_server in its own process; yields its address."""
+    address = f"127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "-m", "benchmarks.reference_server", "--port", address.split(":")[1]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=HERE.parent)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            grpc.channel_ready_future(channel).result(timeout=60)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def run_side_by_side(servers: dict[str, str], sizes: Sizes, rounds: int) -> dict[str, list[Row]]:
+    """The workload against every server, interleaved: each operation runs `rounds` times
+    on each server in turn (the order flipping every round), so all of them meet the same
+    machine noise; each server's row is the median of its rounds."""
+    workloads = {name: Workload(address, sizes) for name, address in servers.items()}
+    try:
+        operations = {name: w.operations() for name, w in workloads.items()}
+        names = list(servers)
+        results: dict[str, list[list[Row]]] = {n: [[] for _ in operations[n]] for n in names}
+        for i in range(len(operations[names[0]])):
+            for r in range(rounds):
+                for name in names if r % 2 == 0 else names[::-1]:
+                    results[name][i].append(operations[name][i]())
+        return {name: [median_row(rows) for rows in results[name]] for name in names}
+    finally:
+        for w in workloads.values():
+            w.close()
+
+
 @dataclass
 class Pair:
     kind: str
@@ -291,76 +329,93 @@ class Pair:
     buildgrid: float | None
     ratio: float | None  # > 1: Slipstream better (rates S/B; latencies B/S)
     better: str  # "higher" for rates, "lower" for latencies
+    reference: float | None = None  # the reference server (benchmarks.reference_server)
+    reference_ratio: float | None = None  # reference over BuildGrid: what any server could show
 
 
-def _pairs(kind: str, ours: list[Row], theirs: list[Row] | None) -> list[Pair]:
+def _ratio(a: float | None, b: float | None, better: str) -> float | None:
+    if not a or not b:
+        return None
+    return a / b if better == "higher" else b / a
+
+
+def _get(row: Row | None, field: str) -> float | None:
+    value = getattr(row, field) if row is not None else None
+    return float(value) if value is not None else None
+
+
+def _pairs(
+    kind: str, ours: list[Row], theirs: list[Row] | None, ref: list[Row] | None
+) -> list[Pair]:
     pairs: list[Pair] = []
     for i, row in enumerate(ours):
         other = theirs[i] if theirs else None
-        rate_b = other.rate if other else None
-        pairs.append(
-            Pair(
-                kind,
-                row.name,
-                row.unit,
-                row.rate,
-                rate_b,
-                row.rate / rate_b if rate_b else None,
-                "higher",
-            )
-        )
+        top = ref[i] if ref else None
+        values: list[tuple[str, str, str, float | None, float | None, float | None]] = [
+            (row.name, row.unit, "higher", row.rate, _get(other, "rate"), _get(top, "rate"))
+        ]
         if row.p50_ms is not None:
-            for label, a, b in (
-                ("p50", row.p50_ms, other.p50_ms if other else None),
-                ("p99", row.p99_ms, other.p99_ms if other else None),
-            ):
-                assert a is not None
-                pairs.append(
-                    Pair(
-                        kind, f"  {label} latency", "ms", a, b, b / a if b and a else None, "lower"
-                    )
-                )
+            for label in ("p50", "p99"):
+                field = f"{label}_ms"
+                values.append(
+                    (f"  {label} latency", "ms", "lower", _get(row, field), _get(other, field),
+                     _get(top, field))
+                )  # fmt: skip
+        for name, unit, better, a, b, c in values:
+            assert a is not None
+            pairs.append(
+                Pair(kind, name, unit, a, b, _ratio(a, b, better), better, c, _ratio(c, b, better))
+            )
     return pairs
 
 
 def run_kind(
     kind: str,
     sizes: Sizes,
+    rounds: int,
     storage_dir: pathlib.Path | None,
     bgd: pathlib.Path | None,
     s3_endpoint: str | None,
+    reference: bool,
 ) -> dict[str, object]:
-    """Slipstream, then BuildGrid, each on a fresh store of this kind."""
+    """Slipstream and BuildGrid (and, for memory, the reference server), each on a fresh
+    store of this kind, all running at once and measured in turns."""
     s3 = None
     if kind == "s3":
         assert s3_endpoint is not None
         suffix = f"{os.getpid()}-{time.monotonic_ns()}"
         s3 = S3(s3_endpoint, f"slipstream-{suffix}", f"buildgrid-{suffix}")
         make_buckets(s3_endpoint, s3.slipstream_bucket, s3.buildgrid_bucket)
-    result: dict[str, object] = {"kind": kind, "sizes": asdict(sizes)}
-    with tempfile.TemporaryDirectory(dir=storage_dir, prefix="slipstream-bench-") as tmp:
-        print(f"[{kind}] Slipstream ...", flush=True)
-        with slipstream_server(kind, pathlib.Path(tmp), s3) as address:
-            ours = run_workload(address, sizes)
+    result: dict[str, object] = {"kind": kind, "sizes": asdict(sizes), "rounds": rounds}
+    with contextlib.ExitStack() as stack:
+        tmp = pathlib.Path(
+            stack.enter_context(
+                tempfile.TemporaryDirectory(dir=storage_dir, prefix="slipstream-bench-")
+            )
+        )
+        fs = fs_type(tmp)
+        servers = {"slipstream": stack.enter_context(slipstream_server(kind, tmp / "ours", s3))}
         result["slipstream_store"] = {
             "memory": f"in-memory LRU (memory://, up to {MEMORY_BOUND})",
-            "disk": f"disk on {fs_type(pathlib.Path(tmp))} ({storage_dir})",
+            "disk": f"disk on {fs} ({storage_dir})",
             "s3": "s3 (moto)",
         }[kind]
-    theirs = None
-    if bgd is not None:
-        with tempfile.TemporaryDirectory(dir=storage_dir, prefix="buildgrid-bench-") as tmp:
-            print(f"[{kind}] BuildGrid ...", flush=True)
-            with buildgrid_server(bgd, kind, pathlib.Path(tmp), s3) as address:
-                theirs = run_workload(address, sizes)
+        if bgd is not None:
+            servers["buildgrid"] = stack.enter_context(buildgrid_server(bgd, kind, tmp / "bg", s3))
             result["buildgrid_store"] = {
                 "memory": "in-memory LRU (!lru-storage)",
-                "disk": f"disk on {fs_type(pathlib.Path(tmp))} ({storage_dir})",
+                "disk": f"disk on {fs} ({storage_dir})",
                 "s3": "s3 (moto), action cache in memory (!lru-action-cache)",
             }[kind]
+        if reference and kind == "memory":
+            servers["reference"] = stack.enter_context(reference_server())
+        print(f"[{kind}] {', '.join(servers)}: {rounds} rounds, interleaved ...", flush=True)
+        rows = run_side_by_side(servers, sizes, rounds)
+    ours, theirs, ref = rows["slipstream"], rows.get("buildgrid"), rows.get("reference")
     result["slipstream"] = [{**asdict(r), "rate": r.rate} for r in ours]
     result["buildgrid"] = [{**asdict(r), "rate": r.rate} for r in theirs] if theirs else None
-    result["pairs"] = [asdict(p) for p in _pairs(kind, ours, theirs)]
+    result["reference"] = [{**asdict(r), "rate": r.rate} for r in ref] if ref else None
+    result["pairs"] = [asdict(p) for p in _pairs(kind, ours, theirs, ref)]
     return result
 
 
@@ -368,14 +423,22 @@ def print_table(results: dict[str, object]) -> None:
     sha = results["sha256_mib_s"]
     assert isinstance(sha, float)
     print()
-    print(f"{'storage':<8} {'operation':<34} {'Slipstream':>12} {'BuildGrid':>12} {'S/B':>7}  unit")
+    print(
+        f"{'storage':<8} {'operation':<34} {'Slipstream':>12} {'BuildGrid':>12} {'S/B':>7}"
+        f" {'reference':>12} {'R/B':>7}  unit"
+    )
+
+    def cell(value: float | None, width: int, ratio: bool = False) -> str:
+        if value is None:
+            return f"{'-':>{width}}"
+        return f"{value:>{width - 1}.2f}x" if ratio else f"{value:>{width},.1f}"
+
     for run in results["runs"]:  # type: ignore[attr-defined]
         for p in run["pairs"]:
-            theirs = f"{p['buildgrid']:>12,.1f}" if p["buildgrid"] is not None else f"{'-':>12}"
-            ratio = f"{p['ratio']:>6.2f}x" if p["ratio"] is not None else f"{'-':>7}"
             print(
                 f"{p['kind']:<8} {p['operation']:<34} {p['slipstream']:>12,.1f} "
-                f"{theirs} {ratio}  {p['unit']}"
+                f"{cell(p['buildgrid'], 12)} {cell(p['ratio'], 7, True)} "
+                f"{cell(p['reference'], 12)} {cell(p['reference_ratio'], 7, True)}  {p['unit']}"
             )
     print(f"\nSHA-256 on one core, this run: {sha:,.1f} MiB/s")
     for run in results["runs"]:  # type: ignore[attr-defined]
@@ -386,7 +449,10 @@ def print_table(results: dict[str, object]) -> None:
                     f"= SHA-256 / {sha / p['slipstream']:.2f} (target: within 2x)"
                 )
     print("S/B: Slipstream over BuildGrid for rates, BuildGrid over Slipstream for latencies;")
-    print("above 1 means Slipstream is better, the target is 2x on every row.")
+    print("above 1 means Slipstream is better, the target is 2x on every row. Each figure is")
+    print("the median of the rounds (servers measured in turns). reference: a RAM-only server")
+    print("doing no checks (benchmarks/reference_server.py); R/B is the most any Python server")
+    print("could show against BuildGrid on this machine and client.")
     for run in results["runs"]:  # type: ignore[attr-defined]
         print(
             f"  {run['kind']}: Slipstream {run['slipstream_store']}; "
@@ -423,6 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-buildgrid", action="store_true", help="measure Slipstream's side only"
     )
+    parser.add_argument(
+        "--rounds", type=int, help="rounds of each operation per server (default 5; smoke 1)"
+    )
+    parser.add_argument(
+        "--no-reference", action="store_true", help="leave out the reference server"
+    )
     args = parser.parse_args(argv)
     if threading.current_thread() is threading.main_thread():
         # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped too.
@@ -432,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown storage kinds: {sorted(unknown)}")
     sizes = SMOKE if args.smoke else Sizes()
     s3_sizes = SMOKE if args.smoke else S3_SIZES
+    rounds = args.rounds or (1 if args.smoke else 5)
+    if rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     results: dict[str, object] = {"machine": machine(), "smoke": args.smoke, "runs": []}
     bgd = None
@@ -449,14 +524,22 @@ def main(argv: list[str] | None = None) -> int:
         results["s3_skipped"] = why
         kinds.remove("s3")
 
-    results["sha256_mib_s"] = sha256_rate(sizes.stream_mib).rate
+    results["sha256_mib_s"] = statistics.median(
+        sha256_rate(sizes.stream_mib).rate for _ in range(rounds)
+    )
     runs: list[dict[str, object]] = []
     with contextlib.ExitStack() as stack:
         s3_endpoint = stack.enter_context(moto_server()) if "s3" in kinds else None
         for kind in kinds:
             try:
                 run = run_kind(
-                    kind, s3_sizes if kind == "s3" else sizes, args.storage_dir, bgd, s3_endpoint
+                    kind,
+                    s3_sizes if kind == "s3" else sizes,
+                    rounds,
+                    args.storage_dir,
+                    bgd,
+                    s3_endpoint,
+                    not args.no_reference,
                 )
             except PeerUnavailable as e:
                 print(f"[{kind}] {e}", file=sys.stderr)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import pathlib
+import platform
 import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -158,8 +160,37 @@ class CacheServer:
         return f"{scheme}://{host}:{self.http.port}"
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Have glibc's malloc keep freed memory for reuse; False where that is not glibc.
+
+    Blob data moves through the server in buffers of about 1 MiB. With glibc's
+    defaults such a buffer can be mapped fresh from the kernel and handed back when
+    freed, so every chunk pays page faults on memory it just had; on this VM that
+    halved ByteStream read rates (benchmarks/README.md). Buffers under
+    mmap_threshold now come from the heap, and up to trim_threshold of freed heap
+    per arena stays mapped. Both must be set: either alone is slower than neither.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(
+        mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    )
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    keep_freed_memory()
     store = open_store(config)
     server = CacheServer(config, store)
     try:

@@ -22,6 +22,9 @@ def test_peer_benchmark_smoke(tmp_path: pathlib.Path) -> None:
     for run in results["runs"]:
         assert all(row["rate"] > 0 for row in run["slipstream"])
         assert any(p["operation"].startswith("mixed load") for p in run["pairs"])
+    # The reference server (the ceiling any Python server could reach) runs beside them.
+    memory = next(run for run in results["runs"] if run["kind"] == "memory")
+    assert memory["reference"] and all(row["rate"] > 0 for row in memory["reference"])
     if results.get("buildgrid_unavailable"):
         pytest.skip(f"Slipstream's side ran; BuildGrid not: {results['buildgrid_unavailable']}")
     for run in results["runs"]:

@@ -1,0 +1,144 @@
+"""The thinnest REAPI cache a Python gRPC server can be: the benchmarks' ceiling.
+
+    python -m benchmarks.reference_server --port N
+
+Dicts in RAM, no digest checks, no hashing, no limits, no metrics: what is left is
+gRPC's own cost of moving the workload's messages in this language on this machine.
+It runs in its own process on grpcio's threaded server, as BuildGrid does. A row where
+this server is not 2x BuildGrid is a row where no Python server doing real work can be;
+bench_peers measures it in the same run to say which rows those are. Not a cache: it
+trusts every digest it is sent, never evicts, and keeps nothing at exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from google.rpc import code_pb2, status_pb2
+
+from cache_server.server import keep_freed_memory
+from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import bytestream_pb2_grpc as bs_grpc
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+
+_OK = status_pb2.Status(code=code_pb2.OK)
+_MISSING = status_pb2.Status(code=code_pb2.NOT_FOUND)
+_CHUNK = 1 << 20
+
+
+class _Cas(re_grpc.ContentAddressableStorageServicer):
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def FindMissingBlobs(self, request: Any, context: Any) -> re_pb2.FindMissingBlobsResponse:
+        blobs = self.blobs
+        return re_pb2.FindMissingBlobsResponse(
+            missing_blob_digests=[d for d in request.blob_digests if d.hash not in blobs]
+        )
+
+    def BatchUpdateBlobs(self, request: Any, context: Any) -> re_pb2.BatchUpdateBlobsResponse:
+        response = re_pb2.BatchUpdateBlobsResponse()
+        add = response.responses.add
+        for r in request.requests:
+            self.blobs[r.digest.hash] = r.data
+            add(digest=r.digest, status=_OK)
+        return response
+
+    def GetTree(self, request: Any, context: Any) -> Iterator[re_pb2.GetTreeResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the benchmark")
+        raise AssertionError("abort raises")
+
+    def BatchReadBlobs(self, request: Any, context: Any) -> re_pb2.BatchReadBlobsResponse:
+        response = re_pb2.BatchReadBlobsResponse()
+        add = response.responses.add
+        for d in request.digests:
+            data = self.blobs.get(d.hash)
+            if data is None:
+                add(digest=d, status=_MISSING)
+            else:
+                add(digest=d, data=data, status=_OK)
+        return response
+
+
+class _ActionCache(re_grpc.ActionCacheServicer):
+    def __init__(self) -> None:
+        self.results: dict[str, bytes] = {}
+
+    def GetActionResult(self, request: Any, context: Any) -> re_pb2.ActionResult:
+        raw = self.results.get(request.action_digest.hash)
+        if raw is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such action result")
+            raise AssertionError("abort raises")
+        return re_pb2.ActionResult.FromString(raw)
+
+    def UpdateActionResult(self, request: Any, context: Any) -> re_pb2.ActionResult:
+        result: re_pb2.ActionResult = request.action_result
+        self.results[request.action_digest.hash] = result.SerializeToString()
+        return result
+
+
+class _ByteStream(bs_grpc.ByteStreamServicer):
+    def __init__(self, blobs: dict[str, bytes]) -> None:
+        self.blobs = blobs
+
+    def Read(self, request: Any, context: Any) -> Iterator[bs_pb2.ReadResponse]:
+        parts = request.resource_name.split("/")
+        data = self.blobs.get(parts[parts.index("blobs") + 1])
+        if data is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
+            raise AssertionError("abort raises")
+        view = memoryview(data)
+        for i in range(request.read_offset, len(data), _CHUNK):
+            yield bs_pb2.ReadResponse(data=bytes(view[i : i + _CHUNK]))
+
+    def Write(self, request_iterator: Any, context: Any) -> bs_pb2.WriteResponse:
+        chunks: list[bytes] = []
+        name = ""
+        for request in request_iterator:
+            name = name or request.resource_name
+            chunks.append(request.data)
+        parts = name.split("/")
+        data = b"".join(chunks)
+        self.blobs[parts[parts.index("blobs") + 1]] = data
+        return bs_pb2.WriteResponse(committed_size=len(data))
+
+    def QueryWriteStatus(self, request: Any, context: Any) -> bs_pb2.QueryWriteStatusResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the benchmark")
+        raise AssertionError("abort raises")
+
+
+class _Capabilities(re_grpc.CapabilitiesServicer):
+    def GetCapabilities(self, request: Any, context: Any) -> re_pb2.ServerCapabilities:
+        return re_pb2.ServerCapabilities()
+
+
+def serve(port: int, threads: int = 16) -> None:
+    keep_freed_memory()  # as Slipstream's server does, or this would be no ceiling
+    options = [("grpc.max_receive_message_length", 64 << 20)]
+    server = grpc.server(futures.ThreadPoolExecutor(threads), options=options)
+    blobs: dict[str, bytes] = {}
+    re_grpc.add_ContentAddressableStorageServicer_to_server(_Cas(blobs), server)
+    re_grpc.add_ActionCacheServicer_to_server(_ActionCache(), server)
+    re_grpc.add_CapabilitiesServicer_to_server(_Capabilities(), server)
+    bs_grpc.add_ByteStreamServicer_to_server(_ByteStream(blobs), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"reference server on 127.0.0.1:{bound}", flush=True)
+    threading.Event().wait()  # until the process is terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    serve(parser.parse_args(argv).port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
