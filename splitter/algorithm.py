@@ -22,7 +22,7 @@ import bisect
 import heapq
 import math
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import xxhash
@@ -41,6 +41,9 @@ _EXACT_NODE_LIMIT = 50_000
 _SCALE = 1_000_000  # seconds to integer microseconds
 # An auto plan this close to its lower bound is kept without trying finer units.
 _AUTO_GOOD_ENOUGH = 0.01
+# Single tests (classes cut apart) must beat auto's file-based plan by this much:
+# a class's fixtures then run in several shards, a cost no estimate includes.
+_CUT_CLASSES_GAIN = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +234,8 @@ def _auto_units(
             sub = _UnionFind(whole)
             sub.union_by(whole, groups)
             pieces = sub.components()
-        k = max(1, min(len(pieces), granules_per_shard * n, math.ceil(tests_time / room)))
+        needed = math.ceil(tests_time / room) if room > 0 else len(pieces)  # room: may underflow
+        k = max(1, min(len(pieces), granules_per_shard * n, needed))
         for chunk in _lpt_chunks(pieces, times, file_of_test, k):
             chunk_cost = _files_cost({file_of_test[t] for t in chunk}, fcosts)
             units.append(_unit(chunk, times, file_of_test, chunk_cost))
@@ -533,21 +537,38 @@ def split_tests(
 
     For ``auto``, when whole files leave the plan short of the lower bound, finer
     units (files cut to about a quarter of a shard) are tried too, and the plan
-    with the shorter predicted makespan wins (the coarser on a tie).
+    with the shorter predicted makespan wins (the coarser on a tie). If that plan is
+    still short of the bound, single tests (classes cut apart) are tried last, and
+    win only when at least 2% shorter.
     """
-    plan = split(
-        build_units(times, n, granularity, file_costs=file_costs, groups=groups),
-        n,
-        file_costs=file_costs,
-        startup=startup,
-        max_iterations=max_iterations,
-    )
-    if granularity != "auto" or plan.ratio <= 1 + _AUTO_GOOD_ENOUGH:
+
+    def plan_of(units: Sequence[Unit]) -> Plan:
+        return split(
+            units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations
+        )
+
+    plan = plan_of(build_units(times, n, granularity, file_costs=file_costs, groups=groups))
+    if granularity != "auto":
         return plan
-    finer_units = build_units(
-        times, n, granularity, file_costs=file_costs, groups=groups, granules_per_shard=4
-    )
-    finer = split(
-        finer_units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations
-    )
-    return finer if finer.makespan < plan.makespan else plan
+    # Judge auto's plans against the bound of the finest split (single tests), not
+    # against their own units: a plan of big units can sit on its own bound.
+    test_units = build_units(times, n, "test", file_costs=file_costs, groups=groups)
+    bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
+
+    def good_enough(candidate: Plan) -> bool:
+        return candidate.makespan <= bound * (1 + _AUTO_GOOD_ENOUGH)
+
+    if not good_enough(plan):
+        finer = plan_of(
+            build_units(
+                times, n, granularity, file_costs=file_costs, groups=groups, granules_per_shard=4
+            )
+        )
+        if finer.makespan < plan.makespan:
+            plan = finer
+        if not good_enough(plan):
+            by_test = plan_of(test_units)
+            if by_test.makespan < plan.makespan * (1 - _CUT_CLASSES_GAIN):
+                plan = by_test
+    ratio = plan.makespan / bound if bound > 0 else 1.0
+    return replace(plan, lower_bound=bound, ratio=ratio)

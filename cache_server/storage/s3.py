@@ -170,6 +170,11 @@ class S3Store(Store):
             read_timeout=config.timeout,
             max_pool_connections=config.head_concurrency + 48,
             s3={"addressing_style": config.addressing},
+            # Blobs are checked end to end against their SHA-256 and records against
+            # their own checksum, so botocore's CRC32 on every body would only cost CPU
+            # here and at the store, and some S3-compatible stores refuse it.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
         )
         session = boto3.session.Session()
         self.client: S3Client = session.client(

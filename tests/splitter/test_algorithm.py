@@ -216,3 +216,17 @@ def test_auto_cuts_coarse_files_when_whole_files_cannot_balance():
     # Still a partition, and still deterministic.
     assert sorted(t for s in plan.shards for t in s.tests) == sorted(times)
     assert split_tests(dict(reversed(list(times.items()))), 4, "auto").plan_hash == plan.plan_hash
+
+
+def test_auto_cuts_classes_only_when_whole_classes_cannot_balance():
+    # One file of six equal classes over four shards: whole classes leave a shard with two.
+    times = {f"tests/test_a.py::Test{c}::test_{i}": 1.0 for c in "ABCDEF" for i in range(10)}
+    whole = split(build_units(times, 4, "class"), 4)
+    assert whole.ratio > 1.3
+    plan = split_tests(times, 4, "auto")
+    assert plan.ratio < 1.02
+    assert sorted(t for s in plan.shards for t in s.tests) == sorted(times)
+    # Where whole classes balance (four classes, four shards), they stay whole.
+    even = {t: v for t, v in times.items() if "::TestE::" not in t and "::TestF::" not in t}
+    kept = split_tests(even, 4, "auto")
+    assert all(len({t.split("::")[1] for t in s.tests}) == 1 for s in kept.shards)
