@@ -26,7 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -188,6 +188,7 @@ class S3Store(Store):
         self.client.meta.events.register("before-send.s3", self._count_request)
         self.known = KnownPresent(config.known_present_entries, config.known_present_ttl)
         self._pool = ThreadPoolExecutor(config.head_concurrency, thread_name_prefix="s3-head")
+        self._hash_pool = ThreadPoolExecutor(4, thread_name_prefix="s3-hash")
 
     # ---- accounting and errors ----
     def _count_request(self, event_name: str = "", **_: Any) -> None:
@@ -371,6 +372,7 @@ class S3Store(Store):
         """Ranged GETs, resumed where a cut one stopped; from offset 0 the hash is checked
         before the last chunk is released, so a wrong blob never reads through to its end."""
         sha = hashlib.sha256() if offset == 0 else None
+        hashed: Future[None] | None = None
         pending = b""
         for start, end in ranges:
             pos = start
@@ -385,7 +387,11 @@ class S3Store(Store):
                     for chunk in body.iter_chunks(chunk_size):
                         pos += len(chunk)
                         if sha is not None:
-                            sha.update(chunk)
+                            # Hashed on another thread while the next chunk arrives
+                            # (hashlib lets go of the GIL); one at a time, in order.
+                            if hashed is not None:
+                                hashed.result()
+                            hashed = self._hash_pool.submit(sha.update, chunk)
                         if pending:
                             yield pending
                         pending = chunk
@@ -400,6 +406,8 @@ class S3Store(Store):
                         raise self._unavailable("read a blob", error or EOFError("short read"))
                 if pos > end + 1:
                     raise StoreUnavailable(f"S3 returned too many bytes for {blob}")
+        if hashed is not None:
+            hashed.result()
         if sha is not None and sha.hexdigest() != blob.hash:
             self.known.discard(blob)
             raise StoreUnavailable(f"blob {blob} read back from S3 does not match its digest")
@@ -528,6 +536,7 @@ class S3Store(Store):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._hash_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
 
