@@ -163,9 +163,12 @@ class CacheServer:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
-def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
+def keep_freed_memory(
+    mmap_threshold: int = 8 << 20, trim_threshold: int = 16 << 20, arenas: int = 2
+) -> bool:
     """Have glibc's malloc keep freed memory for reuse; False where that is not glibc.
 
     Blob data moves through the server in buffers of about 1 MiB. With glibc's
@@ -174,6 +177,8 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 <
     halved ByteStream read rates (benchmarks/README.md). Buffers under
     mmap_threshold now come from the heap, and up to trim_threshold of freed heap
     per arena stays mapped. Both must be set: either alone is slower than neither.
+    At most `arenas` heaps are kept (glibc's default is 8 per core): each holds its
+    own freed memory, and the GIL lets few threads allocate at once anyway.
     """
     if platform.libc_ver()[0] != "glibc":
         return False
@@ -184,7 +189,9 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 <
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(
-        mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+        mallopt(_M_MMAP_THRESHOLD, mmap_threshold)
+        and mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+        and mallopt(_M_ARENA_MAX, arenas)
     )
 
 
