@@ -27,7 +27,6 @@ from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 DEFAULT_TREE_PAGE = 1000
 COMPRESS_MIN = 512  # smaller blobs gain too little from zstd to be worth it
-UpdateRequest = re_pb2.BatchUpdateBlobsRequest.Request
 _OK = status_pb2.Status(code=code_pb2.OK)
 
 
@@ -65,32 +64,37 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         instance_ok(request.instance_name)
         check_function(request.digest_function)
         requests = request.requests
-        _check_batch_size(sum(len(r.data) for r in requests))
+        payloads = [r.data for r in requests]  # each access copies: take them once
+        _check_batch_size(sum(map(len, payloads)))
         # Digests are checked up front, so one malformed digest fails the call
         # rather than leaving a half-applied batch behind it.
         blobs = blobs_from_request([r.digest for r in requests], "requests.digest")
-        items = list(zip(blobs, requests, strict=True))
+        items = [
+            (blob, payload, r.compressor)
+            for blob, payload, r in zip(blobs, payloads, requests, strict=True)
+        ]
         statuses = await self.backend.run(self._store_batch, items)
         response = re_pb2.BatchUpdateBlobsResponse()
         add = response.responses.add
         for blob, status in zip(blobs, statuses, strict=True):
-            add(digest=re_pb2.Digest(hash=blob.hash, size_bytes=blob.size), status=status)
+            entry = add()  # filled in place, as in _read_batch
+            entry.digest.hash = blob.hash
+            entry.digest.size_bytes = blob.size
+            entry.status.CopyFrom(status)
         return response
 
-    def _store_batch(self, items: list[tuple[BlobId, UpdateRequest]]) -> list[status_pb2.Status]:
+    def _store_batch(self, items: list[tuple[BlobId, bytes, int]]) -> list[status_pb2.Status]:
         store = self.backend.store
 
-        def store_one(
-            item: tuple[BlobId, re_pb2.BatchUpdateBlobsRequest.Request],
-        ) -> status_pb2.Status:
-            blob, req = item
+        def store_one(item: tuple[BlobId, bytes, int]) -> status_pb2.Status:
+            blob, payload, compressor = item
             try:
-                if req.compressor == re_pb2.Compressor.ZSTD:
-                    data = decompress_exact(req.data, blob.size)
-                elif req.compressor == re_pb2.Compressor.IDENTITY:
-                    data = req.data
+                if compressor == re_pb2.Compressor.ZSTD:
+                    data = decompress_exact(payload, blob.size)
+                elif compressor == re_pb2.Compressor.IDENTITY:
+                    data = payload
                 else:
-                    raise DigestError(f"compressor {req.compressor} is not supported")
+                    raise DigestError(f"compressor {compressor} is not supported")
                 store.put_blob(blob, data)  # verifies hash and size
                 return _OK
             except (DigestError, StoreFull, StoreUnavailable) as exc:
@@ -113,25 +117,36 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
     def _read_batch(self, blobs: list[BlobId], zstd: bool) -> re_pb2.BatchReadBlobsResponse:
         store = self.backend.store
 
-        def read_one(blob: BlobId) -> re_pb2.BatchReadBlobsResponse.Response:
-            entry = re_pb2.BatchReadBlobsResponse.Response(digest=blob.to_proto())
+        def read_one(
+            blob: BlobId,
+        ) -> tuple[bytes, re_pb2.Compressor.Value.ValueType] | status_pb2.Status:
+            """The blob's data and its compressor, or the status saying why not."""
             try:
                 data = store.get_blob(blob)
             except StoreUnavailable as exc:
-                entry.status.CopyFrom(_rpc_status(exc))
-                return entry
+                return _rpc_status(exc)
             if data is None:
-                entry.status.CopyFrom(_status(code_pb2.NOT_FOUND, f"blob {blob} not found"))
-            else:
-                entry.data = data
-                entry.status.CopyFrom(_OK)
-                if zstd and len(data) >= COMPRESS_MIN:
-                    compressed = compress_blob(data)
-                    if len(compressed) < len(data):
-                        entry.data, entry.compressor = compressed, re_pb2.Compressor.ZSTD
-            return entry
+                return _status(code_pb2.NOT_FOUND, f"blob {blob} not found")
+            if zstd and len(data) >= COMPRESS_MIN:
+                compressed = compress_blob(data)
+                if len(compressed) < len(data):
+                    return compressed, re_pb2.Compressor.ZSTD
+            return data, re_pb2.Compressor.IDENTITY
 
-        return re_pb2.BatchReadBlobsResponse(responses=store.map_blobs(read_one, blobs))
+        # Entries are filled in place: building them apart and passing the list
+        # would copy every blob into the response once more.
+        response = re_pb2.BatchReadBlobsResponse()
+        add = response.responses.add
+        for blob, got in zip(blobs, store.map_blobs(read_one, blobs), strict=True):
+            entry = add()
+            entry.digest.hash = blob.hash
+            entry.digest.size_bytes = blob.size
+            if isinstance(got, status_pb2.Status):
+                entry.status.CopyFrom(got)
+            else:
+                entry.data, entry.compressor = got
+                entry.status.SetInParent()  # OK, stated rather than left out
+        return response
 
     @grpc_errors
     async def GetTree(
