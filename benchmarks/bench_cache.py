@@ -37,6 +37,7 @@ from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from tests.reapi import write_requests
 from tests.server_process import ServerProcess
 
 
@@ -186,17 +187,8 @@ class Workload:
         mib = self.sizes.stream_mib
         big = os.urandom(mib << 20)
         d = _digest(big)
-        chunk = 1 << 20
         name = f"uploads/bench-{d.hash[:8]}/blobs/{d.hash}/{d.size_bytes}"
-        requests = [
-            bs_pb2.WriteRequest(
-                resource_name=name if i == 0 else "",
-                write_offset=i,
-                data=big[i : i + chunk],
-                finish_write=i + chunk >= len(big),
-            )
-            for i in range(0, len(big), chunk)
-        ]
+        requests = write_requests(name, big, 1 << 20)
 
         def write() -> None:
             assert self.bytestream.Write(iter(requests)).committed_size == len(big)

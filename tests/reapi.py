@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +16,28 @@ from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 def digest(data: bytes) -> re_pb2.Digest:
     return re_pb2.Digest(hash=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+
+
+def write_requests(
+    name: str, data: bytes, chunk: int, start: int = 0, finish: bool = True
+) -> list[bs_pb2.WriteRequest]:
+    """data[start:] as one ByteStream Write: chunks of `chunk` bytes, the name on the first."""
+    requests = []
+    offset = start
+    while True:
+        piece = data[offset : offset + chunk]
+        last = offset + len(piece) >= len(data)
+        requests.append(
+            bs_pb2.WriteRequest(
+                resource_name=name if offset == start else "",
+                write_offset=offset,
+                data=piece,
+                finish_write=last and finish,
+            )
+        )
+        offset += len(piece)
+        if last:
+            return requests
 
 
 class Reapi:
@@ -52,22 +74,7 @@ class Reapi:
         prefix = f"{instance}/" if instance else ""
         name = f"{prefix}uploads/{upload_id}/blobs/{d.hash}/{d.size_bytes}"
 
-        def requests() -> Iterator[bs_pb2.WriteRequest]:
-            offset = start
-            while True:
-                piece = data[offset : offset + chunk]
-                last = offset + len(piece) >= len(data)
-                yield bs_pb2.WriteRequest(
-                    resource_name=name if offset == start else "",
-                    write_offset=offset,
-                    data=piece,
-                    finish_write=last and finish,
-                )
-                offset += len(piece)
-                if last:
-                    return
-
-        return self.bytestream.Write(requests())
+        return self.bytestream.Write(iter(write_requests(name, data, chunk, start, finish)))
 
     def read(self, d: re_pb2.Digest, offset: int = 0, limit: int = 0, instance: str = "") -> bytes:
         prefix = f"{instance}/" if instance else ""

@@ -14,7 +14,7 @@ import pytest
 import zstandard
 
 from slipstream_protos import bytestream_pb2 as bs_pb2
-from tests.reapi import Reapi, digest, rpc_error
+from tests.reapi import Reapi, digest, rpc_error, write_requests
 
 
 @pytest.fixture
@@ -202,17 +202,7 @@ def test_compressed_write_and_read(api: Reapi) -> None:
     d = digest(data)
     compressed = zstandard.ZstdCompressor().compress(data)
     name = f"uploads/z1/compressed-blobs/zstd/{d.hash}/{d.size_bytes}"
-    step = 100_000
-    reqs = [
-        bs_pb2.WriteRequest(
-            resource_name=name if i == 0 else "",
-            write_offset=i,
-            data=compressed[i : i + step],
-            finish_write=i + step >= len(compressed),
-        )
-        for i in range(0, len(compressed), step)
-    ]
-    resp = api.bytestream.Write(iter(reqs))
+    resp = api.bytestream.Write(iter(write_requests(name, compressed, 100_000)))
     assert resp.committed_size in (len(compressed), -1)
     assert api.read(d) == data
     read = bs_pb2.ReadRequest(resource_name=f"compressed-blobs/zstd/{d.hash}/{d.size_bytes}")
