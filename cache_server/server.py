@@ -199,6 +199,9 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     keep_freed_memory()
     store = open_store(config)
+    # Before serving: the disk store builds its index here, so finds answered on
+    # the event loop (Store.finds_in_memory) never wait for the scan.
+    description = store.describe()
     server = CacheServer(config, store)
     try:
         await server.start()
@@ -213,7 +216,7 @@ async def serve(config: ServerConfig) -> None:
         raise
     # Everything else is said before the gRPC line, which tells waiting
     # scripts (and tests) that the server is up.
-    print(f"slipstream: storing in the {store.describe()}", flush=True)
+    print(f"slipstream: storing in the {description}", flush=True)
     for line in server.ops.describe():
         print(f"slipstream: {line}", flush=True)
     if server.http_url is not None:
