@@ -5,9 +5,10 @@
 Dicts in RAM, no digest checks, no hashing, no limits, no metrics: what is left is
 gRPC's own cost of moving the workload's messages in this language on this machine.
 It runs in its own process on grpcio's threaded server, as BuildGrid does. A row where
-this server is not 2x BuildGrid is a row where no Python server doing real work can be;
-bench_peers measures it in the same run to say which rows those are. Not a cache: it
-trusts every digest it is sent, never evicts, and keeps nothing at exit.
+this server is not 2x BuildGrid is a row where a Python server doing real work has little
+room to be; bench_peers measures it in the same run to say which rows those are. Not a
+cache: it trusts every digest it is sent, never evicts, keeps nothing at exit, and serves
+blobs written through ByteStream through ByteStream only (kept as the chunks they came in).
 """
 
 from __future__ import annotations
@@ -86,16 +87,22 @@ class _ActionCache(re_grpc.ActionCacheServicer):
 class _ByteStream(bs_grpc.ByteStreamServicer):
     def __init__(self, blobs: dict[str, bytes]) -> None:
         self.blobs = blobs
+        self.streamed: dict[str, list[bytes]] = {}  # big blobs, as the chunks they came in
 
     def Read(self, request: Any, context: Any) -> Iterator[bs_pb2.ReadResponse]:
         parts = request.resource_name.split("/")
-        data = self.blobs.get(parts[parts.index("blobs") + 1])
-        if data is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
-            raise AssertionError("abort raises")
-        view = memoryview(data)
-        for i in range(request.read_offset, len(data), _CHUNK):
-            yield bs_pb2.ReadResponse(data=bytes(view[i : i + _CHUNK]))
+        chunks = self.streamed.get(parts[parts.index("blobs") + 1])
+        if chunks is None:
+            data = self.blobs.get(parts[parts.index("blobs") + 1])
+            if data is None:
+                context.abort(grpc.StatusCode.NOT_FOUND, "no such blob")
+                raise AssertionError("abort raises")
+            chunks = [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)]
+        if request.read_offset:  # not in the benchmark: the simple way
+            data = b"".join(chunks)[request.read_offset :]
+            chunks = [data[i : i + _CHUNK] for i in range(0, len(data), _CHUNK)]
+        for chunk in chunks:
+            yield bs_pb2.ReadResponse(data=chunk)
 
     def Write(self, request_iterator: Any, context: Any) -> bs_pb2.WriteResponse:
         chunks: list[bytes] = []
@@ -104,9 +111,8 @@ class _ByteStream(bs_grpc.ByteStreamServicer):
             name = name or request.resource_name
             chunks.append(request.data)
         parts = name.split("/")
-        data = b"".join(chunks)
-        self.blobs[parts[parts.index("blobs") + 1]] = data
-        return bs_pb2.WriteResponse(committed_size=len(data))
+        self.streamed[parts[parts.index("blobs") + 1]] = chunks  # kept as they came
+        return bs_pb2.WriteResponse(committed_size=sum(map(len, chunks)))
 
     def QueryWriteStatus(self, request: Any, context: Any) -> bs_pb2.QueryWriteStatusResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not in the benchmark")
