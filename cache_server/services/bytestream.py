@@ -201,9 +201,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     break
                 request = await anext(rest, None)
             await flush()
-            await settle()
             if in_flight is not None:
-                in_flight.result()
+                await in_flight
         except asyncio.CancelledError:
             await settle()  # before the upload is dropped or left for a resume
             # The client went away: what reached the store stays for a resume.

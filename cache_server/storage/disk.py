@@ -28,7 +28,7 @@ import pathlib
 import struct
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -202,20 +202,30 @@ class DiskStore(Store):
 
     def _touch(self, rel: str) -> bool:
         """Refresh an entry's place in the LRU; False if it is not indexed."""
+        return self._touch_many((rel,))[0]
+
+    def _touch_many(self, rels: Iterable[str]) -> list[bool]:
+        """_touch for many entries under one lock and one clock read (finds carry
+        thousands); the access-time bumps, at most one a minute per entry, come after."""
         self._ensure_index()
         now = time.time()
+        found: list[bool] = []
+        stale: list[str] = []
+        lru = self._lru
         with self._lock:
-            entry = self._lru.get(rel)
-            if entry is None:
-                return False
-            self._lru.move_to_end(rel)
-            stale = now - entry.mtime > _TOUCH_INTERVAL
-            if stale:
-                entry.mtime = now
-        if stale:
+            for rel in rels:
+                entry = lru.get(rel)
+                found.append(entry is not None)
+                if entry is None:
+                    continue
+                lru.move_to_end(rel)
+                if now - entry.mtime > _TOUCH_INTERVAL:
+                    entry.mtime = now
+                    stale.append(rel)
+        for rel in stale:
             with contextlib.suppress(FileNotFoundError):
-                os.utime(self.root / rel, (now, now))
-        return True
+                os.utime(os.path.join(self.root, rel), (now, now))
+        return found
 
     def _forget(self, rel: str) -> None:
         self._ensure_index()
@@ -264,9 +274,8 @@ class DiskStore(Store):
             self._admit(rel, size)
 
     def _new_tmp(self) -> str:
-        # pid first (see _clear_tmp); the counter is unique within this process and
-        # the store's id keeps two stores of one process apart.
-        return f"{self._tmp}/{os.getpid()}-{id(self):x}-{next(_TMP_NAMES)}"
+        # pid first (see _clear_tmp), then a counter unique within this process.
+        return f"{self._tmp}/{os.getpid()}-{next(_TMP_NAMES)}"
 
     def _write_file(self, tmp_path: str, payload: bytes) -> int:
         """Write header and payload to a new file; returns its size."""
@@ -300,28 +309,8 @@ class DiskStore(Store):
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
-        # One lock and one clock read for the whole list: calls carry thousands.
-        self._ensure_index()
-        now = time.time()
-        missing: list[BlobId] = []
-        stale: list[str] = []
-        lru = self._lru
-        with self._lock:
-            for blob in blobs:
-                rel = f"cas/{blob.hash[:2]}/{blob.hash}"
-                entry = lru.get(rel)
-                if entry is None:
-                    if blob != EMPTY_BLOB:
-                        missing.append(blob)
-                    continue
-                lru.move_to_end(rel)
-                if now - entry.mtime > _TOUCH_INTERVAL:
-                    entry.mtime = now
-                    stale.append(rel)
-        for rel in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(os.path.join(self.root, rel), (now, now))
-        return missing
+        found = self._touch_many(map(self._blob_rel, blobs))
+        return [b for b, ok in zip(blobs, found, strict=True) if not ok and b != EMPTY_BLOB]
 
     def find_blob(self, sha256: str) -> BlobId | None:
         if sha256 == EMPTY_BLOB.hash:

@@ -93,6 +93,14 @@ class MemoryStore(Store):
             if isinstance(oldest, tuple):
                 del self._records[oldest[0]][oldest[1]]
 
+    def _lookup(self, sha256: str) -> _Payload | None:
+        """A stored blob's payload, refreshed in the LRU; None if absent."""
+        with self._lock:
+            data = self._lru.get(sha256)
+            if data is not None:
+                self._lru.move_to_end(sha256)
+        return data
+
     def _drop_locked(self, key: _Key) -> None:
         old = self._lru.pop(key, None)
         if old is not None:
@@ -114,18 +122,11 @@ class MemoryStore(Store):
         if sha256 == EMPTY_BLOB.hash:
             return EMPTY_BLOB
         BlobId(sha256, 0)  # validates the hash, as the disk store does
-        with self._lock:
-            data = self._lru.get(sha256)
-            if data is None:
-                return None
-            self._lru.move_to_end(sha256)
-        return BlobId(sha256, len(data))
+        data = self._lookup(sha256)
+        return None if data is None else BlobId(sha256, len(data))
 
     def get_blob(self, blob: BlobId) -> bytes | None:
-        with self._lock:
-            data = self._lru.get(blob.hash)
-            if data is not None:
-                self._lru.move_to_end(blob.hash)
+        data = self._lookup(blob.hash)
         if data is not None:
             return b"".join(data.parts) if isinstance(data, _Pieces) else data
         return b"" if blob == EMPTY_BLOB else None
@@ -133,10 +134,7 @@ class MemoryStore(Store):
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
     ) -> Iterator[bytes] | None:
-        with self._lock:
-            data = self._lru.get(blob.hash)
-            if data is not None:
-                self._lru.move_to_end(blob.hash)
+        data = self._lookup(blob.hash)
         if data is None:
             return iter(()) if blob == EMPTY_BLOB else None
         return _chunks(data.parts if isinstance(data, _Pieces) else (data,), offset, chunk_size)
