@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -39,6 +39,9 @@ from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 from tests.reapi import write_requests
 from tests.server_process import ServerProcess
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 @dataclass(frozen=True)
@@ -445,6 +448,27 @@ def server_benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def print_rows(rows: list[Row]) -> None:
+    """The rows as a table, with latencies where a row has them."""
+    print(f"{'operation':<36} {'rate':>14}  unit")
+    for row in rows:
+        latency = f"  p50 {row.p50_ms} ms, p99 {row.p99_ms} ms" if row.p50_ms is not None else ""
+        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}{latency}")
+
+
+def report(args: argparse.Namespace, sizes: DataclassInstance, rows: list[Row]) -> None:
+    """Print the rows, and write them to --json with the machine and sizes if asked."""
+    print_rows(rows)
+    if args.json:
+        results = {
+            "machine": machine(),
+            "storage_dir": str(args.storage_dir),
+            "sizes": asdict(sizes),
+            "rows": [{**asdict(r), "rate": r.rate} for r in rows],
+        }
+        args.json.write_text(json.dumps(results, indent=2))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = server_benchmark_parser(__doc__)
     args = parser.parse_args(argv)
@@ -456,18 +480,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += run_workload(server.address, sizes)
         finally:
             server.stop()
-    print(f"{'operation':<36} {'rate':>14}  unit")
-    for row in rows:
-        latency = f"  p50 {row.p50_ms} ms, p99 {row.p99_ms} ms" if row.p50_ms is not None else ""
-        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}{latency}")
-    if args.json:
-        results = {
-            "machine": machine(),
-            "storage_dir": str(args.storage_dir),
-            "sizes": asdict(sizes),
-            "rows": [{**asdict(r), "rate": r.rate} for r in rows],
-        }
-        args.json.write_text(json.dumps(results, indent=2))
+    report(args, sizes, rows)
     return 0
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import json
 import os
 import pathlib
 import tempfile
 import time
 import urllib.parse
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from benchmarks.bench_cache import Row, machine, server_benchmark_parser
+from benchmarks.bench_cache import Row, report, server_benchmark_parser
 from tests.server_process import ServerProcess
 
 _HTTP_LINE = "serving the HTTP cache"
@@ -165,17 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = run_http_workload(_http_url(server), sizes)
         finally:
             server.stop()
-    print(f"{'operation':<36} {'rate':>14}  unit")
-    for row in rows:
-        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}")
-    if args.json:
-        results = {
-            "machine": machine(),
-            "storage_dir": str(args.storage_dir),
-            "sizes": asdict(sizes),
-            "rows": [{**asdict(r), "rate": r.rate} for r in rows],
-        }
-        args.json.write_text(json.dumps(results, indent=2))
+    report(args, sizes, rows)
     return 0
 
 

@@ -20,7 +20,7 @@ from dataclasses import asdict
 
 import boto3
 
-from benchmarks.bench_cache import SMOKE, Sizes, run_workload
+from benchmarks.bench_cache import SMOKE, Sizes, print_rows, run_workload
 from tests.s3.conftest import server_args
 from tests.s3.fault_proxy import FaultProxy
 from tests.s3.moto import AWS_ENV, moto_server
@@ -41,8 +41,7 @@ def _run_mode(mode: str, url: str, proxy: FaultProxy, sizes: Sizes) -> dict[str,
             server.stop()
     requests = dict(proxy.requests)
     print(f"--- {mode}: S3 requests for the whole workload {requests}")
-    for row in rows:
-        print(f"{row.name:<36} {row.rate:>14,.1f}  {row.unit}")
+    print_rows(rows)
     return {"mode": mode, "rows": [asdict(r) for r in rows], "s3": requests}
 
 
