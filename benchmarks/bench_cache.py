@@ -142,24 +142,25 @@ class Workload:
         sizes = self.sizes
         blobs = [os.urandom(sizes.small_size) for _ in range(sizes.small_blobs)]
         digests = [_digest(b) for b in blobs]
-        batches = [
-            list(zip(digests[i : i + sizes.batch], blobs[i : i + sizes.batch], strict=True))
-            for i in range(0, len(blobs), sizes.batch)
+        starts = range(0, len(blobs), sizes.batch)
+        requests = [
+            re_pb2.BatchUpdateBlobsRequest(
+                requests=[
+                    re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b)
+                    for d, b in zip(
+                        digests[i : i + sizes.batch], blobs[i : i + sizes.batch], strict=True
+                    )
+                ]
+            )
+            for i in starts
         ]
 
         def upload() -> None:
-            for batch in batches:
-                self.cas.BatchUpdateBlobs(
-                    re_pb2.BatchUpdateBlobsRequest(
-                        requests=[
-                            re_pb2.BatchUpdateBlobsRequest.Request(digest=d, data=b)
-                            for d, b in batch
-                        ]
-                    )
-                )
+            for request in requests:
+                self.cas.BatchUpdateBlobs(request)
 
         row = Row("BatchUpdateBlobs 4 KiB", len(blobs), _timed(upload), "blobs/s")
-        self._batches = [[d for d, _ in batch] for batch in batches]
+        self._batches = [digests[i : i + sizes.batch] for i in starts]
         return row
 
     def find_missing(self) -> Row:
@@ -167,20 +168,22 @@ class Workload:
         present = [d for batch in self._batches for d in batch]
         half = sizes.find_digests // 2
         absent = [_digest(os.urandom(32)) for _ in range(sizes.find_digests - half)]
-        query = present[:half] + absent
+        request = re_pb2.FindMissingBlobsRequest(blob_digests=present[:half] + absent)
 
         def find() -> None:
             for _ in range(sizes.find_calls):
-                resp = self.cas.FindMissingBlobs(re_pb2.FindMissingBlobsRequest(blob_digests=query))
+                resp = self.cas.FindMissingBlobs(request)
                 assert len(resp.missing_blob_digests) == len(absent)
 
         name = f"FindMissingBlobs {sizes.find_digests} digests"
         return Row(name, sizes.find_calls, _timed(find), "calls/s")
 
     def batch_read(self) -> Row:
+        requests = [re_pb2.BatchReadBlobsRequest(digests=batch) for batch in self._batches]
+
         def read() -> None:
-            for batch in self._batches:
-                resp = self.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=batch))
+            for request in requests:
+                resp = self.cas.BatchReadBlobs(request)
                 assert all(r.status.code == 0 for r in resp.responses)
 
         count = sum(map(len, self._batches))
