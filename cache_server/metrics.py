@@ -30,7 +30,16 @@ from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -140,6 +149,9 @@ class Metrics(Hook):
     def __init__(self, store: Store) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # The process itself: memory, CPU, open files, garbage collections.
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=r)
         self.requests = Counter(
             "slipstream_grpc_requests",
             "gRPC calls served",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import gc
 import logging
 import pathlib
 import platform
@@ -195,6 +196,24 @@ def keep_freed_memory(
     )
 
 
+def tune_garbage_collector(young_threshold: int = 50_000) -> None:
+    """Run CPython's cycle collector less often, and never over what start-up built.
+
+    A batch call allocates thousands of objects that live only for the call. With
+    the default threshold (a young collection every 700 net allocations) every such
+    call paid several collections, and the objects it still held were promoted to
+    the older generations, whose collections walk the whole heap: 10-16 ms pauses
+    on this server. Without them FindMissingBlobs of 1,000 digests ran up to 40%
+    faster on the memory store (benchmarks/README.md). What exists once the server
+    is built (modules, the store's index) lives as long as the process, so
+    gc.freeze() takes it out of every later collection. Reference counting still
+    frees each object as soon as it is unused; only cycles wait for the collector.
+    """
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(young_threshold, older, oldest)
+
+
 async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     keep_freed_memory()
@@ -214,6 +233,7 @@ async def serve(config: ServerConfig) -> None:
     except OSError:
         await server.stop(0)
         raise
+    tune_garbage_collector()
     # Everything else is said before the gRPC line, which tells waiting
     # scripts (and tests) that the server is up.
     print(f"slipstream: storing in the {description}", flush=True)

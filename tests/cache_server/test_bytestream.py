@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import platform
-import subprocess
-import sys
 import threading
 
 import grpc
@@ -261,33 +258,3 @@ def test_concurrent_writers_and_readers_of_one_blob(api: Reapi) -> None:
     assert not errors
     assert all(r == data for r in reads)  # never a partial or mixed blob
     assert api.read(d) == data
-
-
-_MMAPPED_CHUNKS = """
-import ctypes, sys
-from cache_server.server import keep_freed_memory
-
-class MallInfo2(ctypes.Structure):
-    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
-
-mallinfo2 = ctypes.CDLL(None).mallinfo2
-mallinfo2.restype = MallInfo2
-if sys.argv[1] == "tuned":
-    assert keep_freed_memory()
-before = mallinfo2().hblks
-buffer = bytearray(1 << 20)  # the size of a blob chunk
-print(mallinfo2().hblks - before)
-"""
-
-
-@pytest.mark.parametrize(("mode", "mapped"), [("default", "1"), ("tuned", "0")])
-def test_server_keeps_blob_chunks_off_fresh_mappings(mode: str, mapped: str) -> None:
-    """With keep_freed_memory (the server calls it at start) a 1 MiB chunk comes from the
-    heap, not from a fresh mapping of its own (glibc only: where CI runs)."""
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip(f"not glibc ({platform.libc_ver()[0] or 'unknown libc'}): nothing to tune")
-    run = subprocess.run(
-        [sys.executable, "-c", _MMAPPED_CHUNKS, mode], capture_output=True, text=True, check=True
-    )
-    assert run.stdout.strip() == mapped
