@@ -449,7 +449,7 @@ class HttpCache:
         sent = 0
         try:
             await response.prepare(request)
-            while (chunk := await self.backend.run(next, chunks, None)) is not None:
+            while (chunk := await self.backend.next_chunk(chunks)) is not None:
                 await response.write(chunk)
                 sent += len(chunk)
         except ConnectionError:

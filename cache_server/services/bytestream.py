@@ -23,7 +23,6 @@ READ_CHUNK = 1024 * 1024
 WRITE_BUFFER = 1024 * 1024
 UPLOAD_IDLE_TIMEOUT = 600.0
 REMEMBER_COMPLETED = 10_000
-_SENTINEL: Any = object()
 
 
 @dataclass
@@ -71,8 +70,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 yield bs_pb2.ReadResponse(data=data)
             return
         while remaining > 0:
-            chunk = await self.backend.run(next, chunks, _SENTINEL)
-            if chunk is _SENTINEL:
+            chunk = await self.backend.next_chunk(chunks)
+            if chunk is None:
                 break
             if len(chunk) > remaining:
                 chunk = chunk[:remaining]
@@ -82,8 +81,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     async def _compressed(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         compressor = compress_stream()
         while True:
-            chunk = await self.backend.run(next, chunks, _SENTINEL)
-            if chunk is _SENTINEL:
+            chunk = await self.backend.next_chunk(chunks)
+            if chunk is None:
                 break
             out = compressor.compress(chunk)
             if out:

@@ -12,7 +12,7 @@ import contextvars
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NoReturn, ParamSpec, TypeVar
@@ -190,6 +190,14 @@ class Backend:
         if self.store.finds_in_memory:
             return self.store.find_missing(blobs)
         return await self.run(self.store.find_missing, blobs)
+
+    async def next_chunk(self, chunks: Iterator[bytes]) -> bytes | None:
+        """The next chunk of a read_blob iterator, None after the last one; taken in
+        place when the store reads from memory (a worker-thread trip per chunk cost
+        in-memory ByteStream reads 15-30%)."""
+        if self.store.reads_in_memory:
+            return next(chunks, None)
+        return await self.run(next, chunks, None)
 
 
 def blob_from_request(digest: re_pb2.Digest, what: str = "digest") -> BlobId:

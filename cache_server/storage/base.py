@@ -125,6 +125,9 @@ class Store(abc.ABC):
     # True when find_missing answers from memory without waiting on I/O, so a
     # caller on an event loop may call it in place rather than on a worker thread.
     finds_in_memory: bool = False
+    # True when the chunks of read_blob come from memory, so a caller on an event
+    # loop may take them in place rather than one worker-thread trip per chunk.
+    reads_in_memory: bool = False
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -53,6 +53,7 @@ class MemoryStore(Store):
     """CAS and records in this process's memory, bounded by max_size payload bytes."""
 
     finds_in_memory = True  # find_missing never waits on I/O
+    reads_in_memory = True
 
     def __init__(self, max_size: int | None = None) -> None:
         self.max_size = max_size

@@ -10,6 +10,7 @@ import threading
 
 import grpc
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from cache_server.server import ServerConfig, open_store
 from cache_server.storage.base import RecordKeyError, StoreFull
 from cache_server.storage.memory import MemoryStore
 from client.cli import main
+from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess, running
@@ -444,3 +446,26 @@ def test_memory_storage_from_flag_environment_or_file(
     assert main(["serve", "--storage", "memory://somewhere"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "write just memory://" in err, err
+
+
+def test_server_streams_memory_blobs_in_place_across_pieces() -> None:
+    """ByteStream reads from the memory store take its chunks on the event loop
+    (Store.reads_in_memory): blobs of several chunks, offsets and limits across
+    the pieces they were written in, and compressed reads all come back whole."""
+    assert MemoryStore.reads_in_memory
+    server = ServerProcess("memory://")
+    with running(server), grpc.insecure_channel(server.address) as ch:
+        api = Reapi(ch)
+        streamed = os.urandom(2_500_000)  # three read chunks, written in nine pieces
+        assert api.write(streamed, chunk=300_000).committed_size == len(streamed)
+        d = digest(streamed)
+        assert api.read(d) == streamed
+        assert api.read(d, offset=299_999, limit=1_200_002) == streamed[299_999:1_500_001]
+        assert api.read(d, offset=len(streamed)) == b""
+        name = f"compressed-blobs/zstd/{d.hash}/{d.size_bytes}"
+        frames = api.bytestream.Read(bs_pb2.ReadRequest(resource_name=name))
+        reader = zstandard.ZstdDecompressor().stream_reader(b"".join(r.data for r in frames))
+        assert reader.read() == streamed
+        absent = digest(b"never written")
+        err = rpc_error(lambda: api.read(absent))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
