@@ -59,11 +59,13 @@ class LimitEnforcer(Hook):
     def request(self, call: Call, message: Any) -> None:
         caller = call.caller if isinstance(call.caller, Caller) else OPEN
         limits = caller.limits
+        # Sizes are summed only under a limit: it means a pass over every digest.
         if call.method == BATCH_UPDATE:
-            sizes = [r.digest.size_bytes for r in message.requests]
-            self._blob_sizes(caller, sizes)
-            self._batch(caller, sum(sizes), "BatchUpdateBlobs")
-        elif call.method == BATCH_READ:
+            if limits.max_blob_size is not None or limits.max_batch_size is not None:
+                sizes = [r.digest.size_bytes for r in message.requests]
+                self._blob_sizes(caller, sizes)
+                self._batch(caller, sum(sizes), "BatchUpdateBlobs")
+        elif call.method == BATCH_READ and limits.max_batch_size is not None:
             self._batch(caller, sum(d.size_bytes for d in message.digests), "BatchReadBlobs")
         elif call.method == BYTESTREAM_WRITE and limits.max_blob_size is not None:
             if message is not call.request:
