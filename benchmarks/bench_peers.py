@@ -29,6 +29,7 @@ printed and stored in the JSON, and only Slipstream's side runs.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import fcntl
 import glob
@@ -45,6 +46,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import grpc
 
@@ -143,18 +145,53 @@ class S3:
     buildgrid_bucket: str
 
 
-def make_buckets(endpoint: str, *names: str) -> None:
+def _s3_client(endpoint: str, connections: int = 10) -> Any:
     import boto3
+    import botocore.config
 
-    client = boto3.client(
+    return boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
         region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        config=botocore.config.Config(
+            max_pool_connections=connections,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
     )
+
+
+def make_buckets(endpoint: str, *names: str) -> None:
+    client = _s3_client(endpoint)
     for name in names:
         client.create_bucket(Bucket=name)
+
+
+def s3_endpoint_rates(
+    endpoint: str, bucket: str, sizes: Sizes, threads: int = 16
+) -> dict[str, float]:
+    """Objects/s the S3 endpoint itself takes and gives, with no cache server in front:
+    `sizes.small_blobs` objects of `sizes.small_size` bytes PUT, then GET, by boto3 from
+    `threads` threads. No server whose batches become one S3 request per blob can beat it."""
+    client = _s3_client(endpoint, threads)
+    blobs = [os.urandom(sizes.small_size) for _ in range(sizes.small_blobs)]
+    keys = [f"endpoint-alone/{i}" for i in range(len(blobs))]
+
+    def put(i: int) -> None:
+        client.put_object(Bucket=bucket, Key=keys[i], Body=blobs[i])
+
+    def get(i: int) -> None:
+        assert client.get_object(Bucket=bucket, Key=keys[i])["Body"].read() == blobs[i]
+
+    rates = {}
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        for name, op in (("PUT", put), ("GET", get)):
+            start = time.perf_counter()
+            list(pool.map(op, range(len(blobs))))
+            rates[name] = len(blobs) / (time.perf_counter() - start)
+    return rates
 
 
 def buildgrid_config(address: str, kind: str, store: pathlib.Path, s3: S3 | None) -> str:
@@ -411,6 +448,10 @@ def run_kind(
             servers["reference"] = stack.enter_context(reference_server())
         print(f"[{kind}] {', '.join(servers)}: {rounds} rounds, interleaved ...", flush=True)
         rows = run_side_by_side(servers, sizes, rounds)
+        if s3 is not None:
+            result["s3_endpoint_alone"] = s3_endpoint_rates(
+                s3.endpoint, s3.slipstream_bucket, sizes
+            )
     ours, theirs, ref = rows["slipstream"], rows.get("buildgrid"), rows.get("reference")
     result["slipstream"] = [{**asdict(r), "rate": r.rate} for r in ours]
     result["buildgrid"] = [{**asdict(r), "rate": r.rate} for r in theirs] if theirs else None
@@ -448,6 +489,13 @@ def print_table(results: dict[str, object]) -> None:
                     f"  {run['kind']:<7} Slipstream {p['operation']}: {p['slipstream']:,.1f} MiB/s "
                     f"= SHA-256 / {sha / p['slipstream']:.2f} (target: within 2x)"
                 )
+    for run in results["runs"]:  # type: ignore[attr-defined]
+        if alone := run.get("s3_endpoint_alone"):
+            print(
+                f"S3 endpoint alone (boto3, 16 threads, {run['sizes']['small_size'] // 1024} KiB "
+                f"objects, no server in front): PUT {alone['PUT']:,.1f}/s, "
+                f"GET {alone['GET']:,.1f}/s"
+            )
     print("S/B: Slipstream over BuildGrid for rates, BuildGrid over Slipstream for latencies;")
     print("above 1 means Slipstream is better, the target is 2x on every row. Each figure is")
     print("the median of the rounds (servers measured in turns). reference: a RAM-only server")

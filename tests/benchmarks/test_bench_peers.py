@@ -25,6 +25,10 @@ def test_peer_benchmark_smoke(tmp_path: pathlib.Path) -> None:
     # The reference server (the ceiling any Python server could reach) runs beside them.
     memory = next(run for run in results["runs"] if run["kind"] == "memory")
     assert memory["reference"] and all(row["rate"] > 0 for row in memory["reference"])
+    # So does the S3 endpoint alone (the ceiling of any server's S3 batches), when S3 ran.
+    for run in results["runs"]:
+        if run["kind"] == "s3":
+            assert run["s3_endpoint_alone"]["PUT"] > 0 and run["s3_endpoint_alone"]["GET"] > 0
     if results.get("buildgrid_unavailable"):
         pytest.skip(f"Slipstream's side ran; BuildGrid not: {results['buildgrid_unavailable']}")
     for run in results["runs"]:
