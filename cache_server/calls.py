@@ -31,7 +31,12 @@ from typing import Any
 
 import grpc
 
-from cache_server.services.common import MalformedRequest, MethodWrapper, RpcError
+from cache_server.services.common import (
+    MalformedRequest,
+    MethodWrapper,
+    RpcError,
+    end_with_status,
+)
 
 log = logging.getLogger("cache_server.access")
 
@@ -110,8 +115,8 @@ def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
 
 
 def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException | None) -> Any:
-    if exc is None:
-        return context.code() or grpc.StatusCode.OK, ""
+    if exc is None:  # a handler that failed sets its status and returns
+        return context.code() or grpc.StatusCode.OK, context.details() or ""
     if isinstance(exc, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED, "cancelled"
     if isinstance(exc, grpc.aio.AbortError):
@@ -147,19 +152,18 @@ class _Run:
         for hook in self.hooks:
             hook.response(self.call, message)
 
-    async def admit(self, *request: Any) -> None:
-        """Run the hooks' begin (and request, given a unary request); refuse if one says no."""
+    def admit(self, *request: Any) -> bool:
+        """Run the hooks' begin (and request, given a unary request); False, with the
+        call ended and its status set, if one refuses it."""
         try:
             self.begin()
             for message in request:
                 self.request(message)
         except RpcError as err:
-            await self.refuse(err)
-
-    async def refuse(self, err: RpcError) -> None:
-        """End the call as refused, then tell the client (abort sends the status at once)."""
-        self.end(err)
-        await self.call.context.abort(err.code, err.message)
+            self.end(err)
+            end_with_status(self.call.context, err.code, err.message)
+            return False
+        return True
 
     def end(self, exc: BaseException | None) -> None:
         if self.ended:
@@ -245,7 +249,8 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method, request)
             exc: BaseException | None = None
             try:
-                await run.admit(request)
+                if not run.admit(request):
+                    return None
                 response = await behavior(request, context)
                 run.response(response)
                 return response
@@ -254,6 +259,7 @@ class CallWrapper(MethodWrapper):
                 raise
             finally:
                 run.end(exc)
+                exc = None  # it holds this frame through its traceback: no cycle
 
         return wrapped
 
@@ -262,7 +268,8 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method)
             exc: BaseException | None = None
             try:
-                await run.admit()
+                if not run.admit():
+                    return None
                 response = await behavior(self._requests(run, requests), context)
                 run.response(response)
                 return response
@@ -271,6 +278,7 @@ class CallWrapper(MethodWrapper):
                 raise
             finally:
                 run.end(exc)
+                exc = None  # it holds this frame through its traceback: no cycle
 
         return wrapped
 
@@ -286,7 +294,8 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method, request)
             exc: BaseException | None = None
             try:
-                await run.admit(request)
+                if not run.admit(request):
+                    return
                 async for response in behavior(request, context):
                     run.response(response)
                     yield response
@@ -295,6 +304,7 @@ class CallWrapper(MethodWrapper):
                 raise
             finally:
                 run.end(exc)
+                exc = None  # it holds this frame through its traceback: no cycle
 
         return wrapped
 
@@ -308,7 +318,8 @@ class CallWrapper(MethodWrapper):
             run = self._start(context, method)
             exc: BaseException | None = None
             try:
-                await run.admit()
+                if not run.admit():
+                    return
                 async for response in behavior(self._requests(run, requests), context):
                     run.response(response)
                     yield response
@@ -317,6 +328,7 @@ class CallWrapper(MethodWrapper):
                 raise
             finally:
                 run.end(exc)
+                exc = None  # it holds this frame through its traceback: no cycle
 
         return wrapped
 
