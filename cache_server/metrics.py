@@ -18,6 +18,8 @@ store by a collector that asks it at scrape time:
     slipstream_store_evictions_total
     slipstream_s3_requests_total{operation}               from S3Store.request_counts()
     slipstream_s3_errors_total{kind}                      from S3Store.error_counts(), if any
+    process_* / python_gc_* / python_info                 prometheus_client's own: memory,
+        CPU, open files, collections per garbage-collector generation
 """
 
 from __future__ import annotations
