@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import signal
@@ -268,3 +269,24 @@ def test_second_process_on_the_same_dir_keeps_writes_in_flight(tmp_path: pathlib
     leftover.write_bytes(b"partial")
     DiskStore(tmp_path)
     assert not leftover.exists()
+
+
+def test_index_costs_the_garbage_collector_nothing(tmp_path: pathlib.Path) -> None:
+    """The LRU index holds one entry per file; none of them stays tracked by CPython's
+    cycle collector, whether scanned at start-up, stored, or refreshed by a find."""
+    store = DiskStore(tmp_path / "store")
+    scanned = [BlobId.of(b"scanned %d" % i) for i in range(3)]
+    an_hour_ago = time.time() - 3600  # so that a find refreshes the entry
+    for i, blob in enumerate(scanned):
+        store.put_blob(blob, b"scanned %d" % i)
+        os.utime(tmp_path / "store" / DiskStore._blob_rel(blob), (an_hour_ago, an_hour_ago))
+    store = DiskStore(tmp_path / "store")  # a new process's index, from the scan
+    assert store.find_missing(scanned) == []
+    stored = BlobId.of(b"stored later")
+    store.put_blob(stored, b"stored later")
+    rel = DiskStore._blob_rel(scanned[0])
+    assert store._lru[rel][1] > an_hour_ago + 60  # refreshed by the find above
+    gc.collect()
+    entries = list(store._lru.values())
+    assert len(entries) == 4
+    assert not any(gc.is_tracked(entry) for entry in entries)
