@@ -46,12 +46,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import grpc
 
 from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
-from tests.s3.moto import AWS_ENV, moto_server
+from tests.s3.moto import AWS_ENV, make_buckets, moto_client, moto_server
 from tests.server_process import ServerProcess, free_port
 
 HERE = pathlib.Path(__file__).parent
@@ -145,37 +144,13 @@ class S3:
     buildgrid_bucket: str
 
 
-def _s3_client(endpoint: str, connections: int = 10) -> Any:
-    import boto3
-    import botocore.config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
-        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
-        config=botocore.config.Config(
-            max_pool_connections=connections,
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        ),
-    )
-
-
-def make_buckets(endpoint: str, *names: str) -> None:
-    client = _s3_client(endpoint)
-    for name in names:
-        client.create_bucket(Bucket=name)
-
-
 def s3_endpoint_rates(
     endpoint: str, bucket: str, sizes: Sizes, threads: int = 16
 ) -> dict[str, float]:
     """Objects/s the S3 endpoint itself takes and gives, with no cache server in front:
     `sizes.small_blobs` objects of `sizes.small_size` bytes PUT, then GET, by boto3 from
     `threads` threads. No server whose batches become one S3 request per blob can beat it."""
-    client = _s3_client(endpoint, threads)
+    client = moto_client(endpoint, threads)
     blobs = [os.urandom(sizes.small_size) for _ in range(sizes.small_blobs)]
     keys = [f"endpoint-alone/{i}" for i in range(len(blobs))]
 

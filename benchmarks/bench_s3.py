@@ -18,19 +18,17 @@ import pathlib
 import tempfile
 from dataclasses import asdict
 
-import boto3
-
 from benchmarks.bench_cache import SMOKE, Sizes, print_rows, run_workload
 from tests.s3.conftest import server_args
 from tests.s3.fault_proxy import FaultProxy
-from tests.s3.moto import AWS_ENV, moto_server
+from tests.s3.moto import AWS_ENV, make_buckets, moto_server
 from tests.server_process import ServerProcess
 
 
 def _run_mode(mode: str, url: str, proxy: FaultProxy, sizes: Sizes) -> dict[str, object]:
     """The workload through a server on a fresh bucket; its rows and S3 request counts."""
     bucket = f"bench-{mode.replace('+', '-')}-{os.getpid()}"
-    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=bucket)
+    make_buckets(url, bucket)
     with tempfile.TemporaryDirectory() as tmp:
         extra = ["--cache-dir", tmp, "--cache-size", "4G"] if mode != "s3" else []
         server = ServerProcess(f"s3://{bucket}", server_args(proxy.url, *extra)).start()

@@ -8,6 +8,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 from tests.server_process import free_port
 
@@ -53,3 +54,29 @@ def moto_server(timeout: float = 30.0) -> Iterator[str]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def moto_client(endpoint: str, connections: int = 10) -> Any:
+    """A boto3 S3 client of the endpoint, with the dummy credentials and the checksum
+    settings of the cache server's own S3 client."""
+    import boto3
+    import botocore.config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=AWS_ENV["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=AWS_ENV["AWS_SECRET_ACCESS_KEY"],
+        region_name=AWS_ENV["AWS_DEFAULT_REGION"],
+        config=botocore.config.Config(
+            max_pool_connections=connections,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+
+
+def make_buckets(endpoint: str, *names: str) -> None:
+    client = moto_client(endpoint)
+    for name in names:
+        client.create_bucket(Bucket=name)
