@@ -77,9 +77,7 @@ class MemoryStore(Store):
 
     def _admit_locked(self, key: _Key, data: _Payload) -> None:
         """Insert or replace an evictable entry as the newest, then evict down to the bound."""
-        old = self._lru.pop(key, None)
-        if old is not None:
-            self._bytes_used -= len(old)
+        self._drop_locked(key)
         self._lru[key] = data
         self._bytes_used += len(data)
         if self.max_size is None:
