@@ -24,6 +24,7 @@ store by a collector that asks it at scrape time:
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -54,6 +55,7 @@ _RE = "/build.bazel.remote.execution.v2."
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+@functools.lru_cache(maxsize=1024)
 def _split(method: str) -> tuple[str, str]:
     """("build.bazel.remote.execution.v2.ActionCache", "GetActionResult") from a full method."""
     service, _, name = method.strip("/").rpartition("/")
@@ -202,6 +204,16 @@ class Metrics(Hook):
         r.register(StoreCollector(store))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _labels(self, metric: Any, *values: str) -> Any:
+        """metric.labels(*values), looked up once: prometheus_client's labels() takes
+        a lock and checks its arguments on every call, a few per cent of a small call."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     # ---- hook ----
     def begin(self, call: Call) -> None:
@@ -212,31 +224,31 @@ class Metrics(Hook):
         if call.notes.pop("metrics.in_flight", False):
             self.in_flight.dec()
         service, method = _split(call.method)
-        self.requests.labels(service, method, call.code.name).inc()
-        self.latency.labels(service, method).observe(time.monotonic() - call.started)
+        self._labels(self.requests, service, method, call.code.name).inc()
+        self._labels(self.latency, service, method).observe(time.monotonic() - call.started)
         found = _lookups(call)
         if found is not None:
             kind, hits, misses = found
             if hits:
-                self.lookups.labels(kind, "hit").inc(hits)
+                self._labels(self.lookups, kind, "hit").inc(hits)
             if misses:
-                self.lookups.labels(kind, "miss").inc(misses)
+                self._labels(self.lookups, kind, "miss").inc(misses)
 
     def http_request(
         self, route: str, method: str, status: int, seconds: float, hit: bool | None
     ) -> None:
         """One HTTP cache request (route: ac, cas, ccache or invalid); hit for lookups."""
-        self.http_requests.labels(route, method, str(status)).inc()
-        self.http_latency.labels(route, method).observe(seconds)
+        self._labels(self.http_requests, route, method, str(status)).inc()
+        self._labels(self.http_latency, route, method).observe(seconds)
         if hit is not None:
             kind = route if route == "ccache" else f"http_{route}"
-            self.lookups.labels(kind, "hit" if hit else "miss").inc()
+            self._labels(self.lookups, kind, "hit" if hit else "miss").inc()
 
     def received(self, method: str, size: int) -> None:
-        self.received_bytes.labels(*_split(method)).inc(size)
+        self._labels(self.received_bytes, *_split(method)).inc(size)
 
     def sent(self, method: str, size: int) -> None:
-        self.sent_bytes.labels(*_split(method)).inc(size)
+        self._labels(self.sent_bytes, *_split(method)).inc(size)
 
     # ---- HTTP ----
     def serve(self, listen: str) -> str:

@@ -25,6 +25,17 @@ def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
         yield proc
 
 
+@pytest.fixture(params=["disk", "memory"])
+def any_store_server(
+    request: pytest.FixtureRequest, tmp_path: pathlib.Path
+) -> Iterator[ServerProcess]:
+    """A fresh `slipstream serve` on each local store in turn: the disk store, and the
+    memory store, whose small calls are served in place on the event loop."""
+    storage = tmp_path / "store" if request.param == "disk" else "memory://"
+    with running(ServerProcess(storage)) as proc:
+        yield proc
+
+
 @pytest.fixture
 def channel(server: ServerProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(server.address, options=_CHANNEL_OPTIONS) as ch:

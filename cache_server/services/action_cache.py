@@ -77,7 +77,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         instance = instance_ok(request.instance_name)
         check_function(request.digest_function)
         action = blob_from_request(request.action_digest, "action_digest")
-        return await self.backend.run(self._get, instance, action, request)
+        return await self.backend.run_store(self._get, instance, action, request)
 
     def _get(
         self, instance: str, action: BlobId, request: re_pb2.GetActionResultRequest
@@ -146,7 +146,7 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         data = result.SerializeToString()
         if len(data) > MAX_BATCH_TOTAL_SIZE:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "action result is too large")
-        await self.backend.run(
+        await self.backend.run_store(
             self.backend.store.put_record, AC_NAMESPACE, action_key(instance, action), data
         )
         return result

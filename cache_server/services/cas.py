@@ -65,7 +65,8 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         check_function(request.digest_function)
         requests = request.requests
         payloads = [r.data for r in requests]  # each access copies: take them once
-        _check_batch_size(sum(map(len, payloads)))
+        total = sum(map(len, payloads))
+        _check_batch_size(total)
         # Digests are checked up front, so one malformed digest fails the call
         # rather than leaving a half-applied batch behind it.
         blobs = blobs_from_request([r.digest for r in requests], "requests.digest")
@@ -73,7 +74,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             (blob, payload, r.compressor)
             for blob, payload, r in zip(blobs, payloads, requests, strict=True)
         ]
-        statuses = await self.backend.run(self._store_batch, items)
+        statuses = await self.backend.run_store(self._store_batch, items, gil_free_bytes=total)
         response = re_pb2.BatchUpdateBlobsResponse()
         add = response.responses.add
         for blob, status in zip(blobs, statuses, strict=True):
@@ -112,7 +113,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         total = sum(b.size for b in blobs)
         _check_batch_size(total)
         zstd = re_pb2.Compressor.ZSTD in request.acceptable_compressors
-        return await self.backend.run(self._read_batch, blobs, zstd)
+        return await self.backend.run_store(
+            self._read_batch, blobs, zstd, gil_free_bytes=total if zstd else 0
+        )
 
     def _read_batch(self, blobs: list[BlobId], zstd: bool) -> re_pb2.BatchReadBlobsResponse:
         store = self.backend.store

@@ -128,6 +128,9 @@ class Store(abc.ABC):
     # True when the chunks of read_blob come from memory, so a caller on an event
     # loop may take them in place rather than one worker-thread trip per chunk.
     reads_in_memory: bool = False
+    # True when no call waits on I/O at all (everything is in this process's
+    # memory), so a caller on an event loop may make small calls in place.
+    works_in_memory: bool = False
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -54,6 +54,7 @@ class MemoryStore(Store):
 
     finds_in_memory = True  # find_missing never waits on I/O
     reads_in_memory = True
+    works_in_memory = True
 
     def __init__(self, max_size: int | None = None) -> None:
         self.max_size = max_size

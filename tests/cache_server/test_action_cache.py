@@ -13,6 +13,11 @@ ACTION = digest(b"an action")
 
 
 @pytest.fixture
+def server(any_store_server: ServerProcess) -> ServerProcess:
+    return any_store_server
+
+
+@pytest.fixture
 def api(channel: grpc.Channel) -> Reapi:
     return Reapi(channel)
 

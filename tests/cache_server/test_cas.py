@@ -13,8 +13,14 @@ import zstandard
 from cache_server.services.common import MAX_BATCH_TOTAL_SIZE
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
+from tests.server_process import ServerProcess
 
 EMPTY = digest(b"")
+
+
+@pytest.fixture
+def server(any_store_server: ServerProcess) -> ServerProcess:
+    return any_store_server
 
 
 @pytest.fixture

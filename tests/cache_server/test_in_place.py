@@ -1,0 +1,90 @@
+"""Work the server does in place rather than per call or on a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+import pytest
+
+from cache_server.calls import Call, CallWrapper, Hook
+from cache_server.services.capabilities import CapabilitiesService
+from cache_server.services.common import IN_PLACE_GIL_FREE, Backend
+from cache_server.storage.disk import DiskStore
+from cache_server.storage.memory import MemoryStore
+from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+
+
+def _fail() -> None:
+    raise KeyError("from the store")
+
+
+def test_memory_store_calls_run_in_place_unless_they_hash_much(tmp_path: pathlib.Path) -> None:
+    async def main() -> None:
+        here = threading.get_ident()
+        with ThreadPoolExecutor(2) as executor:
+            memory = Backend(MemoryStore(), executor)
+            assert await memory.run_store(threading.get_ident) == here
+            at_limit = await memory.run_store(threading.get_ident, gil_free_bytes=IN_PLACE_GIL_FREE)
+            assert at_limit == here
+            over = await memory.run_store(threading.get_ident, gil_free_bytes=IN_PLACE_GIL_FREE + 1)
+            assert over != here
+            with pytest.raises(KeyError, match="from the store"):
+                await memory.run_store(_fail)
+
+            disk = Backend(DiskStore(tmp_path / "store"), executor)
+            assert await disk.run_store(threading.get_ident) != here  # files may block
+            with pytest.raises(KeyError, match="from the store"):
+                await disk.run_store(_fail)
+
+    asyncio.run(main())
+
+
+class _CountingWrapper(CallWrapper):
+    def __init__(self, hooks: list[Hook]) -> None:
+        super().__init__(hooks, ("/build.bazel.",))
+        self.wraps = 0
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        self.wraps += 1
+        return super().wrap(handler, method)
+
+
+class _Seen(Hook):
+    def __init__(self) -> None:
+        self.request_ids: list[str] = []
+
+    def begin(self, call: Call) -> None:
+        self.request_ids.append(call.request_id)
+
+
+def test_handlers_are_wrapped_once_per_method_and_hooks_run_every_call() -> None:
+    async def main() -> tuple[_CountingWrapper, _Seen]:
+        seen = _Seen()
+        wrapper = _CountingWrapper([seen])
+        with ThreadPoolExecutor(1) as executor:
+            server = grpc.aio.server(interceptors=[wrapper])
+            backend = Backend(MemoryStore(), executor)
+            re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(backend), server)
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            try:
+                async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                    stub = re_grpc.CapabilitiesStub(channel)
+                    for _ in range(5):
+                        await stub.GetCapabilities(re_pb2.GetCapabilitiesRequest())
+            finally:
+                await server.stop(None)
+        return wrapper, seen
+
+    wrapper, seen = asyncio.run(main())
+    assert wrapper.wraps == 1
+    assert len(seen.request_ids) == 5
+    assert len(set(seen.request_ids)) == 5  # each call has its own id
+    assert all(re.fullmatch(r"[0-9a-f]{16}", rid) for rid in seen.request_ids)
