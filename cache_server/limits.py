@@ -39,8 +39,10 @@ class LimitEnforcer(Hook):
     def begin(self, call: Call) -> None:
         caller = call.caller if isinstance(call.caller, Caller) else OPEN
         limit = caller.limits.max_streams
+        if limit is None:
+            return  # nothing to count against
         key = Authenticator.limit_key(call)
-        if limit is not None and self.in_flight[key] >= limit:
+        if self.in_flight[key] >= limit:
             verb = "has" if caller.authenticated else "have"
             raise _exhausted(
                 f"{_who(caller)} {verb} {self.in_flight[key]} calls in flight already; "

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
+from cache_server.auth import OPEN
+from cache_server.calls import Call
+from cache_server.limits import LimitEnforcer
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import Token, channel_for, code_of, write_token_file
@@ -142,3 +145,15 @@ def code_of_or_ok(call: object) -> tuple[grpc.StatusCode, str]:
     except grpc.RpcError as exc:
         return exc.code(), exc.details() or ""
     return grpc.StatusCode.OK, ""
+
+
+def test_callers_without_a_stream_limit_are_not_counted() -> None:
+    """No count to keep, and no peer address to look up, on every call of such a caller."""
+    enforcer = LimitEnforcer()
+    call = Call("/build.bazel.remote.execution.v2.ActionCache/GetActionResult", None, "id")  # type: ignore[arg-type]
+    call.caller = OPEN
+    assert OPEN.limits.max_streams is None
+    enforcer.begin(call)
+    assert not enforcer.in_flight
+    enforcer.end(call)
+    assert not enforcer.in_flight
