@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import subprocess
@@ -469,3 +470,25 @@ def test_server_streams_memory_blobs_in_place_across_pieces() -> None:
         absent = digest(b"never written")
         err = rpc_error(lambda: api.read(absent))
         assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_records_and_blobs_leave_the_cycle_collector_alone() -> None:
+    """What the store holds per record or small blob is untracked by the cycle collector
+    once it has looked at it, so a store of a million action results does not make
+    every full collection walk a million objects."""
+    store = MemoryStore()
+    for i in range(3):
+        store.put_record("ac", f"action-{i}", b"result %d" % i)
+        store.put_record("layers", f"key-{i}", b"layer %d" % i)
+        store.put_blob(BlobId.of(b"blob %d" % i), b"blob %d" % i)
+    gc.collect()
+    held: list[object] = [r for records in store._records.values() for r in records.values()]
+    held += [*store._lru, *store._lru.values()]  # 3 action results and 3 blobs
+    assert len(held) == 6 + 12
+    assert not [h for h in held if gc.is_tracked(h)]
+    assert store.get_record("ac", "action-1") == b"result 1"
+    assert [(r.key, r.size) for r in store.list_records("layers")] == [
+        ("key-0", 7),
+        ("key-1", 7),
+        ("key-2", 7),
+    ]
