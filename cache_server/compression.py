@@ -28,7 +28,7 @@ class StreamDecompressor:
         self._produced = 0
         self._obj = zstandard.ZstdDecompressor().decompressobj()
 
-    def feed(self, data: bytes) -> bytes:
+    def feed(self, data: bytes | memoryview) -> bytes:
         try:
             out = self._obj.decompress(data)
         except zstandard.ZstdError as exc:

@@ -23,6 +23,7 @@ from cache_server.config import OpsConfig
 from cache_server.operations import Operations
 from cache_server.services.action_cache import ActionCacheService
 from cache_server.services.bytestream import ByteStreamService
+from cache_server.services.bytestream import add_to_server as add_bytestream_to_server
 from cache_server.services.capabilities import CapabilitiesService
 from cache_server.services.cas import CasService
 from cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDecoding
@@ -31,7 +32,6 @@ from cache_server.services.split import SplitService
 from cache_server.storage.base import Store
 from cache_server.storage.disk import DiskStore
 from slipstream_protos import bytestream_pb2, remote_execution_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 from slipstream_protos import layers_pb2_grpc as layers_grpc
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 from slipstream_protos import split_pb2_grpc as split_grpc
@@ -114,7 +114,7 @@ class CacheServer:
         )
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.backend), self.server)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(self.backend), self.server)
-        bs_grpc.add_ByteStreamServicer_to_server(ByteStreamService(self.backend), self.server)
+        add_bytestream_to_server(ByteStreamService(self.backend), self.server)
         layers_grpc.add_LayersServicer_to_server(LayersService(self.backend), self.server)
         split_grpc.add_SplitServicer_to_server(SplitService(self.backend), self.server)
         self.health = health.aio.HealthServicer()

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from cache_server.bytestream_wire import WriteChunk, encode_read_response, parse_write_request
 from cache_server.compression import StreamDecompressor, compress_stream
 from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
 from cache_server.services.common import Backend, RpcError, grpc_errors, instance_ok
@@ -23,6 +24,37 @@ READ_CHUNK = 1024 * 1024
 WRITE_BUFFER = 1024 * 1024
 UPLOAD_IDLE_TIMEOUT = 600.0
 REMEMBER_COMPLETED = 10_000
+
+
+def add_to_server(service: ByteStreamService, server: grpc.aio.Server) -> None:
+    """Register ByteStream as the generated add_ByteStreamServicer_to_server does, but
+    with its data-carrying messages on the wire through cache_server.bytestream_wire:
+    Read yields ReadResponses already encoded, and a Write request's data arrives as a
+    view into the received message, not as two copies of it."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "Read": grpc.unary_stream_rpc_method_handler(
+            service.Read,
+            request_deserializer=bs_pb2.ReadRequest.FromString,
+            response_serializer=_encoded,
+        ),
+        "Write": grpc.stream_unary_rpc_method_handler(
+            service.Write,
+            request_deserializer=parse_write_request,
+            response_serializer=bs_pb2.WriteResponse.SerializeToString,
+        ),
+        "QueryWriteStatus": grpc.unary_unary_rpc_method_handler(
+            service.QueryWriteStatus,
+            request_deserializer=bs_pb2.QueryWriteStatusRequest.FromString,
+            response_serializer=bs_pb2.QueryWriteStatusResponse.SerializeToString,
+        ),
+    }
+    name = bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _encoded(message: bytes) -> bytes:
+    return message  # Read yields its responses encoded already
 
 
 @dataclass
@@ -42,9 +74,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     # ---- Read ----
     @grpc_errors
-    async def Read(
+    async def Read(  # type: ignore[override]  # yields ReadResponses encoded (add_to_server)
         self, request: bs_pb2.ReadRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[bs_pb2.ReadResponse]:
+    ) -> AsyncIterator[bytes]:
         name = parse_read_name(request.resource_name)
         instance_ok(name.instance)
         blob = name.blob
@@ -67,7 +99,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         remaining = request.read_limit or blob.size - request.read_offset
         if name.compressed:
             async for data in self._compressed(chunks):
-                yield bs_pb2.ReadResponse(data=data)
+                yield encode_read_response(data)
             return
         while remaining > 0:
             chunk = await self.backend.next_chunk(chunks)
@@ -76,7 +108,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             if len(chunk) > remaining:
                 chunk = chunk[:remaining]
             remaining -= len(chunk)
-            yield bs_pb2.ReadResponse(data=chunk)
+            yield encode_read_response(chunk)
 
     async def _compressed(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
         compressor = compress_stream()
@@ -91,9 +123,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
     # ---- Write ----
     @grpc_errors
-    async def Write(
+    async def Write(  # type: ignore[override]  # requests decoded by add_to_server's parser
         self,
-        request_iterator: AsyncIterator[bs_pb2.WriteRequest],
+        request_iterator: AsyncIterator[WriteChunk],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> bs_pb2.WriteResponse:
         self._expire_idle()
@@ -135,15 +167,15 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         name: ResourceName,
         resource: str,
         upload: _Upload,
-        first: bs_pb2.WriteRequest,
-        rest: AsyncIterator[bs_pb2.WriteRequest],
+        first: WriteChunk,
+        rest: AsyncIterator[WriteChunk],
     ) -> bs_pb2.WriteResponse:
         writer = upload.writer
         # For compressed uploads offsets count compressed bytes, which the
         # writer does not see; such uploads are not resumable and restart at 0.
         decompressor = StreamDecompressor(name.blob.size) if name.compressed else None
         received = writer.committed_size if decompressor is None else 0
-        buffer: list[bytes] = []
+        buffer: list[bytes | memoryview] = []
         buffered = 0
         accepted = writer.committed_size  # bytes taken for the writer, in flight or buffered
         # One store write runs in a worker thread while the next chunks arrive:
@@ -153,7 +185,8 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         async def flush() -> None:
             nonlocal buffer, buffered, in_flight
             if buffer:
-                data = b"".join(buffer)
+                # One piece goes as it is: joining would copy it (a view, not bytes).
+                data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
                 buffer, buffered = [], 0
                 if in_flight is not None:
                     await in_flight
@@ -166,7 +199,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 if not in_flight.cancelled():
                     in_flight.exception()
 
-        request: bs_pb2.WriteRequest | None = first
+        request: WriteChunk | None = first
         finished = False
         try:
             while request is not None:
@@ -180,7 +213,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                         f"write_offset {request.write_offset} does not follow "
                         f"the {received} bytes committed",
                     )
-                chunk = request.data  # a copy out of the message: take it once
+                chunk = request.data  # a view into the received message
                 received += len(chunk)
                 data = decompressor.feed(chunk) if decompressor else chunk
                 if data:

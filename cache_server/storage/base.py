@@ -82,6 +82,12 @@ def decode_record_key(encoded: str) -> str:
     return unquote(encoded)
 
 
+# What a BlobWriter takes: bytes, or a view into a message as it was received
+# (cache_server.bytestream_wire), which a writer must copy if it keeps it past
+# the call and needs bytes.
+Chunk = bytes | memoryview
+
+
 class BlobWriter(abc.ABC):
     """A streamed write of one blob; nothing is visible until commit() succeeds."""
 
@@ -90,7 +96,7 @@ class BlobWriter(abc.ABC):
         self.committed_size = 0
         self._sha = hashlib.sha256()
 
-    def _take(self, data: bytes) -> None:
+    def _take(self, data: Chunk) -> None:
         """Count and hash data; DigestError once more bytes arrive than the digest's size."""
         if self.committed_size + len(data) > self.blob.size:
             raise DigestError(f"more than {self.blob.size} bytes sent for blob {self.blob}")
@@ -107,7 +113,7 @@ class BlobWriter(abc.ABC):
             raise DigestError(f"blob {self.blob} hashes to {self._sha.hexdigest()}")
 
     @abc.abstractmethod
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         """Append data; raises DigestError once more bytes arrive than the digest's size."""
 
     @abc.abstractmethod

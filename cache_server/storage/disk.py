@@ -37,6 +37,7 @@ from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
 from cache_server.storage.base import (
     EVICTABLE_NAMESPACES,
     BlobWriter,
+    Chunk,
     RecordInfo,
     Store,
     StoreFull,
@@ -478,7 +479,7 @@ class _DiskBlobWriter(BlobWriter):
         self._file.write(b"\0" * _HEADER.size)
         self._xxh = xxhash.xxh3_64()
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         if self._file is None:
             raise DigestError("write after the blob was committed or aborted")
         self._take(data)

@@ -17,6 +17,7 @@ from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
 from cache_server.storage.base import (
     EVICTABLE_NAMESPACES,
     BlobWriter,
+    Chunk,
     RecordInfo,
     Store,
     StoreFull,
@@ -227,7 +228,7 @@ class _MemoryBlobWriter(BlobWriter):
         self._store = store
         self._chunks: list[bytes] | None = []
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         if self._chunks is None:
             raise DigestError("write after the blob was committed or aborted")
         self._take(data)

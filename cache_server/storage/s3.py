@@ -38,6 +38,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
 from cache_server.storage.base import (
     BlobWriter,
+    Chunk,
     RecordInfo,
     Store,
     StoreUnavailable,
@@ -551,13 +552,13 @@ class S3BlobWriter(BlobWriter):
         super().__init__(blob)
         self._store = store
         self._key = blob_key(store.prefix, blob)
-        self._buffer: list[bytes] = []
+        self._buffer: list[Chunk] = []
         self._buffered = 0
         self._upload_id: str | None = None
         self._parts: list[dict[str, Any]] = []
         self._closed = False
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         if self._closed:
             raise DigestError("write after the blob was committed or aborted")
         self._take(data)

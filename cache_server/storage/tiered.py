@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
 from cache_server.storage.base import (
     BlobWriter,
+    Chunk,
     RecordInfo,
     Store,
     StoreFull,
@@ -145,7 +146,7 @@ class _TieredWriter(BlobWriter):
         self._shared = shared
         self._local = local
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: Chunk) -> None:
         self._shared.write(data)
         self.committed_size = self._shared.committed_size
         if self._local is not None:

@@ -12,6 +12,12 @@ import zstandard
 
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from tests.reapi import Reapi, digest, rpc_error, write_requests
+from tests.server_process import ServerProcess
+
+
+@pytest.fixture
+def server(any_store_server: ServerProcess) -> ServerProcess:
+    return any_store_server
 
 
 @pytest.fixture
