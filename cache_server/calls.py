@@ -51,6 +51,7 @@ class Call:
     method: str  # "/package.Service/Method"
     context: grpc.aio.ServicerContext[Any, Any]
     request_id: str
+    headers: Sequence[tuple[str, str | bytes]] = ()  # the call's metadata, read once
     started: float = field(default_factory=time.monotonic)
     caller: Any = None  # set by the auth hook (cache_server.auth.Caller)
     request: Any = None  # the unary request, or the first streamed one
@@ -68,7 +69,7 @@ class Call:
         return self.method.rsplit("/", 1)[-1]
 
     def metadata(self, key: str) -> str | None:
-        for k, v in self.context.invocation_metadata() or ():
+        for k, v in self.headers:
             if k == key and isinstance(v, str):
                 return v
         return None
@@ -105,8 +106,8 @@ class Hook:
         """Bytes of one response message as sent on the wire."""
 
 
-def _request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for k, v in context.invocation_metadata() or ():
+def _request_id(headers: Sequence[tuple[str, str | bytes]]) -> str:
+    for k, v in headers:
         if k == REQUEST_ID_HEADER and isinstance(v, str):
             cleaned = "".join(ch for ch in v if ch.isalnum() or ch in "-_.:")
             if cleaned:
@@ -230,7 +231,8 @@ class CallWrapper(MethodWrapper):
     def _start(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Any = None
     ) -> _Run:
-        call = Call(method, context, _request_id(context))
+        headers = tuple(context.invocation_metadata() or ())  # a tuple already: no copy
+        call = Call(method, context, _request_id(headers), headers)
         if not isinstance(request, MalformedRequest):
             call.request = request  # seen by end() even when begin() refuses the call
         CURRENT.set(call)
