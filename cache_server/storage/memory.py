@@ -232,7 +232,7 @@ class _MemoryBlobWriter(BlobWriter):
         if self._chunks is None:
             raise DigestError("write after the blob was committed or aborted")
         self._take(data)
-        self._chunks.append(bytes(data))
+        self._chunks.append(bytes(data))  # a view of a received message: copied here, off the loop
 
     def commit(self) -> None:
         if self._chunks is None:
