@@ -231,6 +231,12 @@ async def serve(config: ServerConfig) -> None:
         await server.stop(0)
         raise
     freeze_start_up_objects()
+    # Before the ready line: a script that stops the server as soon as it reads
+    # that line must reach the handler, not the default action that kills it.
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
     # Everything else is said before the gRPC line, which tells waiting
     # scripts (and tests) that the server is up.
     print(f"slipstream: storing in the {description}", flush=True)
@@ -245,10 +251,6 @@ async def serve(config: ServerConfig) -> None:
         f"slipstream: serving the REAPI v2 cache on {server.address} ({server.ops.transport})",
         flush=True,
     )
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     print("slipstream: shutting down", flush=True)
     await server.stop()

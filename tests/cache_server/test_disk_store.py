@@ -249,6 +249,27 @@ def test_serve_cli_errors_and_sigterm(tmp_path: pathlib.Path) -> None:
     assert f"disk store at {tmp_path / 's'}" in text
 
 
+def test_sigterm_right_after_the_ready_line_stops_cleanly(tmp_path: pathlib.Path) -> None:
+    """A script may stop the server the moment it says it is serving: the signal must
+    reach the shutdown handler, not the default action that kills the process."""
+    serve = [sys.executable, "-m", "client.cli", "serve", "--listen", "127.0.0.1:0"]
+    for attempt in range(3):
+        proc = subprocess.Popen(
+            [*serve, "--storage", str(tmp_path / str(attempt))],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "serving the REAPI v2 cache" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest = proc.stdout.read()
+        assert proc.wait(20) == 0, rest
+        assert "shutting down" in rest
+
+
 def test_second_process_on_the_same_dir_keeps_writes_in_flight(tmp_path: pathlib.Path) -> None:
     store = DiskStore(tmp_path)
     data = os.urandom(100_000)
