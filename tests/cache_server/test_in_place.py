@@ -11,9 +11,12 @@ from typing import Any
 
 import grpc
 import pytest
+import zstandard
 
 from cache_server.calls import Call, CallWrapper, Hook
+from cache_server.digests import BlobId
 from cache_server.services.capabilities import CapabilitiesService
+from cache_server.services.cas import CasService
 from cache_server.services.common import IN_PLACE_GIL_FREE, Backend
 from cache_server.storage.disk import DiskStore
 from cache_server.storage.memory import MemoryStore
@@ -44,6 +47,43 @@ def test_memory_store_calls_run_in_place_unless_they_hash_much(tmp_path: pathlib
                 await disk.run_store(_fail)
 
     asyncio.run(main())
+
+
+class _ThreadNoting(MemoryStore):
+    def __init__(self) -> None:
+        super().__init__()
+        self.put_on: list[int] = []
+
+    def put_blob(self, blob: BlobId, data: bytes) -> None:
+        self.put_on.append(threading.get_ident())
+        super().put_blob(blob, data)
+
+
+def test_a_small_zstd_batch_of_big_blobs_is_hashed_on_a_worker_thread() -> None:
+    """What a batch costs to store is what its digests name, not its compressed bytes."""
+    data = bytes(4 * IN_PLACE_GIL_FREE)
+    packed = zstandard.ZstdCompressor().compress(data)
+    assert len(packed) < IN_PLACE_GIL_FREE
+    blob = BlobId.of(data)
+    request = re_pb2.BatchUpdateBlobsRequest(
+        requests=[
+            re_pb2.BatchUpdateBlobsRequest.Request(
+                digest=blob.to_proto(), data=packed, compressor=re_pb2.Compressor.ZSTD
+            )
+        ]
+    )
+
+    async def main() -> int:
+        store = _ThreadNoting()
+        with ThreadPoolExecutor(1) as executor:
+            cas = CasService(Backend(store, executor))
+            response = await cas.BatchUpdateBlobs(request, None)  # type: ignore[arg-type]
+        assert [r.status.code for r in response.responses] == [0]
+        assert store.get_blob(blob) == data
+        (thread,) = store.put_on
+        return thread
+
+    assert asyncio.run(main()) != threading.get_ident()
 
 
 class _CountingWrapper(CallWrapper):
