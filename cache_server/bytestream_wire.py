@@ -131,7 +131,7 @@ def _skip(raw: bytes, pos: int, field: int, wire: int) -> int:
     return pos
 
 
-def encode_read_response(data: bytes) -> bytes:
+def encode_read_response(data: bytes | memoryview) -> bytes:
     """ReadResponse(data=data), serialized: one copy of data, not two."""
     if not data:
         return b""  # proto3 leaves an empty field out

@@ -77,6 +77,7 @@ from cache_server.services.action_cache import AC_NAMESPACE, action_key, referen
 from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, RpcError
 from cache_server.storage.base import (
     BlobWriter,
+    Chunk,
     RecordKeyError,
     StoreFull,
     StoreUnavailable,
@@ -415,7 +416,7 @@ class HttpCache:
             return self.store.find_blob(target.key)
         return self._ccache_blob(target.key)
 
-    def _open(self, target: Target) -> tuple[BlobId, bytes | Iterator[bytes]] | None:
+    def _open(self, target: Target) -> tuple[BlobId, bytes | Iterator[Chunk]] | None:
         """The blob a cas or ccache path names and its content: whole if small, else chunks.
 
         One trip to a worker thread for the common small entry.
@@ -423,7 +424,7 @@ class HttpCache:
         blob = self._lookup(target)
         if blob is None:
             return None
-        content: bytes | Iterator[bytes] | None
+        content: bytes | Iterator[Chunk] | None
         if blob.size <= CHUNK:
             content = self.store.get_blob(blob)
         else:
@@ -441,7 +442,7 @@ class HttpCache:
         return blob
 
     async def _stream(
-        self, request: web.Request, blob: BlobId, chunks: Iterator[bytes]
+        self, request: web.Request, blob: BlobId, chunks: Iterator[Chunk]
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=200)
         response.content_type = "application/octet-stream"

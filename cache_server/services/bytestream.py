@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -15,13 +16,15 @@ from cache_server.bytestream_wire import WriteChunk, encode_read_response, parse
 from cache_server.compression import StreamDecompressor, compress_stream
 from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
 from cache_server.services.common import Backend, RpcError, grpc_errors, instance_ok
-from cache_server.storage.base import BlobWriter
+from cache_server.storage.base import BlobWriter, Chunk
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 
 READ_CHUNK = 1024 * 1024
 # Small client chunks are gathered up to this size before they go to the store.
 WRITE_BUFFER = 1024 * 1024
+# How far the received data may run ahead of the store writer's thread.
+FEED_AHEAD = 4 * 1024 * 1024
 UPLOAD_IDLE_TIMEOUT = 600.0
 REMEMBER_COMPLETED = 10_000
 
@@ -64,6 +67,91 @@ class _Upload:
     writer: BlobWriter
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_active: float = field(default_factory=time.monotonic)
+
+
+class _StoreFeed:
+    """Hands one upload's data to its store writer, in order, on a worker thread, while
+    the event loop goes on receiving. The loop waits only when more than FEED_AHEAD
+    bytes are queued (until half of them are written), and at the end: a trip to the
+    worker and back per chunk left it waiting ~0.5 ms per MiB for the last hash."""
+
+    def __init__(self, backend: Backend, writer: BlobWriter) -> None:
+        self._backend = backend
+        self._writer = writer
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()  # guards the fields below, shared with the worker
+        self._queue: collections.deque[Chunk] = collections.deque()
+        self._queued = 0
+        self._working = False
+        self._failed = False
+        self._room: asyncio.Future[None] | None = None
+        self._work: asyncio.Future[None] | None = None  # the latest run of _write_queued
+
+    async def put(self, data: Chunk) -> None:
+        """Queue data for the writer; raises the error of a write that failed."""
+        start = False
+        with self._lock:
+            if not self._failed:
+                self._queue.append(data)
+                self._queued += len(data)
+                start, self._working = not self._working, True
+                if self._queued > FEED_AHEAD:
+                    self._room = self._loop.create_future()
+            room, failed = self._room, self._failed
+        if failed:
+            await self.finish()
+        if start:
+            self._work = asyncio.ensure_future(self._backend.run(self._write_queued))
+        if room is not None:
+            await room
+            if self._failed:
+                await self.finish()
+
+    async def finish(self) -> None:
+        """Wait until everything queued is written; raises the error of a failed write."""
+        if self._work is not None:
+            await self._work
+
+    async def discard(self) -> None:
+        """Drop what is queued, let the write under way end, and ignore its error."""
+        with self._lock:
+            self._queue.clear()
+        if self._work is not None:
+            await asyncio.wait([self._work])
+            if not self._work.cancelled():
+                self._work.exception()
+
+    def _write_queued(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._working = False
+                    return
+                data = self._queue.popleft()
+            try:
+                self._writer.write(data)
+            except BaseException:
+                with self._lock:
+                    self._queue.clear()
+                    self._failed, self._working = True, False
+                    room, self._room = self._room, None
+                if room is not None:
+                    self._loop.call_soon_threadsafe(_set_done, room)
+                raise
+            with self._lock:
+                self._queued -= len(data)
+                room = self._room
+                if room is not None and self._queued <= FEED_AHEAD // 2:
+                    self._room = None
+                else:
+                    room = None
+            if room is not None:
+                self._loop.call_soon_threadsafe(_set_done, room)
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class ByteStreamService(bs_grpc.ByteStreamServicer):
@@ -110,7 +198,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             remaining -= len(chunk)
             yield encode_read_response(chunk)
 
-    async def _compressed(self, chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    async def _compressed(self, chunks: Iterator[Chunk]) -> AsyncIterator[bytes]:
         compressor = compress_stream()
         while True:
             chunk = await self.backend.next_chunk(chunks)
@@ -175,29 +263,18 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         # writer does not see; such uploads are not resumable and restart at 0.
         decompressor = StreamDecompressor(name.blob.size) if name.compressed else None
         received = writer.committed_size if decompressor is None else 0
-        buffer: list[bytes | memoryview] = []
+        buffer: list[Chunk] = []
         buffered = 0
-        accepted = writer.committed_size  # bytes taken for the writer, in flight or buffered
-        # One store write runs in a worker thread while the next chunks arrive:
-        # hashing releases the GIL, so receiving and hashing overlap.
-        in_flight: asyncio.Future[None] | None = None
+        accepted = writer.committed_size  # bytes taken for the writer, queued or buffered
+        feed = _StoreFeed(self.backend, writer)
 
         async def flush() -> None:
-            nonlocal buffer, buffered, in_flight
+            nonlocal buffer, buffered
             if buffer:
                 # One piece goes as it is: joining would copy it (a view, not bytes).
                 data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
                 buffer, buffered = [], 0
-                if in_flight is not None:
-                    await in_flight
-                in_flight = asyncio.ensure_future(self.backend.run(writer.write, data))
-
-        async def settle() -> None:
-            """Let the write in flight finish; on the way out its error is moot."""
-            if in_flight is not None:
-                await asyncio.wait([in_flight])
-                if not in_flight.cancelled():
-                    in_flight.exception()
+                await feed.put(data)
 
         request: WriteChunk | None = first
         finished = False
@@ -233,16 +310,15 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                     break
                 request = await anext(rest, None)
             await flush()
-            if in_flight is not None:
-                await in_flight
+            await feed.finish()
         except asyncio.CancelledError:
-            await settle()  # before the upload is dropped or left for a resume
+            await feed.discard()  # before the upload is dropped or left for a resume
             # The client went away: what reached the store stays for a resume.
             if decompressor is not None:
                 self._drop(resource)
             raise
         except BaseException:
-            await settle()
+            await feed.discard()
             self._drop(resource)
             raise
         if not finished:

@@ -20,7 +20,7 @@ from typing import Any, ParamSpec, TypeVar
 import grpc
 
 from cache_server.digests import BlobId, DigestError, check_digest_function
-from cache_server.storage.base import RecordKeyError, Store, StoreFull, StoreUnavailable
+from cache_server.storage.base import Chunk, RecordKeyError, Store, StoreFull, StoreUnavailable
 from slipstream_protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger("cache_server")
@@ -231,7 +231,7 @@ class Backend:
             return self.store.find_missing(blobs)
         return await self.run(self.store.find_missing, blobs)
 
-    async def next_chunk(self, chunks: Iterator[bytes]) -> bytes | None:
+    async def next_chunk(self, chunks: Iterator[Chunk]) -> Chunk | None:
         """The next chunk of a read_blob iterator, None after the last one; taken in
         place when the store reads from memory (a worker-thread trip per chunk cost
         in-memory ByteStream reads 15-30%)."""

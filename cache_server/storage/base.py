@@ -162,7 +162,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
-    ) -> Iterator[bytes] | None:
+    ) -> Iterator[Chunk] | None:
         """Chunks of the blob from offset on, or None when it is missing.
 
         The content is checked: a corrupt blob is reported as missing when that

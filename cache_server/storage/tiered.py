@@ -67,8 +67,8 @@ class TieredStore(Store):
 
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
-    ) -> Iterator[bytes] | None:
-        chunks = self.fast.read_blob(blob, offset, chunk_size)
+    ) -> Iterator[Chunk] | None:
+        chunks: Iterator[Chunk] | None = self.fast.read_blob(blob, offset, chunk_size)
         if chunks is not None:
             return chunks
         chunks = self.shared.read_blob(blob, offset, chunk_size)
@@ -116,7 +116,7 @@ class TieredStore(Store):
             self.fast.close()
 
 
-def _tee(chunks: Iterator[bytes], writer: BlobWriter) -> Iterator[bytes]:
+def _tee(chunks: Iterator[Chunk], writer: BlobWriter) -> Iterator[Chunk]:
     """Pass chunks through while copying them to the disk; commit (verified) at the end."""
     ok = True
     try:

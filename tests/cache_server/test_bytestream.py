@@ -10,6 +10,7 @@ import grpc
 import pytest
 import zstandard
 
+from cache_server.services.bytestream import FEED_AHEAD
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from tests.reapi import Reapi, digest, rpc_error, write_requests
 from tests.server_process import ServerProcess
@@ -35,6 +36,20 @@ def test_write_then_read_large_blob_in_pieces(api: Reapi) -> None:
     assert api.read(d, offset=1000, limit=5000) == data[1000:6000]
     assert api.read(d, offset=len(data)) == b""
     assert api.read(d, offset=len(data) - 3, limit=100) == data[-3:]
+
+
+@pytest.mark.parametrize("chunk_mib", [1, 3])
+def test_write_then_read_in_chunks_as_large_as_the_store_feed_takes(
+    api: Reapi, chunk_mib: int
+) -> None:
+    # Chunks this large go to the store as views of the received messages, and the
+    # upload runs past FEED_AHEAD, so the event loop waits for the writer on the way.
+    data = os.urandom(FEED_AHEAD * 3 + 12345)
+    assert api.write(data, chunk=chunk_mib << 20).committed_size == len(data)
+    d = digest(data)
+    assert api.read(d) == data
+    start = (chunk_mib << 20) - 100  # across the boundary between two received chunks
+    assert api.read(d, offset=start, limit=200) == data[start : start + 200]
 
 
 def test_multi_segment_instance_name(api: Reapi) -> None:
