@@ -42,7 +42,7 @@ class StreamDecompressor:
 _local = threading.local()
 
 
-def compress_blob(data: bytes) -> bytes:
+def compress_blob(data: bytes | memoryview) -> bytes:
     """One zstd frame of data (a compressor per thread: they are not thread-safe)."""
     compressor = getattr(_local, "compressor", None)
     if compressor is None:

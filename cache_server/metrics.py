@@ -78,8 +78,7 @@ def _lookups(call: Call) -> tuple[str, int, int] | None:
         missing = len(call.response.missing_blob_digests)
         return "cas", len(call.request.blob_digests) - missing, missing
     if method == f"{_RE}ContentAddressableStorage/BatchReadBlobs":
-        found = sum(1 for r in call.response.responses if r.status.code == 0)
-        return "cas", found, len(call.response.responses) - found
+        return "cas", call.response.found, call.response.not_found  # an EncodedBatchRead
     return None
 
 

@@ -26,6 +26,7 @@ from cache_server.services.bytestream import ByteStreamService
 from cache_server.services.bytestream import add_to_server as add_bytestream_to_server
 from cache_server.services.capabilities import CapabilitiesService
 from cache_server.services.cas import CasService
+from cache_server.services.cas import add_to_server as add_cas_to_server
 from cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDecoding
 from cache_server.services.layers import LayersService
 from cache_server.services.split import SplitService
@@ -109,9 +110,7 @@ class CacheServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
             ],
         )
-        re_grpc.add_ContentAddressableStorageServicer_to_server(
-            CasService(self.backend), self.server
-        )
+        add_cas_to_server(CasService(self.backend), self.server)
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.backend), self.server)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(self.backend), self.server)
         add_bytestream_to_server(ByteStreamService(self.backend), self.server)

@@ -12,11 +12,18 @@ from typing import Any
 
 import grpc
 
-from cache_server.bytestream_wire import WriteChunk, encode_read_response, parse_write_request
 from cache_server.compression import StreamDecompressor, compress_stream
 from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
-from cache_server.services.common import Backend, RpcError, grpc_errors, instance_ok
+from cache_server.services.common import (
+    Backend,
+    RpcError,
+    add_servicer,
+    encoded,
+    grpc_errors,
+    instance_ok,
+)
 from cache_server.storage.base import BlobWriter, Chunk
+from cache_server.wire import WriteChunk, encode_read_response, parse_write_request
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import bytestream_pb2_grpc as bs_grpc
 
@@ -30,34 +37,16 @@ REMEMBER_COMPLETED = 10_000
 
 
 def add_to_server(service: ByteStreamService, server: grpc.aio.Server) -> None:
-    """Register ByteStream as the generated add_ByteStreamServicer_to_server does, but
-    with its data-carrying messages on the wire through cache_server.bytestream_wire:
-    Read yields ReadResponses already encoded, and a Write request's data arrives as a
-    view into the received message, not as two copies of it."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
-        "Read": grpc.unary_stream_rpc_method_handler(
-            service.Read,
-            request_deserializer=bs_pb2.ReadRequest.FromString,
-            response_serializer=_encoded,
-        ),
-        "Write": grpc.stream_unary_rpc_method_handler(
-            service.Write,
-            request_deserializer=parse_write_request,
-            response_serializer=bs_pb2.WriteResponse.SerializeToString,
-        ),
-        "QueryWriteStatus": grpc.unary_unary_rpc_method_handler(
-            service.QueryWriteStatus,
-            request_deserializer=bs_pb2.QueryWriteStatusRequest.FromString,
-            response_serializer=bs_pb2.QueryWriteStatusResponse.SerializeToString,
-        ),
-    }
-    name = bs_pb2.DESCRIPTOR.services_by_name["ByteStream"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
-
-
-def _encoded(message: bytes) -> bytes:
-    return message  # Read yields its responses encoded already
+    """Register ByteStream with its data-carrying messages on the wire through
+    cache_server.wire: Read yields ReadResponses already encoded, and a Write
+    request's data arrives as a view into the received message, not as two copies."""
+    add_servicer(
+        server,
+        service,
+        bs_pb2.DESCRIPTOR.services_by_name["ByteStream"],
+        decoders={"Write": parse_write_request},
+        encoders={"Read": encoded},
+    )
 
 
 @dataclass

@@ -14,6 +14,7 @@ from cache_server.services.common import (
     MAX_BATCH_TOTAL_SIZE,
     Backend,
     RpcError,
+    add_servicer,
     blob_from_request,
     blobs_from_request,
     check_function,
@@ -22,10 +23,23 @@ from cache_server.services.common import (
     status_of,
 )
 from cache_server.storage.base import StoreFull, StoreUnavailable
+from cache_server.wire import BatchReadResponseEncoder, EncodedBatchRead, batch_read_message
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 DEFAULT_TREE_PAGE = 1000
+
+
+def add_to_server(service: CasService, server: grpc.aio.Server) -> None:
+    """Register the CAS, with BatchReadBlobs answering encoded (cache_server.wire)."""
+    add_servicer(
+        server,
+        service,
+        re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"],
+        encoders={"BatchReadBlobs": batch_read_message},
+    )
+
+
 COMPRESS_MIN = 512  # smaller blobs gain too little from zstd to be worth it
 _OK = status_pb2.Status(code=code_pb2.OK)
 
@@ -107,9 +121,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         return store.map_blobs(store_one, items)
 
     @grpc_errors
-    async def BatchReadBlobs(
+    async def BatchReadBlobs(  # type: ignore[override]  # answers encoded (add_to_server)
         self, request: re_pb2.BatchReadBlobsRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> re_pb2.BatchReadBlobsResponse:
+    ) -> EncodedBatchRead:
         instance_ok(request.instance_name)
         check_function(request.digest_function)
         blobs = blobs_from_request(request.digests, "digests")
@@ -120,39 +134,23 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
             self._read_batch, blobs, zstd, gil_free_bytes=total if zstd else 0
         )
 
-    def _read_batch(self, blobs: list[BlobId], zstd: bool) -> re_pb2.BatchReadBlobsResponse:
-        store = self.backend.store
-
-        def read_one(
-            blob: BlobId,
-        ) -> tuple[bytes, re_pb2.Compressor.Value.ValueType] | status_pb2.Status:
-            """The blob's data and its compressor, or the status saying why not."""
-            try:
-                data = store.get_blob(blob)
-            except StoreUnavailable as exc:
-                return _rpc_status(exc)
+    def _read_batch(self, blobs: list[BlobId], zstd: bool) -> EncodedBatchRead:
+        """The BatchReadBlobsResponse, encoded: each blob's data is copied once."""
+        encoder = BatchReadResponseEncoder()
+        for blob, data in zip(blobs, self.backend.store.get_blobs(blobs), strict=True):
             if data is None:
-                return _status(code_pb2.NOT_FOUND, f"blob {blob} not found")
-            if zstd and len(data) >= COMPRESS_MIN:
-                compressed = compress_blob(data)
-                if len(compressed) < len(data):
-                    return compressed, re_pb2.Compressor.ZSTD
-            return data, re_pb2.Compressor.IDENTITY
-
-        # Entries are filled in place: building them apart and passing the list
-        # would copy every blob into the response once more.
-        response = re_pb2.BatchReadBlobsResponse()
-        add = response.responses.add
-        for blob, got in zip(blobs, store.map_blobs(read_one, blobs), strict=True):
-            entry = add()
-            entry.digest.hash = blob.hash
-            entry.digest.size_bytes = blob.size
-            if isinstance(got, status_pb2.Status):
-                entry.status.CopyFrom(got)
+                status = _status(code_pb2.NOT_FOUND, f"blob {blob} not found")
+                encoder.add_status(blob.hash, blob.size, status.SerializeToString())
+            elif isinstance(data, StoreUnavailable):
+                encoder.add_status(blob.hash, blob.size, _rpc_status(data).SerializeToString())
             else:
-                entry.data, entry.compressor = got
-                entry.status.SetInParent()  # OK, stated rather than left out
-        return response
+                compressor = re_pb2.Compressor.IDENTITY
+                if zstd and len(data) >= COMPRESS_MIN:
+                    compressed = compress_blob(data)
+                    if len(compressed) < len(data):
+                        data, compressor = compressed, re_pb2.Compressor.ZSTD
+                encoder.add_data(blob.hash, blob.size, data, compressor)
+        return encoder.encode()
 
     @grpc_errors
     async def GetTree(

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 
 from cache_server.digests import BlobId, DigestError, check_digest_function
 from cache_server.storage.base import Chunk, RecordKeyError, Store, StoreFull, StoreUnavailable
@@ -199,6 +201,48 @@ def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
 # Backend.run_store (SHA-256 of 64 KiB takes ~35 us, less than a trip through
 # the executor).
 IN_PLACE_GIL_FREE = 64 << 10
+
+
+_HANDLER_KINDS = {  # (client streams, server streams)
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_servicer(
+    server: grpc.aio.Server,
+    servicer: object,
+    service: ServiceDescriptor,
+    *,
+    decoders: dict[str, Callable[[bytes], Any]] | None = None,
+    encoders: dict[str, Callable[[Any], bytes]] | None = None,
+) -> None:
+    """Register servicer's methods as the generated add_*Servicer_to_server does, but
+    the methods named in decoders take their requests through them, and those named
+    in encoders give their responses through them (cache_server.wire), not protobuf."""
+    decoders = decoders or {}
+    encoders = encoders or {}
+    handlers = {}
+    for method in service.methods:
+        request = message_factory.GetMessageClass(method.input_type)
+        response = message_factory.GetMessageClass(method.output_type)
+        make = _HANDLER_KINDS[method.client_streaming, method.server_streaming]
+        handlers[method.name] = make(
+            getattr(servicer, method.name),
+            request_deserializer=decoders.get(method.name, request.FromString),
+            response_serializer=encoders.get(method.name, response.SerializeToString),
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def encoded(message: bytes) -> bytes:
+    """The response serializer of a method that gives its responses encoded."""
+    return message
 
 
 @dataclass

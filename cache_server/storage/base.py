@@ -83,7 +83,7 @@ def decode_record_key(encoded: str) -> str:
 
 
 # What a BlobWriter takes: bytes, or a view into a message as it was received
-# (cache_server.bytestream_wire), which a writer must copy if it keeps it past
+# (cache_server.wire), which a writer must copy if it keeps it past
 # the call and needs bytes.
 Chunk = bytes | memoryview
 
@@ -203,6 +203,19 @@ class Store(abc.ABC):
         the calls in parallel; a local one runs them in turn.
         """
         return [fn(item) for item in items]
+
+    def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
+        """get_blob of each blob, in order, through map_blobs. A blob the store could
+        not be asked about gives the StoreUnavailable saying why, where get_blob
+        raises it: one blob's failure does not fail the others."""
+
+        def one(blob: BlobId) -> bytes | StoreUnavailable | None:
+            try:
+                return self.get_blob(blob)
+            except StoreUnavailable as exc:
+                return exc
+
+        return self.map_blobs(one, blobs)
 
     def stats(self) -> StoreStats | None:
         """Size figures for metrics, where the backend knows them cheaply."""

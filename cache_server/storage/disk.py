@@ -97,8 +97,9 @@ def _check_header(path: pathlib.Path | str, header: bytes) -> int:
     return int(expected)
 
 
-def _read_checked_file(path: str, size_hint: int = -1) -> bytes | None:
+def _read_checked_file(path: str, size_hint: int = -1) -> memoryview | None:
     """A small stored file's payload, read in one go and verified; None if absent.
+    The payload is a view of what was read: slicing the header off would copy it.
 
     size_hint, the payload size when the caller knows it, saves a stat call.
     """
@@ -114,7 +115,7 @@ def _read_checked_file(path: str, size_hint: int = -1) -> bytes | None:
     finally:
         os.close(fd)
     expected = _check_header(path, raw[: _HEADER.size])
-    payload = raw[_HEADER.size :]
+    payload = memoryview(raw)[_HEADER.size :]
     if xxhash.xxh3_64_intdigest(payload) != expected:
         raise _CorruptFile(f"{path}: checksum mismatch")
     return payload
@@ -293,7 +294,7 @@ class DiskStore(Store):
             os.close(fd)
         return size
 
-    def _read_checked(self, rel: str, size_hint: int = -1) -> bytes | None:
+    def _read_checked(self, rel: str, size_hint: int = -1) -> memoryview | None:
         try:
             data = _read_checked_file(os.path.join(self.root, rel), size_hint)
         except _CorruptFile as exc:
@@ -331,9 +332,27 @@ class DiskStore(Store):
             return b""
         rel = self._blob_rel(blob)
         data = self._read_checked(rel, blob.size)
-        if data is not None:
-            self._touch(rel)
-        return data
+        if data is None:
+            return None
+        self._touch(rel)
+        return bytes(data)
+
+    def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
+        # Batch reads of small blobs are bound by this loop: the payloads stay views
+        # of what was read, and the LRU is touched once for the lot.
+        datas: list[Chunk | StoreUnavailable | None] = []
+        found = []
+        for blob in blobs:
+            if blob == EMPTY_BLOB:
+                datas.append(b"")
+                continue
+            rel = self._blob_rel(blob)
+            data = self._read_checked(rel, blob.size)
+            if data is not None:
+                found.append(rel)
+            datas.append(data)
+        self._touch_many(found)
+        return datas
 
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
@@ -407,9 +426,11 @@ class DiskStore(Store):
     def get_record(self, namespace: str, key: str) -> bytes | None:
         rel = self._record_rel(namespace, key)
         data = self._read_checked(rel)
-        if data is not None and namespace in EVICTABLE_NAMESPACES:
+        if data is None:
+            return None
+        if namespace in EVICTABLE_NAMESPACES:
             self._touch(rel)
-        return data
+        return bytes(data)
 
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
         rel = self._record_rel(namespace, key)

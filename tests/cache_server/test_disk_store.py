@@ -13,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from cache_server.digests import BlobId
+from cache_server.digests import EMPTY_BLOB, BlobId
 from cache_server.storage.base import RecordKeyError
 from cache_server.storage.disk import DiskStore
 from slipstream_protos import bytestream_pb2 as bs_pb2
@@ -311,3 +311,36 @@ def test_index_costs_the_garbage_collector_nothing(tmp_path: pathlib.Path) -> No
     entries = list(store._lru.values())
     assert len(entries) == 4
     assert not any(gc.is_tracked(entry) for entry in entries)
+
+
+def test_get_blobs_reads_a_batch_in_order_and_refreshes_what_it_found(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = DiskStore(tmp_path / "s", max_size=100_000)
+    blobs = {}
+    for i in range(3):
+        data = bytes([i]) * 30_000
+        blob = BlobId.of(data)
+        store.put_blob(blob, data)
+        blobs[blob] = data
+    first, second, third = blobs
+    corrupt = BlobId.of(b"corrupt on disk")
+    store.put_blob(corrupt, b"corrupt on disk")
+    path = tmp_path / "s" / "cas" / corrupt.hash[:2] / corrupt.hash
+    path.write_bytes(path.read_bytes()[:-1] + b"!")
+    absent = BlobId.of(b"never stored")
+    asked = [third, absent, EMPTY_BLOB, corrupt, first, first]
+    got = store.get_blobs(asked)
+    assert [None if d is None else bytes(d) for d in got] == [  # type: ignore[arg-type]
+        blobs[third],
+        None,
+        b"",
+        None,  # and dropped
+        blobs[first],
+        blobs[first],
+    ]
+    assert store.find_missing([corrupt]) == [corrupt]
+    # first and third were refreshed: the next blob evicts second, the oldest.
+    fourth = b"\4" * 30_000
+    store.put_blob(BlobId.of(fourth), fourth)
+    assert store.find_missing([first, second, third]) == [second]

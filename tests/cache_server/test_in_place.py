@@ -18,6 +18,7 @@ from cache_server.digests import BlobId
 from cache_server.services.capabilities import CapabilitiesService
 from cache_server.services.cas import CasService
 from cache_server.services.common import IN_PLACE_GIL_FREE, Backend
+from cache_server.storage.base import StoreUnavailable
 from cache_server.storage.disk import DiskStore
 from cache_server.storage.memory import MemoryStore
 from slipstream_protos import remote_execution_pb2 as re_pb2
@@ -128,3 +129,36 @@ def test_handlers_are_wrapped_once_per_method_and_hooks_run_every_call() -> None
     assert len(seen.request_ids) == 5
     assert len(set(seen.request_ids)) == 5  # each call has its own id
     assert all(re.fullmatch(r"[0-9a-f]{16}", rid) for rid in seen.request_ids)
+
+
+class _OneBlobUnreachable(MemoryStore):
+    """A store whose backend cannot be asked about one blob (as S3 may fail one GET)."""
+
+    def __init__(self, unreachable: BlobId) -> None:
+        super().__init__()
+        self.unreachable = unreachable
+
+    def get_blob(self, blob: BlobId) -> bytes | None:
+        if blob == self.unreachable:
+            raise StoreUnavailable("bucket timed out")
+        return super().get_blob(blob)
+
+
+def test_one_unreachable_blob_fails_only_its_own_batch_read_entry() -> None:
+    present, lost = b"present", b"unreachable"
+    store = _OneBlobUnreachable(BlobId.of(lost))
+    store.put_blob(BlobId.of(present), present)
+    got = store.get_blobs([BlobId.of(present), BlobId.of(lost)])
+    assert got[0] == present and isinstance(got[1], StoreUnavailable)
+
+    encoded = CasService(Backend(store, None))._read_batch(  # type: ignore[arg-type]
+        [BlobId.of(present), BlobId.of(lost), BlobId.of(b"absent")], zstd=False
+    )
+    entries = re_pb2.BatchReadBlobsResponse.FromString(encoded.message).responses
+    assert [e.status.code for e in entries] == [
+        grpc.StatusCode.OK.value[0],
+        grpc.StatusCode.UNAVAILABLE.value[0],
+        grpc.StatusCode.NOT_FOUND.value[0],
+    ]
+    assert entries[0].data == present and "timed out" in entries[1].status.message
+    assert (encoded.found, encoded.not_found) == (1, 2)

@@ -142,6 +142,9 @@ def test_metrics_after_real_traffic(observed: Observed) -> None:
         api.upload(present)
         missing = api.missing(digest(present), digest(absent1), digest(absent2))
         assert len(missing) == 2
+        read = re_pb2.BatchReadBlobsRequest(digests=[digest(present), digest(absent1)])
+        codes = [r.status.code for r in api.cas.BatchReadBlobs(read).responses]
+        assert codes == [0, grpc.StatusCode.NOT_FOUND.value[0]]
         assert api.read(digest(present)) == present
         assert code_of(lambda: api.read(digest(absent1)))[0] is grpc.StatusCode.NOT_FOUND
         code_of(lambda: api.ac.GetActionResult(re_pb2.GetActionResultRequest(action_digest=action)))
@@ -178,8 +181,8 @@ def test_metrics_after_real_traffic(observed: Observed) -> None:
     assert delta(f"{hist}_bucket", service=bs, method="Write", le="+Inf") == 4
     # Hits and misses, per service.
     lookups = "slipstream_cache_lookups_total"
-    assert delta(lookups, service="cas", result="hit") == 1
-    assert delta(lookups, service="cas", result="miss") == 2
+    assert delta(lookups, service="cas", result="hit") == 1 + 1  # FindMissing, BatchRead
+    assert delta(lookups, service="cas", result="miss") == 2 + 1
     assert delta(lookups, service="ac", result="hit") == 1
     assert delta(lookups, service="ac", result="miss") == 1
     assert delta(lookups, service="bytestream", result="hit") == 1

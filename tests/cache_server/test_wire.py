@@ -1,12 +1,19 @@
-"""ByteStream messages encoded and decoded without protobuf hold to protobuf's answers."""
+"""Messages encoded and decoded without protobuf hold to protobuf's answers."""
 
 from __future__ import annotations
 
+from google.rpc import status_pb2
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cache_server.bytestream_wire import WireError, encode_read_response, parse_write_request
+from cache_server.wire import (
+    BatchReadResponseEncoder,
+    WireError,
+    encode_read_response,
+    parse_write_request,
+)
 from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream_protos import remote_execution_pb2 as re_pb2
 
 _INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
@@ -87,3 +94,43 @@ def test_read_responses_encode_as_protobuf_encodes_them(data: bytes) -> None:
     encoded = encode_read_response(data)
     assert encoded == bs_pb2.ReadResponse(data=data).SerializeToString()
     assert bs_pb2.ReadResponse.FromString(encoded).data == data
+
+
+_HASHES = st.text("0123456789abcdef", min_size=64, max_size=64)
+_SIZES = st.one_of(st.integers(0, 300), st.integers(0, 2**63 - 1))
+batch_entries = st.lists(
+    st.one_of(
+        st.tuples(_HASHES, _SIZES, st.binary(max_size=300), st.sampled_from([0, 1, 2])),
+        st.tuples(_HASHES, _SIZES, st.integers(1, 16), st.text(max_size=30)),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch_entries, st.booleans())
+def test_batch_read_responses_encode_as_protobuf_encodes_them(
+    entries: list[tuple[str, int, bytes | int, int | str]], as_views: bool
+) -> None:
+    encoder = BatchReadResponseEncoder()
+    expected = re_pb2.BatchReadBlobsResponse()
+    for hash_, size, data_or_code, compressor_or_message in entries:
+        entry = expected.responses.add()
+        entry.digest.hash, entry.digest.size_bytes = hash_, size
+        if isinstance(data_or_code, bytes):
+            assert isinstance(compressor_or_message, int)
+            entry.data = data_or_code
+            entry.compressor = re_pb2.Compressor.Value.ValueType(compressor_or_message)
+            entry.status.SetInParent()  # OK, stated
+            data = memoryview(data_or_code) if as_views else data_or_code
+            encoder.add_data(hash_, size, data, compressor_or_message)
+        else:
+            entry.status.code = data_or_code
+            entry.status.message = str(compressor_or_message)
+            status = status_pb2.Status(code=data_or_code, message=str(compressor_or_message))
+            encoder.add_status(hash_, size, status.SerializeToString())
+    encoded = encoder.encode()
+    assert encoded.message == expected.SerializeToString()
+    assert re_pb2.BatchReadBlobsResponse.FromString(encoded.message) == expected
+    found = sum(isinstance(e[2], bytes) for e in entries)
+    assert (encoded.found, encoded.not_found) == (found, len(entries) - found)

@@ -1,9 +1,10 @@
-"""ByteStream messages on the wire, without protobuf's copies of their data.
+"""Messages on the wire without protobuf's copies of their data.
 
 Protobuf copies a message's bytes field when the message is built or parsed and
 again when it is serialized or the field is read: two copies of every byte of a
 1 MiB chunk, on the event loop, a large share of the server's CPU on big reads
-and writes. These read and write the few fields of ReadResponse and WriteRequest
+and writes, and of a batch read's. These read and write the few fields of
+ByteStream's ReadResponse and WriteRequest, and CAS's BatchReadBlobsResponse,
 themselves.
 
 `parse_write_request` decodes what protobuf's decoder decodes, to the same values
@@ -13,7 +14,8 @@ skipped as unknown, as protobuf does. What protobuf refuses (a truncated field, 
 varint over ten bytes, a group that does not end, a resource name that is not
 UTF-8) raises WireError. Its data is a view into the message as received.
 
-`encode_read_response` gives the bytes protobuf would serialize a ReadResponse to.
+`encode_read_response` and `BatchReadResponseEncoder` give the bytes protobuf would
+serialize their messages to.
 """
 
 from __future__ import annotations
@@ -138,10 +140,77 @@ def encode_read_response(data: bytes | memoryview) -> bytes:
     return b"".join((_READ_DATA_TAG, _varint_bytes(len(data)), data))
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint_bytes(value: int) -> bytes:
+    """A non-negative value as a varint."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+# BatchReadBlobsResponse (remote_execution.proto): responses = 1; in each Response,
+# digest = 1, data = 2, status = 3, compressor = 4; in a Digest, hash = 1,
+# size_bytes = 2. Fields go in number order, as protobuf writes them.
+_RESPONSE, _DIGEST, _BLOB_DATA, _STATUS, _COMPRESSOR = b"\x0a", b"\x0a", b"\x12", b"\x1a", b"\x20"
+_HASH, _SIZE = b"\x0a", b"\x10"
+_OK = _STATUS + b"\x00"  # an OK status is stated, as an empty message
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedBatchRead:
+    """A serialized BatchReadBlobsResponse, and how many of its entries carry data."""
+
+    message: bytes
+    found: int
+    not_found: int  # entries with a status instead
+
+
+class BatchReadResponseEncoder:
+    """A BatchReadBlobsResponse, serialized as its entries are added: each blob's data
+    is copied once, into the encoded message (protobuf copies it into the message, then
+    again into a buffer it grows as it serializes)."""
+
+    def __init__(self) -> None:
+        self._pieces: list[bytes | memoryview] = []
+        self._found = self._not_found = 0
+
+    def add_data(self, hash_: str, size: int, data: bytes | memoryview, compressor: int) -> None:
+        """An entry with the blob's data (compressed by compressor) and an OK status."""
+        head = _digest_field(hash_, size)
+        if data:
+            head += _BLOB_DATA + _varint_bytes(len(data))
+        tail = _OK + _COMPRESSOR + _varint_bytes(compressor) if compressor else _OK
+        length = len(head) + len(data) + len(tail)
+        self._pieces += (_RESPONSE + _varint_bytes(length) + head, data, tail)
+        self._found += 1
+
+    def add_status(self, hash_: str, size: int, status: bytes) -> None:
+        """An entry with no data, and status (a serialized google.rpc.Status)."""
+        entry = _digest_field(hash_, size) + _STATUS + _varint_bytes(len(status)) + status
+        self._pieces.append(_RESPONSE + _varint_bytes(len(entry)) + entry)
+        self._not_found += 1
+
+    def encode(self) -> EncodedBatchRead:
+        return EncodedBatchRead(b"".join(self._pieces), self._found, self._not_found)
+
+
+def batch_read_message(response: EncodedBatchRead) -> bytes:
+    """The response serializer of a BatchReadBlobs that answers encoded."""
+    return response.message
+
+
+def _digest_field(hash_: str, size: int) -> bytes:
+    name = hash_.encode()
+    digest = _HASH + _varint_bytes(len(name)) + name
+    if size:
+        digest += _SIZE + _varint_bytes(size)
+    return _DIGEST + _varint_bytes(len(digest)) + digest
