@@ -28,6 +28,8 @@ from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
 
 DEFAULT_TREE_PAGE = 1000
+COMPRESS_MIN = 512  # smaller blobs gain too little from zstd to be worth it
+_OK = status_pb2.Status(code=code_pb2.OK)
 
 
 def add_to_server(service: CasService, server: grpc.aio.Server) -> None:
@@ -38,10 +40,6 @@ def add_to_server(service: CasService, server: grpc.aio.Server) -> None:
         re_pb2.DESCRIPTOR.services_by_name["ContentAddressableStorage"],
         encoders={"BatchReadBlobs": batch_read_message},
     )
-
-
-COMPRESS_MIN = 512  # smaller blobs gain too little from zstd to be worth it
-_OK = status_pb2.Status(code=code_pb2.OK)
 
 
 def _status(code: int, message: str) -> status_pb2.Status:
