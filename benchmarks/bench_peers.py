@@ -181,13 +181,19 @@ def buildgrid_config(address: str, kind: str, store: pathlib.Path, s3: S3 | None
         storage = f"  - !disk-storage &cas\n    path: {store}\n"
     else:
         assert s3 is not None
-        storage = (
-            "  - !s3-storage &cas\n"
+        s3_access = (
             f"    bucket: {s3.buildgrid_bucket}\n"
             f"    endpoint: {s3.endpoint}\n"
             f"    access-key: {AWS_ENV['AWS_ACCESS_KEY_ID']}\n"
             f"    secret-key: {AWS_ENV['AWS_SECRET_ACCESS_KEY']}\n"
         )
+        storage = "  - !s3-storage &cas\n" + s3_access
+    if s3 is None:
+        action_cache = "  - !lru-action-cache &ac\n    max-cached-refs: 1000000\n"
+    else:
+        # Like Slipstream's, its action cache is kept in the bucket, under keys of its
+        # own ("ac_<hash>_<size>") beside the CAS's "<hash>_<size>".
+        action_cache = "  - !s3action-cache &ac\n    cache-key-salt: ac\n" + s3_access
     return f"""\
 server:
   - !channel
@@ -197,9 +203,7 @@ authorization:
   method: none
 storages:
 {storage}caches:
-  - !lru-action-cache &ac
-    storage: *cas
-    max-cached-refs: 1000000
+{action_cache}    storage: *cas
     allow-updates: true
 instances:
   - name: ""
@@ -417,7 +421,7 @@ def run_kind(
             result["buildgrid_store"] = {
                 "memory": "in-memory LRU (!lru-storage)",
                 "disk": f"disk on {fs} ({storage_dir})",
-                "s3": "s3 (moto), action cache in memory (!lru-action-cache)",
+                "s3": "s3 (moto), action cache in the bucket (!s3action-cache)",
             }[kind]
         if reference and kind == "memory":
             servers["reference"] = stack.enter_context(reference_server())

@@ -40,3 +40,13 @@ def test_buildgrid_config_is_cache_only(tmp_path: pathlib.Path) -> None:
     text = bench_peers.buildgrid_config("127.0.0.1:1", "disk", tmp_path, None)
     assert "!cas" in text and "!bytestream" in text and "!action-cache" in text
     assert "!execution" not in text and str(tmp_path) in text
+
+
+def test_buildgrid_keeps_its_action_cache_where_its_cas_is(tmp_path: pathlib.Path) -> None:
+    """Same kind of storage as Slipstream's: on S3, the action cache is in the bucket too."""
+    s3 = bench_peers.S3("http://127.0.0.1:1", "ours", "theirs")
+    text = bench_peers.buildgrid_config("127.0.0.1:1", "s3", tmp_path, s3)
+    assert "!s3action-cache" in text and "!lru-action-cache" not in text
+    assert text.count("bucket: theirs") == 2
+    memory = bench_peers.buildgrid_config("127.0.0.1:1", "memory", tmp_path, None)
+    assert "!lru-action-cache" in memory
