@@ -47,6 +47,7 @@ from cache_server.storage.base import (
     decode_record_key,
     encode_record_key,
 )
+from cache_server.storage.fair_pool import FairPool
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -188,7 +189,7 @@ class S3Store(Store):
         self._counts_lock = threading.Lock()
         self.client.meta.events.register("before-send.s3", self._count_request)
         self.known = KnownPresent(config.known_present_entries, config.known_present_ttl)
-        self._pool = ThreadPoolExecutor(config.head_concurrency, thread_name_prefix="s3-head")
+        self._pool = FairPool(config.head_concurrency, "s3-request")
         self._hash_pool = ThreadPoolExecutor(4, thread_name_prefix="s3-hash")
 
     # ---- accounting and errors ----
@@ -536,7 +537,7 @@ class S3Store(Store):
         )
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.close()
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
 
