@@ -80,7 +80,7 @@ class S3Config:
     max_attempts: int = 5
     retry_mode: Literal["standard", "adaptive"] = "standard"
     timeout: float = 10.0  # connect and read timeout, seconds
-    head_concurrency: int = 16
+    request_threads: int = 16  # batch calls' S3 requests in flight, all batches together
     known_present_entries: int = 500_000
     known_present_ttl: float = 6 * 3600.0
     read_window: int = READ_WINDOW
@@ -170,7 +170,7 @@ class S3Store(Store):
             retries={"mode": config.retry_mode, "max_attempts": config.max_attempts},
             connect_timeout=config.timeout,
             read_timeout=config.timeout,
-            max_pool_connections=config.head_concurrency + 48,
+            max_pool_connections=config.request_threads + 48,
             s3={"addressing_style": config.addressing},
             # Blobs are checked end to end against their SHA-256 and records against
             # their own checksum, so botocore's CRC32 on every body would only cost CPU
@@ -189,7 +189,7 @@ class S3Store(Store):
         self._counts_lock = threading.Lock()
         self.client.meta.events.register("before-send.s3", self._count_request)
         self.known = KnownPresent(config.known_present_entries, config.known_present_ttl)
-        self._pool = FairPool(config.head_concurrency, "s3-request")
+        self._pool = FairPool(config.request_threads, "s3-request")
         self._hash_pool = ThreadPoolExecutor(4, thread_name_prefix="s3-hash")
 
     # ---- accounting and errors ----
