@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
+from cache_server.storage.disk import filesystem_type
 from tests.s3.moto import AWS_ENV, make_buckets, moto_client, moto_server
 from tests.server_process import ServerProcess, free_port
 
@@ -121,20 +122,6 @@ def ensure_buildgrid(venv: pathlib.Path, python: str | None = None) -> tuple[pat
                 raise PeerUnavailable(f"pip installed {BUILDGRID_REQUIREMENT} but no bgd in {venv}")
             print(f"BuildGrid {version} set up in {time.perf_counter() - started:.0f}s", flush=True)
     return venv / "bin" / "bgd", version
-
-
-def fs_type(path: pathlib.Path) -> str:
-    """The filesystem type holding path, from /proc/mounts (e.g. tmpfs, ext4)."""
-    best, kind = "", "unknown"
-    with contextlib.suppress(OSError):
-        resolved = str(path.resolve())
-        for line in pathlib.Path("/proc/mounts").read_text().splitlines():
-            parts = line.split()
-            mount = parts[1]
-            inside = resolved == mount or resolved.startswith(mount.rstrip("/") + "/")
-            if inside and len(mount) >= len(best):
-                best, kind = mount, parts[2]
-    return kind
 
 
 @dataclass
@@ -409,7 +396,7 @@ def run_kind(
                 tempfile.TemporaryDirectory(dir=storage_dir, prefix="slipstream-bench-")
             )
         )
-        fs = fs_type(tmp)
+        fs = filesystem_type(tmp)
         servers = {"slipstream": stack.enter_context(slipstream_server(kind, tmp / "ours", s3))}
         result["slipstream_store"] = {
             "memory": f"in-memory LRU (memory://, up to {MEMORY_BOUND})",
@@ -577,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(run)
     results["runs"] = runs
     results["storage_dir"] = str(args.storage_dir)
-    results["storage_fs"] = fs_type(args.storage_dir or pathlib.Path(tempfile.gettempdir()))
+    results["storage_fs"] = filesystem_type(args.storage_dir or pathlib.Path(tempfile.gettempdir()))
     print_table(results)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.json}")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pathlib
 import shutil
+import tempfile
 from collections.abc import Iterator
 
 import grpc
 import pytest
 
+from cache_server.storage.disk import RAM_FILESYSTEMS, filesystem_type
 from tests.e2e.bazel_harness import Bazel, write_workspace
 from tests.server_process import ServerProcess, running
 
@@ -25,15 +27,30 @@ def server(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
         yield proc
 
 
-@pytest.fixture(params=["disk", "memory"])
+@pytest.fixture(params=["disk", "disk-tmpfs", "memory"])
 def any_store_server(
     request: pytest.FixtureRequest, tmp_path: pathlib.Path
 ) -> Iterator[ServerProcess]:
-    """A fresh `slipstream serve` on each local store in turn: the disk store, and the
-    memory store, whose small calls are served in place on the event loop."""
-    storage = tmp_path / "store" if request.param == "disk" else "memory://"
+    """A fresh `slipstream serve` on each local store in turn: the disk store (its calls
+    on worker threads), the disk store on tmpfs and the memory store (their small calls
+    served in place on the event loop)."""
+    storage: str | pathlib.Path = "memory://"
+    if request.param == "disk":
+        storage = tmp_path / "store"
+    elif request.param == "disk-tmpfs":
+        storage = request.getfixturevalue("tmpfs_path") / "store"
     with running(ServerProcess(storage)) as proc:
         yield proc
+
+
+@pytest.fixture
+def tmpfs_path() -> Iterator[pathlib.Path]:
+    """A temporary directory on /dev/shm; skips, saying why, where that is not a tmpfs."""
+    if filesystem_type(pathlib.Path("/dev/shm")) not in RAM_FILESYSTEMS:
+        print("SKIPPED: /dev/shm is not a tmpfs here")
+        pytest.skip("/dev/shm is not a tmpfs here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as tmp:
+        yield pathlib.Path(tmp)
 
 
 @pytest.fixture

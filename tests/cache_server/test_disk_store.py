@@ -15,7 +15,7 @@ import pytest
 
 from cache_server.digests import EMPTY_BLOB, BlobId
 from cache_server.storage.base import RecordKeyError
-from cache_server.storage.disk import DiskStore
+from cache_server.storage.disk import RAM_FILESYSTEMS, DiskStore, filesystem_of, filesystem_type
 from slipstream_protos import bytestream_pb2 as bs_pb2
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
@@ -344,3 +344,39 @@ def test_get_blobs_reads_a_batch_in_order_and_refreshes_what_it_found(
     fourth = b"\4" * 30_000
     store.put_blob(BlobId.of(fourth), fourth)
     assert store.find_missing([first, second, third]) == [second]
+
+
+_MOUNTS = """\
+/dev/vda / ext4 rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0
+tmpfs /mnt/ram\\040disk tmpfs rw 0 0
+proc /proc proc rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "kind"),
+    [
+        ("/dev/shm/cache", "tmpfs"),
+        ("/dev/shm", "tmpfs"),
+        ("/dev/shmem/cache", "ext4"),  # a sibling sharing the prefix is not under it
+        ("/home/ci/cache", "ext4"),
+        ("/mnt/ram disk/cache", "tmpfs"),  # /proc/mounts escapes the space
+    ],
+)
+def test_the_filesystem_is_that_of_the_longest_mount_point_above(path: str, kind: str) -> None:
+    assert filesystem_of(path, _MOUNTS) == kind
+    assert filesystem_of(path, "") == "unknown"
+
+
+def test_a_store_on_a_ram_filesystem_works_in_place_and_one_on_a_disk_does_not(
+    tmp_path: pathlib.Path, tmpfs_path: pathlib.Path
+) -> None:
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, no disk to compare with")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    on_disk = DiskStore(tmp_path / "s")
+    assert not on_disk.works_in_memory and "on tmpfs" not in on_disk.describe()
+    in_ram = DiskStore(tmpfs_path / "s")
+    assert in_ram.works_in_memory
+    assert f"{tmpfs_path / 's'} on tmpfs (" in in_ram.describe()

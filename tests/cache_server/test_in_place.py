@@ -50,6 +50,20 @@ def test_memory_store_calls_run_in_place_unless_they_hash_much(tmp_path: pathlib
     asyncio.run(main())
 
 
+def test_disk_store_calls_on_tmpfs_run_in_place_unless_they_hash_much(
+    tmpfs_path: pathlib.Path,
+) -> None:
+    async def main() -> None:
+        here = threading.get_ident()
+        with ThreadPoolExecutor(2) as executor:
+            disk = Backend(DiskStore(tmpfs_path / "store"), executor)
+            assert await disk.run_store(threading.get_ident) == here
+            over = await disk.run_store(threading.get_ident, gil_free_bytes=IN_PLACE_GIL_FREE + 1)
+            assert over != here
+
+    asyncio.run(main())
+
+
 class _ThreadNoting(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
