@@ -15,10 +15,10 @@ or finding an entry refreshes it; the order survives a restart through the
 files' modification times, which are bumped on access (at most once a minute
 per entry, to keep hot paths free of syscalls).
 
-On a RAM filesystem (tmpfs), where no call waits on a device, small calls are made
-in place on the event loop, as the memory store's are (`Store.works_in_memory`):
-a worker-thread trip for each cost the mixed load ~20% of its calls and most of
-its tail latency.
+On a RAM filesystem (tmpfs), where no call waits on a device, small calls and the
+chunks of ByteStream reads are made in place on the event loop, as the memory
+store's are (`Store.works_in_memory`, `Store.reads_in_memory`): worker-thread trips
+cost the mixed load ~20% of its calls and most of its tail latency.
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class DiskStore(Store):
         for sub in ("cas", "records", "tmp"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.filesystem = filesystem_type(root)
-        self.works_in_memory = self.filesystem in RAM_FILESYSTEMS
+        self.works_in_memory = self.reads_in_memory = self.filesystem in RAM_FILESYSTEMS
         self._clear_tmp()
 
     # ---- set-up ----

@@ -95,15 +95,25 @@ def test_eviction_makes_dependent_action_result_not_found(tmp_path: pathlib.Path
         server.stop()
 
 
-def test_corrupt_blob_on_disk_is_never_served(tmp_path: pathlib.Path) -> None:
-    server = ServerProcess(tmp_path / "s").start()
+@pytest.fixture(params=["disk", "tmpfs"])
+def store_root(request: pytest.FixtureRequest, tmp_path: pathlib.Path) -> pathlib.Path:
+    """Where a test's store lives: the test's own directory, and one on tmpfs, where
+    the store makes its calls in place on the event loop."""
+    if request.param == "disk":
+        return tmp_path
+    root: pathlib.Path = request.getfixturevalue("tmpfs_path")
+    return root
+
+
+def test_corrupt_blob_on_disk_is_never_served(store_root: pathlib.Path) -> None:
+    server = ServerProcess(store_root / "s").start()
     try:
         with grpc.insecure_channel(server.address) as ch:
             api = Reapi(ch)
             small, big = b"small blob content", os.urandom(300_000)
             d_small, d_big = api.upload(small, big)
             for d in (d_small, d_big):
-                path = _blob_path(tmp_path / "s", d)
+                path = _blob_path(store_root / "s", d)
                 raw = bytearray(path.read_bytes())
                 raw[-1] ^= 0xFF  # flip bits in the payload
                 path.write_bytes(bytes(raw))
@@ -120,15 +130,15 @@ def test_corrupt_blob_on_disk_is_never_served(tmp_path: pathlib.Path) -> None:
         server.stop()
 
 
-def test_corrupt_large_blob_fails_its_read_before_the_end(tmp_path: pathlib.Path) -> None:
+def test_corrupt_large_blob_fails_its_read_before_the_end(store_root: pathlib.Path) -> None:
     """Large blobs are checked as they stream: the read fails before its last chunk."""
-    server = ServerProcess(tmp_path / "s").start()
+    server = ServerProcess(store_root / "s").start()
     try:
         with grpc.insecure_channel(server.address) as ch:
             api = Reapi(ch)
             data = os.urandom(3 * 1024 * 1024 + 5)  # several read chunks
             (d,) = api.upload(data)
-            path = _blob_path(tmp_path / "s", d)
+            path = _blob_path(store_root / "s", d)
             raw = bytearray(path.read_bytes())
             raw[len(raw) // 2] ^= 0xFF
             path.write_bytes(bytes(raw))
@@ -376,7 +386,8 @@ def test_a_store_on_a_ram_filesystem_works_in_place_and_one_on_a_disk_does_not(
         print(f"SKIPPED: {tmp_path} is on a RAM filesystem, no disk to compare with")
         pytest.skip(f"{tmp_path} is on a RAM filesystem")
     on_disk = DiskStore(tmp_path / "s")
-    assert not on_disk.works_in_memory and "on tmpfs" not in on_disk.describe()
+    assert not on_disk.works_in_memory and not on_disk.reads_in_memory
+    assert "on tmpfs" not in on_disk.describe()
     in_ram = DiskStore(tmpfs_path / "s")
-    assert in_ram.works_in_memory
+    assert in_ram.works_in_memory and in_ram.reads_in_memory
     assert f"{tmpfs_path / 's'} on tmpfs (" in in_ram.describe()
