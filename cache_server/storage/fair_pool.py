@@ -34,8 +34,8 @@ class _Batch(Generic[X, Y]):
 
 
 class FairPool:
-    """`workers` threads running the items of every `map` call, one batch after another
-    item by item (round robin), not one batch after another whole."""
+    """`workers` threads running the items of every `map` call, taking one item from
+    each waiting batch in turn (round robin) rather than whole batches in arrival order."""
 
     def __init__(self, workers: int, name: str) -> None:
         self._lock = threading.Condition()
