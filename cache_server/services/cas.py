@@ -89,7 +89,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         # The work is hashing (and unpacking) what the digests name: zstd payloads
         # count for less than that.
         hashed = sum(blob.size for blob in blobs)
-        statuses = await self.backend.run_store(self._store_batch, items, gil_free_bytes=hashed)
+        statuses = await self.backend.run_store(
+            self._store_batch, items, gil_free_bytes=hashed, entries=len(items)
+        )
         response = re_pb2.BatchUpdateBlobsResponse()
         add = response.responses.add
         for blob, status in zip(blobs, statuses, strict=True):
@@ -129,7 +131,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         _check_batch_size(total)
         zstd = re_pb2.Compressor.ZSTD in request.acceptable_compressors
         return await self.backend.run_store(
-            self._read_batch, blobs, zstd, gil_free_bytes=total if zstd else 0
+            self._read_batch, blobs, zstd, gil_free_bytes=total if zstd else 0, entries=len(blobs)
         )
 
     def _read_batch(self, blobs: list[BlobId], zstd: bool) -> EncodedBatchRead:

@@ -135,8 +135,12 @@ class Store(abc.ABC):
     # loop may take them in place rather than one worker-thread trip per chunk.
     reads_in_memory: bool = False
     # True when no call waits on I/O at all (everything is in this process's
-    # memory), so a caller on an event loop may make small calls in place.
+    # memory, or on a RAM filesystem), so a caller on an event loop may make small
+    # calls in place.
     works_in_memory: bool = False
+    # With works_in_memory, the most entries one call may touch and still be made
+    # in place (each costs syscalls on a RAM filesystem); None: any number.
+    in_place_entries: int | None = None
 
     @abc.abstractmethod
     def describe(self) -> str:

@@ -19,7 +19,7 @@ from cache_server.services.capabilities import CapabilitiesService
 from cache_server.services.cas import CasService
 from cache_server.services.common import IN_PLACE_GIL_FREE, Backend
 from cache_server.storage.base import StoreUnavailable
-from cache_server.storage.disk import DiskStore
+from cache_server.storage.disk import IN_PLACE_FILES, DiskStore
 from cache_server.storage.memory import MemoryStore
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
@@ -37,6 +37,7 @@ def test_memory_store_calls_run_in_place_unless_they_hash_much(tmp_path: pathlib
             assert await memory.run_store(threading.get_ident) == here
             at_limit = await memory.run_store(threading.get_ident, gil_free_bytes=IN_PLACE_GIL_FREE)
             assert at_limit == here
+            assert await memory.run_store(threading.get_ident, entries=100_000) == here
             over = await memory.run_store(threading.get_ident, gil_free_bytes=IN_PLACE_GIL_FREE + 1)
             assert over != here
             with pytest.raises(KeyError, match="from the store"):
@@ -60,6 +61,9 @@ def test_disk_store_calls_on_tmpfs_run_in_place_unless_they_hash_much(
             assert await disk.run_store(threading.get_ident) == here
             over = await disk.run_store(threading.get_ident, gil_free_bytes=IN_PLACE_GIL_FREE + 1)
             assert over != here
+            # Each file costs syscalls: a call touching many goes to a worker thread.
+            assert await disk.run_store(threading.get_ident, entries=IN_PLACE_FILES) == here
+            assert await disk.run_store(threading.get_ident, entries=IN_PLACE_FILES + 1) != here
 
     asyncio.run(main())
 
