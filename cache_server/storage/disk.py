@@ -162,6 +162,8 @@ class DiskStore(Store):
     # Finds read the in-memory index; the server loads it at start (describe()),
     # and the only syscalls are the access-time bumps, once a minute per entry.
     finds_in_memory = True
+    # Where it works in place (on a RAM filesystem): each file costs syscalls.
+    in_place_entries = IN_PLACE_FILES
 
     def __init__(self, root: pathlib.Path, max_size: int | None = None) -> None:
         self.root = root
@@ -176,7 +178,6 @@ class DiskStore(Store):
             (root / sub).mkdir(parents=True, exist_ok=True)
         self.filesystem = filesystem_type(root)
         self.works_in_memory = self.reads_in_memory = self.filesystem in RAM_FILESYSTEMS
-        self.in_place_entries = IN_PLACE_FILES
         self._clear_tmp()
 
     # ---- set-up ----
