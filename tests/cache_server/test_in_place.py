@@ -19,7 +19,7 @@ from cache_server.services.capabilities import CapabilitiesService
 from cache_server.services.cas import CasService
 from cache_server.services.common import IN_PLACE_GIL_FREE, Backend
 from cache_server.storage.base import StoreUnavailable
-from cache_server.storage.disk import IN_PLACE_FILES, DiskStore
+from cache_server.storage.disk import IN_PLACE_FILES, RAM_FILESYSTEMS, DiskStore, filesystem_type
 from cache_server.storage.memory import MemoryStore
 from slipstream_protos import remote_execution_pb2 as re_pb2
 from slipstream_protos import remote_execution_pb2_grpc as re_grpc
@@ -29,7 +29,7 @@ def _fail() -> None:
     raise KeyError("from the store")
 
 
-def test_memory_store_calls_run_in_place_unless_they_hash_much(tmp_path: pathlib.Path) -> None:
+def test_memory_store_calls_run_in_place_unless_they_hash_much() -> None:
     async def main() -> None:
         here = threading.get_ident()
         with ThreadPoolExecutor(2) as executor:
@@ -43,6 +43,19 @@ def test_memory_store_calls_run_in_place_unless_they_hash_much(tmp_path: pathlib
             with pytest.raises(KeyError, match="from the store"):
                 await memory.run_store(_fail)
 
+    asyncio.run(main())
+
+
+def test_disk_store_calls_off_a_ram_filesystem_run_on_a_worker_thread(
+    tmp_path: pathlib.Path,
+) -> None:
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+
+    async def main() -> None:
+        here = threading.get_ident()
+        with ThreadPoolExecutor(2) as executor:
             disk = Backend(DiskStore(tmp_path / "store"), executor)
             assert await disk.run_store(threading.get_ident) != here  # files may block
             with pytest.raises(KeyError, match="from the store"):
