@@ -26,9 +26,9 @@ from typing import Any
 
 import zstandard
 
-from cache_server.digests import BlobId
-from client.cas_client import CasClient, connect
-from client.layers import LayerClient
+from slipstream.client.cas_client import CasClient, connect
+from slipstream.client.layers import LayerClient
+from slipstream.core.digests import BlobId
 from tests.server_process import ServerProcess
 
 TREE = ".venv"

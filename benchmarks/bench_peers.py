@@ -50,7 +50,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
-from cache_server.storage.disk import filesystem_type
+from slipstream.cache_server.storage.disk import filesystem_type
 from tests.s3.moto import AWS_ENV, make_buckets, moto_client, moto_server
 from tests.server_process import ServerProcess, free_port
 
@@ -283,7 +283,7 @@ def slipstream_server(kind: str, workdir: pathlib.Path, s3: S3 | None) -> Iterat
 def slipstream_s3_works() -> str | None:
     """None if `slipstream serve --storage s3://...` exists here, else why not."""
     try:
-        import cache_server.storage.s3  # noqa: F401
+        import slipstream.cache_server.storage.s3  # noqa: F401
     except ImportError as e:
         return f"Slipstream's S3 backend is not importable: {e}"
     return None

@@ -39,12 +39,12 @@ import grpc
 
 from benchmarks.bench_cache import machine
 from benchmarks.bench_split_peers import read_run
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
-from splitter import history
-from splitter.algorithm import split_tests
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import bytestream_pb2_grpc as bs_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.splitter import history
+from slipstream.splitter.algorithm import split_tests
 from tests.server_process import ServerProcess
 
 HERE = pathlib.Path(__file__).parent

@@ -20,10 +20,10 @@ import random
 from dataclasses import asdict, dataclass
 
 from benchmarks.bench_split import synthetic_suite
-from splitter.algorithm import build_units, split_tests
-from splitter.history import Sample
-from splitter.pinning import ids_digest
-from splitter.queue import Completion, Finished, Lease, Wait, make_queue, next_lease
+from slipstream.splitter.algorithm import build_units, split_tests
+from slipstream.splitter.history import Sample
+from slipstream.splitter.pinning import ids_digest
+from slipstream.splitter.queue import Completion, Finished, Lease, Wait, make_queue, next_lease
 
 HERE = pathlib.Path(__file__).parent
 

@@ -24,8 +24,8 @@ import textwrap
 import time
 from dataclasses import asdict, dataclass
 
-from splitter import history, junit
-from splitter.algorithm import Granularity, split_tests
+from slipstream.splitter import history, junit
+from slipstream.splitter.algorithm import Granularity, split_tests
 
 HERE = pathlib.Path(__file__).parent
 # Two recorded runs of tests/splitter, written by the plugin's --shard-junit.
@@ -98,7 +98,7 @@ def measure(
     units = len({t for s in plan.shards for t in s.tests})
     if by != "test":
         # Count the units the split balanced, not the tests.
-        from splitter.algorithm import build_units
+        from slipstream.splitter.algorithm import build_units
 
         units = len(build_units(times, n, by, file_costs=file_costs))
     per_shard = units / n

@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from benchmarks.bench_cache import machine
-from splitter import history, junit
-from splitter.algorithm import Granularity, split_tests
-from splitter.ids import JUnitCase, node_id
+from slipstream.splitter import history, junit
+from slipstream.splitter.algorithm import Granularity, split_tests
+from slipstream.splitter.ids import JUnitCase, node_id
 
 HERE = pathlib.Path(__file__).parent
 REPO = HERE.parent

@@ -20,16 +20,16 @@ from concurrent import futures
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2, status_pb2
 
-from cache_server.server import keep_freed_memory
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.cache_server.server import keep_freed_memory
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import bytestream_pb2_grpc as bs_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.protos import status_pb2
 
-_OK = status_pb2.Status(code=code_pb2.OK)
-_MISSING = status_pb2.Status(code=code_pb2.NOT_FOUND)
+_OK = status_pb2.Status(code=grpc.StatusCode.OK.value[0])
+_MISSING = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0])
 _CHUNK = 1 << 20
 
 

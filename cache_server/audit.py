@@ -27,8 +27,8 @@ from typing import Any, TextIO
 
 import grpc
 
-from cache_server.auth import OPEN, Caller
-from cache_server.calls import Call, Hook
+from slipstream.cache_server.auth import OPEN, Caller
+from slipstream.cache_server.calls import Call, Hook
 
 AC_WRITE = "/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult"
 LAYER_WRITE = "/slipstream.layers.v1.Layers/PutLayer"

@@ -43,9 +43,9 @@ from typing import Any
 
 import grpc
 
-from cache_server.calls import Call, Hook, current_call
-from cache_server.services.common import RpcError
-from cache_server.sizes import parse_size
+from slipstream.cache_server.calls import Call, Hook, current_call
+from slipstream.cache_server.services.common import RpcError
+from slipstream.core.sizes import parse_size
 
 READ = "read"
 CAS_WRITE = "cas-write"

@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 
-from cache_server.services.common import (
+from slipstream.cache_server.services.common import (
     MalformedRequest,
     MethodWrapper,
     RpcError,

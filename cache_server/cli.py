@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import pathlib
 
-from cache_server import config as settings
-from cache_server.logs import setup_logging
-from cache_server.server import DEFAULT_LISTEN, ServerConfig, serve
-from cache_server.sizes import parse_size
-from client.cli import UsageError
+from slipstream.cache_server import config as settings
+from slipstream.cache_server.logs import setup_logging
+from slipstream.cache_server.server import ServerConfig, serve
+from slipstream.core.addresses import DEFAULT_LISTEN
+from slipstream.core.errors import UsageError
+from slipstream.core.sizes import parse_size
 
 MEMORY_URL = "memory://"
 
@@ -113,7 +114,7 @@ def _configure_s3(args: argparse.Namespace, config: ServerConfig) -> None:
         if used:
             raise UsageError(f"{used[0]} needs --storage s3://BUCKET")
         return
-    from cache_server.storage.s3 import S3Config, parse_s3_url
+    from slipstream.cache_server.storage.s3 import S3Config, parse_s3_url
 
     try:
         bucket, prefix = parse_s3_url(args.storage)

@@ -29,10 +29,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache_server.auth import ANONYMOUS_MODES, Limits, TokenEntry, TokenFileError, parse_tokens
-from cache_server.logs import LEVELS, LOG_FORMATS
-from cache_server.sizes import parse_size
-from client.cli import UsageError
+from slipstream.cache_server.auth import (
+    ANONYMOUS_MODES,
+    Limits,
+    TokenEntry,
+    TokenFileError,
+    parse_tokens,
+)
+from slipstream.cache_server.logs import LEVELS, LOG_FORMATS
+from slipstream.core.errors import UsageError
+from slipstream.core.sizes import parse_size
 
 ENV_PREFIX = "SLIPSTREAM_"
 CONFIG_ENV = "SLIPSTREAM_CONFIG"

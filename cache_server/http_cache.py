@@ -69,20 +69,20 @@ from typing import IO
 from aiohttp import web
 from google.protobuf.message import DecodeError
 
-from cache_server.auth import AC_WRITE, CAS_WRITE, READ, Caller
-from cache_server.config import TlsConfig
-from cache_server.digests import BlobId, DigestError
-from cache_server.operations import Operations
-from cache_server.services.action_cache import AC_NAMESPACE, action_key, referenced_blobs
-from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, RpcError
-from cache_server.storage.base import (
+from slipstream.cache_server.auth import AC_WRITE, CAS_WRITE, READ, Caller
+from slipstream.cache_server.config import TlsConfig
+from slipstream.cache_server.operations import Operations
+from slipstream.cache_server.services.action_cache import AC_NAMESPACE, action_key, referenced_blobs
+from slipstream.cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, RpcError
+from slipstream.cache_server.storage.base import (
     BlobWriter,
     Chunk,
     RecordKeyError,
     StoreFull,
     StoreUnavailable,
 )
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.core.digests import BlobId, DigestError
+from slipstream.protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger("cache_server")
 access_log = logging.getLogger("cache_server.access")

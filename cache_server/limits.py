@@ -13,10 +13,10 @@ from typing import Any
 
 import grpc
 
-from cache_server.auth import OPEN, Authenticator, Caller
-from cache_server.calls import Call, Hook
-from cache_server.resource_names import ResourceNameError, parse_write_name
-from cache_server.services.common import RpcError
+from slipstream.cache_server.auth import OPEN, Authenticator, Caller
+from slipstream.cache_server.calls import Call, Hook
+from slipstream.cache_server.resource_names import ResourceNameError, parse_write_name
+from slipstream.cache_server.services.common import RpcError
 
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
 BATCH_UPDATE = f"{_CAS}BatchUpdateBlobs"

@@ -18,7 +18,7 @@ import json
 import logging
 from typing import Any
 
-from cache_server.calls import current_call
+from slipstream.cache_server.calls import current_call
 
 LOG_FORMATS = ("text", "json")
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

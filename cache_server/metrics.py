@@ -46,8 +46,8 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from cache_server.calls import Call, Hook
-from cache_server.storage.base import Store
+from slipstream.cache_server.calls import Call, Hook
+from slipstream.cache_server.storage.base import Store
 
 log = logging.getLogger("cache_server")
 

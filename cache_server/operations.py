@@ -10,13 +10,13 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
-from cache_server.audit import AuditLog
-from cache_server.auth import Authenticator
-from cache_server.calls import AccessLog, CallWrapper, Hook
-from cache_server.config import OpsConfig
-from cache_server.limits import LimitEnforcer
-from cache_server.metrics import Metrics
-from cache_server.storage.base import Store
+from slipstream.cache_server.audit import AuditLog
+from slipstream.cache_server.auth import Authenticator
+from slipstream.cache_server.calls import AccessLog, CallWrapper, Hook
+from slipstream.cache_server.config import OpsConfig
+from slipstream.cache_server.limits import LimitEnforcer
+from slipstream.cache_server.metrics import Metrics
+from slipstream.cache_server.storage.base import Store
 
 
 class Operations:

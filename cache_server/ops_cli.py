@@ -6,8 +6,8 @@ import argparse
 import secrets
 import sys
 
-from cache_server.auth import SCOPES, TOKEN_NAME, hash_token
-from client.cli import UsageError
+from slipstream.cache_server.auth import SCOPES, TOKEN_NAME, hash_token
+from slipstream.core.errors import UsageError
 
 TOKEN_BYTES = 32
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cache_server.digests import BlobId, DigestError
+from slipstream.core.digests import BlobId, DigestError
 
 RESERVED_SEGMENTS = frozenset(
     {

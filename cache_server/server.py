@@ -19,30 +19,29 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cache_server.config import OpsConfig
-from cache_server.operations import Operations
-from cache_server.services.action_cache import ActionCacheService
-from cache_server.services.bytestream import ByteStreamService
-from cache_server.services.bytestream import add_to_server as add_bytestream_to_server
-from cache_server.services.capabilities import CapabilitiesService
-from cache_server.services.cas import CasService
-from cache_server.services.cas import add_to_server as add_cas_to_server
-from cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDecoding
-from cache_server.services.layers import LayersService
-from cache_server.services.split import SplitService
-from cache_server.storage.base import Store
-from cache_server.storage.disk import DiskStore
-from slipstream_protos import bytestream_pb2, remote_execution_pb2
-from slipstream_protos import layers_pb2_grpc as layers_grpc
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
-from slipstream_protos import split_pb2_grpc as split_grpc
+from slipstream.cache_server.config import OpsConfig
+from slipstream.cache_server.operations import Operations
+from slipstream.cache_server.services.action_cache import ActionCacheService
+from slipstream.cache_server.services.bytestream import ByteStreamService
+from slipstream.cache_server.services.bytestream import add_to_server as add_bytestream_to_server
+from slipstream.cache_server.services.capabilities import CapabilitiesService
+from slipstream.cache_server.services.cas import CasService
+from slipstream.cache_server.services.cas import add_to_server as add_cas_to_server
+from slipstream.cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDecoding
+from slipstream.cache_server.services.layers import LayersService
+from slipstream.cache_server.services.split import SplitService
+from slipstream.cache_server.storage.base import Store
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.core.addresses import DEFAULT_LISTEN
+from slipstream.protos import bytestream_pb2, remote_execution_pb2
+from slipstream.protos import layers_pb2_grpc as layers_grpc
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.protos import split_pb2_grpc as split_grpc
 
 if TYPE_CHECKING:
-    from cache_server.http_cache import HttpCache
-    from cache_server.storage.s3 import S3Config
+    from slipstream.cache_server.http_cache import HttpCache
+    from slipstream.cache_server.storage.s3 import S3Config
 
-DEFAULT_PORT = 9380  # below the ephemeral range (32768-60999), so it is free to bind
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 log = logging.getLogger("cache_server")
 
 
@@ -62,17 +61,17 @@ class ServerConfig:
 
 
 def open_store(config: ServerConfig) -> Store:
-    from cache_server.storage.disk import default_storage_dir
+    from slipstream.cache_server.storage.disk import default_storage_dir
 
     if config.in_memory:
-        from cache_server.storage.memory import MemoryStore
+        from slipstream.cache_server.storage.memory import MemoryStore
 
         return MemoryStore(config.max_size)
     if config.s3 is None:
         return DiskStore(config.storage or default_storage_dir(), config.max_size)
     # Imported here: boto3 takes a while to import and the disk store does not need it.
-    from cache_server.storage.s3 import S3Store
-    from cache_server.storage.tiered import TieredStore
+    from slipstream.cache_server.storage.s3 import S3Store
+    from slipstream.cache_server.storage.tiered import TieredStore
 
     s3 = S3Store(config.s3)
     try:
@@ -124,7 +123,7 @@ class CacheServer:
         self.port = 0
         self.http: HttpCache | None = None
         if config.http_listen is not None:
-            from cache_server.http_cache import HttpCache  # aiohttp: only when asked for
+            from slipstream.cache_server.http_cache import HttpCache  # aiohttp: only when asked for
 
             self.http = HttpCache(self.backend, self.ops)
 

@@ -28,13 +28,12 @@ from typing import Any, BinaryIO, TypeVar
 import grpc
 import zstandard
 
-from cache_server.compression import StreamDecompressor
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.server import DEFAULT_LISTEN
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.core.compression import StreamDecompressor
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import bytestream_pb2_grpc as bs_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -131,22 +130,6 @@ def connect(address: str) -> grpc.Channel:
 def bearer(token: str) -> tuple[str, str]:
     """The metadata entry that carries a token."""
     return ("authorization", f"Bearer {token}")
-
-
-def server_address(given: str | None) -> str:
-    """The server to talk to: given, else $SLIPSTREAM_SERVER, else the default.
-
-    HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS; kept as it is for
-    connect). ValueError, with the reason, for anything else.
-    """
-    address = (given or os.environ.get("SLIPSTREAM_SERVER") or DEFAULT_LISTEN).rstrip("/")
-    scheme, sep, rest = address.partition("://")
-    if sep and scheme not in ("grpc", "grpcs"):
-        raise ValueError(f"server {address!r}: the scheme must be grpc:// or grpcs://")
-    host, _, port = (rest if sep else address).rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"server {address!r} is not HOST:PORT")
-    return address if scheme == "grpcs" else f"{host}:{port}"
 
 
 def wait_ready(channel: grpc.Channel, timeout: float) -> str | None:

@@ -13,8 +13,8 @@ import posixpath
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
-from cache_server.digests import BlobId, DigestError
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.core.digests import BlobId, DigestError
+from slipstream.protos import remote_execution_pb2 as re_pb2
 
 MAX_DEPTH = 128
 MAX_ENTRIES = 5_000_000  # bounds the expansion of a tree that reuses subtrees

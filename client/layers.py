@@ -33,9 +33,14 @@ from typing import Literal, Protocol
 
 import grpc
 
-from cache_server.digests import BlobId
-from client.cas_client import BlobMissing, BlobSource, CasClient, TransferStats, rpc_error
-from client.layer_tree import (
+from slipstream.client.cas_client import (
+    BlobMissing,
+    BlobSource,
+    CasClient,
+    TransferStats,
+    rpc_error,
+)
+from slipstream.client.layer_tree import (
     DirNode,
     Entry,
     FileNode,
@@ -48,8 +53,9 @@ from client.layer_tree import (
     encode_tree,
     parse_directory,
 )
-from slipstream_protos import layers_pb2
-from slipstream_protos import layers_pb2_grpc as layers_grpc
+from slipstream.core.digests import BlobId
+from slipstream.protos import layers_pb2
+from slipstream.protos import layers_pb2_grpc as layers_grpc
 
 HitKind = Literal["exact", "partial", "miss"]
 READ_CHUNK = 1 << 20

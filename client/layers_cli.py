@@ -19,12 +19,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from cache_server.server import DEFAULT_LISTEN
-from cache_server.storage.base import MAX_RECORD_KEY_CHARS
-from client.cas_client import CasError, connect_ready, server_address
-from client.cli import UsageError
-from client.layer_tree import IncompleteTree, UnsafeTree
-from client.layers import (
+from slipstream.client.cas_client import CasError, connect_ready
+from slipstream.client.layer_tree import IncompleteTree, UnsafeTree
+from slipstream.client.layers import (
     LayerClient,
     LayerError,
     LayerExists,
@@ -32,6 +29,9 @@ from client.layers import (
     RestoreResult,
     SaveResult,
 )
+from slipstream.core.addresses import DEFAULT_LISTEN, server_address
+from slipstream.core.errors import UsageError
+from slipstream.core.records import MAX_RECORD_KEY_CHARS
 
 CONNECT_TIMEOUT = 10.0
 EXIT_OK = 0

@@ -7,20 +7,19 @@ import argparse
 import os
 import sys
 
-from cache_server.server import DEFAULT_LISTEN
-from client.cas_client import server_address
-from client.cli import UsageError
-from client.split_client import (
+from slipstream.client.split_client import (
     DEFAULT_CONNECT_TIMEOUT,
     SplitClient,
     SplitRefused,
     SplitUnavailable,
     shard_or_fallback,
 )
-from splitter import ci, history, junit
-from splitter.algorithm import GRANULARITIES
-from splitter.history import Estimates, HistoryError
-from splitter.sources import runs_from_junit
+from slipstream.core.addresses import DEFAULT_LISTEN, server_address
+from slipstream.core.errors import UsageError
+from slipstream.splitter import ci, history, junit
+from slipstream.splitter.algorithm import GRANULARITIES
+from slipstream.splitter.history import Estimates, HistoryError
+from slipstream.splitter.sources import runs_from_junit
 
 SHARD_EPILOG = f"""\
 exit status:

@@ -15,12 +15,12 @@ from typing import TypeVar
 
 import grpc
 
-from client.cas_client import ServerUnavailable, connect_ready
-from slipstream_protos import split_pb2
-from slipstream_protos import split_pb2_grpc as split_grpc
-from splitter.algorithm import Granularity
-from splitter.history import Estimates, Sample
-from splitter.pinning import fallback_shard
+from slipstream.client.cas_client import ServerUnavailable, connect_ready
+from slipstream.protos import split_pb2
+from slipstream.protos import split_pb2_grpc as split_grpc
+from slipstream.splitter.algorithm import Granularity
+from slipstream.splitter.history import Estimates, Sample
+from slipstream.splitter.pinning import fallback_shard
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 CALL_TIMEOUT = 60.0

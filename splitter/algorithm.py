@@ -27,7 +27,7 @@ from typing import Literal
 
 import xxhash
 
-from splitter.ids import class_of, file_of
+from slipstream.splitter.ids import class_of, file_of
 
 Granularity = Literal["auto", "test", "class", "file"]
 GRANULARITIES: tuple[Granularity, ...] = ("auto", "test", "class", "file")

@@ -17,9 +17,9 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from cache_server.storage.base import Store
-from splitter.ids import JUnitCase, directories_of, file_of, match_cases, node_id
+from slipstream.splitter.ids import JUnitCase, directories_of, file_of, match_cases, node_id
 
 NAMESPACE = "timings"
 RECORD_VERSION = 1
@@ -32,6 +32,26 @@ _SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 class HistoryError(ValueError):
     """A suite name the history cannot hold."""
+
+
+class RecordInfo(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+class RecordStore(Protocol):
+    """What the history needs of a store: named records, appended and listed.
+
+    The cache server's stores provide it; so can anything else that keeps bytes by key.
+    """
+
+    def get_record(self, namespace: str, key: str) -> bytes | None: ...
+
+    def put_record(
+        self, namespace: str, key: str, value: bytes, *, overwrite: bool = True
+    ) -> bool: ...
+
+    def list_records(self, namespace: str, prefix: str = "") -> Sequence[RecordInfo]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,7 +292,7 @@ def decode_run(data: bytes) -> Run:
         raise ValueError(f"unreadable timing record: {exc}") from None
 
 
-def append_run(store: Store, suite: str, run: Run) -> str:
+def append_run(store: RecordStore, suite: str, run: Run) -> str:
     """Store one upload as a new record; returns its key."""
     check_suite(suite)
     key = f"{suite}/{run.created_ns:020d}-{uuid.uuid4().hex}"
@@ -281,7 +301,9 @@ def append_run(store: Store, suite: str, run: Run) -> str:
     return key
 
 
-def load_runs(store: Store, suite: str, *, max_records: int = 1000) -> tuple[list[Run], list[str]]:
+def load_runs(
+    store: RecordStore, suite: str, *, max_records: int = 1000
+) -> tuple[list[Run], list[str]]:
     """The newest ``max_records`` uploads of a suite, and a warning per unreadable record."""
     check_suite(suite)
     infos = store.list_records(NAMESPACE, f"{suite}/")

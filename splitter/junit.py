@@ -18,7 +18,7 @@ from xml.parsers import expat
 
 import junitparser
 
-from splitter.ids import JUnitCase, normalize_path
+from slipstream.splitter.ids import JUnitCase, normalize_path
 
 _CHUNK = 1 << 20
 _FAILED_TAGS = frozenset({"failure", "error"})

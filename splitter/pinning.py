@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from splitter.algorithm import GRANULARITIES, Granularity, Plan, plan_hash, split_tests
-from splitter.history import Estimates
+from slipstream.splitter.algorithm import GRANULARITIES, Granularity, Plan, plan_hash, split_tests
+from slipstream.splitter.history import Estimates
 
 RECORD_VERSION = 1
 PLAN_NAMESPACE = "splitplans"

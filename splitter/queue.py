@@ -22,8 +22,8 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from splitter.algorithm import Unit, plan_hash
-from splitter.history import Sample
+from slipstream.splitter.algorithm import Unit, plan_hash
+from slipstream.splitter.history import Sample
 
 RECORD_VERSION = 1
 QUEUE_NAMESPACE = "splitqueue"

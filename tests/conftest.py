@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from cache_server.storage.disk import RAM_FILESYSTEMS, filesystem_type
+from slipstream.cache_server.storage.disk import RAM_FILESYSTEMS, filesystem_type
 from tests.e2e.bazel_harness import Bazel, write_workspace
 from tests.server_process import ServerProcess, running
 

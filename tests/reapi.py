@@ -8,10 +8,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import bytestream_pb2_grpc as bs_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 
 
 def digest(data: bytes) -> re_pb2.Digest:

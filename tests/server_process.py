@@ -51,7 +51,7 @@ class ServerProcess:
         cmd = [
             sys.executable,
             "-m",
-            "client.cli",
+            "slipstream.cli",
             "serve",
             "--listen",
             f"127.0.0.1:{self.port}",

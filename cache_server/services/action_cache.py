@@ -8,8 +8,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.services.common import (
+from slipstream.cache_server.services.common import (
     MAX_BATCH_TOTAL_SIZE,
     Backend,
     RpcError,
@@ -18,9 +17,10 @@ from cache_server.services.common import (
     grpc_errors,
     instance_ok,
 )
-from cache_server.storage.base import Store
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.cache_server.storage.base import Store
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 
 AC_NAMESPACE = "ac"
 INLINE_LIMIT = 1024 * 1024

@@ -12,9 +12,8 @@ from typing import Any
 
 import grpc
 
-from cache_server.compression import StreamDecompressor, compress_stream
-from cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
-from cache_server.services.common import (
+from slipstream.cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
+from slipstream.cache_server.services.common import (
     Backend,
     RpcError,
     add_servicer,
@@ -22,10 +21,11 @@ from cache_server.services.common import (
     grpc_errors,
     instance_ok,
 )
-from cache_server.storage.base import BlobWriter, Chunk
-from cache_server.wire import WriteChunk, encode_read_response, parse_write_request
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import bytestream_pb2_grpc as bs_grpc
+from slipstream.cache_server.storage.base import BlobWriter, Chunk
+from slipstream.cache_server.wire import WriteChunk, encode_read_response, parse_write_request
+from slipstream.core.compression import StreamDecompressor, compress_stream
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import bytestream_pb2_grpc as bs_grpc
 
 READ_CHUNK = 1024 * 1024
 # Small client chunks are gathered up to this size before they go to the store.

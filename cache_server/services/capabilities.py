@@ -6,11 +6,11 @@ from typing import Any
 
 import grpc
 
-from cache_server.auth import AC_WRITE, current_caller
-from cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
-from slipstream_protos import semver_pb2
+from slipstream.cache_server.auth import AC_WRITE, current_caller
+from slipstream.cache_server.services.common import MAX_BATCH_TOTAL_SIZE, Backend, grpc_errors
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.protos import semver_pb2
 
 # Bazel 4 speaks API 2.0; current clients speak up to 2.3.
 LOW_API = semver_pb2.SemVer(major=2, minor=0)

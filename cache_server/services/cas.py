@@ -6,11 +6,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.rpc import code_pb2, status_pb2
 
-from cache_server.compression import compress_blob, decompress_exact
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.services.common import (
+from slipstream.cache_server.services.common import (
     MAX_BATCH_TOTAL_SIZE,
     Backend,
     RpcError,
@@ -22,14 +19,21 @@ from cache_server.services.common import (
     instance_ok,
     status_of,
 )
-from cache_server.storage.base import StoreFull, StoreUnavailable
-from cache_server.wire import BatchReadResponseEncoder, EncodedBatchRead, batch_read_message
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.cache_server.storage.base import StoreFull, StoreUnavailable
+from slipstream.cache_server.wire import (
+    BatchReadResponseEncoder,
+    EncodedBatchRead,
+    batch_read_message,
+)
+from slipstream.core.compression import compress_blob, decompress_exact
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.protos import status_pb2
 
 DEFAULT_TREE_PAGE = 1000
 COMPRESS_MIN = 512  # smaller blobs gain too little from zstd to be worth it
-_OK = status_pb2.Status(code=code_pb2.OK)
+_OK = status_pb2.Status(code=grpc.StatusCode.OK.value[0])
 
 
 def add_to_server(service: CasService, server: grpc.aio.Server) -> None:
@@ -139,7 +143,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         encoder = BatchReadResponseEncoder()
         for blob, data in zip(blobs, self.backend.store.get_blobs(blobs), strict=True):
             if data is None:
-                status = _status(code_pb2.NOT_FOUND, f"blob {blob} not found")
+                status = _status(grpc.StatusCode.NOT_FOUND.value[0], f"blob {blob} not found")
                 encoder.add_status(blob.hash, blob.size, status.SerializeToString())
             elif isinstance(data, StoreUnavailable):
                 encoder.add_status(blob.hash, blob.size, _rpc_status(data).SerializeToString())

@@ -21,9 +21,15 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
-from cache_server.digests import BlobId, DigestError, check_digest_function
-from cache_server.storage.base import Chunk, RecordKeyError, Store, StoreFull, StoreUnavailable
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.cache_server.storage.base import (
+    Chunk,
+    RecordKeyError,
+    Store,
+    StoreFull,
+    StoreUnavailable,
+)
+from slipstream.core.digests import BlobId, DigestError, check_digest_function
+from slipstream.protos import remote_execution_pb2 as re_pb2
 
 log = logging.getLogger("cache_server")
 

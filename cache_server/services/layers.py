@@ -14,12 +14,17 @@ from typing import Any
 
 import grpc
 
-from cache_server.digests import BlobId, DigestError
-from cache_server.services.cas import collect_tree
-from cache_server.services.common import Backend, RpcError, blob_from_request, grpc_errors
-from cache_server.storage.base import Store
-from slipstream_protos import layers_pb2
-from slipstream_protos import layers_pb2_grpc as layers_grpc
+from slipstream.cache_server.services.cas import collect_tree
+from slipstream.cache_server.services.common import (
+    Backend,
+    RpcError,
+    blob_from_request,
+    grpc_errors,
+)
+from slipstream.cache_server.storage.base import Store
+from slipstream.core.digests import BlobId, DigestError
+from slipstream.protos import layers_pb2
+from slipstream.protos import layers_pb2_grpc as layers_grpc
 
 NAMESPACE = "layers"
 

@@ -17,16 +17,16 @@ from typing import Any, TypeVar
 
 import grpc
 
-from cache_server import auth
-from cache_server.services.common import Backend, RpcError, grpc_errors
-from cache_server.storage.base import Store
-from slipstream_protos import split_pb2
-from slipstream_protos import split_pb2_grpc as split_grpc
-from splitter import history, junit
-from splitter.algorithm import Granularity, build_units
-from splitter.history import HistoryError, Run, Sample
-from splitter.ids import JUnitCase
-from splitter.pinning import (
+from slipstream.cache_server import auth
+from slipstream.cache_server.services.common import Backend, RpcError, grpc_errors
+from slipstream.cache_server.storage.base import Store
+from slipstream.protos import split_pb2
+from slipstream.protos import split_pb2_grpc as split_grpc
+from slipstream.splitter import history, junit
+from slipstream.splitter.algorithm import Granularity, build_units
+from slipstream.splitter.history import HistoryError, Run, Sample
+from slipstream.splitter.ids import JUnitCase
+from slipstream.splitter.pinning import (
     PLAN_NAMESPACE,
     PinError,
     PinnedPlan,
@@ -37,7 +37,7 @@ from splitter.pinning import (
     plan_key,
     run_slug,
 )
-from splitter.queue import (
+from slipstream.splitter.queue import (
     QUEUE_NAMESPACE,
     Completion,
     Decision,
@@ -53,7 +53,7 @@ from splitter.queue import (
     next_lease,
     parse_lease_id,
 )
-from splitter.queue import (
+from slipstream.splitter.queue import (
     Lease as LeaseRecord,
 )
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote, unquote
 
-from cache_server.digests import BlobId, DigestError
+from slipstream.core.digests import BlobId, DigestError
+from slipstream.core.records import MAX_RECORD_KEY_CHARS
 
 X = TypeVar("X")
 Y = TypeVar("Y")
@@ -30,7 +31,6 @@ Y = TypeVar("Y")
 # HTTP endpoint's ccache keys (cache_server.http_cache), whose contents are CAS blobs.
 EVICTABLE_NAMESPACES = frozenset({"ac", "ccache"})
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-MAX_RECORD_KEY_CHARS = 200
 _MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesystems
 
 

@@ -39,8 +39,7 @@ from typing import BinaryIO
 
 import xxhash
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
-from cache_server.storage.base import (
+from slipstream.cache_server.storage.base import (
     EVICTABLE_NAMESPACES,
     BlobWriter,
     Chunk,
@@ -52,6 +51,7 @@ from cache_server.storage.base import (
     decode_record_key,
     encode_record_key,
 )
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError, verify
 
 log = logging.getLogger(__name__)
 

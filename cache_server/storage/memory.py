@@ -13,8 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
-from cache_server.storage.base import (
+from slipstream.cache_server.storage.base import (
     EVICTABLE_NAMESPACES,
     BlobWriter,
     Chunk,
@@ -24,6 +23,7 @@ from cache_server.storage.base import (
     StoreStats,
     encode_record_key,
 )
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError, verify
 
 # An LRU key: a blob's hash, or (namespace, key) of an evictable record.
 _Key = str | tuple[str, str]

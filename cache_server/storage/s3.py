@@ -35,8 +35,7 @@ import boto3
 import botocore.config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError, verify
-from cache_server.storage.base import (
+from slipstream.cache_server.storage.base import (
     BlobWriter,
     Chunk,
     RecordInfo,
@@ -47,7 +46,8 @@ from cache_server.storage.base import (
     decode_record_key,
     encode_record_key,
 )
-from cache_server.storage.fair_pool import FairPool
+from slipstream.cache_server.storage.fair_pool import FairPool
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError, verify
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

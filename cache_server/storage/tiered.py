@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.storage.base import (
+from slipstream.cache_server.storage.base import (
     BlobWriter,
     Chunk,
     RecordInfo,
@@ -26,7 +25,8 @@ from cache_server.storage.base import (
     X,
     Y,
 )
-from cache_server.storage.disk import DiskStore
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
 
 log = logging.getLogger(__name__)
 

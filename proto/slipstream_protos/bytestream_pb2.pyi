@@ -3,147 +3,117 @@
 isort:skip_file
 The google.bytestream service: how large blobs move in and out of the cache."""
 
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-import builtins as _builtins
-import sys
-import typing as _typing
+import builtins
+import google.protobuf.descriptor
+import google.protobuf.message
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
-else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
-DESCRIPTOR: _descriptor.FileDescriptor
+@typing.final
+class ReadRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-@_typing.final
-class ReadRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
-    READ_OFFSET_FIELD_NUMBER: _builtins.int
-    READ_LIMIT_FIELD_NUMBER: _builtins.int
-    resource_name: _builtins.str
-    read_offset: _builtins.int
-    read_limit: _builtins.int
+    RESOURCE_NAME_FIELD_NUMBER: builtins.int
+    READ_OFFSET_FIELD_NUMBER: builtins.int
+    READ_LIMIT_FIELD_NUMBER: builtins.int
+    resource_name: builtins.str
+    read_offset: builtins.int
+    read_limit: builtins.int
     def __init__(
         self,
         *,
-        resource_name: _builtins.str = ...,
-        read_offset: _builtins.int = ...,
-        read_limit: _builtins.int = ...,
+        resource_name: builtins.str = ...,
+        read_offset: builtins.int = ...,
+        read_limit: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["read_limit", b"read_limit", "read_offset", b"read_offset", "resource_name", b"resource_name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["read_limit", b"read_limit", "read_offset", b"read_offset", "resource_name", b"resource_name"]) -> None: ...
 
-Global___ReadRequest: _TypeAlias = ReadRequest  # noqa: Y015
+global___ReadRequest = ReadRequest
 
-@_typing.final
-class ReadResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class ReadResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    DATA_FIELD_NUMBER: _builtins.int
-    data: _builtins.bytes
+    DATA_FIELD_NUMBER: builtins.int
+    data: builtins.bytes
     def __init__(
         self,
         *,
-        data: _builtins.bytes = ...,
+        data: builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["data", b"data"]) -> None: ...
 
-Global___ReadResponse: _TypeAlias = ReadResponse  # noqa: Y015
+global___ReadResponse = ReadResponse
 
-@_typing.final
-class WriteRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class WriteRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
-    WRITE_OFFSET_FIELD_NUMBER: _builtins.int
-    FINISH_WRITE_FIELD_NUMBER: _builtins.int
-    DATA_FIELD_NUMBER: _builtins.int
-    resource_name: _builtins.str
-    write_offset: _builtins.int
-    finish_write: _builtins.bool
-    data: _builtins.bytes
+    RESOURCE_NAME_FIELD_NUMBER: builtins.int
+    WRITE_OFFSET_FIELD_NUMBER: builtins.int
+    FINISH_WRITE_FIELD_NUMBER: builtins.int
+    DATA_FIELD_NUMBER: builtins.int
+    resource_name: builtins.str
+    write_offset: builtins.int
+    finish_write: builtins.bool
+    data: builtins.bytes
     def __init__(
         self,
         *,
-        resource_name: _builtins.str = ...,
-        write_offset: _builtins.int = ...,
-        finish_write: _builtins.bool = ...,
-        data: _builtins.bytes = ...,
+        resource_name: builtins.str = ...,
+        write_offset: builtins.int = ...,
+        finish_write: builtins.bool = ...,
+        data: builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "finish_write", b"finish_write", "resource_name", b"resource_name", "write_offset", b"write_offset"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["data", b"data", "finish_write", b"finish_write", "resource_name", b"resource_name", "write_offset", b"write_offset"]) -> None: ...
 
-Global___WriteRequest: _TypeAlias = WriteRequest  # noqa: Y015
+global___WriteRequest = WriteRequest
 
-@_typing.final
-class WriteResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class WriteResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
-    committed_size: _builtins.int
+    COMMITTED_SIZE_FIELD_NUMBER: builtins.int
+    committed_size: builtins.int
     def __init__(
         self,
         *,
-        committed_size: _builtins.int = ...,
+        committed_size: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["committed_size", b"committed_size"]) -> None: ...
 
-Global___WriteResponse: _TypeAlias = WriteResponse  # noqa: Y015
+global___WriteResponse = WriteResponse
 
-@_typing.final
-class QueryWriteStatusRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class QueryWriteStatusRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    RESOURCE_NAME_FIELD_NUMBER: _builtins.int
-    resource_name: _builtins.str
+    RESOURCE_NAME_FIELD_NUMBER: builtins.int
+    resource_name: builtins.str
     def __init__(
         self,
         *,
-        resource_name: _builtins.str = ...,
+        resource_name: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["resource_name", b"resource_name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["resource_name", b"resource_name"]) -> None: ...
 
-Global___QueryWriteStatusRequest: _TypeAlias = QueryWriteStatusRequest  # noqa: Y015
+global___QueryWriteStatusRequest = QueryWriteStatusRequest
 
-@_typing.final
-class QueryWriteStatusResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class QueryWriteStatusResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    COMMITTED_SIZE_FIELD_NUMBER: _builtins.int
-    COMPLETE_FIELD_NUMBER: _builtins.int
-    committed_size: _builtins.int
-    complete: _builtins.bool
+    COMMITTED_SIZE_FIELD_NUMBER: builtins.int
+    COMPLETE_FIELD_NUMBER: builtins.int
+    committed_size: builtins.int
+    complete: builtins.bool
     def __init__(
         self,
         *,
-        committed_size: _builtins.int = ...,
-        complete: _builtins.bool = ...,
+        committed_size: builtins.int = ...,
+        complete: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_size", b"committed_size", "complete", b"complete"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["committed_size", b"committed_size", "complete", b"complete"]) -> None: ...
 
-Global___QueryWriteStatusResponse: _TypeAlias = QueryWriteStatusResponse  # noqa: Y015
+global___QueryWriteStatusResponse = QueryWriteStatusResponse

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from slipstream_protos import bytestream_pb2 as slipstream__protos_dot_bytestream__pb2
+from slipstream.protos import bytestream_pb2 as slipstream_dot_protos_dot_bytestream__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in slipstream_protos/bytestream_pb2_grpc.py depends on'
+        + f' but the generated code in slipstream/protos/bytestream_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ByteStreamStub:
+class ByteStreamStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,22 +36,22 @@ class ByteStreamStub:
         """
         self.Read = channel.unary_stream(
                 '/google.bytestream.ByteStream/Read',
-                request_serializer=slipstream__protos_dot_bytestream__pb2.ReadRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_bytestream__pb2.ReadResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_bytestream__pb2.ReadRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_bytestream__pb2.ReadResponse.FromString,
                 _registered_method=True)
         self.Write = channel.stream_unary(
                 '/google.bytestream.ByteStream/Write',
-                request_serializer=slipstream__protos_dot_bytestream__pb2.WriteRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_bytestream__pb2.WriteResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_bytestream__pb2.WriteRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_bytestream__pb2.WriteResponse.FromString,
                 _registered_method=True)
         self.QueryWriteStatus = channel.unary_unary(
                 '/google.bytestream.ByteStream/QueryWriteStatus',
-                request_serializer=slipstream__protos_dot_bytestream__pb2.QueryWriteStatusRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_bytestream__pb2.QueryWriteStatusResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_bytestream__pb2.QueryWriteStatusRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_bytestream__pb2.QueryWriteStatusResponse.FromString,
                 _registered_method=True)
 
 
-class ByteStreamServicer:
+class ByteStreamServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Read(self, request, context):
@@ -80,18 +80,18 @@ def add_ByteStreamServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Read': grpc.unary_stream_rpc_method_handler(
                     servicer.Read,
-                    request_deserializer=slipstream__protos_dot_bytestream__pb2.ReadRequest.FromString,
-                    response_serializer=slipstream__protos_dot_bytestream__pb2.ReadResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_bytestream__pb2.ReadRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_bytestream__pb2.ReadResponse.SerializeToString,
             ),
             'Write': grpc.stream_unary_rpc_method_handler(
                     servicer.Write,
-                    request_deserializer=slipstream__protos_dot_bytestream__pb2.WriteRequest.FromString,
-                    response_serializer=slipstream__protos_dot_bytestream__pb2.WriteResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_bytestream__pb2.WriteRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_bytestream__pb2.WriteResponse.SerializeToString,
             ),
             'QueryWriteStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryWriteStatus,
-                    request_deserializer=slipstream__protos_dot_bytestream__pb2.QueryWriteStatusRequest.FromString,
-                    response_serializer=slipstream__protos_dot_bytestream__pb2.QueryWriteStatusResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_bytestream__pb2.QueryWriteStatusRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_bytestream__pb2.QueryWriteStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -101,7 +101,7 @@ def add_ByteStreamServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ByteStream:
+class ByteStream(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -119,8 +119,8 @@ class ByteStream:
             request,
             target,
             '/google.bytestream.ByteStream/Read',
-            slipstream__protos_dot_bytestream__pb2.ReadRequest.SerializeToString,
-            slipstream__protos_dot_bytestream__pb2.ReadResponse.FromString,
+            slipstream_dot_protos_dot_bytestream__pb2.ReadRequest.SerializeToString,
+            slipstream_dot_protos_dot_bytestream__pb2.ReadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -146,8 +146,8 @@ class ByteStream:
             request_iterator,
             target,
             '/google.bytestream.ByteStream/Write',
-            slipstream__protos_dot_bytestream__pb2.WriteRequest.SerializeToString,
-            slipstream__protos_dot_bytestream__pb2.WriteResponse.FromString,
+            slipstream_dot_protos_dot_bytestream__pb2.WriteRequest.SerializeToString,
+            slipstream_dot_protos_dot_bytestream__pb2.WriteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -173,8 +173,8 @@ class ByteStream:
             request,
             target,
             '/google.bytestream.ByteStream/QueryWriteStatus',
-            slipstream__protos_dot_bytestream__pb2.QueryWriteStatusRequest.SerializeToString,
-            slipstream__protos_dot_bytestream__pb2.QueryWriteStatusResponse.FromString,
+            slipstream_dot_protos_dot_bytestream__pb2.QueryWriteStatusRequest.SerializeToString,
+            slipstream_dot_protos_dot_bytestream__pb2.QueryWriteStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -3,74 +3,82 @@
 isort:skip_file
 The google.bytestream service: how large blobs move in and out of the cache."""
 
-from collections import abc as _abc
-from grpc import aio as _aio
-from slipstream_protos import bytestream_pb2 as _bytestream_pb2
-import abc as _abc_1
-import grpc as _grpc
-import sys
-import typing as _typing
+import abc
+import collections.abc
+import grpc
+import grpc.aio
+import slipstream.protos.bytestream_pb2
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import Self as _Self
-else:
-    from typing_extensions import Self as _Self
+_T = typing.TypeVar("_T")
 
-_T = _typing.TypeVar("_T")
+class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
 
-class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
-
-class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
-GRPC_GENERATED_VERSION: str
-GRPC_VERSION: str
-
 class ByteStreamStub:
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> ByteStreamAsyncStub: ...
-    Read: _grpc.UnaryStreamMultiCallable[_bytestream_pb2.ReadRequest, _bytestream_pb2.ReadResponse]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    Read: grpc.UnaryStreamMultiCallable[
+        slipstream.protos.bytestream_pb2.ReadRequest,
+        slipstream.protos.bytestream_pb2.ReadResponse,
+    ]
     """Stream a blob's bytes from read_offset, at most read_limit of them (0 = all)."""
-    Write: _grpc.StreamUnaryMultiCallable[_bytestream_pb2.WriteRequest, _bytestream_pb2.WriteResponse]
+
+    Write: grpc.StreamUnaryMultiCallable[
+        slipstream.protos.bytestream_pb2.WriteRequest,
+        slipstream.protos.bytestream_pb2.WriteResponse,
+    ]
     """Stream a blob in; the last request sets finish_write."""
-    QueryWriteStatus: _grpc.UnaryUnaryMultiCallable[_bytestream_pb2.QueryWriteStatusRequest, _bytestream_pb2.QueryWriteStatusResponse]
+
+    QueryWriteStatus: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.bytestream_pb2.QueryWriteStatusRequest,
+        slipstream.protos.bytestream_pb2.QueryWriteStatusResponse,
+    ]
     """How much of an interrupted write the server already holds."""
 
-@_typing.type_check_only
-class ByteStreamAsyncStub(ByteStreamStub):
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    Read: _aio.UnaryStreamMultiCallable[_bytestream_pb2.ReadRequest, _bytestream_pb2.ReadResponse]  # type: ignore[assignment]
+class ByteStreamAsyncStub:
+    Read: grpc.aio.UnaryStreamMultiCallable[
+        slipstream.protos.bytestream_pb2.ReadRequest,
+        slipstream.protos.bytestream_pb2.ReadResponse,
+    ]
     """Stream a blob's bytes from read_offset, at most read_limit of them (0 = all)."""
-    Write: _aio.StreamUnaryMultiCallable[_bytestream_pb2.WriteRequest, _bytestream_pb2.WriteResponse]  # type: ignore[assignment]
+
+    Write: grpc.aio.StreamUnaryMultiCallable[
+        slipstream.protos.bytestream_pb2.WriteRequest,
+        slipstream.protos.bytestream_pb2.WriteResponse,
+    ]
     """Stream a blob in; the last request sets finish_write."""
-    QueryWriteStatus: _aio.UnaryUnaryMultiCallable[_bytestream_pb2.QueryWriteStatusRequest, _bytestream_pb2.QueryWriteStatusResponse]  # type: ignore[assignment]
+
+    QueryWriteStatus: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.bytestream_pb2.QueryWriteStatusRequest,
+        slipstream.protos.bytestream_pb2.QueryWriteStatusResponse,
+    ]
     """How much of an interrupted write the server already holds."""
 
-class ByteStreamServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
+class ByteStreamServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def Read(
         self,
-        request: _bytestream_pb2.ReadRequest,
+        request: slipstream.protos.bytestream_pb2.ReadRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_bytestream_pb2.ReadResponse], _abc.AsyncIterator[_bytestream_pb2.ReadResponse]]:
+    ) -> typing.Union[collections.abc.Iterator[slipstream.protos.bytestream_pb2.ReadResponse], collections.abc.AsyncIterator[slipstream.protos.bytestream_pb2.ReadResponse]]:
         """Stream a blob's bytes from read_offset, at most read_limit of them (0 = all)."""
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Write(
         self,
-        request_iterator: _MaybeAsyncIterator[_bytestream_pb2.WriteRequest],
+        request_iterator: _MaybeAsyncIterator[slipstream.protos.bytestream_pb2.WriteRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_bytestream_pb2.WriteResponse, _abc.Awaitable[_bytestream_pb2.WriteResponse]]:
+    ) -> typing.Union[slipstream.protos.bytestream_pb2.WriteResponse, collections.abc.Awaitable[slipstream.protos.bytestream_pb2.WriteResponse]]:
         """Stream a blob in; the last request sets finish_write."""
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def QueryWriteStatus(
         self,
-        request: _bytestream_pb2.QueryWriteStatusRequest,
+        request: slipstream.protos.bytestream_pb2.QueryWriteStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_bytestream_pb2.QueryWriteStatusResponse, _abc.Awaitable[_bytestream_pb2.QueryWriteStatusResponse]]:
+    ) -> typing.Union[slipstream.protos.bytestream_pb2.QueryWriteStatusResponse, collections.abc.Awaitable[slipstream.protos.bytestream_pb2.QueryWriteStatusResponse]]:
         """How much of an interrupted write the server already holds."""
 
-def add_ByteStreamServicer_to_server(servicer: ByteStreamServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_ByteStreamServicer_to_server(servicer: ByteStreamServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

@@ -8,122 +8,102 @@ digest of a root REAPI Directory. The files and Directory messages live in
 the ContentAddressableStorage; this service only maps keys to roots.
 """
 
-from collections import abc as _abc
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-from slipstream_protos import remote_execution_pb2 as _remote_execution_pb2
-import builtins as _builtins
-import sys
-import typing as _typing
+import builtins
+import collections.abc
+import google.protobuf.descriptor
+import google.protobuf.internal.containers
+import google.protobuf.message
+import slipstream.protos.remote_execution_pb2
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
-else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
-DESCRIPTOR: _descriptor.FileDescriptor
+@typing.final
+class PutLayerRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-@_typing.final
-class PutLayerRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KEY_FIELD_NUMBER: _builtins.int
-    ROOT_DIGEST_FIELD_NUMBER: _builtins.int
-    OVERWRITE_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    overwrite: _builtins.bool
-    @_builtins.property
-    def root_digest(self) -> _remote_execution_pb2.Digest: ...
+    KEY_FIELD_NUMBER: builtins.int
+    ROOT_DIGEST_FIELD_NUMBER: builtins.int
+    OVERWRITE_FIELD_NUMBER: builtins.int
+    key: builtins.str
+    overwrite: builtins.bool
+    @property
+    def root_digest(self) -> slipstream.protos.remote_execution_pb2.Digest: ...
     def __init__(
         self,
         *,
-        key: _builtins.str = ...,
-        root_digest: _remote_execution_pb2.Digest | None = ...,
-        overwrite: _builtins.bool = ...,
+        key: builtins.str = ...,
+        root_digest: slipstream.protos.remote_execution_pb2.Digest | None = ...,
+        overwrite: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "overwrite", b"overwrite", "root_digest", b"root_digest"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["root_digest", b"root_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["key", b"key", "overwrite", b"overwrite", "root_digest", b"root_digest"]) -> None: ...
 
-Global___PutLayerRequest: _TypeAlias = PutLayerRequest  # noqa: Y015
+global___PutLayerRequest = PutLayerRequest
 
-@_typing.final
-class PutLayerResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class PutLayerResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    REPLACED_FIELD_NUMBER: _builtins.int
-    CREATED_FIELD_NUMBER: _builtins.int
-    replaced: _builtins.bool
+    REPLACED_FIELD_NUMBER: builtins.int
+    CREATED_FIELD_NUMBER: builtins.int
+    replaced: builtins.bool
     """True when an existing layer under this key was replaced."""
-    created: _builtins.float
+    created: builtins.float
     """Server time of creation, in seconds since the epoch."""
     def __init__(
         self,
         *,
-        replaced: _builtins.bool = ...,
-        created: _builtins.float = ...,
+        replaced: builtins.bool = ...,
+        created: builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "replaced", b"replaced"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["created", b"created", "replaced", b"replaced"]) -> None: ...
 
-Global___PutLayerResponse: _TypeAlias = PutLayerResponse  # noqa: Y015
+global___PutLayerResponse = PutLayerResponse
 
-@_typing.final
-class GetLayerRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetLayerRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    KEY_FIELD_NUMBER: _builtins.int
-    RESTORE_PREFIXES_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    @_builtins.property
-    def restore_prefixes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    KEY_FIELD_NUMBER: builtins.int
+    RESTORE_PREFIXES_FIELD_NUMBER: builtins.int
+    key: builtins.str
+    @property
+    def restore_prefixes(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     def __init__(
         self,
         *,
-        key: _builtins.str = ...,
-        restore_prefixes: _abc.Iterable[_builtins.str] | None = ...,
+        key: builtins.str = ...,
+        restore_prefixes: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "restore_prefixes", b"restore_prefixes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["key", b"key", "restore_prefixes", b"restore_prefixes"]) -> None: ...
 
-Global___GetLayerRequest: _TypeAlias = GetLayerRequest  # noqa: Y015
+global___GetLayerRequest = GetLayerRequest
 
-@_typing.final
-class GetLayerResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetLayerResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    KEY_FIELD_NUMBER: _builtins.int
-    ROOT_DIGEST_FIELD_NUMBER: _builtins.int
-    EXACT_FIELD_NUMBER: _builtins.int
-    CREATED_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
+    KEY_FIELD_NUMBER: builtins.int
+    ROOT_DIGEST_FIELD_NUMBER: builtins.int
+    EXACT_FIELD_NUMBER: builtins.int
+    CREATED_FIELD_NUMBER: builtins.int
+    key: builtins.str
     """The key that hit: the requested key or one matching a restore prefix."""
-    exact: _builtins.bool
+    exact: builtins.bool
     """True when key is the requested key, false for a restore-prefix hit."""
-    created: _builtins.float
-    @_builtins.property
-    def root_digest(self) -> _remote_execution_pb2.Digest: ...
+    created: builtins.float
+    @property
+    def root_digest(self) -> slipstream.protos.remote_execution_pb2.Digest: ...
     def __init__(
         self,
         *,
-        key: _builtins.str = ...,
-        root_digest: _remote_execution_pb2.Digest | None = ...,
-        exact: _builtins.bool = ...,
-        created: _builtins.float = ...,
+        key: builtins.str = ...,
+        root_digest: slipstream.protos.remote_execution_pb2.Digest | None = ...,
+        exact: builtins.bool = ...,
+        created: builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "exact", b"exact", "key", b"key", "root_digest", b"root_digest"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["root_digest", b"root_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["created", b"created", "exact", b"exact", "key", b"key", "root_digest", b"root_digest"]) -> None: ...
 
-Global___GetLayerResponse: _TypeAlias = GetLayerResponse  # noqa: Y015
+global___GetLayerResponse = GetLayerResponse

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from slipstream_protos import layers_pb2 as slipstream__protos_dot_layers__pb2
+from slipstream.protos import layers_pb2 as slipstream_dot_protos_dot_layers__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in slipstream_protos/layers_pb2_grpc.py depends on'
+        + f' but the generated code in slipstream/protos/layers_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class LayersStub:
+class LayersStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,17 +36,17 @@ class LayersStub:
         """
         self.PutLayer = channel.unary_unary(
                 '/slipstream.layers.v1.Layers/PutLayer',
-                request_serializer=slipstream__protos_dot_layers__pb2.PutLayerRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_layers__pb2.PutLayerResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_layers__pb2.PutLayerRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_layers__pb2.PutLayerResponse.FromString,
                 _registered_method=True)
         self.GetLayer = channel.unary_unary(
                 '/slipstream.layers.v1.Layers/GetLayer',
-                request_serializer=slipstream__protos_dot_layers__pb2.GetLayerRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_layers__pb2.GetLayerResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_layers__pb2.GetLayerRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_layers__pb2.GetLayerResponse.FromString,
                 _registered_method=True)
 
 
-class LayersServicer:
+class LayersServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def PutLayer(self, request, context):
@@ -70,13 +70,13 @@ def add_LayersServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'PutLayer': grpc.unary_unary_rpc_method_handler(
                     servicer.PutLayer,
-                    request_deserializer=slipstream__protos_dot_layers__pb2.PutLayerRequest.FromString,
-                    response_serializer=slipstream__protos_dot_layers__pb2.PutLayerResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_layers__pb2.PutLayerRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_layers__pb2.PutLayerResponse.SerializeToString,
             ),
             'GetLayer': grpc.unary_unary_rpc_method_handler(
                     servicer.GetLayer,
-                    request_deserializer=slipstream__protos_dot_layers__pb2.GetLayerRequest.FromString,
-                    response_serializer=slipstream__protos_dot_layers__pb2.GetLayerResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_layers__pb2.GetLayerRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_layers__pb2.GetLayerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,7 +86,7 @@ def add_LayersServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Layers:
+class Layers(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -104,8 +104,8 @@ class Layers:
             request,
             target,
             '/slipstream.layers.v1.Layers/PutLayer',
-            slipstream__protos_dot_layers__pb2.PutLayerRequest.SerializeToString,
-            slipstream__protos_dot_layers__pb2.PutLayerResponse.FromString,
+            slipstream_dot_protos_dot_layers__pb2.PutLayerRequest.SerializeToString,
+            slipstream_dot_protos_dot_layers__pb2.PutLayerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -131,8 +131,8 @@ class Layers:
             request,
             target,
             '/slipstream.layers.v1.Layers/GetLayer',
-            slipstream__protos_dot_layers__pb2.GetLayerRequest.SerializeToString,
-            slipstream__protos_dot_layers__pb2.GetLayerResponse.FromString,
+            slipstream_dot_protos_dot_layers__pb2.GetLayerRequest.SerializeToString,
+            slipstream_dot_protos_dot_layers__pb2.GetLayerResponse.FromString,
             options,
             channel_credentials,
             insecure,

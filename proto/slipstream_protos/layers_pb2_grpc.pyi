@@ -8,74 +8,74 @@ digest of a root REAPI Directory. The files and Directory messages live in
 the ContentAddressableStorage; this service only maps keys to roots.
 """
 
-from collections import abc as _abc
-from grpc import aio as _aio
-from slipstream_protos import layers_pb2 as _layers_pb2
-import abc as _abc_1
-import grpc as _grpc
-import sys
-import typing as _typing
+import abc
+import collections.abc
+import grpc
+import grpc.aio
+import slipstream.protos.layers_pb2
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import Self as _Self
-else:
-    from typing_extensions import Self as _Self
+_T = typing.TypeVar("_T")
 
-_T = _typing.TypeVar("_T")
+class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
 
-class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
-
-class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
-GRPC_GENERATED_VERSION: str
-GRPC_VERSION: str
-
 class LayersStub:
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> LayersAsyncStub: ...
-    PutLayer: _grpc.UnaryUnaryMultiCallable[_layers_pb2.PutLayerRequest, _layers_pb2.PutLayerResponse]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    PutLayer: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.layers_pb2.PutLayerRequest,
+        slipstream.protos.layers_pb2.PutLayerResponse,
+    ]
     """Record key -> root. ALREADY_EXISTS when the key exists and overwrite is
     false; FAILED_PRECONDITION when the tree is not complete in the CAS.
     """
-    GetLayer: _grpc.UnaryUnaryMultiCallable[_layers_pb2.GetLayerRequest, _layers_pb2.GetLayerResponse]
+
+    GetLayer: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.layers_pb2.GetLayerRequest,
+        slipstream.protos.layers_pb2.GetLayerResponse,
+    ]
     """The exact key if present, else for each restore prefix in order the
     newest layer whose key starts with it. NOT_FOUND on a miss.
     """
 
-@_typing.type_check_only
-class LayersAsyncStub(LayersStub):
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    PutLayer: _aio.UnaryUnaryMultiCallable[_layers_pb2.PutLayerRequest, _layers_pb2.PutLayerResponse]  # type: ignore[assignment]
+class LayersAsyncStub:
+    PutLayer: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.layers_pb2.PutLayerRequest,
+        slipstream.protos.layers_pb2.PutLayerResponse,
+    ]
     """Record key -> root. ALREADY_EXISTS when the key exists and overwrite is
     false; FAILED_PRECONDITION when the tree is not complete in the CAS.
     """
-    GetLayer: _aio.UnaryUnaryMultiCallable[_layers_pb2.GetLayerRequest, _layers_pb2.GetLayerResponse]  # type: ignore[assignment]
+
+    GetLayer: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.layers_pb2.GetLayerRequest,
+        slipstream.protos.layers_pb2.GetLayerResponse,
+    ]
     """The exact key if present, else for each restore prefix in order the
     newest layer whose key starts with it. NOT_FOUND on a miss.
     """
 
-class LayersServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
+class LayersServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def PutLayer(
         self,
-        request: _layers_pb2.PutLayerRequest,
+        request: slipstream.protos.layers_pb2.PutLayerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_layers_pb2.PutLayerResponse, _abc.Awaitable[_layers_pb2.PutLayerResponse]]:
+    ) -> typing.Union[slipstream.protos.layers_pb2.PutLayerResponse, collections.abc.Awaitable[slipstream.protos.layers_pb2.PutLayerResponse]]:
         """Record key -> root. ALREADY_EXISTS when the key exists and overwrite is
         false; FAILED_PRECONDITION when the tree is not complete in the CAS.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def GetLayer(
         self,
-        request: _layers_pb2.GetLayerRequest,
+        request: slipstream.protos.layers_pb2.GetLayerRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_layers_pb2.GetLayerResponse, _abc.Awaitable[_layers_pb2.GetLayerResponse]]:
+    ) -> typing.Union[slipstream.protos.layers_pb2.GetLayerResponse, collections.abc.Awaitable[slipstream.protos.layers_pb2.GetLayerResponse]]:
         """The exact key if present, else for each restore prefix in order the
         newest layer whose key starts with it. NOT_FOUND on a miss.
         """
 
-def add_LayersServicer_to_server(servicer: LayersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_LayersServicer_to_server(servicer: LayersServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

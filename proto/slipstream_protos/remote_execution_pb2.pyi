@@ -7,62 +7,58 @@ cache, not an executor. Names and field numbers are the protocol's; they
 must not change.
 """
 
-from collections import abc as _abc
-from google.protobuf import any_pb2 as _any_pb2
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import duration_pb2 as _duration_pb2
-from google.protobuf import message as _message
-from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from google.protobuf import wrappers_pb2 as _wrappers_pb2
-from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
-from google.rpc import status_pb2 as _status_pb2
-from slipstream_protos import semver_pb2 as _semver_pb2
-import builtins as _builtins
+import builtins
+import collections.abc
+import google.protobuf.any_pb2
+import google.protobuf.descriptor
+import google.protobuf.duration_pb2
+import google.protobuf.internal.containers
+import google.protobuf.internal.enum_type_wrapper
+import google.protobuf.message
+import google.protobuf.timestamp_pb2
+import google.protobuf.wrappers_pb2
+import slipstream.protos.semver_pb2
+import slipstream.protos.status_pb2
 import sys
-import typing as _typing
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
+if sys.version_info >= (3, 10):
+    import typing as typing_extensions
 else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+    import typing_extensions
 
-DESCRIPTOR: _descriptor.FileDescriptor
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
-@_typing.final
-class Digest(_message.Message):
+@typing.final
+class Digest(google.protobuf.message.Message):
     """A blob's address: lowercase hex hash and its exact length."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    HASH_FIELD_NUMBER: _builtins.int
-    SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    hash: _builtins.str
-    size_bytes: _builtins.int
+    HASH_FIELD_NUMBER: builtins.int
+    SIZE_BYTES_FIELD_NUMBER: builtins.int
+    hash: builtins.str
+    size_bytes: builtins.int
     def __init__(
         self,
         *,
-        hash: _builtins.str = ...,
-        size_bytes: _builtins.int = ...,
+        hash: builtins.str = ...,
+        size_bytes: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["hash", b"hash", "size_bytes", b"size_bytes"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["hash", b"hash", "size_bytes", b"size_bytes"]) -> None: ...
 
-Global___Digest: _TypeAlias = Digest  # noqa: Y015
+global___Digest = Digest
 
-@_typing.final
-class DigestFunction(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class DigestFunction(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     class _Value:
-        ValueType = _typing.NewType("ValueType", _builtins.int)
-        V: _TypeAlias = ValueType  # noqa: Y015
+        ValueType = typing.NewType("ValueType", builtins.int)
+        V: typing_extensions.TypeAlias = ValueType
 
-    class _ValueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[DigestFunction._Value.ValueType], _builtins.type):
-        DESCRIPTOR: _descriptor.EnumDescriptor
+    class _ValueEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[DigestFunction._Value.ValueType], builtins.type):
+        DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
         UNKNOWN: DigestFunction._Value.ValueType  # 0
         SHA256: DigestFunction._Value.ValueType  # 1
         SHA1: DigestFunction._Value.ValueType  # 2
@@ -89,24 +85,19 @@ class DigestFunction(_message.Message):
     def __init__(
         self,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DigestFunction: _TypeAlias = DigestFunction  # noqa: Y015
+global___DigestFunction = DigestFunction
 
-@_typing.final
-class Compressor(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class Compressor(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     class _Value:
-        ValueType = _typing.NewType("ValueType", _builtins.int)
-        V: _TypeAlias = ValueType  # noqa: Y015
+        ValueType = typing.NewType("ValueType", builtins.int)
+        V: typing_extensions.TypeAlias = ValueType
 
-    class _ValueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[Compressor._Value.ValueType], _builtins.type):
-        DESCRIPTOR: _descriptor.EnumDescriptor
+    class _ValueEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[Compressor._Value.ValueType], builtins.type):
+        DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
         IDENTITY: Compressor._Value.ValueType  # 0
         ZSTD: Compressor._Value.ValueType  # 1
         DEFLATE: Compressor._Value.ValueType  # 2
@@ -121,24 +112,19 @@ class Compressor(_message.Message):
     def __init__(
         self,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___Compressor: _TypeAlias = Compressor  # noqa: Y015
+global___Compressor = Compressor
 
-@_typing.final
-class SymlinkAbsolutePathStrategy(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class SymlinkAbsolutePathStrategy(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     class _Value:
-        ValueType = _typing.NewType("ValueType", _builtins.int)
-        V: _TypeAlias = ValueType  # noqa: Y015
+        ValueType = typing.NewType("ValueType", builtins.int)
+        V: typing_extensions.TypeAlias = ValueType
 
-    class _ValueEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[SymlinkAbsolutePathStrategy._Value.ValueType], _builtins.type):
-        DESCRIPTOR: _descriptor.EnumDescriptor
+    class _ValueEnumTypeWrapper(google.protobuf.internal.enum_type_wrapper._EnumTypeWrapper[SymlinkAbsolutePathStrategy._Value.ValueType], builtins.type):
+        DESCRIPTOR: google.protobuf.descriptor.EnumDescriptor
         UNKNOWN: SymlinkAbsolutePathStrategy._Value.ValueType  # 0
         DISALLOWED: SymlinkAbsolutePathStrategy._Value.ValueType  # 1
         ALLOWED: SymlinkAbsolutePathStrategy._Value.ValueType  # 2
@@ -151,995 +137,874 @@ class SymlinkAbsolutePathStrategy(_message.Message):
     def __init__(
         self,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___SymlinkAbsolutePathStrategy: _TypeAlias = SymlinkAbsolutePathStrategy  # noqa: Y015
+global___SymlinkAbsolutePathStrategy = SymlinkAbsolutePathStrategy
 
-@_typing.final
-class NodeProperty(_message.Message):
+@typing.final
+class NodeProperty(google.protobuf.message.Message):
     """---- Directory trees ----"""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    value: _builtins.str
+    NAME_FIELD_NUMBER: builtins.int
+    VALUE_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    value: builtins.str
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        value: _builtins.str = ...,
+        name: builtins.str = ...,
+        value: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "value", b"value"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name", "value", b"value"]) -> None: ...
 
-Global___NodeProperty: _TypeAlias = NodeProperty  # noqa: Y015
+global___NodeProperty = NodeProperty
 
-@_typing.final
-class NodeProperties(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class NodeProperties(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PROPERTIES_FIELD_NUMBER: _builtins.int
-    MTIME_FIELD_NUMBER: _builtins.int
-    UNIX_MODE_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def properties(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeProperty]: ...
-    @_builtins.property
-    def mtime(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def unix_mode(self) -> _wrappers_pb2.UInt32Value: ...
+    PROPERTIES_FIELD_NUMBER: builtins.int
+    MTIME_FIELD_NUMBER: builtins.int
+    UNIX_MODE_FIELD_NUMBER: builtins.int
+    @property
+    def properties(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___NodeProperty]: ...
+    @property
+    def mtime(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def unix_mode(self) -> google.protobuf.wrappers_pb2.UInt32Value: ...
     def __init__(
         self,
         *,
-        properties: _abc.Iterable[Global___NodeProperty] | None = ...,
-        mtime: _timestamp_pb2.Timestamp | None = ...,
-        unix_mode: _wrappers_pb2.UInt32Value | None = ...,
+        properties: collections.abc.Iterable[global___NodeProperty] | None = ...,
+        mtime: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        unix_mode: google.protobuf.wrappers_pb2.UInt32Value | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["mtime", b"mtime", "unix_mode", b"unix_mode"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mtime", b"mtime", "properties", b"properties", "unix_mode", b"unix_mode"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["mtime", b"mtime", "unix_mode", b"unix_mode"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["mtime", b"mtime", "properties", b"properties", "unix_mode", b"unix_mode"]) -> None: ...
 
-Global___NodeProperties: _TypeAlias = NodeProperties  # noqa: Y015
+global___NodeProperties = NodeProperties
 
-@_typing.final
-class FileNode(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class FileNode(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    DIGEST_FIELD_NUMBER: _builtins.int
-    IS_EXECUTABLE_FIELD_NUMBER: _builtins.int
-    NODE_PROPERTIES_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    is_executable: _builtins.bool
-    @_builtins.property
-    def digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def node_properties(self) -> Global___NodeProperties: ...
+    NAME_FIELD_NUMBER: builtins.int
+    DIGEST_FIELD_NUMBER: builtins.int
+    IS_EXECUTABLE_FIELD_NUMBER: builtins.int
+    NODE_PROPERTIES_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    is_executable: builtins.bool
+    @property
+    def digest(self) -> global___Digest: ...
+    @property
+    def node_properties(self) -> global___NodeProperties: ...
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        digest: Global___Digest | None = ...,
-        is_executable: _builtins.bool = ...,
-        node_properties: Global___NodeProperties | None = ...,
+        name: builtins.str = ...,
+        digest: global___Digest | None = ...,
+        is_executable: builtins.bool = ...,
+        node_properties: global___NodeProperties | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "node_properties", b"node_properties"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "is_executable", b"is_executable", "name", b"name", "node_properties", b"node_properties"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["digest", b"digest", "node_properties", b"node_properties"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["digest", b"digest", "is_executable", b"is_executable", "name", b"name", "node_properties", b"node_properties"]) -> None: ...
 
-Global___FileNode: _TypeAlias = FileNode  # noqa: Y015
+global___FileNode = FileNode
 
-@_typing.final
-class DirectoryNode(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class DirectoryNode(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    DIGEST_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    @_builtins.property
-    def digest(self) -> Global___Digest: ...
+    NAME_FIELD_NUMBER: builtins.int
+    DIGEST_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    @property
+    def digest(self) -> global___Digest: ...
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        digest: Global___Digest | None = ...,
+        name: builtins.str = ...,
+        digest: global___Digest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["digest", b"digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["digest", b"digest", "name", b"name"]) -> None: ...
 
-Global___DirectoryNode: _TypeAlias = DirectoryNode  # noqa: Y015
+global___DirectoryNode = DirectoryNode
 
-@_typing.final
-class SymlinkNode(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class SymlinkNode(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    NAME_FIELD_NUMBER: _builtins.int
-    TARGET_FIELD_NUMBER: _builtins.int
-    NODE_PROPERTIES_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    target: _builtins.str
-    @_builtins.property
-    def node_properties(self) -> Global___NodeProperties: ...
+    NAME_FIELD_NUMBER: builtins.int
+    TARGET_FIELD_NUMBER: builtins.int
+    NODE_PROPERTIES_FIELD_NUMBER: builtins.int
+    name: builtins.str
+    target: builtins.str
+    @property
+    def node_properties(self) -> global___NodeProperties: ...
     def __init__(
         self,
         *,
-        name: _builtins.str = ...,
-        target: _builtins.str = ...,
-        node_properties: Global___NodeProperties | None = ...,
+        name: builtins.str = ...,
+        target: builtins.str = ...,
+        node_properties: global___NodeProperties | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node_properties", b"node_properties"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "node_properties", b"node_properties", "target", b"target"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["node_properties", b"node_properties"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["name", b"name", "node_properties", b"node_properties", "target", b"target"]) -> None: ...
 
-Global___SymlinkNode: _TypeAlias = SymlinkNode  # noqa: Y015
+global___SymlinkNode = SymlinkNode
 
-@_typing.final
-class Directory(_message.Message):
+@typing.final
+class Directory(google.protobuf.message.Message):
     """One directory level; children are referenced by the digest of their own
     serialized Directory message.
     """
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    FILES_FIELD_NUMBER: _builtins.int
-    DIRECTORIES_FIELD_NUMBER: _builtins.int
-    SYMLINKS_FIELD_NUMBER: _builtins.int
-    NODE_PROPERTIES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___FileNode]: ...
-    @_builtins.property
-    def directories(self) -> _containers.RepeatedCompositeFieldContainer[Global___DirectoryNode]: ...
-    @_builtins.property
-    def symlinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___SymlinkNode]: ...
-    @_builtins.property
-    def node_properties(self) -> Global___NodeProperties: ...
+    FILES_FIELD_NUMBER: builtins.int
+    DIRECTORIES_FIELD_NUMBER: builtins.int
+    SYMLINKS_FIELD_NUMBER: builtins.int
+    NODE_PROPERTIES_FIELD_NUMBER: builtins.int
+    @property
+    def files(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___FileNode]: ...
+    @property
+    def directories(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___DirectoryNode]: ...
+    @property
+    def symlinks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___SymlinkNode]: ...
+    @property
+    def node_properties(self) -> global___NodeProperties: ...
     def __init__(
         self,
         *,
-        files: _abc.Iterable[Global___FileNode] | None = ...,
-        directories: _abc.Iterable[Global___DirectoryNode] | None = ...,
-        symlinks: _abc.Iterable[Global___SymlinkNode] | None = ...,
-        node_properties: Global___NodeProperties | None = ...,
+        files: collections.abc.Iterable[global___FileNode] | None = ...,
+        directories: collections.abc.Iterable[global___DirectoryNode] | None = ...,
+        symlinks: collections.abc.Iterable[global___SymlinkNode] | None = ...,
+        node_properties: global___NodeProperties | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node_properties", b"node_properties"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directories", b"directories", "files", b"files", "node_properties", b"node_properties", "symlinks", b"symlinks"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["node_properties", b"node_properties"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["directories", b"directories", "files", b"files", "node_properties", b"node_properties", "symlinks", b"symlinks"]) -> None: ...
 
-Global___Directory: _TypeAlias = Directory  # noqa: Y015
+global___Directory = Directory
 
-@_typing.final
-class Tree(_message.Message):
+@typing.final
+class Tree(google.protobuf.message.Message):
     """A whole directory tree in one message: the root and every directory below it."""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    ROOT_FIELD_NUMBER: _builtins.int
-    CHILDREN_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def root(self) -> Global___Directory: ...
-    @_builtins.property
-    def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___Directory]: ...
+    ROOT_FIELD_NUMBER: builtins.int
+    CHILDREN_FIELD_NUMBER: builtins.int
+    @property
+    def root(self) -> global___Directory: ...
+    @property
+    def children(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Directory]: ...
     def __init__(
         self,
         *,
-        root: Global___Directory | None = ...,
-        children: _abc.Iterable[Global___Directory] | None = ...,
+        root: global___Directory | None = ...,
+        children: collections.abc.Iterable[global___Directory] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["root", b"root"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["children", b"children", "root", b"root"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["root", b"root"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["children", b"children", "root", b"root"]) -> None: ...
 
-Global___Tree: _TypeAlias = Tree  # noqa: Y015
+global___Tree = Tree
 
-@_typing.final
-class ExecutedActionMetadata(_message.Message):
+@typing.final
+class ExecutedActionMetadata(google.protobuf.message.Message):
     """---- Action results ----"""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    WORKER_FIELD_NUMBER: _builtins.int
-    QUEUED_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    WORKER_START_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    WORKER_COMPLETED_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    INPUT_FETCH_START_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    INPUT_FETCH_COMPLETED_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    EXECUTION_START_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    EXECUTION_COMPLETED_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    OUTPUT_UPLOAD_START_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    OUTPUT_UPLOAD_COMPLETED_TIMESTAMP_FIELD_NUMBER: _builtins.int
-    AUXILIARY_METADATA_FIELD_NUMBER: _builtins.int
-    VIRTUAL_EXECUTION_DURATION_FIELD_NUMBER: _builtins.int
-    worker: _builtins.str
-    @_builtins.property
-    def queued_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def worker_start_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def worker_completed_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def input_fetch_start_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def input_fetch_completed_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def execution_start_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def execution_completed_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def output_upload_start_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def output_upload_completed_timestamp(self) -> _timestamp_pb2.Timestamp: ...
-    @_builtins.property
-    def auxiliary_metadata(self) -> _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]: ...
-    @_builtins.property
-    def virtual_execution_duration(self) -> _duration_pb2.Duration: ...
+    WORKER_FIELD_NUMBER: builtins.int
+    QUEUED_TIMESTAMP_FIELD_NUMBER: builtins.int
+    WORKER_START_TIMESTAMP_FIELD_NUMBER: builtins.int
+    WORKER_COMPLETED_TIMESTAMP_FIELD_NUMBER: builtins.int
+    INPUT_FETCH_START_TIMESTAMP_FIELD_NUMBER: builtins.int
+    INPUT_FETCH_COMPLETED_TIMESTAMP_FIELD_NUMBER: builtins.int
+    EXECUTION_START_TIMESTAMP_FIELD_NUMBER: builtins.int
+    EXECUTION_COMPLETED_TIMESTAMP_FIELD_NUMBER: builtins.int
+    OUTPUT_UPLOAD_START_TIMESTAMP_FIELD_NUMBER: builtins.int
+    OUTPUT_UPLOAD_COMPLETED_TIMESTAMP_FIELD_NUMBER: builtins.int
+    AUXILIARY_METADATA_FIELD_NUMBER: builtins.int
+    VIRTUAL_EXECUTION_DURATION_FIELD_NUMBER: builtins.int
+    worker: builtins.str
+    @property
+    def queued_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def worker_start_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def worker_completed_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def input_fetch_start_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def input_fetch_completed_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def execution_start_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def execution_completed_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def output_upload_start_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def output_upload_completed_timestamp(self) -> google.protobuf.timestamp_pb2.Timestamp: ...
+    @property
+    def auxiliary_metadata(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[google.protobuf.any_pb2.Any]: ...
+    @property
+    def virtual_execution_duration(self) -> google.protobuf.duration_pb2.Duration: ...
     def __init__(
         self,
         *,
-        worker: _builtins.str = ...,
-        queued_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        worker_start_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        worker_completed_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        input_fetch_start_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        input_fetch_completed_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        execution_start_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        execution_completed_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        output_upload_start_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        output_upload_completed_timestamp: _timestamp_pb2.Timestamp | None = ...,
-        auxiliary_metadata: _abc.Iterable[_any_pb2.Any] | None = ...,
-        virtual_execution_duration: _duration_pb2.Duration | None = ...,
+        worker: builtins.str = ...,
+        queued_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        worker_start_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        worker_completed_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        input_fetch_start_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        input_fetch_completed_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        execution_start_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        execution_completed_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        output_upload_start_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        output_upload_completed_timestamp: google.protobuf.timestamp_pb2.Timestamp | None = ...,
+        auxiliary_metadata: collections.abc.Iterable[google.protobuf.any_pb2.Any] | None = ...,
+        virtual_execution_duration: google.protobuf.duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_completed_timestamp", b"execution_completed_timestamp", "execution_start_timestamp", b"execution_start_timestamp", "input_fetch_completed_timestamp", b"input_fetch_completed_timestamp", "input_fetch_start_timestamp", b"input_fetch_start_timestamp", "output_upload_completed_timestamp", b"output_upload_completed_timestamp", "output_upload_start_timestamp", b"output_upload_start_timestamp", "queued_timestamp", b"queued_timestamp", "virtual_execution_duration", b"virtual_execution_duration", "worker_completed_timestamp", b"worker_completed_timestamp", "worker_start_timestamp", b"worker_start_timestamp"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auxiliary_metadata", b"auxiliary_metadata", "execution_completed_timestamp", b"execution_completed_timestamp", "execution_start_timestamp", b"execution_start_timestamp", "input_fetch_completed_timestamp", b"input_fetch_completed_timestamp", "input_fetch_start_timestamp", b"input_fetch_start_timestamp", "output_upload_completed_timestamp", b"output_upload_completed_timestamp", "output_upload_start_timestamp", b"output_upload_start_timestamp", "queued_timestamp", b"queued_timestamp", "virtual_execution_duration", b"virtual_execution_duration", "worker", b"worker", "worker_completed_timestamp", b"worker_completed_timestamp", "worker_start_timestamp", b"worker_start_timestamp"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["execution_completed_timestamp", b"execution_completed_timestamp", "execution_start_timestamp", b"execution_start_timestamp", "input_fetch_completed_timestamp", b"input_fetch_completed_timestamp", "input_fetch_start_timestamp", b"input_fetch_start_timestamp", "output_upload_completed_timestamp", b"output_upload_completed_timestamp", "output_upload_start_timestamp", b"output_upload_start_timestamp", "queued_timestamp", b"queued_timestamp", "virtual_execution_duration", b"virtual_execution_duration", "worker_completed_timestamp", b"worker_completed_timestamp", "worker_start_timestamp", b"worker_start_timestamp"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["auxiliary_metadata", b"auxiliary_metadata", "execution_completed_timestamp", b"execution_completed_timestamp", "execution_start_timestamp", b"execution_start_timestamp", "input_fetch_completed_timestamp", b"input_fetch_completed_timestamp", "input_fetch_start_timestamp", b"input_fetch_start_timestamp", "output_upload_completed_timestamp", b"output_upload_completed_timestamp", "output_upload_start_timestamp", b"output_upload_start_timestamp", "queued_timestamp", b"queued_timestamp", "virtual_execution_duration", b"virtual_execution_duration", "worker", b"worker", "worker_completed_timestamp", b"worker_completed_timestamp", "worker_start_timestamp", b"worker_start_timestamp"]) -> None: ...
 
-Global___ExecutedActionMetadata: _TypeAlias = ExecutedActionMetadata  # noqa: Y015
+global___ExecutedActionMetadata = ExecutedActionMetadata
 
-@_typing.final
-class OutputFile(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class OutputFile(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PATH_FIELD_NUMBER: _builtins.int
-    DIGEST_FIELD_NUMBER: _builtins.int
-    IS_EXECUTABLE_FIELD_NUMBER: _builtins.int
-    CONTENTS_FIELD_NUMBER: _builtins.int
-    NODE_PROPERTIES_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
-    is_executable: _builtins.bool
-    contents: _builtins.bytes
-    @_builtins.property
-    def digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def node_properties(self) -> Global___NodeProperties: ...
+    PATH_FIELD_NUMBER: builtins.int
+    DIGEST_FIELD_NUMBER: builtins.int
+    IS_EXECUTABLE_FIELD_NUMBER: builtins.int
+    CONTENTS_FIELD_NUMBER: builtins.int
+    NODE_PROPERTIES_FIELD_NUMBER: builtins.int
+    path: builtins.str
+    is_executable: builtins.bool
+    contents: builtins.bytes
+    @property
+    def digest(self) -> global___Digest: ...
+    @property
+    def node_properties(self) -> global___NodeProperties: ...
     def __init__(
         self,
         *,
-        path: _builtins.str = ...,
-        digest: Global___Digest | None = ...,
-        is_executable: _builtins.bool = ...,
-        contents: _builtins.bytes = ...,
-        node_properties: Global___NodeProperties | None = ...,
+        path: builtins.str = ...,
+        digest: global___Digest | None = ...,
+        is_executable: builtins.bool = ...,
+        contents: builtins.bytes = ...,
+        node_properties: global___NodeProperties | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "node_properties", b"node_properties"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "digest", b"digest", "is_executable", b"is_executable", "node_properties", b"node_properties", "path", b"path"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["digest", b"digest", "node_properties", b"node_properties"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["contents", b"contents", "digest", b"digest", "is_executable", b"is_executable", "node_properties", b"node_properties", "path", b"path"]) -> None: ...
 
-Global___OutputFile: _TypeAlias = OutputFile  # noqa: Y015
+global___OutputFile = OutputFile
 
-@_typing.final
-class OutputDirectory(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class OutputDirectory(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PATH_FIELD_NUMBER: _builtins.int
-    TREE_DIGEST_FIELD_NUMBER: _builtins.int
-    IS_TOPOLOGICALLY_SORTED_FIELD_NUMBER: _builtins.int
-    ROOT_DIRECTORY_DIGEST_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
-    is_topologically_sorted: _builtins.bool
-    @_builtins.property
-    def tree_digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def root_directory_digest(self) -> Global___Digest: ...
+    PATH_FIELD_NUMBER: builtins.int
+    TREE_DIGEST_FIELD_NUMBER: builtins.int
+    IS_TOPOLOGICALLY_SORTED_FIELD_NUMBER: builtins.int
+    ROOT_DIRECTORY_DIGEST_FIELD_NUMBER: builtins.int
+    path: builtins.str
+    is_topologically_sorted: builtins.bool
+    @property
+    def tree_digest(self) -> global___Digest: ...
+    @property
+    def root_directory_digest(self) -> global___Digest: ...
     def __init__(
         self,
         *,
-        path: _builtins.str = ...,
-        tree_digest: Global___Digest | None = ...,
-        is_topologically_sorted: _builtins.bool = ...,
-        root_directory_digest: Global___Digest | None = ...,
+        path: builtins.str = ...,
+        tree_digest: global___Digest | None = ...,
+        is_topologically_sorted: builtins.bool = ...,
+        root_directory_digest: global___Digest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["root_directory_digest", b"root_directory_digest", "tree_digest", b"tree_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_topologically_sorted", b"is_topologically_sorted", "path", b"path", "root_directory_digest", b"root_directory_digest", "tree_digest", b"tree_digest"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["root_directory_digest", b"root_directory_digest", "tree_digest", b"tree_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["is_topologically_sorted", b"is_topologically_sorted", "path", b"path", "root_directory_digest", b"root_directory_digest", "tree_digest", b"tree_digest"]) -> None: ...
 
-Global___OutputDirectory: _TypeAlias = OutputDirectory  # noqa: Y015
+global___OutputDirectory = OutputDirectory
 
-@_typing.final
-class OutputSymlink(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class OutputSymlink(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PATH_FIELD_NUMBER: _builtins.int
-    TARGET_FIELD_NUMBER: _builtins.int
-    NODE_PROPERTIES_FIELD_NUMBER: _builtins.int
-    path: _builtins.str
-    target: _builtins.str
-    @_builtins.property
-    def node_properties(self) -> Global___NodeProperties: ...
+    PATH_FIELD_NUMBER: builtins.int
+    TARGET_FIELD_NUMBER: builtins.int
+    NODE_PROPERTIES_FIELD_NUMBER: builtins.int
+    path: builtins.str
+    target: builtins.str
+    @property
+    def node_properties(self) -> global___NodeProperties: ...
     def __init__(
         self,
         *,
-        path: _builtins.str = ...,
-        target: _builtins.str = ...,
-        node_properties: Global___NodeProperties | None = ...,
+        path: builtins.str = ...,
+        target: builtins.str = ...,
+        node_properties: global___NodeProperties | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["node_properties", b"node_properties"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_properties", b"node_properties", "path", b"path", "target", b"target"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["node_properties", b"node_properties"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["node_properties", b"node_properties", "path", b"path", "target", b"target"]) -> None: ...
 
-Global___OutputSymlink: _TypeAlias = OutputSymlink  # noqa: Y015
+global___OutputSymlink = OutputSymlink
 
-@_typing.final
-class ActionResult(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class ActionResult(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    OUTPUT_FILES_FIELD_NUMBER: _builtins.int
-    OUTPUT_DIRECTORIES_FIELD_NUMBER: _builtins.int
-    EXIT_CODE_FIELD_NUMBER: _builtins.int
-    STDOUT_RAW_FIELD_NUMBER: _builtins.int
-    STDOUT_DIGEST_FIELD_NUMBER: _builtins.int
-    STDERR_RAW_FIELD_NUMBER: _builtins.int
-    STDERR_DIGEST_FIELD_NUMBER: _builtins.int
-    EXECUTION_METADATA_FIELD_NUMBER: _builtins.int
-    OUTPUT_FILE_SYMLINKS_FIELD_NUMBER: _builtins.int
-    OUTPUT_DIRECTORY_SYMLINKS_FIELD_NUMBER: _builtins.int
-    OUTPUT_SYMLINKS_FIELD_NUMBER: _builtins.int
-    exit_code: _builtins.int
-    stdout_raw: _builtins.bytes
-    stderr_raw: _builtins.bytes
-    @_builtins.property
-    def output_files(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputFile]: ...
-    @_builtins.property
-    def output_directories(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputDirectory]: ...
-    @_builtins.property
-    def stdout_digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def stderr_digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def execution_metadata(self) -> Global___ExecutedActionMetadata: ...
-    @_builtins.property
-    def output_file_symlinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSymlink]: ...
-    @_builtins.property
-    def output_directory_symlinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSymlink]: ...
-    @_builtins.property
-    def output_symlinks(self) -> _containers.RepeatedCompositeFieldContainer[Global___OutputSymlink]: ...
+    OUTPUT_FILES_FIELD_NUMBER: builtins.int
+    OUTPUT_DIRECTORIES_FIELD_NUMBER: builtins.int
+    EXIT_CODE_FIELD_NUMBER: builtins.int
+    STDOUT_RAW_FIELD_NUMBER: builtins.int
+    STDOUT_DIGEST_FIELD_NUMBER: builtins.int
+    STDERR_RAW_FIELD_NUMBER: builtins.int
+    STDERR_DIGEST_FIELD_NUMBER: builtins.int
+    EXECUTION_METADATA_FIELD_NUMBER: builtins.int
+    OUTPUT_FILE_SYMLINKS_FIELD_NUMBER: builtins.int
+    OUTPUT_DIRECTORY_SYMLINKS_FIELD_NUMBER: builtins.int
+    OUTPUT_SYMLINKS_FIELD_NUMBER: builtins.int
+    exit_code: builtins.int
+    stdout_raw: builtins.bytes
+    stderr_raw: builtins.bytes
+    @property
+    def output_files(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___OutputFile]: ...
+    @property
+    def output_directories(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___OutputDirectory]: ...
+    @property
+    def stdout_digest(self) -> global___Digest: ...
+    @property
+    def stderr_digest(self) -> global___Digest: ...
+    @property
+    def execution_metadata(self) -> global___ExecutedActionMetadata: ...
+    @property
+    def output_file_symlinks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___OutputSymlink]: ...
+    @property
+    def output_directory_symlinks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___OutputSymlink]: ...
+    @property
+    def output_symlinks(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___OutputSymlink]: ...
     def __init__(
         self,
         *,
-        output_files: _abc.Iterable[Global___OutputFile] | None = ...,
-        output_directories: _abc.Iterable[Global___OutputDirectory] | None = ...,
-        exit_code: _builtins.int = ...,
-        stdout_raw: _builtins.bytes = ...,
-        stdout_digest: Global___Digest | None = ...,
-        stderr_raw: _builtins.bytes = ...,
-        stderr_digest: Global___Digest | None = ...,
-        execution_metadata: Global___ExecutedActionMetadata | None = ...,
-        output_file_symlinks: _abc.Iterable[Global___OutputSymlink] | None = ...,
-        output_directory_symlinks: _abc.Iterable[Global___OutputSymlink] | None = ...,
-        output_symlinks: _abc.Iterable[Global___OutputSymlink] | None = ...,
+        output_files: collections.abc.Iterable[global___OutputFile] | None = ...,
+        output_directories: collections.abc.Iterable[global___OutputDirectory] | None = ...,
+        exit_code: builtins.int = ...,
+        stdout_raw: builtins.bytes = ...,
+        stdout_digest: global___Digest | None = ...,
+        stderr_raw: builtins.bytes = ...,
+        stderr_digest: global___Digest | None = ...,
+        execution_metadata: global___ExecutedActionMetadata | None = ...,
+        output_file_symlinks: collections.abc.Iterable[global___OutputSymlink] | None = ...,
+        output_directory_symlinks: collections.abc.Iterable[global___OutputSymlink] | None = ...,
+        output_symlinks: collections.abc.Iterable[global___OutputSymlink] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["execution_metadata", b"execution_metadata", "stderr_digest", b"stderr_digest", "stdout_digest", b"stdout_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_metadata", b"execution_metadata", "exit_code", b"exit_code", "output_directories", b"output_directories", "output_directory_symlinks", b"output_directory_symlinks", "output_file_symlinks", b"output_file_symlinks", "output_files", b"output_files", "output_symlinks", b"output_symlinks", "stderr_digest", b"stderr_digest", "stderr_raw", b"stderr_raw", "stdout_digest", b"stdout_digest", "stdout_raw", b"stdout_raw"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["execution_metadata", b"execution_metadata", "stderr_digest", b"stderr_digest", "stdout_digest", b"stdout_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["execution_metadata", b"execution_metadata", "exit_code", b"exit_code", "output_directories", b"output_directories", "output_directory_symlinks", b"output_directory_symlinks", "output_file_symlinks", b"output_file_symlinks", "output_files", b"output_files", "output_symlinks", b"output_symlinks", "stderr_digest", b"stderr_digest", "stderr_raw", b"stderr_raw", "stdout_digest", b"stdout_digest", "stdout_raw", b"stdout_raw"]) -> None: ...
 
-Global___ActionResult: _TypeAlias = ActionResult  # noqa: Y015
+global___ActionResult = ActionResult
 
-@_typing.final
-class ResultsCachePolicy(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class ResultsCachePolicy(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PRIORITY_FIELD_NUMBER: _builtins.int
-    priority: _builtins.int
+    PRIORITY_FIELD_NUMBER: builtins.int
+    priority: builtins.int
     def __init__(
         self,
         *,
-        priority: _builtins.int = ...,
+        priority: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["priority", b"priority"]) -> None: ...
 
-Global___ResultsCachePolicy: _TypeAlias = ResultsCachePolicy  # noqa: Y015
+global___ResultsCachePolicy = ResultsCachePolicy
 
-@_typing.final
-class GetActionResultRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetActionResultRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    ACTION_DIGEST_FIELD_NUMBER: _builtins.int
-    INLINE_STDOUT_FIELD_NUMBER: _builtins.int
-    INLINE_STDERR_FIELD_NUMBER: _builtins.int
-    INLINE_OUTPUT_FILES_FIELD_NUMBER: _builtins.int
-    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
-    inline_stdout: _builtins.bool
-    inline_stderr: _builtins.bool
-    digest_function: Global___DigestFunction.Value.ValueType
-    @_builtins.property
-    def action_digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def inline_output_files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    ACTION_DIGEST_FIELD_NUMBER: builtins.int
+    INLINE_STDOUT_FIELD_NUMBER: builtins.int
+    INLINE_STDERR_FIELD_NUMBER: builtins.int
+    INLINE_OUTPUT_FILES_FIELD_NUMBER: builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
+    inline_stdout: builtins.bool
+    inline_stderr: builtins.bool
+    digest_function: global___DigestFunction.Value.ValueType
+    @property
+    def action_digest(self) -> global___Digest: ...
+    @property
+    def inline_output_files(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
-        action_digest: Global___Digest | None = ...,
-        inline_stdout: _builtins.bool = ...,
-        inline_stderr: _builtins.bool = ...,
-        inline_output_files: _abc.Iterable[_builtins.str] | None = ...,
-        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        instance_name: builtins.str = ...,
+        action_digest: global___Digest | None = ...,
+        inline_stdout: builtins.bool = ...,
+        inline_stderr: builtins.bool = ...,
+        inline_output_files: collections.abc.Iterable[builtins.str] | None = ...,
+        digest_function: global___DigestFunction.Value.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action_digest", b"action_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_digest", b"action_digest", "digest_function", b"digest_function", "inline_output_files", b"inline_output_files", "inline_stderr", b"inline_stderr", "inline_stdout", b"inline_stdout", "instance_name", b"instance_name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["action_digest", b"action_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["action_digest", b"action_digest", "digest_function", b"digest_function", "inline_output_files", b"inline_output_files", "inline_stderr", b"inline_stderr", "inline_stdout", b"inline_stdout", "instance_name", b"instance_name"]) -> None: ...
 
-Global___GetActionResultRequest: _TypeAlias = GetActionResultRequest  # noqa: Y015
+global___GetActionResultRequest = GetActionResultRequest
 
-@_typing.final
-class UpdateActionResultRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class UpdateActionResultRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    ACTION_DIGEST_FIELD_NUMBER: _builtins.int
-    ACTION_RESULT_FIELD_NUMBER: _builtins.int
-    RESULTS_CACHE_POLICY_FIELD_NUMBER: _builtins.int
-    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
-    digest_function: Global___DigestFunction.Value.ValueType
-    @_builtins.property
-    def action_digest(self) -> Global___Digest: ...
-    @_builtins.property
-    def action_result(self) -> Global___ActionResult: ...
-    @_builtins.property
-    def results_cache_policy(self) -> Global___ResultsCachePolicy: ...
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    ACTION_DIGEST_FIELD_NUMBER: builtins.int
+    ACTION_RESULT_FIELD_NUMBER: builtins.int
+    RESULTS_CACHE_POLICY_FIELD_NUMBER: builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
+    digest_function: global___DigestFunction.Value.ValueType
+    @property
+    def action_digest(self) -> global___Digest: ...
+    @property
+    def action_result(self) -> global___ActionResult: ...
+    @property
+    def results_cache_policy(self) -> global___ResultsCachePolicy: ...
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
-        action_digest: Global___Digest | None = ...,
-        action_result: Global___ActionResult | None = ...,
-        results_cache_policy: Global___ResultsCachePolicy | None = ...,
-        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        instance_name: builtins.str = ...,
+        action_digest: global___Digest | None = ...,
+        action_result: global___ActionResult | None = ...,
+        results_cache_policy: global___ResultsCachePolicy | None = ...,
+        digest_function: global___DigestFunction.Value.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action_digest", b"action_digest", "action_result", b"action_result", "results_cache_policy", b"results_cache_policy"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_digest", b"action_digest", "action_result", b"action_result", "digest_function", b"digest_function", "instance_name", b"instance_name", "results_cache_policy", b"results_cache_policy"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["action_digest", b"action_digest", "action_result", b"action_result", "results_cache_policy", b"results_cache_policy"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["action_digest", b"action_digest", "action_result", b"action_result", "digest_function", b"digest_function", "instance_name", b"instance_name", "results_cache_policy", b"results_cache_policy"]) -> None: ...
 
-Global___UpdateActionResultRequest: _TypeAlias = UpdateActionResultRequest  # noqa: Y015
+global___UpdateActionResultRequest = UpdateActionResultRequest
 
-@_typing.final
-class FindMissingBlobsRequest(_message.Message):
+@typing.final
+class FindMissingBlobsRequest(google.protobuf.message.Message):
     """---- Content-addressed storage ----"""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    BLOB_DIGESTS_FIELD_NUMBER: _builtins.int
-    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
-    digest_function: Global___DigestFunction.Value.ValueType
-    @_builtins.property
-    def blob_digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Digest]: ...
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    BLOB_DIGESTS_FIELD_NUMBER: builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
+    digest_function: global___DigestFunction.Value.ValueType
+    @property
+    def blob_digests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Digest]: ...
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
-        blob_digests: _abc.Iterable[Global___Digest] | None = ...,
-        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        instance_name: builtins.str = ...,
+        blob_digests: collections.abc.Iterable[global___Digest] | None = ...,
+        digest_function: global___DigestFunction.Value.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["blob_digests", b"blob_digests", "digest_function", b"digest_function", "instance_name", b"instance_name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["blob_digests", b"blob_digests", "digest_function", b"digest_function", "instance_name", b"instance_name"]) -> None: ...
 
-Global___FindMissingBlobsRequest: _TypeAlias = FindMissingBlobsRequest  # noqa: Y015
+global___FindMissingBlobsRequest = FindMissingBlobsRequest
 
-@_typing.final
-class FindMissingBlobsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class FindMissingBlobsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    MISSING_BLOB_DIGESTS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def missing_blob_digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Digest]: ...
+    MISSING_BLOB_DIGESTS_FIELD_NUMBER: builtins.int
+    @property
+    def missing_blob_digests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Digest]: ...
     def __init__(
         self,
         *,
-        missing_blob_digests: _abc.Iterable[Global___Digest] | None = ...,
+        missing_blob_digests: collections.abc.Iterable[global___Digest] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_blob_digests", b"missing_blob_digests"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["missing_blob_digests", b"missing_blob_digests"]) -> None: ...
 
-Global___FindMissingBlobsResponse: _TypeAlias = FindMissingBlobsResponse  # noqa: Y015
+global___FindMissingBlobsResponse = FindMissingBlobsResponse
 
-@_typing.final
-class BatchUpdateBlobsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class BatchUpdateBlobsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @_typing.final
-    class Request(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
+    @typing.final
+    class Request(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-        DIGEST_FIELD_NUMBER: _builtins.int
-        DATA_FIELD_NUMBER: _builtins.int
-        COMPRESSOR_FIELD_NUMBER: _builtins.int
-        data: _builtins.bytes
-        compressor: Global___Compressor.Value.ValueType
-        @_builtins.property
-        def digest(self) -> Global___Digest: ...
+        DIGEST_FIELD_NUMBER: builtins.int
+        DATA_FIELD_NUMBER: builtins.int
+        COMPRESSOR_FIELD_NUMBER: builtins.int
+        data: builtins.bytes
+        compressor: global___Compressor.Value.ValueType
+        @property
+        def digest(self) -> global___Digest: ...
         def __init__(
             self,
             *,
-            digest: Global___Digest | None = ...,
-            data: _builtins.bytes = ...,
-            compressor: Global___Compressor.Value.ValueType = ...,
+            digest: global___Digest | None = ...,
+            data: builtins.bytes = ...,
+            compressor: global___Compressor.Value.ValueType = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["compressor", b"compressor", "data", b"data", "digest", b"digest"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
+        def HasField(self, field_name: typing.Literal["digest", b"digest"]) -> builtins.bool: ...
+        def ClearField(self, field_name: typing.Literal["compressor", b"compressor", "data", b"data", "digest", b"digest"]) -> None: ...
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    REQUESTS_FIELD_NUMBER: _builtins.int
-    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
-    digest_function: Global___DigestFunction.Value.ValueType
-    @_builtins.property
-    def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchUpdateBlobsRequest.Request]: ...
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    REQUESTS_FIELD_NUMBER: builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
+    digest_function: global___DigestFunction.Value.ValueType
+    @property
+    def requests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___BatchUpdateBlobsRequest.Request]: ...
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
-        requests: _abc.Iterable[Global___BatchUpdateBlobsRequest.Request] | None = ...,
-        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        instance_name: builtins.str = ...,
+        requests: collections.abc.Iterable[global___BatchUpdateBlobsRequest.Request] | None = ...,
+        digest_function: global___DigestFunction.Value.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest_function", b"digest_function", "instance_name", b"instance_name", "requests", b"requests"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["digest_function", b"digest_function", "instance_name", b"instance_name", "requests", b"requests"]) -> None: ...
 
-Global___BatchUpdateBlobsRequest: _TypeAlias = BatchUpdateBlobsRequest  # noqa: Y015
+global___BatchUpdateBlobsRequest = BatchUpdateBlobsRequest
 
-@_typing.final
-class BatchUpdateBlobsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class BatchUpdateBlobsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @_typing.final
-    class Response(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
+    @typing.final
+    class Response(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-        DIGEST_FIELD_NUMBER: _builtins.int
-        STATUS_FIELD_NUMBER: _builtins.int
-        @_builtins.property
-        def digest(self) -> Global___Digest: ...
-        @_builtins.property
-        def status(self) -> _status_pb2.Status: ...
+        DIGEST_FIELD_NUMBER: builtins.int
+        STATUS_FIELD_NUMBER: builtins.int
+        @property
+        def digest(self) -> global___Digest: ...
+        @property
+        def status(self) -> slipstream.protos.status_pb2.Status: ...
         def __init__(
             self,
             *,
-            digest: Global___Digest | None = ...,
-            status: _status_pb2.Status | None = ...,
+            digest: global___Digest | None = ...,
+            status: slipstream.protos.status_pb2.Status | None = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "status", b"status"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "status", b"status"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
+        def HasField(self, field_name: typing.Literal["digest", b"digest", "status", b"status"]) -> builtins.bool: ...
+        def ClearField(self, field_name: typing.Literal["digest", b"digest", "status", b"status"]) -> None: ...
 
-    RESPONSES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchUpdateBlobsResponse.Response]: ...
+    RESPONSES_FIELD_NUMBER: builtins.int
+    @property
+    def responses(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___BatchUpdateBlobsResponse.Response]: ...
     def __init__(
         self,
         *,
-        responses: _abc.Iterable[Global___BatchUpdateBlobsResponse.Response] | None = ...,
+        responses: collections.abc.Iterable[global___BatchUpdateBlobsResponse.Response] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["responses", b"responses"]) -> None: ...
 
-Global___BatchUpdateBlobsResponse: _TypeAlias = BatchUpdateBlobsResponse  # noqa: Y015
+global___BatchUpdateBlobsResponse = BatchUpdateBlobsResponse
 
-@_typing.final
-class BatchReadBlobsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class BatchReadBlobsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    DIGESTS_FIELD_NUMBER: _builtins.int
-    ACCEPTABLE_COMPRESSORS_FIELD_NUMBER: _builtins.int
-    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
-    digest_function: Global___DigestFunction.Value.ValueType
-    @_builtins.property
-    def digests(self) -> _containers.RepeatedCompositeFieldContainer[Global___Digest]: ...
-    @_builtins.property
-    def acceptable_compressors(self) -> _containers.RepeatedScalarFieldContainer[Global___Compressor.Value.ValueType]: ...
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    DIGESTS_FIELD_NUMBER: builtins.int
+    ACCEPTABLE_COMPRESSORS_FIELD_NUMBER: builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
+    digest_function: global___DigestFunction.Value.ValueType
+    @property
+    def digests(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Digest]: ...
+    @property
+    def acceptable_compressors(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___Compressor.Value.ValueType]: ...
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
-        digests: _abc.Iterable[Global___Digest] | None = ...,
-        acceptable_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
-        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        instance_name: builtins.str = ...,
+        digests: collections.abc.Iterable[global___Digest] | None = ...,
+        acceptable_compressors: collections.abc.Iterable[global___Compressor.Value.ValueType] | None = ...,
+        digest_function: global___DigestFunction.Value.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acceptable_compressors", b"acceptable_compressors", "digest_function", b"digest_function", "digests", b"digests", "instance_name", b"instance_name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["acceptable_compressors", b"acceptable_compressors", "digest_function", b"digest_function", "digests", b"digests", "instance_name", b"instance_name"]) -> None: ...
 
-Global___BatchReadBlobsRequest: _TypeAlias = BatchReadBlobsRequest  # noqa: Y015
+global___BatchReadBlobsRequest = BatchReadBlobsRequest
 
-@_typing.final
-class BatchReadBlobsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class BatchReadBlobsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @_typing.final
-    class Response(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
+    @typing.final
+    class Response(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-        DIGEST_FIELD_NUMBER: _builtins.int
-        DATA_FIELD_NUMBER: _builtins.int
-        COMPRESSOR_FIELD_NUMBER: _builtins.int
-        STATUS_FIELD_NUMBER: _builtins.int
-        data: _builtins.bytes
-        compressor: Global___Compressor.Value.ValueType
-        @_builtins.property
-        def digest(self) -> Global___Digest: ...
-        @_builtins.property
-        def status(self) -> _status_pb2.Status: ...
+        DIGEST_FIELD_NUMBER: builtins.int
+        DATA_FIELD_NUMBER: builtins.int
+        COMPRESSOR_FIELD_NUMBER: builtins.int
+        STATUS_FIELD_NUMBER: builtins.int
+        data: builtins.bytes
+        compressor: global___Compressor.Value.ValueType
+        @property
+        def digest(self) -> global___Digest: ...
+        @property
+        def status(self) -> slipstream.protos.status_pb2.Status: ...
         def __init__(
             self,
             *,
-            digest: Global___Digest | None = ...,
-            data: _builtins.bytes = ...,
-            compressor: Global___Compressor.Value.ValueType = ...,
-            status: _status_pb2.Status | None = ...,
+            digest: global___Digest | None = ...,
+            data: builtins.bytes = ...,
+            compressor: global___Compressor.Value.ValueType = ...,
+            status: slipstream.protos.status_pb2.Status | None = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "status", b"status"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["compressor", b"compressor", "data", b"data", "digest", b"digest", "status", b"status"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
+        def HasField(self, field_name: typing.Literal["digest", b"digest", "status", b"status"]) -> builtins.bool: ...
+        def ClearField(self, field_name: typing.Literal["compressor", b"compressor", "data", b"data", "digest", b"digest", "status", b"status"]) -> None: ...
 
-    RESPONSES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def responses(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchReadBlobsResponse.Response]: ...
+    RESPONSES_FIELD_NUMBER: builtins.int
+    @property
+    def responses(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___BatchReadBlobsResponse.Response]: ...
     def __init__(
         self,
         *,
-        responses: _abc.Iterable[Global___BatchReadBlobsResponse.Response] | None = ...,
+        responses: collections.abc.Iterable[global___BatchReadBlobsResponse.Response] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["responses", b"responses"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["responses", b"responses"]) -> None: ...
 
-Global___BatchReadBlobsResponse: _TypeAlias = BatchReadBlobsResponse  # noqa: Y015
+global___BatchReadBlobsResponse = BatchReadBlobsResponse
 
-@_typing.final
-class GetTreeRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetTreeRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    ROOT_DIGEST_FIELD_NUMBER: _builtins.int
-    PAGE_SIZE_FIELD_NUMBER: _builtins.int
-    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    DIGEST_FUNCTION_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
-    page_size: _builtins.int
-    page_token: _builtins.str
-    digest_function: Global___DigestFunction.Value.ValueType
-    @_builtins.property
-    def root_digest(self) -> Global___Digest: ...
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    ROOT_DIGEST_FIELD_NUMBER: builtins.int
+    PAGE_SIZE_FIELD_NUMBER: builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    DIGEST_FUNCTION_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
+    page_size: builtins.int
+    page_token: builtins.str
+    digest_function: global___DigestFunction.Value.ValueType
+    @property
+    def root_digest(self) -> global___Digest: ...
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
-        root_digest: Global___Digest | None = ...,
-        page_size: _builtins.int = ...,
-        page_token: _builtins.str = ...,
-        digest_function: Global___DigestFunction.Value.ValueType = ...,
+        instance_name: builtins.str = ...,
+        root_digest: global___Digest | None = ...,
+        page_size: builtins.int = ...,
+        page_token: builtins.str = ...,
+        digest_function: global___DigestFunction.Value.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["root_digest", b"root_digest"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest_function", b"digest_function", "instance_name", b"instance_name", "page_size", b"page_size", "page_token", b"page_token", "root_digest", b"root_digest"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["root_digest", b"root_digest"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["digest_function", b"digest_function", "instance_name", b"instance_name", "page_size", b"page_size", "page_token", b"page_token", "root_digest", b"root_digest"]) -> None: ...
 
-Global___GetTreeRequest: _TypeAlias = GetTreeRequest  # noqa: Y015
+global___GetTreeRequest = GetTreeRequest
 
-@_typing.final
-class GetTreeResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetTreeResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    DIRECTORIES_FIELD_NUMBER: _builtins.int
-    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    next_page_token: _builtins.str
-    @_builtins.property
-    def directories(self) -> _containers.RepeatedCompositeFieldContainer[Global___Directory]: ...
+    DIRECTORIES_FIELD_NUMBER: builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: builtins.int
+    next_page_token: builtins.str
+    @property
+    def directories(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___Directory]: ...
     def __init__(
         self,
         *,
-        directories: _abc.Iterable[Global___Directory] | None = ...,
-        next_page_token: _builtins.str = ...,
+        directories: collections.abc.Iterable[global___Directory] | None = ...,
+        next_page_token: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["directories", b"directories", "next_page_token", b"next_page_token"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["directories", b"directories", "next_page_token", b"next_page_token"]) -> None: ...
 
-Global___GetTreeResponse: _TypeAlias = GetTreeResponse  # noqa: Y015
+global___GetTreeResponse = GetTreeResponse
 
-@_typing.final
-class GetCapabilitiesRequest(_message.Message):
+@typing.final
+class GetCapabilitiesRequest(google.protobuf.message.Message):
     """---- Capabilities ----"""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    INSTANCE_NAME_FIELD_NUMBER: _builtins.int
-    instance_name: _builtins.str
+    INSTANCE_NAME_FIELD_NUMBER: builtins.int
+    instance_name: builtins.str
     def __init__(
         self,
         *,
-        instance_name: _builtins.str = ...,
+        instance_name: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_name", b"instance_name"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["instance_name", b"instance_name"]) -> None: ...
 
-Global___GetCapabilitiesRequest: _TypeAlias = GetCapabilitiesRequest  # noqa: Y015
+global___GetCapabilitiesRequest = GetCapabilitiesRequest
 
-@_typing.final
-class ServerCapabilities(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class ServerCapabilities(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    CACHE_CAPABILITIES_FIELD_NUMBER: _builtins.int
-    DEPRECATED_API_VERSION_FIELD_NUMBER: _builtins.int
-    LOW_API_VERSION_FIELD_NUMBER: _builtins.int
-    HIGH_API_VERSION_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def cache_capabilities(self) -> Global___CacheCapabilities: ...
-    @_builtins.property
-    def deprecated_api_version(self) -> _semver_pb2.SemVer: ...
-    @_builtins.property
-    def low_api_version(self) -> _semver_pb2.SemVer: ...
-    @_builtins.property
-    def high_api_version(self) -> _semver_pb2.SemVer: ...
+    CACHE_CAPABILITIES_FIELD_NUMBER: builtins.int
+    DEPRECATED_API_VERSION_FIELD_NUMBER: builtins.int
+    LOW_API_VERSION_FIELD_NUMBER: builtins.int
+    HIGH_API_VERSION_FIELD_NUMBER: builtins.int
+    @property
+    def cache_capabilities(self) -> global___CacheCapabilities: ...
+    @property
+    def deprecated_api_version(self) -> slipstream.protos.semver_pb2.SemVer: ...
+    @property
+    def low_api_version(self) -> slipstream.protos.semver_pb2.SemVer: ...
+    @property
+    def high_api_version(self) -> slipstream.protos.semver_pb2.SemVer: ...
     def __init__(
         self,
         *,
-        cache_capabilities: Global___CacheCapabilities | None = ...,
-        deprecated_api_version: _semver_pb2.SemVer | None = ...,
-        low_api_version: _semver_pb2.SemVer | None = ...,
-        high_api_version: _semver_pb2.SemVer | None = ...,
+        cache_capabilities: global___CacheCapabilities | None = ...,
+        deprecated_api_version: slipstream.protos.semver_pb2.SemVer | None = ...,
+        low_api_version: slipstream.protos.semver_pb2.SemVer | None = ...,
+        high_api_version: slipstream.protos.semver_pb2.SemVer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_capabilities", b"cache_capabilities", "deprecated_api_version", b"deprecated_api_version", "high_api_version", b"high_api_version", "low_api_version", b"low_api_version"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_capabilities", b"cache_capabilities", "deprecated_api_version", b"deprecated_api_version", "high_api_version", b"high_api_version", "low_api_version", b"low_api_version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["cache_capabilities", b"cache_capabilities", "deprecated_api_version", b"deprecated_api_version", "high_api_version", b"high_api_version", "low_api_version", b"low_api_version"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["cache_capabilities", b"cache_capabilities", "deprecated_api_version", b"deprecated_api_version", "high_api_version", b"high_api_version", "low_api_version", b"low_api_version"]) -> None: ...
 
-Global___ServerCapabilities: _TypeAlias = ServerCapabilities  # noqa: Y015
+global___ServerCapabilities = ServerCapabilities
 
-@_typing.final
-class ActionCacheUpdateCapabilities(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class ActionCacheUpdateCapabilities(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    UPDATE_ENABLED_FIELD_NUMBER: _builtins.int
-    update_enabled: _builtins.bool
+    UPDATE_ENABLED_FIELD_NUMBER: builtins.int
+    update_enabled: builtins.bool
     def __init__(
         self,
         *,
-        update_enabled: _builtins.bool = ...,
+        update_enabled: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["update_enabled", b"update_enabled"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["update_enabled", b"update_enabled"]) -> None: ...
 
-Global___ActionCacheUpdateCapabilities: _TypeAlias = ActionCacheUpdateCapabilities  # noqa: Y015
+global___ActionCacheUpdateCapabilities = ActionCacheUpdateCapabilities
 
-@_typing.final
-class PriorityCapabilities(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class PriorityCapabilities(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @_typing.final
-    class PriorityRange(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
+    @typing.final
+    class PriorityRange(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-        MIN_PRIORITY_FIELD_NUMBER: _builtins.int
-        MAX_PRIORITY_FIELD_NUMBER: _builtins.int
-        min_priority: _builtins.int
-        max_priority: _builtins.int
+        MIN_PRIORITY_FIELD_NUMBER: builtins.int
+        MAX_PRIORITY_FIELD_NUMBER: builtins.int
+        min_priority: builtins.int
+        max_priority: builtins.int
         def __init__(
             self,
             *,
-            min_priority: _builtins.int = ...,
-            max_priority: _builtins.int = ...,
+            min_priority: builtins.int = ...,
+            max_priority: builtins.int = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["max_priority", b"max_priority", "min_priority", b"min_priority"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
+        def ClearField(self, field_name: typing.Literal["max_priority", b"max_priority", "min_priority", b"min_priority"]) -> None: ...
 
-    PRIORITIES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def priorities(self) -> _containers.RepeatedCompositeFieldContainer[Global___PriorityCapabilities.PriorityRange]: ...
+    PRIORITIES_FIELD_NUMBER: builtins.int
+    @property
+    def priorities(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___PriorityCapabilities.PriorityRange]: ...
     def __init__(
         self,
         *,
-        priorities: _abc.Iterable[Global___PriorityCapabilities.PriorityRange] | None = ...,
+        priorities: collections.abc.Iterable[global___PriorityCapabilities.PriorityRange] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["priorities", b"priorities"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["priorities", b"priorities"]) -> None: ...
 
-Global___PriorityCapabilities: _TypeAlias = PriorityCapabilities  # noqa: Y015
+global___PriorityCapabilities = PriorityCapabilities
 
-@_typing.final
-class CacheCapabilities(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class CacheCapabilities(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    DIGEST_FUNCTIONS_FIELD_NUMBER: _builtins.int
-    ACTION_CACHE_UPDATE_CAPABILITIES_FIELD_NUMBER: _builtins.int
-    CACHE_PRIORITY_CAPABILITIES_FIELD_NUMBER: _builtins.int
-    MAX_BATCH_TOTAL_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    SYMLINK_ABSOLUTE_PATH_STRATEGY_FIELD_NUMBER: _builtins.int
-    SUPPORTED_COMPRESSORS_FIELD_NUMBER: _builtins.int
-    SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: _builtins.int
-    MAX_CAS_BLOB_SIZE_BYTES_FIELD_NUMBER: _builtins.int
-    max_batch_total_size_bytes: _builtins.int
-    symlink_absolute_path_strategy: Global___SymlinkAbsolutePathStrategy.Value.ValueType
-    max_cas_blob_size_bytes: _builtins.int
-    @_builtins.property
-    def digest_functions(self) -> _containers.RepeatedScalarFieldContainer[Global___DigestFunction.Value.ValueType]: ...
-    @_builtins.property
-    def action_cache_update_capabilities(self) -> Global___ActionCacheUpdateCapabilities: ...
-    @_builtins.property
-    def cache_priority_capabilities(self) -> Global___PriorityCapabilities: ...
-    @_builtins.property
-    def supported_compressors(self) -> _containers.RepeatedScalarFieldContainer[Global___Compressor.Value.ValueType]: ...
-    @_builtins.property
-    def supported_batch_update_compressors(self) -> _containers.RepeatedScalarFieldContainer[Global___Compressor.Value.ValueType]: ...
+    DIGEST_FUNCTIONS_FIELD_NUMBER: builtins.int
+    ACTION_CACHE_UPDATE_CAPABILITIES_FIELD_NUMBER: builtins.int
+    CACHE_PRIORITY_CAPABILITIES_FIELD_NUMBER: builtins.int
+    MAX_BATCH_TOTAL_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    SYMLINK_ABSOLUTE_PATH_STRATEGY_FIELD_NUMBER: builtins.int
+    SUPPORTED_COMPRESSORS_FIELD_NUMBER: builtins.int
+    SUPPORTED_BATCH_UPDATE_COMPRESSORS_FIELD_NUMBER: builtins.int
+    MAX_CAS_BLOB_SIZE_BYTES_FIELD_NUMBER: builtins.int
+    max_batch_total_size_bytes: builtins.int
+    symlink_absolute_path_strategy: global___SymlinkAbsolutePathStrategy.Value.ValueType
+    max_cas_blob_size_bytes: builtins.int
+    @property
+    def digest_functions(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___DigestFunction.Value.ValueType]: ...
+    @property
+    def action_cache_update_capabilities(self) -> global___ActionCacheUpdateCapabilities: ...
+    @property
+    def cache_priority_capabilities(self) -> global___PriorityCapabilities: ...
+    @property
+    def supported_compressors(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___Compressor.Value.ValueType]: ...
+    @property
+    def supported_batch_update_compressors(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[global___Compressor.Value.ValueType]: ...
     def __init__(
         self,
         *,
-        digest_functions: _abc.Iterable[Global___DigestFunction.Value.ValueType] | None = ...,
-        action_cache_update_capabilities: Global___ActionCacheUpdateCapabilities | None = ...,
-        cache_priority_capabilities: Global___PriorityCapabilities | None = ...,
-        max_batch_total_size_bytes: _builtins.int = ...,
-        symlink_absolute_path_strategy: Global___SymlinkAbsolutePathStrategy.Value.ValueType = ...,
-        supported_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
-        supported_batch_update_compressors: _abc.Iterable[Global___Compressor.Value.ValueType] | None = ...,
-        max_cas_blob_size_bytes: _builtins.int = ...,
+        digest_functions: collections.abc.Iterable[global___DigestFunction.Value.ValueType] | None = ...,
+        action_cache_update_capabilities: global___ActionCacheUpdateCapabilities | None = ...,
+        cache_priority_capabilities: global___PriorityCapabilities | None = ...,
+        max_batch_total_size_bytes: builtins.int = ...,
+        symlink_absolute_path_strategy: global___SymlinkAbsolutePathStrategy.Value.ValueType = ...,
+        supported_compressors: collections.abc.Iterable[global___Compressor.Value.ValueType] | None = ...,
+        supported_batch_update_compressors: collections.abc.Iterable[global___Compressor.Value.ValueType] | None = ...,
+        max_cas_blob_size_bytes: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "digest_functions", b"digest_functions", "max_batch_total_size_bytes", b"max_batch_total_size_bytes", "max_cas_blob_size_bytes", b"max_cas_blob_size_bytes", "supported_batch_update_compressors", b"supported_batch_update_compressors", "supported_compressors", b"supported_compressors", "symlink_absolute_path_strategy", b"symlink_absolute_path_strategy"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["action_cache_update_capabilities", b"action_cache_update_capabilities", "cache_priority_capabilities", b"cache_priority_capabilities", "digest_functions", b"digest_functions", "max_batch_total_size_bytes", b"max_batch_total_size_bytes", "max_cas_blob_size_bytes", b"max_cas_blob_size_bytes", "supported_batch_update_compressors", b"supported_batch_update_compressors", "supported_compressors", b"supported_compressors", "symlink_absolute_path_strategy", b"symlink_absolute_path_strategy"]) -> None: ...
 
-Global___CacheCapabilities: _TypeAlias = CacheCapabilities  # noqa: Y015
+global___CacheCapabilities = CacheCapabilities
 
-@_typing.final
-class ToolDetails(_message.Message):
+@typing.final
+class ToolDetails(google.protobuf.message.Message):
     """---- Request metadata (binary header requestmetadata-bin) ----"""
 
-    DESCRIPTOR: _descriptor.Descriptor
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TOOL_NAME_FIELD_NUMBER: _builtins.int
-    TOOL_VERSION_FIELD_NUMBER: _builtins.int
-    tool_name: _builtins.str
-    tool_version: _builtins.str
+    TOOL_NAME_FIELD_NUMBER: builtins.int
+    TOOL_VERSION_FIELD_NUMBER: builtins.int
+    tool_name: builtins.str
+    tool_version: builtins.str
     def __init__(
         self,
         *,
-        tool_name: _builtins.str = ...,
-        tool_version: _builtins.str = ...,
+        tool_name: builtins.str = ...,
+        tool_version: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tool_name", b"tool_name", "tool_version", b"tool_version"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["tool_name", b"tool_name", "tool_version", b"tool_version"]) -> None: ...
 
-Global___ToolDetails: _TypeAlias = ToolDetails  # noqa: Y015
+global___ToolDetails = ToolDetails
 
-@_typing.final
-class RequestMetadata(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class RequestMetadata(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TOOL_DETAILS_FIELD_NUMBER: _builtins.int
-    ACTION_ID_FIELD_NUMBER: _builtins.int
-    TOOL_INVOCATION_ID_FIELD_NUMBER: _builtins.int
-    CORRELATED_INVOCATIONS_ID_FIELD_NUMBER: _builtins.int
-    ACTION_MNEMONIC_FIELD_NUMBER: _builtins.int
-    TARGET_ID_FIELD_NUMBER: _builtins.int
-    CONFIGURATION_ID_FIELD_NUMBER: _builtins.int
-    action_id: _builtins.str
-    tool_invocation_id: _builtins.str
-    correlated_invocations_id: _builtins.str
-    action_mnemonic: _builtins.str
-    target_id: _builtins.str
-    configuration_id: _builtins.str
-    @_builtins.property
-    def tool_details(self) -> Global___ToolDetails: ...
+    TOOL_DETAILS_FIELD_NUMBER: builtins.int
+    ACTION_ID_FIELD_NUMBER: builtins.int
+    TOOL_INVOCATION_ID_FIELD_NUMBER: builtins.int
+    CORRELATED_INVOCATIONS_ID_FIELD_NUMBER: builtins.int
+    ACTION_MNEMONIC_FIELD_NUMBER: builtins.int
+    TARGET_ID_FIELD_NUMBER: builtins.int
+    CONFIGURATION_ID_FIELD_NUMBER: builtins.int
+    action_id: builtins.str
+    tool_invocation_id: builtins.str
+    correlated_invocations_id: builtins.str
+    action_mnemonic: builtins.str
+    target_id: builtins.str
+    configuration_id: builtins.str
+    @property
+    def tool_details(self) -> global___ToolDetails: ...
     def __init__(
         self,
         *,
-        tool_details: Global___ToolDetails | None = ...,
-        action_id: _builtins.str = ...,
-        tool_invocation_id: _builtins.str = ...,
-        correlated_invocations_id: _builtins.str = ...,
-        action_mnemonic: _builtins.str = ...,
-        target_id: _builtins.str = ...,
-        configuration_id: _builtins.str = ...,
+        tool_details: global___ToolDetails | None = ...,
+        action_id: builtins.str = ...,
+        tool_invocation_id: builtins.str = ...,
+        correlated_invocations_id: builtins.str = ...,
+        action_mnemonic: builtins.str = ...,
+        target_id: builtins.str = ...,
+        configuration_id: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["tool_details", b"tool_details"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action_id", b"action_id", "action_mnemonic", b"action_mnemonic", "configuration_id", b"configuration_id", "correlated_invocations_id", b"correlated_invocations_id", "target_id", b"target_id", "tool_details", b"tool_details", "tool_invocation_id", b"tool_invocation_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def HasField(self, field_name: typing.Literal["tool_details", b"tool_details"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["action_id", b"action_id", "action_mnemonic", b"action_mnemonic", "configuration_id", b"configuration_id", "correlated_invocations_id", b"correlated_invocations_id", "target_id", b"target_id", "tool_details", b"tool_details", "tool_invocation_id", b"tool_invocation_id"]) -> None: ...
 
-Global___RequestMetadata: _TypeAlias = RequestMetadata  # noqa: Y015
+global___RequestMetadata = RequestMetadata

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from slipstream_protos import remote_execution_pb2 as slipstream__protos_dot_remote__execution__pb2
+from slipstream.protos import remote_execution_pb2 as slipstream_dot_protos_dot_remote__execution__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in slipstream_protos/remote_execution_pb2_grpc.py depends on'
+        + f' but the generated code in slipstream/protos/remote_execution_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class ActionCacheStub:
+class ActionCacheStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,17 +36,17 @@ class ActionCacheStub:
         """
         self.GetActionResult = channel.unary_unary(
                 '/build.bazel.remote.execution.v2.ActionCache/GetActionResult',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.GetActionResultRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.ActionResult.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.GetActionResultRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.ActionResult.FromString,
                 _registered_method=True)
         self.UpdateActionResult = channel.unary_unary(
                 '/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.UpdateActionResultRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.ActionResult.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.UpdateActionResultRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.ActionResult.FromString,
                 _registered_method=True)
 
 
-class ActionCacheServicer:
+class ActionCacheServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetActionResult(self, request, context):
@@ -66,13 +66,13 @@ def add_ActionCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetActionResult': grpc.unary_unary_rpc_method_handler(
                     servicer.GetActionResult,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.GetActionResultRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.ActionResult.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.GetActionResultRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.ActionResult.SerializeToString,
             ),
             'UpdateActionResult': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateActionResult,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.UpdateActionResultRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.ActionResult.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.UpdateActionResultRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.ActionResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -82,7 +82,7 @@ def add_ActionCacheServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ActionCache:
+class ActionCache(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -100,8 +100,8 @@ class ActionCache:
             request,
             target,
             '/build.bazel.remote.execution.v2.ActionCache/GetActionResult',
-            slipstream__protos_dot_remote__execution__pb2.GetActionResultRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.ActionResult.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.GetActionResultRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.ActionResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -127,8 +127,8 @@ class ActionCache:
             request,
             target,
             '/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult',
-            slipstream__protos_dot_remote__execution__pb2.UpdateActionResultRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.ActionResult.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.UpdateActionResultRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.ActionResult.FromString,
             options,
             channel_credentials,
             insecure,
@@ -140,7 +140,7 @@ class ActionCache:
             _registered_method=True)
 
 
-class ContentAddressableStorageStub:
+class ContentAddressableStorageStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -151,27 +151,27 @@ class ContentAddressableStorageStub:
         """
         self.FindMissingBlobs = channel.unary_unary(
                 '/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.FindMissingBlobsRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.FindMissingBlobsResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.FindMissingBlobsRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.FindMissingBlobsResponse.FromString,
                 _registered_method=True)
         self.BatchUpdateBlobs = channel.unary_unary(
                 '/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.BatchUpdateBlobsRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.BatchUpdateBlobsResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchUpdateBlobsRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchUpdateBlobsResponse.FromString,
                 _registered_method=True)
         self.BatchReadBlobs = channel.unary_unary(
                 '/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.BatchReadBlobsRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.BatchReadBlobsResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchReadBlobsRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchReadBlobsResponse.FromString,
                 _registered_method=True)
         self.GetTree = channel.unary_stream(
                 '/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.GetTreeResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.GetTreeResponse.FromString,
                 _registered_method=True)
 
 
-class ContentAddressableStorageServicer:
+class ContentAddressableStorageServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def FindMissingBlobs(self, request, context):
@@ -203,23 +203,23 @@ def add_ContentAddressableStorageServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'FindMissingBlobs': grpc.unary_unary_rpc_method_handler(
                     servicer.FindMissingBlobs,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.FindMissingBlobsRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.FindMissingBlobsResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.FindMissingBlobsRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.FindMissingBlobsResponse.SerializeToString,
             ),
             'BatchUpdateBlobs': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchUpdateBlobs,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.BatchUpdateBlobsRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.BatchUpdateBlobsResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchUpdateBlobsRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchUpdateBlobsResponse.SerializeToString,
             ),
             'BatchReadBlobs': grpc.unary_unary_rpc_method_handler(
                     servicer.BatchReadBlobs,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.BatchReadBlobsRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.BatchReadBlobsResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchReadBlobsRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.BatchReadBlobsResponse.SerializeToString,
             ),
             'GetTree': grpc.unary_stream_rpc_method_handler(
                     servicer.GetTree,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.GetTreeRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.GetTreeResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.GetTreeRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.GetTreeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -229,7 +229,7 @@ def add_ContentAddressableStorageServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ContentAddressableStorage:
+class ContentAddressableStorage(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -247,8 +247,8 @@ class ContentAddressableStorage:
             request,
             target,
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs',
-            slipstream__protos_dot_remote__execution__pb2.FindMissingBlobsRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.FindMissingBlobsResponse.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.FindMissingBlobsRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.FindMissingBlobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -274,8 +274,8 @@ class ContentAddressableStorage:
             request,
             target,
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchUpdateBlobs',
-            slipstream__protos_dot_remote__execution__pb2.BatchUpdateBlobsRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.BatchUpdateBlobsResponse.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.BatchUpdateBlobsRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.BatchUpdateBlobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -301,8 +301,8 @@ class ContentAddressableStorage:
             request,
             target,
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/BatchReadBlobs',
-            slipstream__protos_dot_remote__execution__pb2.BatchReadBlobsRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.BatchReadBlobsResponse.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.BatchReadBlobsRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.BatchReadBlobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -328,8 +328,8 @@ class ContentAddressableStorage:
             request,
             target,
             '/build.bazel.remote.execution.v2.ContentAddressableStorage/GetTree',
-            slipstream__protos_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.GetTreeResponse.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.GetTreeRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.GetTreeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -341,7 +341,7 @@ class ContentAddressableStorage:
             _registered_method=True)
 
 
-class CapabilitiesStub:
+class CapabilitiesStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -352,12 +352,12 @@ class CapabilitiesStub:
         """
         self.GetCapabilities = channel.unary_unary(
                 '/build.bazel.remote.execution.v2.Capabilities/GetCapabilities',
-                request_serializer=slipstream__protos_dot_remote__execution__pb2.GetCapabilitiesRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_remote__execution__pb2.ServerCapabilities.FromString,
+                request_serializer=slipstream_dot_protos_dot_remote__execution__pb2.GetCapabilitiesRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.ServerCapabilities.FromString,
                 _registered_method=True)
 
 
-class CapabilitiesServicer:
+class CapabilitiesServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def GetCapabilities(self, request, context):
@@ -371,8 +371,8 @@ def add_CapabilitiesServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetCapabilities': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCapabilities,
-                    request_deserializer=slipstream__protos_dot_remote__execution__pb2.GetCapabilitiesRequest.FromString,
-                    response_serializer=slipstream__protos_dot_remote__execution__pb2.ServerCapabilities.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_remote__execution__pb2.GetCapabilitiesRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_remote__execution__pb2.ServerCapabilities.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -382,7 +382,7 @@ def add_CapabilitiesServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Capabilities:
+class Capabilities(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -400,8 +400,8 @@ class Capabilities:
             request,
             target,
             '/build.bazel.remote.execution.v2.Capabilities/GetCapabilities',
-            slipstream__protos_dot_remote__execution__pb2.GetCapabilitiesRequest.SerializeToString,
-            slipstream__protos_dot_remote__execution__pb2.ServerCapabilities.FromString,
+            slipstream_dot_protos_dot_remote__execution__pb2.GetCapabilitiesRequest.SerializeToString,
+            slipstream_dot_protos_dot_remote__execution__pb2.ServerCapabilities.FromString,
             options,
             channel_credentials,
             insecure,

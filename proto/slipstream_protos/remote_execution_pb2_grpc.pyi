@@ -7,127 +7,153 @@ cache, not an executor. Names and field numbers are the protocol's; they
 must not change.
 """
 
-from collections import abc as _abc
-from grpc import aio as _aio
-from slipstream_protos import remote_execution_pb2 as _remote_execution_pb2
-import abc as _abc_1
-import grpc as _grpc
-import sys
-import typing as _typing
+import abc
+import collections.abc
+import grpc
+import grpc.aio
+import slipstream.protos.remote_execution_pb2
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import Self as _Self
-else:
-    from typing_extensions import Self as _Self
+_T = typing.TypeVar("_T")
 
-_T = _typing.TypeVar("_T")
+class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
 
-class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
-
-class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
-GRPC_GENERATED_VERSION: str
-GRPC_VERSION: str
-
 class ActionCacheStub:
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> ActionCacheAsyncStub: ...
-    GetActionResult: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.GetActionResultRequest, _remote_execution_pb2.ActionResult]
-    UpdateActionResult: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.UpdateActionResultRequest, _remote_execution_pb2.ActionResult]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    GetActionResult: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.GetActionResultRequest,
+        slipstream.protos.remote_execution_pb2.ActionResult,
+    ]
 
-@_typing.type_check_only
-class ActionCacheAsyncStub(ActionCacheStub):
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    GetActionResult: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.GetActionResultRequest, _remote_execution_pb2.ActionResult]  # type: ignore[assignment]
-    UpdateActionResult: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.UpdateActionResultRequest, _remote_execution_pb2.ActionResult]  # type: ignore[assignment]
+    UpdateActionResult: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.UpdateActionResultRequest,
+        slipstream.protos.remote_execution_pb2.ActionResult,
+    ]
 
-class ActionCacheServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
+class ActionCacheAsyncStub:
+    GetActionResult: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.GetActionResultRequest,
+        slipstream.protos.remote_execution_pb2.ActionResult,
+    ]
+
+    UpdateActionResult: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.UpdateActionResultRequest,
+        slipstream.protos.remote_execution_pb2.ActionResult,
+    ]
+
+class ActionCacheServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def GetActionResult(
         self,
-        request: _remote_execution_pb2.GetActionResultRequest,
+        request: slipstream.protos.remote_execution_pb2.GetActionResultRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_remote_execution_pb2.ActionResult, _abc.Awaitable[_remote_execution_pb2.ActionResult]]: ...
+    ) -> typing.Union[slipstream.protos.remote_execution_pb2.ActionResult, collections.abc.Awaitable[slipstream.protos.remote_execution_pb2.ActionResult]]: ...
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def UpdateActionResult(
         self,
-        request: _remote_execution_pb2.UpdateActionResultRequest,
+        request: slipstream.protos.remote_execution_pb2.UpdateActionResultRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_remote_execution_pb2.ActionResult, _abc.Awaitable[_remote_execution_pb2.ActionResult]]: ...
+    ) -> typing.Union[slipstream.protos.remote_execution_pb2.ActionResult, collections.abc.Awaitable[slipstream.protos.remote_execution_pb2.ActionResult]]: ...
 
-def add_ActionCacheServicer_to_server(servicer: ActionCacheServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_ActionCacheServicer_to_server(servicer: ActionCacheServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
 
 class ContentAddressableStorageStub:
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> ContentAddressableStorageAsyncStub: ...
-    FindMissingBlobs: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.FindMissingBlobsRequest, _remote_execution_pb2.FindMissingBlobsResponse]
-    BatchUpdateBlobs: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.BatchUpdateBlobsRequest, _remote_execution_pb2.BatchUpdateBlobsResponse]
-    BatchReadBlobs: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.BatchReadBlobsRequest, _remote_execution_pb2.BatchReadBlobsResponse]
-    GetTree: _grpc.UnaryStreamMultiCallable[_remote_execution_pb2.GetTreeRequest, _remote_execution_pb2.GetTreeResponse]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    FindMissingBlobs: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.FindMissingBlobsRequest,
+        slipstream.protos.remote_execution_pb2.FindMissingBlobsResponse,
+    ]
 
-@_typing.type_check_only
-class ContentAddressableStorageAsyncStub(ContentAddressableStorageStub):
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    FindMissingBlobs: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.FindMissingBlobsRequest, _remote_execution_pb2.FindMissingBlobsResponse]  # type: ignore[assignment]
-    BatchUpdateBlobs: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.BatchUpdateBlobsRequest, _remote_execution_pb2.BatchUpdateBlobsResponse]  # type: ignore[assignment]
-    BatchReadBlobs: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.BatchReadBlobsRequest, _remote_execution_pb2.BatchReadBlobsResponse]  # type: ignore[assignment]
-    GetTree: _aio.UnaryStreamMultiCallable[_remote_execution_pb2.GetTreeRequest, _remote_execution_pb2.GetTreeResponse]  # type: ignore[assignment]
+    BatchUpdateBlobs: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.BatchUpdateBlobsRequest,
+        slipstream.protos.remote_execution_pb2.BatchUpdateBlobsResponse,
+    ]
 
-class ContentAddressableStorageServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
+    BatchReadBlobs: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.BatchReadBlobsRequest,
+        slipstream.protos.remote_execution_pb2.BatchReadBlobsResponse,
+    ]
+
+    GetTree: grpc.UnaryStreamMultiCallable[
+        slipstream.protos.remote_execution_pb2.GetTreeRequest,
+        slipstream.protos.remote_execution_pb2.GetTreeResponse,
+    ]
+
+class ContentAddressableStorageAsyncStub:
+    FindMissingBlobs: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.FindMissingBlobsRequest,
+        slipstream.protos.remote_execution_pb2.FindMissingBlobsResponse,
+    ]
+
+    BatchUpdateBlobs: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.BatchUpdateBlobsRequest,
+        slipstream.protos.remote_execution_pb2.BatchUpdateBlobsResponse,
+    ]
+
+    BatchReadBlobs: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.BatchReadBlobsRequest,
+        slipstream.protos.remote_execution_pb2.BatchReadBlobsResponse,
+    ]
+
+    GetTree: grpc.aio.UnaryStreamMultiCallable[
+        slipstream.protos.remote_execution_pb2.GetTreeRequest,
+        slipstream.protos.remote_execution_pb2.GetTreeResponse,
+    ]
+
+class ContentAddressableStorageServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def FindMissingBlobs(
         self,
-        request: _remote_execution_pb2.FindMissingBlobsRequest,
+        request: slipstream.protos.remote_execution_pb2.FindMissingBlobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_remote_execution_pb2.FindMissingBlobsResponse, _abc.Awaitable[_remote_execution_pb2.FindMissingBlobsResponse]]: ...
+    ) -> typing.Union[slipstream.protos.remote_execution_pb2.FindMissingBlobsResponse, collections.abc.Awaitable[slipstream.protos.remote_execution_pb2.FindMissingBlobsResponse]]: ...
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def BatchUpdateBlobs(
         self,
-        request: _remote_execution_pb2.BatchUpdateBlobsRequest,
+        request: slipstream.protos.remote_execution_pb2.BatchUpdateBlobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_remote_execution_pb2.BatchUpdateBlobsResponse, _abc.Awaitable[_remote_execution_pb2.BatchUpdateBlobsResponse]]: ...
+    ) -> typing.Union[slipstream.protos.remote_execution_pb2.BatchUpdateBlobsResponse, collections.abc.Awaitable[slipstream.protos.remote_execution_pb2.BatchUpdateBlobsResponse]]: ...
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def BatchReadBlobs(
         self,
-        request: _remote_execution_pb2.BatchReadBlobsRequest,
+        request: slipstream.protos.remote_execution_pb2.BatchReadBlobsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_remote_execution_pb2.BatchReadBlobsResponse, _abc.Awaitable[_remote_execution_pb2.BatchReadBlobsResponse]]: ...
+    ) -> typing.Union[slipstream.protos.remote_execution_pb2.BatchReadBlobsResponse, collections.abc.Awaitable[slipstream.protos.remote_execution_pb2.BatchReadBlobsResponse]]: ...
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def GetTree(
         self,
-        request: _remote_execution_pb2.GetTreeRequest,
+        request: slipstream.protos.remote_execution_pb2.GetTreeRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_remote_execution_pb2.GetTreeResponse], _abc.AsyncIterator[_remote_execution_pb2.GetTreeResponse]]: ...
+    ) -> typing.Union[collections.abc.Iterator[slipstream.protos.remote_execution_pb2.GetTreeResponse], collections.abc.AsyncIterator[slipstream.protos.remote_execution_pb2.GetTreeResponse]]: ...
 
-def add_ContentAddressableStorageServicer_to_server(servicer: ContentAddressableStorageServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_ContentAddressableStorageServicer_to_server(servicer: ContentAddressableStorageServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...
 
 class CapabilitiesStub:
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> CapabilitiesAsyncStub: ...
-    GetCapabilities: _grpc.UnaryUnaryMultiCallable[_remote_execution_pb2.GetCapabilitiesRequest, _remote_execution_pb2.ServerCapabilities]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    GetCapabilities: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.GetCapabilitiesRequest,
+        slipstream.protos.remote_execution_pb2.ServerCapabilities,
+    ]
 
-@_typing.type_check_only
-class CapabilitiesAsyncStub(CapabilitiesStub):
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    GetCapabilities: _aio.UnaryUnaryMultiCallable[_remote_execution_pb2.GetCapabilitiesRequest, _remote_execution_pb2.ServerCapabilities]  # type: ignore[assignment]
+class CapabilitiesAsyncStub:
+    GetCapabilities: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.remote_execution_pb2.GetCapabilitiesRequest,
+        slipstream.protos.remote_execution_pb2.ServerCapabilities,
+    ]
 
-class CapabilitiesServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
+class CapabilitiesServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def GetCapabilities(
         self,
-        request: _remote_execution_pb2.GetCapabilitiesRequest,
+        request: slipstream.protos.remote_execution_pb2.GetCapabilitiesRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_remote_execution_pb2.ServerCapabilities, _abc.Awaitable[_remote_execution_pb2.ServerCapabilities]]: ...
+    ) -> typing.Union[slipstream.protos.remote_execution_pb2.ServerCapabilities, collections.abc.Awaitable[slipstream.protos.remote_execution_pb2.ServerCapabilities]]: ...
 
-def add_CapabilitiesServicer_to_server(servicer: CapabilitiesServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_CapabilitiesServicer_to_server(servicer: CapabilitiesServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

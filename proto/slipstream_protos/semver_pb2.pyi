@@ -3,43 +3,33 @@
 isort:skip_file
 Semantic version of the remote API, as carried in ServerCapabilities."""
 
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-import builtins as _builtins
-import sys
-import typing as _typing
+import builtins
+import google.protobuf.descriptor
+import google.protobuf.message
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
-else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
-DESCRIPTOR: _descriptor.FileDescriptor
+@typing.final
+class SemVer(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-@_typing.final
-class SemVer(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MAJOR_FIELD_NUMBER: _builtins.int
-    MINOR_FIELD_NUMBER: _builtins.int
-    PATCH_FIELD_NUMBER: _builtins.int
-    PRERELEASE_FIELD_NUMBER: _builtins.int
-    major: _builtins.int
-    minor: _builtins.int
-    patch: _builtins.int
-    prerelease: _builtins.str
+    MAJOR_FIELD_NUMBER: builtins.int
+    MINOR_FIELD_NUMBER: builtins.int
+    PATCH_FIELD_NUMBER: builtins.int
+    PRERELEASE_FIELD_NUMBER: builtins.int
+    major: builtins.int
+    minor: builtins.int
+    patch: builtins.int
+    prerelease: builtins.str
     def __init__(
         self,
         *,
-        major: _builtins.int = ...,
-        minor: _builtins.int = ...,
-        patch: _builtins.int = ...,
-        prerelease: _builtins.str = ...,
+        major: builtins.int = ...,
+        minor: builtins.int = ...,
+        patch: builtins.int = ...,
+        prerelease: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["major", b"major", "minor", b"minor", "patch", b"patch", "prerelease", b"prerelease"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["major", b"major", "minor", b"minor", "patch", b"patch", "prerelease", b"prerelease"]) -> None: ...
 
-Global___SemVer: _TypeAlias = SemVer  # noqa: Y015
+global___SemVer = SemVer

@@ -8,485 +8,419 @@ A run is named by (suite, run_key); run_key is the CI pipeline's id. Plans and
 queue state are records in the server's store, so every replica answers alike.
 """
 
-from collections import abc as _abc
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
-import builtins as _builtins
-import sys
-import typing as _typing
+import builtins
+import collections.abc
+import google.protobuf.descriptor
+import google.protobuf.internal.containers
+import google.protobuf.message
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import TypeAlias as _TypeAlias, Never as _Never
-else:
-    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
+DESCRIPTOR: google.protobuf.descriptor.FileDescriptor
 
-DESCRIPTOR: _descriptor.FileDescriptor
+@typing.final
+class TestTiming(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-@_typing.final
-class TestTiming(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TEST_ID_FIELD_NUMBER: _builtins.int
-    SECONDS_FIELD_NUMBER: _builtins.int
-    FAILED_FIELD_NUMBER: _builtins.int
-    test_id: _builtins.str
-    seconds: _builtins.float
-    failed: _builtins.bool
+    TEST_ID_FIELD_NUMBER: builtins.int
+    SECONDS_FIELD_NUMBER: builtins.int
+    FAILED_FIELD_NUMBER: builtins.int
+    test_id: builtins.str
+    seconds: builtins.float
+    failed: builtins.bool
     def __init__(
         self,
         *,
-        test_id: _builtins.str = ...,
-        seconds: _builtins.float = ...,
-        failed: _builtins.bool = ...,
+        test_id: builtins.str = ...,
+        seconds: builtins.float = ...,
+        failed: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "seconds", b"seconds", "test_id", b"test_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["failed", b"failed", "seconds", b"seconds", "test_id", b"test_id"]) -> None: ...
 
-Global___TestTiming: _TypeAlias = TestTiming  # noqa: Y015
+global___TestTiming = TestTiming
 
-@_typing.final
-class UploadTimingsRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class UploadTimingsRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SUITE_FIELD_NUMBER: _builtins.int
-    RUN_ID_FIELD_NUMBER: _builtins.int
-    JUNIT_XML_FIELD_NUMBER: _builtins.int
-    TIMINGS_FIELD_NUMBER: _builtins.int
-    suite: _builtins.str
-    run_id: _builtins.str
+    SUITE_FIELD_NUMBER: builtins.int
+    RUN_ID_FIELD_NUMBER: builtins.int
+    JUNIT_XML_FIELD_NUMBER: builtins.int
+    TIMINGS_FIELD_NUMBER: builtins.int
+    suite: builtins.str
+    run_id: builtins.str
     """Uploads with the same run id (the shards of one run) merge into one run."""
-    junit_xml: _builtins.bytes
+    junit_xml: builtins.bytes
     """One whole JUnit XML report per message (up to the 16 MiB message limit)."""
-    @_builtins.property
-    def timings(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestTiming]: ...
+    @property
+    def timings(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TestTiming]: ...
     def __init__(
         self,
         *,
-        suite: _builtins.str = ...,
-        run_id: _builtins.str = ...,
-        junit_xml: _builtins.bytes = ...,
-        timings: _abc.Iterable[Global___TestTiming] | None = ...,
+        suite: builtins.str = ...,
+        run_id: builtins.str = ...,
+        junit_xml: builtins.bytes = ...,
+        timings: collections.abc.Iterable[global___TestTiming] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["junit_xml", b"junit_xml", "run_id", b"run_id", "suite", b"suite", "timings", b"timings"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["junit_xml", b"junit_xml", "run_id", b"run_id", "suite", b"suite", "timings", b"timings"]) -> None: ...
 
-Global___UploadTimingsRequest: _TypeAlias = UploadTimingsRequest  # noqa: Y015
+global___UploadTimingsRequest = UploadTimingsRequest
 
-@_typing.final
-class UploadTimingsResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class UploadTimingsResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    REPORTS_FIELD_NUMBER: _builtins.int
-    TESTS_FIELD_NUMBER: _builtins.int
-    reports: _builtins.int
-    tests: _builtins.int
+    REPORTS_FIELD_NUMBER: builtins.int
+    TESTS_FIELD_NUMBER: builtins.int
+    reports: builtins.int
+    tests: builtins.int
     def __init__(
         self,
         *,
-        reports: _builtins.int = ...,
-        tests: _builtins.int = ...,
+        reports: builtins.int = ...,
+        tests: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports", "tests", b"tests"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["reports", b"reports", "tests", b"tests"]) -> None: ...
 
-Global___UploadTimingsResponse: _TypeAlias = UploadTimingsResponse  # noqa: Y015
+global___UploadTimingsResponse = UploadTimingsResponse
 
-@_typing.final
-class GetShardRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetShardRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @_typing.final
-    class GroupsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
+    @typing.final
+    class GroupsEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.str
         def __init__(
             self,
             *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
+            key: builtins.str = ...,
+            value: builtins.str = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
 
-    SUITE_FIELD_NUMBER: _builtins.int
-    RUN_KEY_FIELD_NUMBER: _builtins.int
-    TOTAL_FIELD_NUMBER: _builtins.int
-    INDEX_FIELD_NUMBER: _builtins.int
-    TEST_IDS_FIELD_NUMBER: _builtins.int
-    GRANULARITY_FIELD_NUMBER: _builtins.int
-    GROUPS_FIELD_NUMBER: _builtins.int
-    suite: _builtins.str
-    run_key: _builtins.str
-    total: _builtins.int
-    index: _builtins.int
-    granularity: _builtins.str
+    SUITE_FIELD_NUMBER: builtins.int
+    RUN_KEY_FIELD_NUMBER: builtins.int
+    TOTAL_FIELD_NUMBER: builtins.int
+    INDEX_FIELD_NUMBER: builtins.int
+    TEST_IDS_FIELD_NUMBER: builtins.int
+    GRANULARITY_FIELD_NUMBER: builtins.int
+    GROUPS_FIELD_NUMBER: builtins.int
+    suite: builtins.str
+    run_key: builtins.str
+    total: builtins.int
+    index: builtins.int
+    granularity: builtins.str
     """"auto" (default), "test", "class" or "file"; used by the caller that pins."""
-    @_builtins.property
-    def test_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+    @property
+    def test_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Every test id this runner collected (all shards', not only its own)."""
 
-    @_builtins.property
-    def groups(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+    @property
+    def groups(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]:
         """Test id -> group name: tests of a group share a shard (xdist_group)."""
 
     def __init__(
         self,
         *,
-        suite: _builtins.str = ...,
-        run_key: _builtins.str = ...,
-        total: _builtins.int = ...,
-        index: _builtins.int = ...,
-        test_ids: _abc.Iterable[_builtins.str] | None = ...,
-        granularity: _builtins.str = ...,
-        groups: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        suite: builtins.str = ...,
+        run_key: builtins.str = ...,
+        total: builtins.int = ...,
+        index: builtins.int = ...,
+        test_ids: collections.abc.Iterable[builtins.str] | None = ...,
+        granularity: builtins.str = ...,
+        groups: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granularity", b"granularity", "groups", b"groups", "index", b"index", "run_key", b"run_key", "suite", b"suite", "test_ids", b"test_ids", "total", b"total"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["granularity", b"granularity", "groups", b"groups", "index", b"index", "run_key", b"run_key", "suite", b"suite", "test_ids", b"test_ids", "total", b"total"]) -> None: ...
 
-Global___GetShardRequest: _TypeAlias = GetShardRequest  # noqa: Y015
+global___GetShardRequest = GetShardRequest
 
-@_typing.final
-class GetShardResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class GetShardResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TEST_IDS_FIELD_NUMBER: _builtins.int
-    PLAN_HASH_FIELD_NUMBER: _builtins.int
-    PREDICTED_SECONDS_FIELD_NUMBER: _builtins.int
-    MAKESPAN_FIELD_NUMBER: _builtins.int
-    FROM_HISTORY_FIELD_NUMBER: _builtins.int
-    PINNED_NOW_FIELD_NUMBER: _builtins.int
-    plan_hash: _builtins.str
-    predicted_seconds: _builtins.float
-    makespan: _builtins.float
-    from_history: _builtins.bool
+    TEST_IDS_FIELD_NUMBER: builtins.int
+    PLAN_HASH_FIELD_NUMBER: builtins.int
+    PREDICTED_SECONDS_FIELD_NUMBER: builtins.int
+    MAKESPAN_FIELD_NUMBER: builtins.int
+    FROM_HISTORY_FIELD_NUMBER: builtins.int
+    PINNED_NOW_FIELD_NUMBER: builtins.int
+    plan_hash: builtins.str
+    predicted_seconds: builtins.float
+    makespan: builtins.float
+    from_history: builtins.bool
     """False when the suite had no history and the split is by count."""
-    pinned_now: _builtins.bool
+    pinned_now: builtins.bool
     """True when this call pinned the plan."""
-    @_builtins.property
-    def test_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @property
+    def test_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     def __init__(
         self,
         *,
-        test_ids: _abc.Iterable[_builtins.str] | None = ...,
-        plan_hash: _builtins.str = ...,
-        predicted_seconds: _builtins.float = ...,
-        makespan: _builtins.float = ...,
-        from_history: _builtins.bool = ...,
-        pinned_now: _builtins.bool = ...,
+        test_ids: collections.abc.Iterable[builtins.str] | None = ...,
+        plan_hash: builtins.str = ...,
+        predicted_seconds: builtins.float = ...,
+        makespan: builtins.float = ...,
+        from_history: builtins.bool = ...,
+        pinned_now: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_history", b"from_history", "makespan", b"makespan", "pinned_now", b"pinned_now", "plan_hash", b"plan_hash", "predicted_seconds", b"predicted_seconds", "test_ids", b"test_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["from_history", b"from_history", "makespan", b"makespan", "pinned_now", b"pinned_now", "plan_hash", b"plan_hash", "predicted_seconds", b"predicted_seconds", "test_ids", b"test_ids"]) -> None: ...
 
-Global___GetShardResponse: _TypeAlias = GetShardResponse  # noqa: Y015
+global___GetShardResponse = GetShardResponse
 
-@_typing.final
-class JoinQueueRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class JoinQueueRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @_typing.final
-    class GroupsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
+    @typing.final
+    class GroupsEntry(google.protobuf.message.Message):
+        DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
+        KEY_FIELD_NUMBER: builtins.int
+        VALUE_FIELD_NUMBER: builtins.int
+        key: builtins.str
+        value: builtins.str
         def __init__(
             self,
             *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
+            key: builtins.str = ...,
+            value: builtins.str = ...,
         ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
+        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
 
-    SUITE_FIELD_NUMBER: _builtins.int
-    RUN_KEY_FIELD_NUMBER: _builtins.int
-    TOTAL_FIELD_NUMBER: _builtins.int
-    INDEX_FIELD_NUMBER: _builtins.int
-    TEST_IDS_FIELD_NUMBER: _builtins.int
-    GRANULARITY_FIELD_NUMBER: _builtins.int
-    GROUPS_FIELD_NUMBER: _builtins.int
-    suite: _builtins.str
-    run_key: _builtins.str
-    total: _builtins.int
+    SUITE_FIELD_NUMBER: builtins.int
+    RUN_KEY_FIELD_NUMBER: builtins.int
+    TOTAL_FIELD_NUMBER: builtins.int
+    INDEX_FIELD_NUMBER: builtins.int
+    TEST_IDS_FIELD_NUMBER: builtins.int
+    GRANULARITY_FIELD_NUMBER: builtins.int
+    GROUPS_FIELD_NUMBER: builtins.int
+    suite: builtins.str
+    run_key: builtins.str
+    total: builtins.int
     """The number of runners, for batch sizing; the first caller's value holds."""
-    index: _builtins.int
-    granularity: _builtins.str
-    @_builtins.property
-    def test_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
-    @_builtins.property
-    def groups(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    index: builtins.int
+    granularity: builtins.str
+    @property
+    def test_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
+    @property
+    def groups(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
     def __init__(
         self,
         *,
-        suite: _builtins.str = ...,
-        run_key: _builtins.str = ...,
-        total: _builtins.int = ...,
-        index: _builtins.int = ...,
-        test_ids: _abc.Iterable[_builtins.str] | None = ...,
-        granularity: _builtins.str = ...,
-        groups: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        suite: builtins.str = ...,
+        run_key: builtins.str = ...,
+        total: builtins.int = ...,
+        index: builtins.int = ...,
+        test_ids: collections.abc.Iterable[builtins.str] | None = ...,
+        granularity: builtins.str = ...,
+        groups: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["granularity", b"granularity", "groups", b"groups", "index", b"index", "run_key", b"run_key", "suite", b"suite", "test_ids", b"test_ids", "total", b"total"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["granularity", b"granularity", "groups", b"groups", "index", b"index", "run_key", b"run_key", "suite", b"suite", "test_ids", b"test_ids", "total", b"total"]) -> None: ...
 
-Global___JoinQueueRequest: _TypeAlias = JoinQueueRequest  # noqa: Y015
+global___JoinQueueRequest = JoinQueueRequest
 
-@_typing.final
-class JoinQueueResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class JoinQueueResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    PLAN_HASH_FIELD_NUMBER: _builtins.int
-    BATCHES_FIELD_NUMBER: _builtins.int
-    TESTS_FIELD_NUMBER: _builtins.int
-    PINNED_NOW_FIELD_NUMBER: _builtins.int
-    plan_hash: _builtins.str
-    batches: _builtins.int
-    tests: _builtins.int
-    pinned_now: _builtins.bool
+    PLAN_HASH_FIELD_NUMBER: builtins.int
+    BATCHES_FIELD_NUMBER: builtins.int
+    TESTS_FIELD_NUMBER: builtins.int
+    PINNED_NOW_FIELD_NUMBER: builtins.int
+    plan_hash: builtins.str
+    batches: builtins.int
+    tests: builtins.int
+    pinned_now: builtins.bool
     def __init__(
         self,
         *,
-        plan_hash: _builtins.str = ...,
-        batches: _builtins.int = ...,
-        tests: _builtins.int = ...,
-        pinned_now: _builtins.bool = ...,
+        plan_hash: builtins.str = ...,
+        batches: builtins.int = ...,
+        tests: builtins.int = ...,
+        pinned_now: builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches", b"batches", "pinned_now", b"pinned_now", "plan_hash", b"plan_hash", "tests", b"tests"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["batches", b"batches", "pinned_now", b"pinned_now", "plan_hash", b"plan_hash", "tests", b"tests"]) -> None: ...
 
-Global___JoinQueueResponse: _TypeAlias = JoinQueueResponse  # noqa: Y015
+global___JoinQueueResponse = JoinQueueResponse
 
-@_typing.final
-class LeaseRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class LeaseRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SUITE_FIELD_NUMBER: _builtins.int
-    RUN_KEY_FIELD_NUMBER: _builtins.int
-    RUNNER_FIELD_NUMBER: _builtins.int
-    LEASE_SECONDS_FIELD_NUMBER: _builtins.int
-    suite: _builtins.str
-    run_key: _builtins.str
-    runner: _builtins.str
+    SUITE_FIELD_NUMBER: builtins.int
+    RUN_KEY_FIELD_NUMBER: builtins.int
+    RUNNER_FIELD_NUMBER: builtins.int
+    LEASE_SECONDS_FIELD_NUMBER: builtins.int
+    suite: builtins.str
+    run_key: builtins.str
+    runner: builtins.str
     """Who asks: shown in the queue's records and status."""
-    lease_seconds: _builtins.float
+    lease_seconds: builtins.float
     """The lease's timeout; 0 for the server's default (see the docs)."""
     def __init__(
         self,
         *,
-        suite: _builtins.str = ...,
-        run_key: _builtins.str = ...,
-        runner: _builtins.str = ...,
-        lease_seconds: _builtins.float = ...,
+        suite: builtins.str = ...,
+        run_key: builtins.str = ...,
+        runner: builtins.str = ...,
+        lease_seconds: builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_seconds", b"lease_seconds", "run_key", b"run_key", "runner", b"runner", "suite", b"suite"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["lease_seconds", b"lease_seconds", "run_key", b"run_key", "runner", b"runner", "suite", b"suite"]) -> None: ...
 
-Global___LeaseRequest: _TypeAlias = LeaseRequest  # noqa: Y015
+global___LeaseRequest = LeaseRequest
 
-@_typing.final
-class LeaseResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class LeaseResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    LEASE_ID_FIELD_NUMBER: _builtins.int
-    TEST_IDS_FIELD_NUMBER: _builtins.int
-    PREDICTED_SECONDS_FIELD_NUMBER: _builtins.int
-    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
-    FINISHED_FIELD_NUMBER: _builtins.int
-    RETRY_AFTER_FIELD_NUMBER: _builtins.int
-    ABANDONED_FIELD_NUMBER: _builtins.int
-    lease_id: _builtins.str
+    LEASE_ID_FIELD_NUMBER: builtins.int
+    TEST_IDS_FIELD_NUMBER: builtins.int
+    PREDICTED_SECONDS_FIELD_NUMBER: builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: builtins.int
+    FINISHED_FIELD_NUMBER: builtins.int
+    RETRY_AFTER_FIELD_NUMBER: builtins.int
+    ABANDONED_FIELD_NUMBER: builtins.int
+    lease_id: builtins.str
     """Empty when there is no batch to hand out now: then finished, or retry_after."""
-    predicted_seconds: _builtins.float
-    deadline_seconds: _builtins.float
+    predicted_seconds: builtins.float
+    deadline_seconds: builtins.float
     """the lease's timeout, from now"""
-    finished: _builtins.bool
+    finished: builtins.bool
     """every test completed (or abandoned): stop asking"""
-    retry_after: _builtins.float
+    retry_after: builtins.float
     """seconds to wait before asking again"""
-    @_builtins.property
-    def test_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
-    @_builtins.property
-    def abandoned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+    @property
+    def test_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
+    @property
+    def abandoned(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]:
         """Tests leased max-attempts times that never completed (they may kill runners)."""
 
     def __init__(
         self,
         *,
-        lease_id: _builtins.str = ...,
-        test_ids: _abc.Iterable[_builtins.str] | None = ...,
-        predicted_seconds: _builtins.float = ...,
-        deadline_seconds: _builtins.float = ...,
-        finished: _builtins.bool = ...,
-        retry_after: _builtins.float = ...,
-        abandoned: _abc.Iterable[_builtins.str] | None = ...,
+        lease_id: builtins.str = ...,
+        test_ids: collections.abc.Iterable[builtins.str] | None = ...,
+        predicted_seconds: builtins.float = ...,
+        deadline_seconds: builtins.float = ...,
+        finished: builtins.bool = ...,
+        retry_after: builtins.float = ...,
+        abandoned: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned", b"abandoned", "deadline_seconds", b"deadline_seconds", "finished", b"finished", "lease_id", b"lease_id", "predicted_seconds", b"predicted_seconds", "retry_after", b"retry_after", "test_ids", b"test_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["abandoned", b"abandoned", "deadline_seconds", b"deadline_seconds", "finished", b"finished", "lease_id", b"lease_id", "predicted_seconds", b"predicted_seconds", "retry_after", b"retry_after", "test_ids", b"test_ids"]) -> None: ...
 
-Global___LeaseResponse: _TypeAlias = LeaseResponse  # noqa: Y015
+global___LeaseResponse = LeaseResponse
 
-@_typing.final
-class CompleteRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class CompleteRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SUITE_FIELD_NUMBER: _builtins.int
-    RUN_KEY_FIELD_NUMBER: _builtins.int
-    LEASE_ID_FIELD_NUMBER: _builtins.int
-    RUNNER_FIELD_NUMBER: _builtins.int
-    RESULTS_FIELD_NUMBER: _builtins.int
-    suite: _builtins.str
-    run_key: _builtins.str
-    lease_id: _builtins.str
-    runner: _builtins.str
-    @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestTiming]:
+    SUITE_FIELD_NUMBER: builtins.int
+    RUN_KEY_FIELD_NUMBER: builtins.int
+    LEASE_ID_FIELD_NUMBER: builtins.int
+    RUNNER_FIELD_NUMBER: builtins.int
+    RESULTS_FIELD_NUMBER: builtins.int
+    suite: builtins.str
+    run_key: builtins.str
+    lease_id: builtins.str
+    runner: builtins.str
+    @property
+    def results(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TestTiming]:
         """Tests of the lease that ran to the end (passed or failed), with durations."""
 
     def __init__(
         self,
         *,
-        suite: _builtins.str = ...,
-        run_key: _builtins.str = ...,
-        lease_id: _builtins.str = ...,
-        runner: _builtins.str = ...,
-        results: _abc.Iterable[Global___TestTiming] | None = ...,
+        suite: builtins.str = ...,
+        run_key: builtins.str = ...,
+        lease_id: builtins.str = ...,
+        runner: builtins.str = ...,
+        results: collections.abc.Iterable[global___TestTiming] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_id", b"lease_id", "results", b"results", "run_key", b"run_key", "runner", b"runner", "suite", b"suite"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["lease_id", b"lease_id", "results", b"results", "run_key", b"run_key", "runner", b"runner", "suite", b"suite"]) -> None: ...
 
-Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
+global___CompleteRequest = CompleteRequest
 
-@_typing.final
-class CompleteResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class CompleteResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    COMPLETED_FIELD_NUMBER: _builtins.int
-    REMAINING_FIELD_NUMBER: _builtins.int
-    completed: _builtins.int
+    COMPLETED_FIELD_NUMBER: builtins.int
+    REMAINING_FIELD_NUMBER: builtins.int
+    completed: builtins.int
     """tests of the run completed so far"""
-    remaining: _builtins.int
+    remaining: builtins.int
     def __init__(
         self,
         *,
-        completed: _builtins.int = ...,
-        remaining: _builtins.int = ...,
+        completed: builtins.int = ...,
+        remaining: builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed", b"completed", "remaining", b"remaining"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["completed", b"completed", "remaining", b"remaining"]) -> None: ...
 
-Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015
+global___CompleteResponse = CompleteResponse
 
-@_typing.final
-class QueueStatusRequest(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class QueueStatusRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    SUITE_FIELD_NUMBER: _builtins.int
-    RUN_KEY_FIELD_NUMBER: _builtins.int
-    suite: _builtins.str
-    run_key: _builtins.str
+    SUITE_FIELD_NUMBER: builtins.int
+    RUN_KEY_FIELD_NUMBER: builtins.int
+    suite: builtins.str
+    run_key: builtins.str
     def __init__(
         self,
         *,
-        suite: _builtins.str = ...,
-        run_key: _builtins.str = ...,
+        suite: builtins.str = ...,
+        run_key: builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_key", b"run_key", "suite", b"suite"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["run_key", b"run_key", "suite", b"suite"]) -> None: ...
 
-Global___QueueStatusRequest: _TypeAlias = QueueStatusRequest  # noqa: Y015
+global___QueueStatusRequest = QueueStatusRequest
 
-@_typing.final
-class QueueStatusResponse(_message.Message):
-    DESCRIPTOR: _descriptor.Descriptor
+@typing.final
+class QueueStatusResponse(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    TESTS_FIELD_NUMBER: _builtins.int
-    COMPLETED_FIELD_NUMBER: _builtins.int
-    LEASED_FIELD_NUMBER: _builtins.int
-    PENDING_FIELD_NUMBER: _builtins.int
-    LEASES_FIELD_NUMBER: _builtins.int
-    PLAN_HASH_FIELD_NUMBER: _builtins.int
-    RESULTS_FIELD_NUMBER: _builtins.int
-    ABANDONED_FIELD_NUMBER: _builtins.int
-    tests: _builtins.int
-    completed: _builtins.int
-    leased: _builtins.int
+    TESTS_FIELD_NUMBER: builtins.int
+    COMPLETED_FIELD_NUMBER: builtins.int
+    LEASED_FIELD_NUMBER: builtins.int
+    PENDING_FIELD_NUMBER: builtins.int
+    LEASES_FIELD_NUMBER: builtins.int
+    PLAN_HASH_FIELD_NUMBER: builtins.int
+    RESULTS_FIELD_NUMBER: builtins.int
+    ABANDONED_FIELD_NUMBER: builtins.int
+    tests: builtins.int
+    completed: builtins.int
+    leased: builtins.int
     """in unexpired leases, not completed"""
-    pending: _builtins.int
+    pending: builtins.int
     """neither completed nor leased"""
-    leases: _builtins.int
+    leases: builtins.int
     """leases handed out, re-leases included"""
-    plan_hash: _builtins.str
-    @_builtins.property
-    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestTiming]:
+    plan_hash: builtins.str
+    @property
+    def results(self) -> google.protobuf.internal.containers.RepeatedCompositeFieldContainer[global___TestTiming]:
         """One entry per completed test (a test completed twice is listed once)."""
 
-    @_builtins.property
-    def abandoned(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @property
+    def abandoned(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
     def __init__(
         self,
         *,
-        tests: _builtins.int = ...,
-        completed: _builtins.int = ...,
-        leased: _builtins.int = ...,
-        pending: _builtins.int = ...,
-        leases: _builtins.int = ...,
-        plan_hash: _builtins.str = ...,
-        results: _abc.Iterable[Global___TestTiming] | None = ...,
-        abandoned: _abc.Iterable[_builtins.str] | None = ...,
+        tests: builtins.int = ...,
+        completed: builtins.int = ...,
+        leased: builtins.int = ...,
+        pending: builtins.int = ...,
+        leases: builtins.int = ...,
+        plan_hash: builtins.str = ...,
+        results: collections.abc.Iterable[global___TestTiming] | None = ...,
+        abandoned: collections.abc.Iterable[builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned", b"abandoned", "completed", b"completed", "leased", b"leased", "leases", b"leases", "pending", b"pending", "plan_hash", b"plan_hash", "results", b"results", "tests", b"tests"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    def ClearField(self, field_name: typing.Literal["abandoned", b"abandoned", "completed", b"completed", "leased", b"leased", "leases", b"leases", "pending", b"pending", "plan_hash", b"plan_hash", "results", b"results", "tests", b"tests"]) -> None: ...
 
-Global___QueueStatusResponse: _TypeAlias = QueueStatusResponse  # noqa: Y015
+global___QueueStatusResponse = QueueStatusResponse

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from slipstream_protos import split_pb2 as slipstream__protos_dot_split__pb2
+from slipstream.protos import split_pb2 as slipstream_dot_protos_dot_split__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.70.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in slipstream_protos/split_pb2_grpc.py depends on'
+        + f' but the generated code in slipstream/protos/split_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class SplitStub:
+class SplitStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -36,37 +36,37 @@ class SplitStub:
         """
         self.UploadTimings = channel.stream_unary(
                 '/slipstream.split.v1.Split/UploadTimings',
-                request_serializer=slipstream__protos_dot_split__pb2.UploadTimingsRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_split__pb2.UploadTimingsResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_split__pb2.UploadTimingsRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_split__pb2.UploadTimingsResponse.FromString,
                 _registered_method=True)
         self.GetShard = channel.unary_unary(
                 '/slipstream.split.v1.Split/GetShard',
-                request_serializer=slipstream__protos_dot_split__pb2.GetShardRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_split__pb2.GetShardResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_split__pb2.GetShardRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_split__pb2.GetShardResponse.FromString,
                 _registered_method=True)
         self.JoinQueue = channel.unary_unary(
                 '/slipstream.split.v1.Split/JoinQueue',
-                request_serializer=slipstream__protos_dot_split__pb2.JoinQueueRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_split__pb2.JoinQueueResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_split__pb2.JoinQueueRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_split__pb2.JoinQueueResponse.FromString,
                 _registered_method=True)
         self.Lease = channel.unary_unary(
                 '/slipstream.split.v1.Split/Lease',
-                request_serializer=slipstream__protos_dot_split__pb2.LeaseRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_split__pb2.LeaseResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_split__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_split__pb2.LeaseResponse.FromString,
                 _registered_method=True)
         self.Complete = channel.unary_unary(
                 '/slipstream.split.v1.Split/Complete',
-                request_serializer=slipstream__protos_dot_split__pb2.CompleteRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_split__pb2.CompleteResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_split__pb2.CompleteRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_split__pb2.CompleteResponse.FromString,
                 _registered_method=True)
         self.QueueStatus = channel.unary_unary(
                 '/slipstream.split.v1.Split/QueueStatus',
-                request_serializer=slipstream__protos_dot_split__pb2.QueueStatusRequest.SerializeToString,
-                response_deserializer=slipstream__protos_dot_split__pb2.QueueStatusResponse.FromString,
+                request_serializer=slipstream_dot_protos_dot_split__pb2.QueueStatusRequest.SerializeToString,
+                response_deserializer=slipstream_dot_protos_dot_split__pb2.QueueStatusResponse.FromString,
                 _registered_method=True)
 
 
-class SplitServicer:
+class SplitServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def UploadTimings(self, request_iterator, context):
@@ -121,33 +121,33 @@ def add_SplitServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'UploadTimings': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadTimings,
-                    request_deserializer=slipstream__protos_dot_split__pb2.UploadTimingsRequest.FromString,
-                    response_serializer=slipstream__protos_dot_split__pb2.UploadTimingsResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_split__pb2.UploadTimingsRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_split__pb2.UploadTimingsResponse.SerializeToString,
             ),
             'GetShard': grpc.unary_unary_rpc_method_handler(
                     servicer.GetShard,
-                    request_deserializer=slipstream__protos_dot_split__pb2.GetShardRequest.FromString,
-                    response_serializer=slipstream__protos_dot_split__pb2.GetShardResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_split__pb2.GetShardRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_split__pb2.GetShardResponse.SerializeToString,
             ),
             'JoinQueue': grpc.unary_unary_rpc_method_handler(
                     servicer.JoinQueue,
-                    request_deserializer=slipstream__protos_dot_split__pb2.JoinQueueRequest.FromString,
-                    response_serializer=slipstream__protos_dot_split__pb2.JoinQueueResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_split__pb2.JoinQueueRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_split__pb2.JoinQueueResponse.SerializeToString,
             ),
             'Lease': grpc.unary_unary_rpc_method_handler(
                     servicer.Lease,
-                    request_deserializer=slipstream__protos_dot_split__pb2.LeaseRequest.FromString,
-                    response_serializer=slipstream__protos_dot_split__pb2.LeaseResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_split__pb2.LeaseRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_split__pb2.LeaseResponse.SerializeToString,
             ),
             'Complete': grpc.unary_unary_rpc_method_handler(
                     servicer.Complete,
-                    request_deserializer=slipstream__protos_dot_split__pb2.CompleteRequest.FromString,
-                    response_serializer=slipstream__protos_dot_split__pb2.CompleteResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_split__pb2.CompleteRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_split__pb2.CompleteResponse.SerializeToString,
             ),
             'QueueStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.QueueStatus,
-                    request_deserializer=slipstream__protos_dot_split__pb2.QueueStatusRequest.FromString,
-                    response_serializer=slipstream__protos_dot_split__pb2.QueueStatusResponse.SerializeToString,
+                    request_deserializer=slipstream_dot_protos_dot_split__pb2.QueueStatusRequest.FromString,
+                    response_serializer=slipstream_dot_protos_dot_split__pb2.QueueStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -157,7 +157,7 @@ def add_SplitServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Split:
+class Split(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -175,8 +175,8 @@ class Split:
             request_iterator,
             target,
             '/slipstream.split.v1.Split/UploadTimings',
-            slipstream__protos_dot_split__pb2.UploadTimingsRequest.SerializeToString,
-            slipstream__protos_dot_split__pb2.UploadTimingsResponse.FromString,
+            slipstream_dot_protos_dot_split__pb2.UploadTimingsRequest.SerializeToString,
+            slipstream_dot_protos_dot_split__pb2.UploadTimingsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -202,8 +202,8 @@ class Split:
             request,
             target,
             '/slipstream.split.v1.Split/GetShard',
-            slipstream__protos_dot_split__pb2.GetShardRequest.SerializeToString,
-            slipstream__protos_dot_split__pb2.GetShardResponse.FromString,
+            slipstream_dot_protos_dot_split__pb2.GetShardRequest.SerializeToString,
+            slipstream_dot_protos_dot_split__pb2.GetShardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -229,8 +229,8 @@ class Split:
             request,
             target,
             '/slipstream.split.v1.Split/JoinQueue',
-            slipstream__protos_dot_split__pb2.JoinQueueRequest.SerializeToString,
-            slipstream__protos_dot_split__pb2.JoinQueueResponse.FromString,
+            slipstream_dot_protos_dot_split__pb2.JoinQueueRequest.SerializeToString,
+            slipstream_dot_protos_dot_split__pb2.JoinQueueResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -256,8 +256,8 @@ class Split:
             request,
             target,
             '/slipstream.split.v1.Split/Lease',
-            slipstream__protos_dot_split__pb2.LeaseRequest.SerializeToString,
-            slipstream__protos_dot_split__pb2.LeaseResponse.FromString,
+            slipstream_dot_protos_dot_split__pb2.LeaseRequest.SerializeToString,
+            slipstream_dot_protos_dot_split__pb2.LeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -283,8 +283,8 @@ class Split:
             request,
             target,
             '/slipstream.split.v1.Split/Complete',
-            slipstream__protos_dot_split__pb2.CompleteRequest.SerializeToString,
-            slipstream__protos_dot_split__pb2.CompleteResponse.FromString,
+            slipstream_dot_protos_dot_split__pb2.CompleteRequest.SerializeToString,
+            slipstream_dot_protos_dot_split__pb2.CompleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -310,8 +310,8 @@ class Split:
             request,
             target,
             '/slipstream.split.v1.Split/QueueStatus',
-            slipstream__protos_dot_split__pb2.QueueStatusRequest.SerializeToString,
-            slipstream__protos_dot_split__pb2.QueueStatusResponse.FromString,
+            slipstream_dot_protos_dot_split__pb2.QueueStatusRequest.SerializeToString,
+            slipstream_dot_protos_dot_split__pb2.QueueStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

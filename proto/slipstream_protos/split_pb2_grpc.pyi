@@ -8,134 +8,166 @@ A run is named by (suite, run_key); run_key is the CI pipeline's id. Plans and
 queue state are records in the server's store, so every replica answers alike.
 """
 
-from collections import abc as _abc
-from grpc import aio as _aio
-from slipstream_protos import split_pb2 as _split_pb2
-import abc as _abc_1
-import grpc as _grpc
-import sys
-import typing as _typing
+import abc
+import collections.abc
+import grpc
+import grpc.aio
+import slipstream.protos.split_pb2
+import typing
 
-if sys.version_info >= (3, 11):
-    from typing import Self as _Self
-else:
-    from typing_extensions import Self as _Self
+_T = typing.TypeVar("_T")
 
-_T = _typing.TypeVar("_T")
+class _MaybeAsyncIterator(collections.abc.AsyncIterator[_T], collections.abc.Iterator[_T], metaclass=abc.ABCMeta): ...
 
-class _MaybeAsyncIterator(_abc.AsyncIterator[_T], _abc.Iterator[_T], metaclass=_abc_1.ABCMeta): ...
-
-class _ServicerContext(_grpc.ServicerContext, _aio.ServicerContext):  # type: ignore[misc, type-arg]
+class _ServicerContext(grpc.ServicerContext, grpc.aio.ServicerContext):  # type: ignore[misc, type-arg]
     ...
 
-GRPC_GENERATED_VERSION: str
-GRPC_VERSION: str
-
 class SplitStub:
-    @_typing.overload
-    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
-    @_typing.overload
-    def __new__(cls, channel: _aio.Channel) -> SplitAsyncStub: ...
-    UploadTimings: _grpc.StreamUnaryMultiCallable[_split_pb2.UploadTimingsRequest, _split_pb2.UploadTimingsResponse]
+    def __init__(self, channel: typing.Union[grpc.Channel, grpc.aio.Channel]) -> None: ...
+    UploadTimings: grpc.StreamUnaryMultiCallable[
+        slipstream.protos.split_pb2.UploadTimingsRequest,
+        slipstream.protos.split_pb2.UploadTimingsResponse,
+    ]
     """Timings from any shard of a run, streamed: JUnit reports or parsed records.
     Suite and run id are read from the first message. They are appended to the
     suite's timing history. INVALID_ARGUMENT for a report that does not parse.
     """
-    GetShard: _grpc.UnaryUnaryMultiCallable[_split_pb2.GetShardRequest, _split_pb2.GetShardResponse]
+
+    GetShard: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.GetShardRequest,
+        slipstream.protos.split_pb2.GetShardResponse,
+    ]
     """This runner's shard of the plan pinned for (suite, run_key, total). The
     first caller's plan is pinned; later callers (other jobs, retries, other
     replicas) get the same split. FAILED_PRECONDITION when test_ids differ
     from the pinned plan's tests.
     """
-    JoinQueue: _grpc.UnaryUnaryMultiCallable[_split_pb2.JoinQueueRequest, _split_pb2.JoinQueueResponse]
+
+    JoinQueue: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.JoinQueueRequest,
+        slipstream.protos.split_pb2.JoinQueueResponse,
+    ]
     """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
     GetShard); Lease hands out the next batch, longest work first; Complete
     reports finished tests. A lease not completed by its deadline goes back
     to the queue.
     """
-    Lease: _grpc.UnaryUnaryMultiCallable[_split_pb2.LeaseRequest, _split_pb2.LeaseResponse]
-    Complete: _grpc.UnaryUnaryMultiCallable[_split_pb2.CompleteRequest, _split_pb2.CompleteResponse]
-    QueueStatus: _grpc.UnaryUnaryMultiCallable[_split_pb2.QueueStatusRequest, _split_pb2.QueueStatusResponse]
 
-@_typing.type_check_only
-class SplitAsyncStub(SplitStub):
-    def __init__(self, channel: _aio.Channel) -> None: ...
-    UploadTimings: _aio.StreamUnaryMultiCallable[_split_pb2.UploadTimingsRequest, _split_pb2.UploadTimingsResponse]  # type: ignore[assignment]
+    Lease: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.LeaseRequest,
+        slipstream.protos.split_pb2.LeaseResponse,
+    ]
+
+    Complete: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.CompleteRequest,
+        slipstream.protos.split_pb2.CompleteResponse,
+    ]
+
+    QueueStatus: grpc.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.QueueStatusRequest,
+        slipstream.protos.split_pb2.QueueStatusResponse,
+    ]
+
+class SplitAsyncStub:
+    UploadTimings: grpc.aio.StreamUnaryMultiCallable[
+        slipstream.protos.split_pb2.UploadTimingsRequest,
+        slipstream.protos.split_pb2.UploadTimingsResponse,
+    ]
     """Timings from any shard of a run, streamed: JUnit reports or parsed records.
     Suite and run id are read from the first message. They are appended to the
     suite's timing history. INVALID_ARGUMENT for a report that does not parse.
     """
-    GetShard: _aio.UnaryUnaryMultiCallable[_split_pb2.GetShardRequest, _split_pb2.GetShardResponse]  # type: ignore[assignment]
+
+    GetShard: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.GetShardRequest,
+        slipstream.protos.split_pb2.GetShardResponse,
+    ]
     """This runner's shard of the plan pinned for (suite, run_key, total). The
     first caller's plan is pinned; later callers (other jobs, retries, other
     replicas) get the same split. FAILED_PRECONDITION when test_ids differ
     from the pinned plan's tests.
     """
-    JoinQueue: _aio.UnaryUnaryMultiCallable[_split_pb2.JoinQueueRequest, _split_pb2.JoinQueueResponse]  # type: ignore[assignment]
+
+    JoinQueue: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.JoinQueueRequest,
+        slipstream.protos.split_pb2.JoinQueueResponse,
+    ]
     """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
     GetShard); Lease hands out the next batch, longest work first; Complete
     reports finished tests. A lease not completed by its deadline goes back
     to the queue.
     """
-    Lease: _aio.UnaryUnaryMultiCallable[_split_pb2.LeaseRequest, _split_pb2.LeaseResponse]  # type: ignore[assignment]
-    Complete: _aio.UnaryUnaryMultiCallable[_split_pb2.CompleteRequest, _split_pb2.CompleteResponse]  # type: ignore[assignment]
-    QueueStatus: _aio.UnaryUnaryMultiCallable[_split_pb2.QueueStatusRequest, _split_pb2.QueueStatusResponse]  # type: ignore[assignment]
 
-class SplitServicer(metaclass=_abc_1.ABCMeta):
-    @_abc_1.abstractmethod
+    Lease: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.LeaseRequest,
+        slipstream.protos.split_pb2.LeaseResponse,
+    ]
+
+    Complete: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.CompleteRequest,
+        slipstream.protos.split_pb2.CompleteResponse,
+    ]
+
+    QueueStatus: grpc.aio.UnaryUnaryMultiCallable[
+        slipstream.protos.split_pb2.QueueStatusRequest,
+        slipstream.protos.split_pb2.QueueStatusResponse,
+    ]
+
+class SplitServicer(metaclass=abc.ABCMeta):
+    @abc.abstractmethod
     def UploadTimings(
         self,
-        request_iterator: _MaybeAsyncIterator[_split_pb2.UploadTimingsRequest],
+        request_iterator: _MaybeAsyncIterator[slipstream.protos.split_pb2.UploadTimingsRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_split_pb2.UploadTimingsResponse, _abc.Awaitable[_split_pb2.UploadTimingsResponse]]:
+    ) -> typing.Union[slipstream.protos.split_pb2.UploadTimingsResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.UploadTimingsResponse]]:
         """Timings from any shard of a run, streamed: JUnit reports or parsed records.
         Suite and run id are read from the first message. They are appended to the
         suite's timing history. INVALID_ARGUMENT for a report that does not parse.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def GetShard(
         self,
-        request: _split_pb2.GetShardRequest,
+        request: slipstream.protos.split_pb2.GetShardRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_split_pb2.GetShardResponse, _abc.Awaitable[_split_pb2.GetShardResponse]]:
+    ) -> typing.Union[slipstream.protos.split_pb2.GetShardResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.GetShardResponse]]:
         """This runner's shard of the plan pinned for (suite, run_key, total). The
         first caller's plan is pinned; later callers (other jobs, retries, other
         replicas) get the same split. FAILED_PRECONDITION when test_ids differ
         from the pinned plan's tests.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def JoinQueue(
         self,
-        request: _split_pb2.JoinQueueRequest,
+        request: slipstream.protos.split_pb2.JoinQueueRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_split_pb2.JoinQueueResponse, _abc.Awaitable[_split_pb2.JoinQueueResponse]]:
+    ) -> typing.Union[slipstream.protos.split_pb2.JoinQueueResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.JoinQueueResponse]]:
         """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
         GetShard); Lease hands out the next batch, longest work first; Complete
         reports finished tests. A lease not completed by its deadline goes back
         to the queue.
         """
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Lease(
         self,
-        request: _split_pb2.LeaseRequest,
+        request: slipstream.protos.split_pb2.LeaseRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_split_pb2.LeaseResponse, _abc.Awaitable[_split_pb2.LeaseResponse]]: ...
+    ) -> typing.Union[slipstream.protos.split_pb2.LeaseResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.LeaseResponse]]: ...
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def Complete(
         self,
-        request: _split_pb2.CompleteRequest,
+        request: slipstream.protos.split_pb2.CompleteRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_split_pb2.CompleteResponse, _abc.Awaitable[_split_pb2.CompleteResponse]]: ...
+    ) -> typing.Union[slipstream.protos.split_pb2.CompleteResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.CompleteResponse]]: ...
 
-    @_abc_1.abstractmethod
+    @abc.abstractmethod
     def QueueStatus(
         self,
-        request: _split_pb2.QueueStatusRequest,
+        request: slipstream.protos.split_pb2.QueueStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_split_pb2.QueueStatusResponse, _abc.Awaitable[_split_pb2.QueueStatusResponse]]: ...
+    ) -> typing.Union[slipstream.protos.split_pb2.QueueStatusResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.QueueStatusResponse]]: ...
 
-def add_SplitServicer_to_server(servicer: SplitServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+def add_SplitServicer_to_server(servicer: SplitServicer, server: typing.Union[grpc.Server, grpc.aio.Server]) -> None: ...

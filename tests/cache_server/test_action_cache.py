@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess
 

@@ -10,8 +10,8 @@ import grpc
 import pytest
 import zstandard
 
-from cache_server.services.bytestream import FEED_AHEAD
-from slipstream_protos import bytestream_pb2 as bs_pb2
+from slipstream.cache_server.services.bytestream import FEED_AHEAD
+from slipstream.protos import bytestream_pb2 as bs_pb2
 from tests.reapi import Reapi, digest, rpc_error, write_requests
 from tests.server_process import ServerProcess
 

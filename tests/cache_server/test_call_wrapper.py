@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 import pytest
 
-from cache_server.calls import Call, CallWrapper, Hook
-from cache_server.services.common import RpcError, grpc_errors
+from slipstream.cache_server.calls import Call, CallWrapper, Hook
+from slipstream.cache_server.services.common import RpcError, grpc_errors
 
 KINDS = ["unary_unary", "stream_unary", "unary_stream", "stream_stream"]
 

@@ -10,8 +10,8 @@ import grpc
 import pytest
 import zstandard
 
-from cache_server.services.common import MAX_BATCH_TOTAL_SIZE
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.cache_server.services.common import MAX_BATCH_TOTAL_SIZE
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess
 

@@ -13,11 +13,16 @@ import time
 import grpc
 import pytest
 
-from cache_server.digests import EMPTY_BLOB, BlobId
-from cache_server.storage.base import RecordKeyError
-from cache_server.storage.disk import RAM_FILESYSTEMS, DiskStore, filesystem_of, filesystem_type
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.cache_server.storage.base import RecordKeyError
+from slipstream.cache_server.storage.disk import (
+    RAM_FILESYSTEMS,
+    DiskStore,
+    filesystem_of,
+    filesystem_type,
+)
+from slipstream.core.digests import EMPTY_BLOB, BlobId
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess
 
@@ -224,7 +229,7 @@ def test_store_records_api(tmp_path: pathlib.Path) -> None:
 
 
 def test_store_writer_refuses_mismatch(tmp_path: pathlib.Path) -> None:
-    from cache_server.digests import DigestError
+    from slipstream.core.digests import DigestError
 
     store = DiskStore(tmp_path)
     blob = BlobId.of(b"abc")
@@ -239,7 +244,7 @@ def test_store_writer_refuses_mismatch(tmp_path: pathlib.Path) -> None:
 def test_serve_cli_errors_and_sigterm(tmp_path: pathlib.Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "client.cli", "serve", "--storage", str(tmp_path), *args],
+            [sys.executable, "-m", "slipstream.cli", "serve", "--storage", str(tmp_path), *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -262,7 +267,7 @@ def test_serve_cli_errors_and_sigterm(tmp_path: pathlib.Path) -> None:
 def test_sigterm_right_after_the_ready_line_stops_cleanly(tmp_path: pathlib.Path) -> None:
     """A script may stop the server the moment it says it is serving: the signal must
     reach the shutdown handler, not the default action that kills the process."""
-    serve = [sys.executable, "-m", "client.cli", "serve", "--listen", "127.0.0.1:0"]
+    serve = [sys.executable, "-m", "slipstream.cli", "serve", "--listen", "127.0.0.1:0"]
     for attempt in range(3):
         proc = subprocess.Popen(
             [*serve, "--storage", str(tmp_path / str(attempt))],

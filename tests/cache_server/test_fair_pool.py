@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_server.storage.fair_pool import FairPool, PoolClosed
+from slipstream.cache_server.storage.fair_pool import FairPool, PoolClosed
 
 
 @pytest.fixture

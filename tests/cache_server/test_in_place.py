@@ -13,16 +13,21 @@ import grpc
 import pytest
 import zstandard
 
-from cache_server.calls import Call, CallWrapper, Hook
-from cache_server.digests import BlobId
-from cache_server.services.capabilities import CapabilitiesService
-from cache_server.services.cas import CasService
-from cache_server.services.common import IN_PLACE_GIL_FREE, Backend
-from cache_server.storage.base import StoreUnavailable
-from cache_server.storage.disk import IN_PLACE_FILES, RAM_FILESYSTEMS, DiskStore, filesystem_type
-from cache_server.storage.memory import MemoryStore
-from slipstream_protos import remote_execution_pb2 as re_pb2
-from slipstream_protos import remote_execution_pb2_grpc as re_grpc
+from slipstream.cache_server.calls import Call, CallWrapper, Hook
+from slipstream.cache_server.services.capabilities import CapabilitiesService
+from slipstream.cache_server.services.cas import CasService
+from slipstream.cache_server.services.common import IN_PLACE_GIL_FREE, Backend
+from slipstream.cache_server.storage.base import StoreUnavailable
+from slipstream.cache_server.storage.disk import (
+    IN_PLACE_FILES,
+    RAM_FILESYSTEMS,
+    DiskStore,
+    filesystem_type,
+)
+from slipstream.cache_server.storage.memory import MemoryStore
+from slipstream.core.digests import BlobId
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 
 
 def _fail() -> None:
@@ -148,7 +153,7 @@ def test_handlers_are_wrapped_once_per_method_and_hooks_run_every_call() -> None
             await server.start()
             try:
                 async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                    stub = re_grpc.CapabilitiesStub(channel)
+                    stub: re_grpc.CapabilitiesAsyncStub = re_grpc.CapabilitiesStub(channel)  # type: ignore[assignment]
                     for _ in range(5):
                         await stub.GetCapabilities(re_pb2.GetCapabilitiesRequest())
             finally:

@@ -15,14 +15,14 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import cache_server.cli
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.server import ServerConfig, open_store
-from cache_server.storage.base import RecordKeyError, StoreFull
-from cache_server.storage.memory import MemoryStore
-from client.cli import main
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
+import slipstream.cache_server.cli
+from slipstream.cache_server.server import ServerConfig, open_store
+from slipstream.cache_server.storage.base import RecordKeyError, StoreFull
+from slipstream.cache_server.storage.memory import MemoryStore
+from slipstream.cli import main
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess, running
 
@@ -407,7 +407,7 @@ def test_s3_flags_with_memory_storage_are_a_usage_error() -> None:
         (["--cache-dir", "/tmp/x"], "--cache-dir needs --storage s3://"),
     ]:
         proc = subprocess.run(
-            [sys.executable, "-m", "client.cli", "serve", "--storage", "memory://", *args],
+            [sys.executable, "-m", "slipstream.cli", "serve", "--storage", "memory://", *args],
             capture_output=True,
             text=True,
             timeout=60,
@@ -425,7 +425,7 @@ def test_memory_storage_from_flag_environment_or_file(
     async def record(config: ServerConfig) -> None:
         configs.append(config)
 
-    monkeypatch.setattr(cache_server.cli, "serve", record)
+    monkeypatch.setattr(slipstream.cache_server.cli, "serve", record)
     for name in ("SLIPSTREAM_CONFIG", "SLIPSTREAM_STORAGE", "SLIPSTREAM_MAX_SIZE"):
         monkeypatch.delenv(name, raising=False)
     toml = tmp_path / "slipstream.toml"

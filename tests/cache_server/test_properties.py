@@ -7,10 +7,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cache_server.digests import BlobId, DigestError
-from cache_server.resource_names import RESERVED_SEGMENTS, parse_read_name, parse_write_name
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.cache_server.resource_names import (
+    RESERVED_SEGMENTS,
+    parse_read_name,
+    parse_write_name,
+)
+from slipstream.core.digests import BlobId, DigestError
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest
 
 SETTINGS = settings(

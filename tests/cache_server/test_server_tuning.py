@@ -10,7 +10,7 @@ import pytest
 
 _MMAPPED_CHUNKS = """
 import ctypes, sys
-from cache_server.server import keep_freed_memory
+from slipstream.cache_server.server import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -40,7 +40,7 @@ def test_server_keeps_blob_chunks_off_fresh_mappings(mode: str, mapped: str) -> 
 
 _COLLECTOR = """
 import gc
-from cache_server.server import freeze_start_up_objects
+from slipstream.cache_server.server import freeze_start_up_objects
 
 thresholds = gc.get_threshold()
 freeze_start_up_objects()

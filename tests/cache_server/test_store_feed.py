@@ -12,11 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from cache_server.digests import BlobId
-from cache_server.services.bytestream import FEED_AHEAD, _StoreFeed
-from cache_server.services.common import Backend
-from cache_server.storage.base import BlobWriter, Chunk
-from cache_server.storage.memory import MemoryStore
+from slipstream.cache_server.services.bytestream import FEED_AHEAD, _StoreFeed
+from slipstream.cache_server.services.common import Backend
+from slipstream.cache_server.storage.base import BlobWriter, Chunk
+from slipstream.cache_server.storage.memory import MemoryStore
+from slipstream.core.digests import BlobId
 
 MIB = 1 << 20
 

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from google.rpc import status_pb2
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cache_server.wire import (
+from slipstream.cache_server.wire import (
     BatchReadResponseEncoder,
     WireError,
     encode_read_response,
     parse_write_request,
 )
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import status_pb2
 
 _INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 

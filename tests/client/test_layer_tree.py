@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cache_server.digests import BlobId
-from client.layer_tree import (
+from slipstream.client.layer_tree import (
     DirNode,
     FileNode,
     IncompleteTree,
@@ -18,7 +17,8 @@ from client.layer_tree import (
     encode_tree,
     escapes,
 )
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.core.digests import BlobId
+from slipstream.protos import remote_execution_pb2 as re_pb2
 
 names = st.text(
     st.characters(exclude_characters="/\0", exclude_categories=["Cs"]), min_size=1, max_size=8

@@ -13,11 +13,11 @@ import time
 import grpc
 import pytest
 
-from cache_server.digests import BlobId
-from client.cas_client import CasClient
-from client.layer_tree import UnsafeTree
-from client.layers import LayerClient, LayerExists
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.client.cas_client import CasClient
+from slipstream.client.layer_tree import UnsafeTree
+from slipstream.client.layers import LayerClient, LayerExists
+from slipstream.core.digests import BlobId
+from slipstream.protos import remote_execution_pb2 as re_pb2
 
 
 def snapshot(root: pathlib.Path) -> dict[str, tuple[object, ...]]:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from benchmarks import bench_layers
-from client.cli import main
+from slipstream.cli import main
 from tests.server_process import ServerProcess, free_port
 
 

@@ -17,7 +17,7 @@ import time
 import grpc
 import pytest
 
-from slipstream_protos import bytestream_pb2, bytestream_pb2_grpc
+from slipstream.protos import bytestream_pb2, bytestream_pb2_grpc
 from tests.e2e.bazel_harness import BIG_OUTPUT_BYTES, Bazel, BuildResult
 from tests.server_process import ServerProcess
 

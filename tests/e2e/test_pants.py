@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from slipstream_protos import bytestream_pb2, bytestream_pb2_grpc
+from slipstream.protos import bytestream_pb2, bytestream_pb2_grpc
 from tests.e2e.pants_harness import (
     BIG_OUTPUT_BYTES,
     CACHEABLE_PROCESSES,

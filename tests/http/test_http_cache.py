@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.http.helpers import HttpClient, http_server, http_url, sha256
 from tests.ops.helpers import (
     Token,
@@ -442,7 +442,7 @@ def test_http_listen_comes_from_the_environment_and_is_checked(tmp_path: pathlib
     with running(server), HttpClient(http_url(server)) as client:
         assert client.get(f"/cas/{sha256(b'')}").status == 200
     bad = subprocess.run(
-        [sys.executable, "-m", "client.cli", "serve", "--http-listen", "nonsense"],
+        [sys.executable, "-m", "slipstream.cli", "serve", "--http-listen", "nonsense"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -454,7 +454,7 @@ def test_http_listen_comes_from_the_environment_and_is_checked(tmp_path: pathlib
         port = taken.getsockname()[1]
         argv = ["serve", "--listen", "127.0.0.1:0", "--storage", str(tmp_path / "store")]
         busy = subprocess.run(
-            [sys.executable, "-m", "client.cli", *argv, "--http-listen", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "slipstream.cli", *argv, "--http-listen", f"127.0.0.1:{port}"],
             capture_output=True,
             text=True,
             timeout=60,

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
-from cache_server.auth import hash_token
-from client.cas_client import HeaderInterceptor, bearer
+from slipstream.cache_server.auth import hash_token
+from slipstream.client.cas_client import HeaderInterceptor, bearer
 from tests.server_process import ServerProcess
 
 

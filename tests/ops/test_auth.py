@@ -15,9 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import layers_pb2, layers_pb2_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import layers_pb2, layers_pb2_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import Token, channel_for, write_token_file
 from tests.reapi import Reapi, digest
 from tests.server_process import ServerProcess, running

@@ -22,7 +22,7 @@ def _cache(
 ) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLIPSTREAM_")}
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", "cache", *args],
+        [sys.executable, "-m", "slipstream.cli", "cache", *args],
         capture_output=True,
         text=True,
         env={**clean, **env},

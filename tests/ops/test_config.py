@@ -8,10 +8,10 @@ import pathlib
 import grpc
 import pytest
 
-import cache_server.cli
-from cache_server.config import apply_layers
-from client.cli import build_parser, main
-from slipstream_protos import remote_execution_pb2 as re_pb2
+import slipstream.cache_server.cli
+from slipstream.cache_server.config import apply_layers
+from slipstream.cli import build_parser, main
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import (
     Token,
     channel_for,
@@ -172,7 +172,7 @@ def test_bad_settings_stop_the_server_with_one_line(
     async def must_not_serve(config: object) -> None:
         raise AssertionError("the server started despite a bad setting")
 
-    monkeypatch.setattr(cache_server.cli, "serve", must_not_serve)
+    monkeypatch.setattr(slipstream.cache_server.cli, "serve", must_not_serve)
     for name in ("SLIPSTREAM_CONFIG", "SLIPSTREAM_TOKENS"):
         monkeypatch.delenv(name, raising=False)
     for argv, env, expected in _cases(tmp_path):

@@ -18,9 +18,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cache_server.auth import parse_tokens
-from cache_server.config import apply_layers
-from client.cli import build_parser
+from slipstream.cache_server.auth import parse_tokens
+from slipstream.cache_server.config import apply_layers
+from slipstream.cli import build_parser
 
 DEPLOY = pathlib.Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.30.0"  # the oldest version the manifests must work on
@@ -125,11 +125,13 @@ def test_dockerfile_is_consistent_with_the_repository() -> None:
             for source in line.split()[1:-1]:
                 assert (DEPLOY.parent / source).exists(), source
     project = tomllib.loads((DEPLOY.parent / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["slipstream"] == "client.cli:main"
+    assert project["project"]["scripts"]["slipstream"] == "slipstream.cli:main"
+    root = DEPLOY.parent.resolve()
     for package in project["tool"]["setuptools"]["packages"]:
-        top = package.split(".")[0]
-        source = project["tool"]["setuptools"].get("package-dir", {}).get(top, top)
-        assert f"COPY {source.split('/')[0]}/" in text, package
+        # slipstream/cache_server is a link to cache_server/: both must be in the image.
+        folder = (root / package.replace(".", "/")).resolve().relative_to(root)
+        assert f"COPY {folder.parts[0]}/" in text, package
+        assert "COPY slipstream/" in text, package
     assert 'ENTRYPOINT ["slipstream", "serve"]' in lines
     assert "USER 10001:10001" in lines
     exposed = {int(p) for line in lines if line.startswith("EXPOSE") for p in line.split()[1:]}

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from cache_server.auth import OPEN
-from cache_server.calls import Call
-from cache_server.limits import LimitEnforcer
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.cache_server.auth import OPEN
+from slipstream.cache_server.calls import Call
+from slipstream.cache_server.limits import LimitEnforcer
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import Token, channel_for, code_of, write_token_file
 from tests.reapi import Reapi, digest
 from tests.server_process import ServerProcess, running

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from slipstream_protos import layers_pb2, layers_pb2_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import layers_pb2, layers_pb2_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import Token, channel_for, code_of, metrics_url, scrape
 from tests.ops.helpers import write_token_file as _write_tokens
 from tests.reapi import Reapi, digest

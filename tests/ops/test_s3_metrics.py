@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from cache_server.metrics import StoreCollector
-from cache_server.storage.base import StoreStats
+from slipstream.cache_server.metrics import StoreCollector
+from slipstream.cache_server.storage.base import StoreStats
 from tests.ops.helpers import channel_for, metrics_url, scrape
 from tests.reapi import Reapi
 from tests.s3.conftest import aws_env, bucket, moto_url, server_args  # noqa: F401 (fixtures)

@@ -15,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from slipstream_protos import layers_pb2, layers_pb2_grpc
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import layers_pb2, layers_pb2_grpc
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import (
     Pki,
     Token,

@@ -10,7 +10,7 @@ from typing import Any
 import boto3
 import pytest
 
-from cache_server.storage.s3 import S3Config, S3Store
+from slipstream.cache_server.storage.s3 import S3Config, S3Store
 from tests.s3.fault_proxy import FaultProxy
 from tests.s3.moto import AWS_ENV, moto_server
 

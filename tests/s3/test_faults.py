@@ -8,9 +8,9 @@ import random
 
 import pytest
 
-from cache_server.digests import BlobId
-from cache_server.storage import s3 as s3mod
-from cache_server.storage.base import StoreUnavailable
+from slipstream.cache_server.storage import s3 as s3mod
+from slipstream.cache_server.storage.base import StoreUnavailable
+from slipstream.core.digests import BlobId
 from tests.s3.conftest import StoreFactory, s3_client
 from tests.s3.fault_proxy import FaultProxy
 

@@ -8,10 +8,10 @@ import pathlib
 
 import pytest
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.storage.base import Store
-from cache_server.storage.disk import DiskStore
-from cache_server.storage.tiered import TieredStore
+from slipstream.cache_server.storage.base import Store
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.cache_server.storage.tiered import TieredStore
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
 from tests.s3.conftest import StoreFactory
 
 

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from cache_server.storage.s3 import S3Config, S3Store
-from slipstream_protos import bytestream_pb2 as bs_pb2
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.cache_server.storage.s3 import S3Config, S3Store
+from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.s3.conftest import s3_client, server_args
 from tests.s3.fault_proxy import FaultProxy
@@ -246,7 +246,7 @@ def test_large_blob_memory_stays_bounded(bucket: str, moto_url: str, servers: li
 
 def _serve_exit(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "client.cli", "serve", "--listen", "127.0.0.1:0", *args],
+        [sys.executable, "-m", "slipstream.cli", "serve", "--listen", "127.0.0.1:0", *args],
         capture_output=True,
         text=True,
         timeout=60,

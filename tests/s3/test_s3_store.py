@@ -8,12 +8,12 @@ import pathlib
 
 import pytest
 
-from cache_server.digests import EMPTY_BLOB, BlobId, DigestError
-from cache_server.storage import s3 as s3mod
-from cache_server.storage.base import RecordKeyError, StoreUnavailable
-from cache_server.storage.disk import DiskStore
-from cache_server.storage.s3 import S3Store, parse_s3_url, windows
-from cache_server.storage.tiered import TieredStore
+from slipstream.cache_server.storage import s3 as s3mod
+from slipstream.cache_server.storage.base import RecordKeyError, StoreUnavailable
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.cache_server.storage.s3 import S3Store, parse_s3_url, windows
+from slipstream.cache_server.storage.tiered import TieredStore
+from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
 from tests.s3.conftest import StoreFactory, s3_client
 from tests.s3.fault_proxy import FaultProxy
 

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from benchmarks.bench_split import make_sample_project, run_pytest, run_shard
-from client.split_client import SplitClient
+from slipstream.client.split_client import SplitClient
 from tests.server_process import ServerProcess, free_port
 from tests.splitter.test_plugin import collected_ids, junit_ids
 
@@ -147,7 +147,7 @@ def test_server_down_falls_back_and_runs_every_test_once(project, all_ids, queue
 
 def test_cli_shard_and_timings_upload(project, all_ids, shared_server, tmp_path):
     ids = "\n".join(all_ids) + "\n"
-    base = [sys.executable, "-m", "client.cli"]
+    base = [sys.executable, "-m", "slipstream.cli"]
     server = ["--server", shared_server.address]
     # A report of its own: tests in this module may run on other xdist workers.
     run_pytest(project, "-q", "-p", "no:slipstream_split", f"--junitxml={tmp_path / 't.xml'}")

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitter.algorithm import build_units
-from splitter.history import Estimates, Sample
-from splitter.pinning import (
+from slipstream.splitter.algorithm import build_units
+from slipstream.splitter.history import Estimates, Sample
+from slipstream.splitter.pinning import (
     PinnedPlan,
     check_request,
     fallback_shard,
@@ -21,7 +21,7 @@ from splitter.pinning import (
     mismatch,
     plan_key,
 )
-from splitter.queue import (
+from slipstream.splitter.queue import (
     DEFAULT_FACTOR,
     Batch,
     Completion,

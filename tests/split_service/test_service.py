@@ -9,12 +9,12 @@ import time
 import grpc
 import pytest
 
-from cache_server.storage.disk import DiskStore
-from client.split_client import SplitClient, SplitRefused
-from slipstream_protos import split_pb2
-from slipstream_protos import split_pb2_grpc as split_grpc
-from splitter import history
-from splitter.history import Sample
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.client.split_client import SplitClient, SplitRefused
+from slipstream.protos import split_pb2
+from slipstream.protos import split_pb2_grpc as split_grpc
+from slipstream.splitter import history
+from slipstream.splitter.history import Sample
 from tests.server_process import ServerProcess
 
 TESTS = [f"tests/test_{f}.py::test_{i}" for f in "abcdef" for i in range(5)]

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitter.algorithm import Unit, build_units, plan_hash, split, split_tests
+from slipstream.splitter.algorithm import Unit, build_units, plan_hash, split, split_tests
 
 # Ids like pytest's, with the odd characters parameters bring.
 _names = st.text(alphabet="abcXYZ_-[]:# '\"\\", min_size=1, max_size=6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitter.ci import check_shard, run_id_from_env, shard_from_env
+from slipstream.splitter.ci import check_shard, run_id_from_env, shard_from_env
 
 
 @pytest.mark.parametrize(

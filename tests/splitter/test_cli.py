@@ -1,4 +1,4 @@
-"""``slipstream split`` and ``slipstream plan`` through client.cli.main."""
+"""``slipstream split`` and ``slipstream plan`` through slipstream.cli.main."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pathlib
 
 import pytest
 
-from cache_server.storage.disk import DiskStore
-from client.cli import main
-from splitter.history import Run, Sample, append_run
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.cli import main
+from slipstream.splitter.history import Run, Sample, append_run
 
 DATA = pathlib.Path(__file__).parent / "data"
 IDS = [

@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from cache_server.storage.disk import DiskStore
-from splitter import history
-from splitter.history import Run, Sample, append_run, estimate, load_runs, merge_runs
-from splitter.ids import JUnitCase
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.splitter import history
+from slipstream.splitter.history import Run, Sample, append_run, estimate, load_runs, merge_runs
+from slipstream.splitter.ids import JUnitCase
 
 
 def run(tests, *, run_id=None, created=0, file_costs=None, startup=None):

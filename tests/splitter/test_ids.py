@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from splitter.ids import (
+from slipstream.splitter.ids import (
     JUnitCase,
     class_of,
     directories_of,

@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from splitter.ids import node_id
-from splitter.junit import NotJUnit, expand_paths, parse_report, parse_time, read_reports
+from slipstream.splitter.ids import node_id
+from slipstream.splitter.junit import NotJUnit, expand_paths, parse_report, parse_time, read_reports
 
 DATA = pathlib.Path(__file__).parent / "data"
 

@@ -8,8 +8,8 @@ import pathlib
 import pytest
 
 from benchmarks.bench_split import make_sample_project, run_pytest, run_shard
-from splitter.ids import node_id
-from splitter.junit import read_reports
+from slipstream.splitter.ids import node_id
+from slipstream.splitter.junit import read_reports
 
 TOTAL = 3
 

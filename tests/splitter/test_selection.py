@@ -9,10 +9,10 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitter.history import Run, Sample
-from splitter.ids import file_of
-from splitter.pytest_plugin import Sharding, plan_known, select
-from splitter.sources import TimingSource
+from slipstream.pytest_plugin import Sharding, plan_known, select
+from slipstream.splitter.history import Run, Sample
+from slipstream.splitter.ids import file_of
+from slipstream.splitter.sources import TimingSource
 
 _files = st.sampled_from([f"tests/test_{c}.py" for c in "abcdefg"])
 _tests = st.builds(lambda f, n: f"{f}::test_{n}", _files, st.integers(0, 30))

@@ -1,8 +1,9 @@
 """The `slipstream` command: one entry point, one subcommand per job.
 
-Each component registers its own subcommands (cache_server.cli, splitter.cli,
-client.layers_cli, ...). A handler returns the process exit code. Bad input is
-reported as one line on stderr with exit code 2, never a traceback.
+Each component registers its own subcommands (slipstream.cache_server.cli,
+slipstream.split_cli, slipstream.client.layers_cli, ...). A handler returns the
+process exit code. Bad input is reported as one line on stderr with exit code 2,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -13,21 +14,24 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from slipstream.core.errors import UsageError
+
 # Modules that define `register(subparsers)`; each adds its subcommands and
 # sets `handler` (a function of the parsed args returning an exit code).
 SUBCOMMAND_MODULES = (
-    "cache_server.cli",
-    "splitter.cli",
-    "client.layers_cli",
-    "client.shard_cli",
-    "cache_server.ops_cli",
+    "slipstream.split_cli",
+    "slipstream.client.layers_cli",
+    "slipstream.client.shard_cli",
 )
+# The server's subcommands, by module: without the `server` extra installed they
+# are still listed, and say what to install.
+SERVER_SUBCOMMANDS = {
+    "slipstream.cache_server.cli": ("serve", "run the cache server"),
+    "slipstream.cache_server.ops_cli": ("token", "make access tokens for the server"),
+}
+SERVER_EXTRA = "pip install 'slipstream[server]'"
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class UsageError(Exception):
-    """Bad input from the command line: reported as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,15 +44,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slipstream", description="Fast CI: build cache and test splitter.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
-    for name in SUBCOMMAND_MODULES:
+    for name, (command, summary) in SERVER_SUBCOMMANDS.items():
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue  # that component is not there yet
-            raise
+            if exc.name is None or exc.name.startswith("slipstream"):
+                raise
+            _register_missing(subparsers, command, summary, exc.name)
+            continue
         module.register(subparsers)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
     return parser
+
+
+def _register_missing(
+    subparsers: argparse._SubParsersAction[_Parser],
+    command: str,
+    summary: str,
+    missing: str,
+) -> None:
+    def handler(args: argparse.Namespace) -> int:
+        raise UsageError(f"needs the server's packages (no module {missing!r}): {SERVER_EXTRA}")
+
+    p = subparsers.add_parser(command, help=f"{summary} (needs {SERVER_EXTRA})")
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(handler=handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,8 +89,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not __main__, so exception classes that the
-    # subcommand modules import from client.cli are the ones caught here.
-    from client.cli import main as _main
-
-    raise SystemExit(_main())
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from slipstream_protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2 as re_pb2
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -10,11 +10,12 @@ import re
 import sys
 from collections.abc import Sequence
 
-from client.cli import UsageError
-from splitter import ci, history
-from splitter.algorithm import GRANULARITIES, Plan, split_tests
-from splitter.history import Estimates, HistoryError
-from splitter.sources import TimingSource, load_estimates, open_store, runs_from_junit
+from slipstream.core.errors import UsageError
+from slipstream.history_store import load_estimates, open_store
+from slipstream.splitter import ci, history
+from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
+from slipstream.splitter.history import Estimates, HistoryError
+from slipstream.splitter.sources import TimingSource, runs_from_junit
 
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([hms]?)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "": 1.0}

@@ -6,7 +6,7 @@ import threading
 
 import zstandard
 
-from cache_server.digests import DigestError
+from slipstream.core.digests import DigestError
 
 
 def decompress_exact(data: bytes, size: int) -> bytes:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from client.split_client import (
+from slipstream.client.split_client import (
     LeaseAnswer,
     SplitClient,
     SplitRefused,
@@ -29,10 +29,10 @@ from client.split_client import (
     local_shard,
     shard_or_fallback,
 )
-from splitter import history
-from splitter.algorithm import Granularity
-from splitter.history import Estimates, Run, Sample
-from splitter.sources import runs_from_junit
+from slipstream.splitter import history
+from slipstream.splitter.algorithm import Granularity
+from slipstream.splitter.history import Estimates, Run, Sample
+from slipstream.splitter.sources import runs_from_junit
 
 PREFIX = "slipstream split"
 

@@ -30,15 +30,16 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import xxhash
 
-from splitter import ci, history
-from splitter.algorithm import GRANULARITIES, Plan, split_tests
-from splitter.history import Estimates, Run, Sample
-from splitter.ids import file_of, junit_key
-from splitter.junit import FILE_COST_PROPERTY, GROUP_PROPERTY, STARTUP_PROPERTY
-from splitter.sources import TimingSource, open_store, runs_from_junit
+from slipstream.history_store import open_store
+from slipstream.splitter import ci, history
+from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
+from slipstream.splitter.history import Estimates, Run, Sample
+from slipstream.splitter.ids import file_of, junit_key
+from slipstream.splitter.junit import FILE_COST_PROPERTY, GROUP_PROPERTY, STARTUP_PROPERTY
+from slipstream.splitter.sources import TimingSource, runs_from_junit
 
 if TYPE_CHECKING:
-    from splitter.remote import Remote
+    from slipstream.client.split_remote import Remote
 
 _WORKER_KEY = "slipstream_file_costs"
 _WORKER_GROUPS_KEY = "slipstream_groups"
@@ -552,8 +553,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def _with_remote(config: pytest.Config, sharding: Sharding | None) -> Sharding:
     """The sharding with its server settings; UsageError for an incomplete set."""
     # Imported here: gRPC and the client are not needed by runs without a server.
-    from client.cas_client import server_address
-    from splitter.remote import Remote
+    from slipstream.client.split_remote import Remote
+    from slipstream.core.addresses import server_address
 
     opts = config.option
     if not (opts.shard_server and opts.run_key):
