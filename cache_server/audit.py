@@ -38,17 +38,6 @@ def _digest(d: Any) -> str:
     return f"{d.hash}/{d.size_bytes}"
 
 
-def _cert_name(call: Call) -> str | None:
-    try:
-        names = call.context.auth_context().get("x509_common_name")
-    except Exception:
-        return None
-    name = next(iter(names or ()), None)
-    if name is None:
-        return None
-    return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
-
-
 class AuditLog(Hook):
     def __init__(self, path: str) -> None:
         self.path = path
@@ -58,7 +47,10 @@ class AuditLog(Hook):
         self._lock = threading.Lock()
 
     def end(self, call: Call) -> None:
-        if call.method == AC_WRITE:
+        http: dict[str, Any] | None = call.notes.get("audit")  # set by an HTTP front end
+        if http is not None:
+            event = str(http["event"])
+        elif call.method == AC_WRITE:
             event = "ac_write"
         elif call.method == LAYER_WRITE:
             event = "layer_write"
@@ -68,13 +60,21 @@ class AuditLog(Hook):
         record: dict[str, Any] = {
             "time": datetime.datetime.now(datetime.UTC).isoformat(),
             "event": event,
+            "protocol": call.protocol,
             "caller": caller.name,
             "authenticated": caller.authenticated,
-            "peer": call.context.peer(),
+            "peer": call.peer,
             "request_id": call.request_id,
             "outcome": call.code.name,
         }
-        cert = _cert_name(call)
+        if http is not None:
+            status = call.notes.get("http.status", 0)
+            record.update(http, outcome="OK" if status < 300 else f"HTTP {status}")
+            if status >= 300:
+                record["reason"] = call.details
+            self.write(record)
+            return
+        cert = call.client_cert_name()
         if cert is not None:
             record["client_cert"] = cert
         request = call.request

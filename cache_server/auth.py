@@ -61,7 +61,7 @@ _BS = "/google.bytestream.ByteStream/"
 _LAYERS = "/slipstream.layers.v1.Layers/"
 
 # The scope each method needs; None: any caller let in at all.
-METHOD_SCOPES: dict[str, str | None] = {
+METHOD_SCOPES: dict[str, str | tuple[str, ...] | None] = {
     f"{_RE}Capabilities/GetCapabilities": None,
     f"{_RE}ContentAddressableStorage/FindMissingBlobs": READ,
     f"{_RE}ContentAddressableStorage/BatchReadBlobs": READ,
@@ -83,10 +83,11 @@ TOKEN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]{0,63}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-def register_method(method: str, scope: str | None) -> None:
-    """Declare the scope a method needs, e.g. ("/pkg.Service/Get", READ)."""
-    if scope is not None and scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}")
+def register_method(method: str, scope: str | tuple[str, ...] | None) -> None:
+    """Declare the scope (or scopes, all needed) a method needs, e.g. ("/pkg.Service/Get", READ)."""
+    for one in (scope,) if scope is None or isinstance(scope, str) else scope:
+        if one is not None and one not in SCOPES:
+            raise ValueError(f"unknown scope {one!r}")
     METHOD_SCOPES[method] = scope
 
 
@@ -213,11 +214,12 @@ def parse_tokens(text: str, source: str) -> dict[str, TokenEntry]:
 
 
 def _peer_host(peer: str) -> str:
-    """The address part of a gRPC peer string such as "ipv4:127.0.0.1:5555"."""
+    """The address in a gRPC peer ("ipv4:127.0.0.1:5555", "ipv6:[::1]:5555") or an HTTP
+    remote ("127.0.0.1", "::1"), the same for both protocols."""
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
-        return rest.rsplit(":", 1)[0]
-    return peer
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer.strip("[]")
 
 
 class Authenticator(Hook):
@@ -291,7 +293,7 @@ class Authenticator(Hook):
             who = f"caller {caller.name!r}" if caller.authenticated else "an anonymous caller"
             raise RpcError(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"{call.method_name} needs scope {missing[0]!r}, which {who} does not have",
+                f"{call.what} needs scope {missing[0]!r}, which {who} does not have",
             )
 
     @staticmethod
@@ -300,4 +302,4 @@ class Authenticator(Hook):
         caller = call.caller if isinstance(call.caller, Caller) else OPEN
         if caller.authenticated:
             return caller.name
-        return f"anonymous@{_peer_host(call.context.peer() or '')}"
+        return f"anonymous@{_peer_host(call.peer)}"

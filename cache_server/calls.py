@@ -1,10 +1,13 @@
-"""One wrapper around every service handler, with pluggable hooks.
+"""One request pipeline around every call, gRPC and HTTP alike, with pluggable hooks.
 
 Authentication, per-caller limits, metrics, the audit log and the request-id of
-structured logs are all cross-cutting: none of them belongs in a handler. Each
-is a `Hook`; `CallWrapper` (a grpc.aio interceptor) replaces the behavior and
-the (de)serializers of every handler it covers with wrappers that run the hooks
-around the call:
+structured logs are all cross-cutting: none of them belongs in a handler, nor in
+a protocol's front end. Each is a `Hook`, and one list of hooks (one instance of
+each, so one limiter per caller whatever the protocol) runs around every call.
+`CallWrapper` (a grpc.aio interceptor) replaces the behavior and the
+(de)serializers of every gRPC handler it covers with wrappers that run the hooks;
+the HTTP endpoint (cache_server.http_endpoint) runs the same hooks through
+`CallRun` around each request:
 
     begin(call)            before the handler; raise RpcError to refuse the call
     request(call, msg)     for each request message (streamed ones too)
@@ -46,12 +49,15 @@ _MAX_REQUEST_ID = 64
 
 @dataclass
 class Call:
-    """One RPC as the hooks see it."""
+    """One call as the hooks see it: a gRPC call, or an HTTP request (context None)."""
 
-    method: str  # "/package.Service/Method"
-    context: grpc.aio.ServicerContext[Any, Any]
+    method: str  # "/package.Service/Method"; HTTP: "/http.ROUTE/VERB"
+    context: grpc.aio.ServicerContext[Any, Any] | None
     request_id: str
     headers: Sequence[tuple[str, str | bytes]] = ()  # the call's metadata, read once
+    protocol: str = "grpc"  # or "http"
+    remote: str = ""  # HTTP: the client's address (gRPC asks its context)
+    label: str = ""  # how messages name the call; the method's name if empty
     started: float = field(default_factory=time.monotonic)
     caller: Any = None  # set by the auth hook (cache_server.auth.Caller)
     request: Any = None  # the unary request, or the first streamed one
@@ -67,6 +73,31 @@ class Call:
     @property
     def method_name(self) -> str:
         return self.method.rsplit("/", 1)[-1]
+
+    @property
+    def what(self) -> str:
+        """The call as a message names it: "UpdateActionResult", "PUT on ccache"."""
+        return self.label or self.method_name
+
+    @property
+    def peer(self) -> str:
+        """The client's address: "ipv4:10.0.0.7:51234" over gRPC, "10.0.0.7" over HTTP."""
+        if self.context is not None:
+            return self.context.peer() or ""
+        return self.remote
+
+    def client_cert_name(self) -> str | None:
+        """The common name of the client's TLS certificate, if it sent one (gRPC)."""
+        if self.context is None:
+            return None
+        try:
+            names = self.context.auth_context().get("x509_common_name")
+        except Exception:
+            return None
+        name = next(iter(names or ()), None)
+        if name is None:
+            return None
+        return name.decode(errors="replace") if isinstance(name, bytes) else str(name)
 
     def metadata(self, key: str) -> str | None:
         for k, v in self.headers:
@@ -106,7 +137,8 @@ class Hook:
         """Bytes of one response message as sent on the wire."""
 
 
-def _request_id(headers: Sequence[tuple[str, str | bytes]]) -> str:
+def request_id(headers: Sequence[tuple[str, str | bytes]]) -> str:
+    """The client's x-request-id, cleaned, or a new one."""
     for k, v in headers:
         if k == REQUEST_ID_HEADER and isinstance(v, str):
             cleaned = "".join(ch for ch in v if ch.isalnum() or ch in "-_.:")
@@ -125,7 +157,7 @@ def _final_code(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException 
     return grpc.StatusCode.UNKNOWN, type(exc).__name__
 
 
-class _Run:
+class CallRun:
     """The hooks of one call, run in order."""
 
     def __init__(self, hooks: Sequence[Hook], call: Call) -> None:
@@ -162,19 +194,25 @@ class _Run:
                 self.request(message)
         except RpcError as err:
             self.end(err)
+            assert self.call.context is not None
             end_with_status(self.call.context, err.code, err.message)
             return False
         return True
 
     def end(self, exc: BaseException | None) -> None:
+        if isinstance(exc, RpcError):
+            self.end_with(exc.code, exc.message)
+        else:
+            assert self.call.context is not None  # HTTP calls end with end_with
+            self.end_with(*_final_code(self.call.context, exc))
+
+    def end_with(self, code: grpc.StatusCode, details: str) -> None:
+        """End the call with this status: every hook's end runs, once."""
         if self.ended:
             return
         self.ended = True
         call = self.call
-        if isinstance(exc, RpcError):
-            call.code, call.details = exc.code, exc.message
-        else:
-            call.code, call.details = _final_code(call.context, exc)
+        call.code, call.details = code, details
         for hook in reversed(self.hooks):
             try:
                 hook.end(call)
@@ -230,15 +268,15 @@ class CallWrapper(MethodWrapper):
     # ---- behaviors ----
     def _start(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str, request: Any = None
-    ) -> _Run:
+    ) -> CallRun:
         headers = tuple(context.invocation_metadata() or ())  # a tuple already: no copy
-        call = Call(method, context, _request_id(headers), headers)
+        call = Call(method, context, request_id(headers), headers)
         if not isinstance(request, MalformedRequest):
             call.request = request  # seen by end() even when begin() refuses the call
         CURRENT.set(call)
-        return _Run(self.hooks, call)
+        return CallRun(self.hooks, call)
 
-    def _requests(self, run: _Run, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    def _requests(self, run: CallRun, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async def checked() -> AsyncIterator[Any]:
             async for message in requests:
                 run.request(message)
@@ -340,6 +378,17 @@ class AccessLog(Hook):
 
     def end(self, call: Call) -> None:
         if not log.isEnabledFor(logging.INFO):
+            return
+        if call.protocol == "http":
+            status = call.notes.get("http.status", 0)
+            log.info(
+                "HTTP %s %s %d %.1fms",
+                call.method_name,
+                call.notes.get("http.path", "-"),
+                status,
+                (time.monotonic() - call.started) * 1000,
+                extra={"http_status": status, "duration_ms": _ms(call), "details": call.details},
+            )
             return
         log.info(
             "%s %s %.1fms",

@@ -10,7 +10,7 @@ store by a collector that asks it at scrape time:
     slipstream_grpc_in_flight                              calls being served now
     slipstream_cache_lookups_total{service,result}        hit / miss, per blob or key:
         ac (GetActionResult), cas (FindMissingBlobs, BatchReadBlobs),
-        bytestream (Read), layers (GetLayer); over HTTP (cache_server.http_cache):
+        bytestream (Read), layers (GetLayer); over HTTP (cache_server.http_endpoint):
         http_ac, http_cas, ccache (GET and HEAD)
     slipstream_http_requests_total{route,method,code}     HTTP cache requests, by status
     slipstream_http_request_seconds{route,method}         their latency
@@ -222,6 +222,9 @@ class Metrics(Hook):
     def end(self, call: Call) -> None:
         if call.notes.pop("metrics.in_flight", False):
             self.in_flight.dec()
+        if call.protocol == "http":
+            self._http_request(call)
+            return
         service, method = _split(call.method)
         self._labels(self.requests, service, method, call.code.name).inc()
         self._labels(self.latency, service, method).observe(time.monotonic() - call.started)
@@ -233,12 +236,12 @@ class Metrics(Hook):
             if misses:
                 self._labels(self.lookups, kind, "miss").inc(misses)
 
-    def http_request(
-        self, route: str, method: str, status: int, seconds: float, hit: bool | None
-    ) -> None:
-        """One HTTP cache request (route: ac, cas, ccache or invalid); hit for lookups."""
+    def _http_request(self, call: Call) -> None:
+        """One HTTP request (route: ac, cas, ccache, ... or invalid); hit for lookups."""
+        route, method = call.notes.get("http.route", "invalid"), call.method_name
+        status, hit = call.notes.get("http.status", 0), call.notes.get("http.hit")
         self._labels(self.http_requests, route, method, str(status)).inc()
-        self._labels(self.http_latency, route, method).observe(seconds)
+        self._labels(self.http_latency, route, method).observe(time.monotonic() - call.started)
         if hit is not None:
             kind = route if route == "ccache" else f"http_{route}"
             self._labels(self.lookups, kind, "hit" if hit else "miss").inc()

@@ -39,7 +39,7 @@ from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 from slipstream.protos import split_pb2_grpc as split_grpc
 
 if TYPE_CHECKING:
-    from slipstream.cache_server.http_cache import HttpCache
+    from slipstream.cache_server.http_endpoint import HttpEndpoint
     from slipstream.cache_server.storage.s3 import S3Config
 
 log = logging.getLogger("cache_server")
@@ -121,11 +121,13 @@ class CacheServer:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
         self.port = 0
-        self.http: HttpCache | None = None
+        self.http: HttpEndpoint | None = None
         if config.http_listen is not None:
-            from slipstream.cache_server.http_cache import HttpCache  # aiohttp: only when asked for
+            from slipstream.cache_server.http_endpoint import (
+                HttpEndpoint,  # aiohttp: only when asked for
+            )
 
-            self.http = HttpCache(self.backend, self.ops)
+            self.http = HttpEndpoint(self.backend, self.ops)
 
     async def start(self) -> None:
         self.port = self.ops.bind(self.server, self.config.listen)

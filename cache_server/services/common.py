@@ -65,6 +65,44 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
+class HttpError(Exception):
+    """An HTTP answer: this status and a one-line message."""
+
+    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.close = close  # the body was not read: do not keep the connection
+
+
+# The HTTP status of each gRPC status, for errors raised in the shared pipeline
+# (refusals by the hooks) and by the store.
+_HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.FAILED_PRECONDITION: 412,
+    grpc.StatusCode.OUT_OF_RANGE: 416,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,  # too many calls in flight
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status_of(exc: BaseException) -> tuple[int, str]:
+    """The HTTP status for an exception raised while serving an HTTP request."""
+    if isinstance(exc, HttpError):
+        return exc.status, exc.message
+    if isinstance(exc, StoreFull):
+        return 413, str(exc)  # a blob over what the store can hold
+    code, message = status_of(exc)
+    return _HTTP_STATUS.get(code, 500), message
+
+
 def _one_line(message: str) -> str:
     return " ".join(message.split())[:500]
 

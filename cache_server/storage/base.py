@@ -28,7 +28,7 @@ Y = TypeVar("Y")
 
 # Records in these namespaces count toward the size bound and may be evicted;
 # the others (layer keys, timings, plans) are small and kept. "ccache" holds the
-# HTTP endpoint's ccache keys (cache_server.http_cache), whose contents are CAS blobs.
+# HTTP endpoint's ccache keys (cache_server.services.http_ccache), whose contents are CAS blobs.
 EVICTABLE_NAMESPACES = frozenset({"ac", "ccache"})
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesystems

@@ -1,0 +1,266 @@
+"""The HTTP endpoint (`slipstream serve --http-listen HOST:PORT`): every HTTP protocol.
+
+Served from the same event loop, store and worker threads as the gRPC services,
+so an entry written over one protocol is read over the other. Each protocol is a
+front end (cache_server.services.http_*): it owns the paths under a reserved first
+segment (`ccache`), or, for Bazel's HTTP cache, every path no other one reserves.
+
+Every request goes through the pipeline the gRPC calls go through
+(cache_server.calls): the same hooks, one instance of each, so one caller's calls
+in flight count against one limit whatever the protocol. Around a front end, the
+pipeline identifies the caller (`Authorization: Bearer TOKEN`, or HTTP Basic with
+the token as the password), checks the scopes the route needs (401 without a
+token, 403 without the scope), counts the request against the caller's limits
+(429), times and counts it in the metrics, audits a write taken on trust (refused
+ones too), logs it with a request id, and maps any error to a status with a
+one-line text body (cache_server.services.common.http_status_of): never a
+traceback. Request lines and headers never reach a log (they may hold tokens).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+
+import grpc
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from slipstream.cache_server.auth import OPEN, Caller, register_method
+from slipstream.cache_server.calls import CURRENT, REQUEST_ID_HEADER, Call, CallRun, request_id
+from slipstream.cache_server.config import TlsConfig
+from slipstream.cache_server.operations import Operations
+from slipstream.cache_server.services.common import Backend, HttpError, RpcError, http_status_of
+from slipstream.cache_server.services.http_bazel import BazelHttpCache
+from slipstream.cache_server.services.http_ccache import CcacheStorage
+from slipstream.cache_server.services.http_common import SEGMENT, HttpFrontEnd, Target, text
+
+log = logging.getLogger("cache_server")
+
+FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (CcacheStorage, BazelHttpCache)
+
+# What a refused or failed HTTP request counts as in the hooks (access log, audit).
+_GRPC_CODE = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    416: grpc.StatusCode.OUT_OF_RANGE,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    507: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def http_method(route: str, verb: str) -> str:
+    """The method name an HTTP request has in the pipeline: "/http.ccache/PUT"."""
+    return f"/http.{route}/{verb}"
+
+
+class _NoRequestText(logging.Filter):
+    """aiohttp logs a request it cannot parse with the offending line, which may be an
+    Authorization header: keep the fact, drop the text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info or record.args:
+            kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
+            record.msg = f"HTTP request refused: it does not parse ({kind or 'malformed'})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+            record.stack_info = None
+        return True
+
+
+for _name in ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.internal"):
+    logging.getLogger(_name).addFilter(_NoRequestText())
+
+
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A server SSL context from PEM bytes (the ssl module loads only files)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory(prefix="slipstream-tls-") as tmp:
+        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        for path, data in ((cert, tls.cert), (key, tls.key)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        ctx.load_cert_chain(cert, key)
+    if tls.client_ca is not None:
+        ctx.load_verify_locations(cadata=tls.client_ca.decode())
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def _authorization(header: str | None) -> str | None:
+    """The authorization header as auth reads it; HTTP Basic's password is the token."""
+    if header is None:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return header
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        raise HttpError(401, "the Basic authorization header does not decode") from None
+    return f"Bearer {decoded.partition(':')[2]}"
+
+
+class HttpEndpoint:
+    """The aiohttp application, its front ends and its listening site."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        ops: Operations,
+        front_ends: Sequence[type[HttpFrontEnd]] = FRONT_ENDS,
+    ) -> None:
+        self.backend = backend
+        self.ops = ops
+        built = [front_end(backend) for front_end in front_ends]
+        self.by_prefix = {fe.prefix: fe for fe in built if fe.prefix is not None}
+        self.default = next((fe for fe in built if fe.prefix is None), None)
+        for fe in built:
+            for (route, verb), scopes in fe.scopes.items():
+                register_method(http_method(route, verb), scopes)
+        self.app = web.Application(handler_args={"max_field_size": 16384})
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, listen: str) -> int:
+        """Listen on HOST:PORT (port 0 picks one); returns the port."""
+        host, _, port = listen.rpartition(":")
+        tls = self.ops.config.tls
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(
+            self.runner,
+            host.strip("[]"),
+            int(port),
+            ssl_context=ssl_context(tls) if tls is not None else None,
+            shutdown_timeout=5.0,
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.runner.cleanup()
+            self.runner = None
+            raise OSError(f"cannot serve HTTP on {listen}: {exc.strerror or exc}") from None
+        self.port = int(self.runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    def route(self, request: web.Request) -> tuple[HttpFrontEnd, Target]:
+        """The front end and target a request names; HttpError 400 or 405 if none."""
+        path = request.raw_path.split("?", 1)[0]
+        if not path.startswith("/"):
+            raise HttpError(400, "the path must start with /")
+        segments = path[1:].split("/")
+        shown = path[:120]
+        for seg in segments:
+            if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg):
+                raise HttpError(
+                    400,
+                    f"path {shown!r} is not valid: segments are letters, digits and _.~- "
+                    "(no empty, '.' or '..' segments, no percent-encoding)",
+                )
+        front_end = self.by_prefix.get(segments[0])
+        if front_end is not None:
+            target = front_end.parse(segments[1:], shown)
+        elif self.default is not None:
+            front_end = self.default
+            target = front_end.parse(segments, shown)
+        else:
+            raise HttpError(404, f"nothing is served at {shown!r}")
+        if (target.route, request.method) not in front_end.scopes:
+            allowed = front_end.methods(target.route)
+            raise _MethodNotAllowed(request.method, target.route, allowed)
+        return front_end, target
+
+    # ---- one request, through the pipeline ----
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        verb = request.method
+        headers: tuple[tuple[str, str | bytes], ...] = ()
+        rid = request.headers.get(REQUEST_ID_HEADER)
+        call = Call(
+            http_method("invalid", verb),
+            None,
+            request_id(((REQUEST_ID_HEADER, rid),) if rid else ()),
+            headers,
+            protocol="http",
+            remote=request.remote or "",
+        )
+        CURRENT.set(call)
+        run = CallRun(self.ops.hooks, call)
+        call.notes["http.route"] = "invalid"
+        hit: bool | None = None
+        response: web.StreamResponse
+        failure: BaseException | None = None
+        try:
+            front_end, target = self.route(request)
+            call.method = http_method(target.route, verb)
+            call.label = f"{verb} on {target.route}"
+            call.notes["http.route"] = target.route
+            call.notes["http.path"] = request.path[:200]  # checked: letters, digits, _.~-/
+            audit = front_end.audit(verb, target)
+            if audit is not None:
+                call.notes["audit"] = audit
+            authorization = _authorization(request.headers.get("Authorization"))
+            if authorization is not None:
+                call.headers = (("authorization", authorization),)
+            run.begin()
+            caller = call.caller if isinstance(call.caller, Caller) else OPEN
+            response, hit = await front_end.serve(request, target, caller.limits)
+        except HttpProcessingError:
+            failure = HttpError(400, "the request body is incomplete or malformed", close=True)
+        except ConnectionError as exc:
+            # The client went away (e.g. mid-upload): nothing stored, no one to answer.
+            failure = HttpError(499, f"connection lost: {exc}", close=True)
+        except Exception as exc:
+            failure = exc
+        if failure is not None:
+            response = self._refusal(call, failure)
+        call.notes["http.status"] = response.status
+        call.notes["http.hit"] = hit
+        if failure is None:
+            run.end_with(grpc.StatusCode.OK, "")
+        elif isinstance(failure, RpcError):
+            run.end_with(failure.code, failure.message)
+        else:
+            run.end_with(_GRPC_CODE.get(response.status, grpc.StatusCode.INTERNAL), call.details)
+        return response
+
+    def _refusal(self, call: Call, exc: BaseException) -> web.StreamResponse:
+        status, message = http_status_of(exc)
+        if status == 500:
+            log.error("internal error serving %s: %r", call.method, exc, exc_info=exc)
+        call.details = message
+        response = text(status, message)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="slipstream"'
+        if isinstance(exc, _MethodNotAllowed):
+            response.headers["Allow"] = ", ".join(exc.allowed)
+        if status >= 400 and status not in (401, 403, 404, 405, 429, 503):
+            response.force_close()  # the body may be unread
+        elif isinstance(exc, HttpError) and exc.close:
+            response.force_close()
+        return response
+
+
+class _MethodNotAllowed(HttpError):
+    def __init__(self, verb: str, route: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(405, f"{verb} is not served on {route} paths")
+        self.allowed = allowed
