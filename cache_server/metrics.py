@@ -16,8 +16,7 @@ store by a collector that asks it at scrape time:
     slipstream_http_request_seconds{route,method}         their latency
     slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
     slipstream_store_evictions_total
-    slipstream_s3_requests_total{operation}               from S3Store.request_counts()
-    slipstream_s3_errors_total{kind}                      from S3Store.error_counts(), if any
+    slipstream_s3_requests_total{operation}               from Store.request_counts()
     process_* / python_gc_* / python_info                 prometheus_client's own: memory,
         CPU, open files, collections per garbage-collector generation
 """
@@ -28,7 +27,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
@@ -96,13 +95,6 @@ class StoreCollector(Collector):
     def __init__(self, store: Store) -> None:
         self.store = store
 
-    def _s3(self) -> Any:
-        store: Any = self.store
-        for candidate in (store, getattr(store, "shared", None)):
-            if candidate is not None and callable(getattr(candidate, "request_counts", None)):
-                return candidate
-        return None
-
     def collect(self) -> Iterator[Metric]:
         try:
             stats = self.store.stats()
@@ -125,25 +117,17 @@ class StoreCollector(Collector):
                 "Entries evicted to stay within the size bound",
                 value=stats.evictions,
             )
-        s3 = self._s3()
-        if s3 is None:
+        counts = self.store.request_counts()
+        if not counts:
             return
         requests = CounterMetricFamily(
             "slipstream_s3_requests",
             "HTTP requests sent to S3, retries included",
             labels=["operation"],
         )
-        for operation, count in sorted(s3.request_counts().items()):
+        for operation, count in sorted(counts.items()):
             requests.add_metric([operation], count)
         yield requests
-        error_counts: Callable[[], dict[str, int]] | None = getattr(s3, "error_counts", None)
-        if callable(error_counts):
-            errors = CounterMetricFamily(
-                "slipstream_s3_errors", "Failed S3 requests", labels=["kind"]
-            )
-            for kind, count in sorted(error_counts().items()):
-                errors.add_metric([kind], count)
-            yield errors
 
 
 class Metrics(Hook):

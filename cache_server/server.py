@@ -70,15 +70,17 @@ def open_store(config: ServerConfig) -> Store:
     if config.s3 is None:
         return DiskStore(config.storage or default_storage_dir(), config.max_size)
     # Imported here: boto3 takes a while to import and the disk store does not need it.
+    from slipstream.cache_server.storage.existence_cache import ExistenceCache
     from slipstream.cache_server.storage.s3 import S3Store
     from slipstream.cache_server.storage.tiered import TieredStore
 
     s3 = S3Store(config.s3)
     try:
         s3.check_bucket()
+        shared = ExistenceCache(s3, config.s3.known_present_entries, config.s3.known_present_ttl)
         if config.cache_dir is None:
-            return s3
-        return TieredStore(DiskStore(config.cache_dir, config.cache_size), s3)
+            return shared
+        return TieredStore(DiskStore(config.cache_dir, config.cache_size), shared)
     except BaseException:
         s3.close()
         raise

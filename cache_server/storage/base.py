@@ -225,5 +225,10 @@ class Store(abc.ABC):
         """Size figures for metrics, where the backend knows them cheaply."""
         return None
 
+    def request_counts(self) -> dict[str, int]:
+        """Requests sent to a remote backend so far, retries included, by operation (for
+        metrics); empty for a store with no remote backend."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, connections)."""

@@ -14,7 +14,8 @@ Credentials come only from boto3's standard chain (environment, profile,
 instance role). Retries on 5xx, throttling and timeouts are botocore's; what
 still fails becomes StoreUnavailable, which the services turn into UNAVAILABLE.
 Objects expire only through the bucket's lifecycle rules (S3 has no access
-time); keep `known_present_ttl` well below the expiry age.
+time). The server puts an existence cache in front (storage/existence_cache.py,
+`known_present_*` below); keep its TTL well below the expiry age.
 """
 
 from __future__ import annotations
@@ -116,41 +117,6 @@ def windows(offset: int, end: int, window: int) -> list[tuple[int, int]]:
     return [(start, min(start + window, end) - 1) for start in range(offset, end, window)]
 
 
-class KnownPresent:
-    """A bounded, expiring set of blobs known to be in the bucket."""
-
-    def __init__(self, max_entries: int, ttl: float) -> None:
-        self._max = max_entries
-        self._ttl = ttl
-        self._lock = threading.Lock()
-        self._expiry: collections.OrderedDict[BlobId, float] = collections.OrderedDict()
-
-    def __contains__(self, blob: BlobId) -> bool:
-        with self._lock:
-            expiry = self._expiry.get(blob)
-            if expiry is None:
-                return False
-            if expiry < time.monotonic():
-                del self._expiry[blob]
-                return False
-            self._expiry.move_to_end(blob)
-            return True
-
-    def add(self, blob: BlobId) -> None:
-        with self._lock:
-            self._expiry[blob] = time.monotonic() + self._ttl
-            self._expiry.move_to_end(blob)
-            while len(self._expiry) > self._max:
-                self._expiry.popitem(last=False)
-
-    def discard(self, blob: BlobId) -> None:
-        with self._lock:
-            self._expiry.pop(blob, None)
-
-    def __len__(self) -> int:
-        return len(self._expiry)
-
-
 def _code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
 
@@ -188,7 +154,6 @@ class S3Store(Store):
         self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
         self.client.meta.events.register("before-send.s3", self._count_request)
-        self.known = KnownPresent(config.known_present_entries, config.known_present_ttl)
         self._pool = FairPool(config.request_threads, "s3-request")
         self._hash_pool = ThreadPoolExecutor(4, thread_name_prefix="s3-hash")
 
@@ -253,7 +218,6 @@ class S3Store(Store):
                 "S3 object for %s has %d bytes; treating it as missing", blob, head["ContentLength"]
             )
             return False
-        self.known.add(blob)
         return True
 
     def find_blob(self, sha256: str) -> BlobId | None:
@@ -266,12 +230,10 @@ class S3Store(Store):
             if _is_missing(exc):
                 return None
             raise self._unavailable("check a blob", exc) from exc
-        blob = BlobId(sha256, int(head["ContentLength"]))
-        self.known.add(blob)
-        return blob
+        return BlobId(sha256, int(head["ContentLength"]))
 
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
-        unknown = list(dict.fromkeys(b for b in blobs if b != EMPTY_BLOB and b not in self.known))
+        unknown = list(dict.fromkeys(b for b in blobs if b != EMPTY_BLOB))
         if len(unknown) == 1:
             present = {unknown[0]} if self._exists(unknown[0]) else set()
         else:
@@ -314,17 +276,14 @@ class S3Store(Store):
         for _ in range(2):  # a second look tells a bad read from a bad object
             got = self._get_bytes(key, "read a blob")
             if got is None:
-                self.known.discard(blob)
                 return None
             try:
                 verify(got[0], blob)
             except DigestError as exc:
                 log.warning("S3 object does not match its digest: %s", exc)
                 continue
-            self.known.add(blob)
             return got[0]
         log.warning("deleting corrupt S3 object %s", key)
-        self.known.discard(blob)
         self._call("delete a corrupt blob", self.client.delete_object, Key=key)
         return None
 
@@ -343,7 +302,6 @@ class S3Store(Store):
         ranges = windows(offset, blob.size, self.config.read_window)
         first = self._open_range(blob, *ranges[0])
         if first is None:
-            self.known.discard(blob)
             return None
         return self._stream(blob, offset, ranges, first, chunk_size)
 
@@ -411,19 +369,17 @@ class S3Store(Store):
         if hashed is not None:
             hashed.result()
         if sha is not None and sha.hexdigest() != blob.hash:
-            self.known.discard(blob)
             raise StoreUnavailable(f"blob {blob} read back from S3 does not match its digest")
         if pending:
             yield pending
 
     def put_blob(self, blob: BlobId, data: bytes) -> None:
         verify(data, blob)
-        if blob == EMPTY_BLOB or blob in self.known:
+        if blob == EMPTY_BLOB:
             return
         self._call(
             "store a blob", self.client.put_object, Key=blob_key(self.prefix, blob), Body=data
         )
-        self.known.add(blob)
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
         return S3BlobWriter(self, blob)
@@ -611,7 +567,6 @@ class S3BlobWriter(BlobWriter):
                 if self._buffered:
                     self._upload_part()
                 self._complete()
-            store.known.add(self.blob)
         finally:
             self.abort()
 

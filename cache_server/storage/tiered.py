@@ -109,6 +109,9 @@ class TieredStore(Store):
     def stats(self) -> StoreStats | None:
         return self.fast.stats()
 
+    def request_counts(self) -> dict[str, int]:
+        return self.shared.request_counts()
+
     def close(self) -> None:
         try:
             self.shared.close()

@@ -1,4 +1,4 @@
-"""The HTTP endpoint runs on the gRPC calls' pipeline: one limiter per caller, no secrets in logs."""
+"""HTTP requests run on the gRPC calls' pipeline: one limiter per caller, no secrets in logs."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def test_a_grpc_stream_counts_against_the_callers_http_requests(server: ServerPr
         finally:
             if held is not None:
                 held[1].put(None)
-        assert held[0].result().committed_size == 400
+        assert held is not None and held[0].result().committed_size == 400
         assert http.get(f"/cas/{sha256(b'held' * 100)}").status == 200  # the stream is over
 
 

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import pathlib
+
 from prometheus_client import CollectorRegistry
 
 from slipstream.cache_server.metrics import StoreCollector
-from slipstream.cache_server.storage.base import StoreStats
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.cache_server.storage.existence_cache import ExistenceCache
+from slipstream.cache_server.storage.memory import MemoryStore
+from slipstream.cache_server.storage.tiered import TieredStore
+from slipstream.core.digests import BlobId
 from tests.ops.helpers import channel_for, metrics_url, scrape
 from tests.reapi import Reapi
 from tests.s3.conftest import aws_env, bucket, moto_url, server_args  # noqa: F401 (fixtures)
@@ -36,31 +42,29 @@ def test_s3_requests_are_counted(bucket: str, moto_url: str) -> None:  # noqa: F
     assert "GetObject" in operations
 
 
-class _FakeS3:
-    """What the collector asks of an S3 store: request and (when it has them) error counts."""
+class _CountingStore(MemoryStore):
+    """A store that reports requests to a remote backend, as the S3 store does."""
 
     def request_counts(self) -> dict[str, int]:
         return {"HeadObject": 7, "PutObject": 2}
 
-    def error_counts(self) -> dict[str, int]:
-        return {"timeout": 1}
 
-
-class _Tiered:
-    """A disk tier in front of S3: stats from the disk, S3 counts from `shared`."""
-
-    shared = _FakeS3()
-
-    def stats(self) -> StoreStats:
-        return StoreStats(blobs=3, bytes_used=300, max_bytes=None, evictions=4)
-
-
-def test_collector_reads_s3_counts_through_a_tier() -> None:
+def test_collector_reads_s3_counts_through_a_tier(tmp_path: pathlib.Path) -> None:
+    """Counts come through the wrappers (the disk tier, the existence cache) by the Store
+    interface, sizes from the disk tier."""
+    shared = ExistenceCache(_CountingStore(), max_entries=10, ttl=60.0)
+    tiered = TieredStore(DiskStore(tmp_path / "disk"), shared)
+    tiered.put_blob(BlobId.of(b"x" * 300), b"x" * 300)
     registry = CollectorRegistry()
-    registry.register(StoreCollector(_Tiered()))  # type: ignore[arg-type]
+    registry.register(StoreCollector(tiered))
     value = registry.get_sample_value
     assert value("slipstream_s3_requests_total", {"operation": "HeadObject"}) == 7
-    assert value("slipstream_s3_errors_total", {"kind": "timeout"}) == 1
-    assert value("slipstream_store_evictions_total") == 4
-    assert value("slipstream_store_bytes") == 300
+    disk = tiered.fast.stats()
+    assert disk is not None and disk.blobs == 1
+    assert value("slipstream_store_bytes") == disk.bytes_used
     assert value("slipstream_store_max_bytes") is None  # no bound, no gauge
+    tiered.close()
+    registry = CollectorRegistry()
+    registry.register(StoreCollector(MemoryStore()))  # a local store: no S3 counts at all
+    assert value("slipstream_s3_requests_total", {"operation": "HeadObject"}) == 7
+    assert registry.get_sample_value("slipstream_s3_requests_total", {"operation": "x"}) is None

@@ -10,6 +10,8 @@ from typing import Any
 import boto3
 import pytest
 
+from slipstream.cache_server.storage.base import Store
+from slipstream.cache_server.storage.existence_cache import ExistenceCache
 from slipstream.cache_server.storage.s3 import S3Config, S3Store
 from tests.s3.fault_proxy import FaultProxy
 from tests.s3.moto import AWS_ENV, moto_server
@@ -55,10 +57,21 @@ class StoreFactory:
     moto_url: str
     bucket: str
 
-    def __call__(self, endpoint: str | None = None, **kw: Any) -> S3Store:
+    def __call__(self, endpoint: str | None = None, **kw: Any) -> Store:
+        """An S3 store composed as the server composes it (behind an existence cache)."""
+        config = self.config(endpoint, **kw)
+        return ExistenceCache(
+            S3Store(config), config.known_present_entries, config.known_present_ttl
+        )
+
+    def raw(self, endpoint: str | None = None, **kw: Any) -> S3Store:
+        """The bare S3 store, for what only it has (abort_stale_uploads)."""
+        return S3Store(self.config(endpoint, **kw))
+
+    def config(self, endpoint: str | None = None, **kw: Any) -> S3Config:
         kw.setdefault("timeout", 2.0)
         kw.setdefault("max_attempts", 4)
-        config = S3Config(
+        return S3Config(
             bucket=self.bucket,
             prefix=kw.pop("prefix", "cache/"),
             endpoint_url=endpoint or self.moto_url,
@@ -66,7 +79,6 @@ class StoreFactory:
             addressing="path",
             **kw,
         )
-        return S3Store(config)
 
 
 @pytest.fixture
@@ -76,7 +88,7 @@ def make_store(moto_url: str, bucket: str) -> Iterator[StoreFactory]:
 
 
 @pytest.fixture
-def store(make_store: StoreFactory) -> Iterator[S3Store]:
+def store(make_store: StoreFactory) -> Iterator[Store]:
     s = make_store()
     try:
         yield s
