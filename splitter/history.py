@@ -27,7 +27,17 @@ DEFAULT_LAST_RUNS = 10
 DEFAULT_PERCENTILE = 50.0
 # JUnit rounds to the millisecond, so "0.000" means "under half a millisecond".
 MIN_TEST_SECONDS = 0.0005
+# A skipped test that took at least this long ran (an xfail, or a skip raised after a
+# costly set-up) and its time is timing data; one skipped up front took ~0.
+MIN_SKIPPED_SECONDS = 0.001
+
+
 _SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def ran(outcome: str, seconds: float | None) -> bool:
+    """Whether a case's time is timing data: it has one, and it ran (see MIN_SKIPPED_SECONDS)."""
+    return seconds is not None and (outcome != "skipped" or seconds >= MIN_SKIPPED_SECONDS)
 
 
 class HistoryError(ValueError):
@@ -102,13 +112,14 @@ def run_from_cases(
     candidates: Iterable[str] | None = None,
     startup: float | None = None,
 ) -> Run:
-    """One run from JUnit cases. Skipped cases and cases without a time are not timings.
+    """One run from JUnit cases. Cases that did not run (no time, or skipped up front)
+    are not timings; an xfail, or a skip after a costly set-up, is (``ran``).
 
     With candidates (the ids the runner uses), cases are mapped onto them (see
     ``ids.match_cases``; a file or class candidate gets the sum of its cases);
     otherwise each case is keyed by its best-guess node id.
     """
-    timed = [c for c in cases if c.outcome != "skipped" and c.time is not None]
+    timed = [c for c in cases if ran(c.outcome, c.time)]
     run = Run(run_id, time.time_ns() if created_ns is None else created_ns, startup=startup)
     run.file_costs.update(file_costs or {})
     if candidates is None:
