@@ -14,6 +14,7 @@ from slipstream.core.errors import UsageError
 from slipstream.core.sizes import parse_size
 
 MEMORY_URL = "memory://"
+STORAGE_SCHEMES = ("memory", "s3")  # --storage SCHEME://...; anything else is a directory
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -76,21 +77,20 @@ def run_serve(args: argparse.Namespace) -> int:
         max_size = parse_size(args.max_size) if args.max_size else None
     except ValueError as exc:
         raise UsageError(f"--max-size: {exc}") from None
-    if args.listen.rpartition(":")[0] == "" or not args.listen.rpartition(":")[2].isdigit():
-        raise UsageError(f"--listen {args.listen!r} is not HOST:PORT")
-    http = args.http_listen
-    if http is not None and (
-        http.rpartition(":")[0] == ""
-        or not http.rpartition(":")[2].isdigit()
-        or int(http.rpartition(":")[2]) > 65535
-    ):
-        raise UsageError(f"--http-listen {http!r} is not HOST:PORT")
+    listen = settings.check_listen(args.listen, "--listen")
+    http = settings.check_listen(args.http_listen, "--http-listen")
     in_memory = (args.storage or "").startswith(MEMORY_URL)
     if in_memory and args.storage != MEMORY_URL:
         raise UsageError(f"--storage {args.storage!r}: write just {MEMORY_URL} for RAM storage")
+    scheme, sep, _ = (args.storage or "").partition("://")
+    if sep and scheme not in STORAGE_SCHEMES:
+        raise UsageError(
+            f"--storage {args.storage!r}: unknown scheme {scheme + sep!r} "
+            "(a directory, s3://BUCKET[/PREFIX] or memory://)"
+        )
     setup_logging(settings.check_log_level(args.log_level), args.log_format)
     config = ServerConfig(
-        listen=args.listen,
+        listen=listen or DEFAULT_LISTEN,
         storage=pathlib.Path(args.storage) if args.storage and not in_memory else None,
         in_memory=in_memory,
         max_size=max_size,

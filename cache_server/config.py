@@ -229,12 +229,15 @@ def apply_layers(args: argparse.Namespace, environ: dict[str, str] | None = None
 
 
 # ---- the settings of this module, checked ----
-def _listen(value: str | None, flag: str) -> str | None:
+def check_listen(value: str | None, flag: str) -> str | None:
+    """A HOST:PORT to listen on (port 0 to 65535; 0 picks a free one); UsageError if not."""
     if value is None:
         return None
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit() or int(port) > 65535:
+    if not host or not (port.isascii() and port.isdigit()):
         raise UsageError(f"{flag} {value!r} is not HOST:PORT")
+    if int(port) > 65535:
+        raise UsageError(f"{flag} {value!r}: port {int(port)} is not in 0-65535")
     return value
 
 
@@ -317,8 +320,8 @@ def ops_config(args: argparse.Namespace, environ: dict[str, str] | None = None) 
         anonymous=args.anonymous or "off",
         limits=limits,
         tls=_tls(args),
-        metrics_listen=_listen(args.metrics_listen, "--metrics-listen"),
-        health_listen=_listen(args.health_listen, "--health-listen"),
+        metrics_listen=check_listen(args.metrics_listen, "--metrics-listen"),
+        health_listen=check_listen(args.health_listen, "--health-listen"),
         audit_log=args.audit_log,
     )
 

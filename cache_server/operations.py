@@ -18,6 +18,10 @@ from slipstream.cache_server.limits import LimitEnforcer
 from slipstream.cache_server.metrics import Metrics
 from slipstream.cache_server.storage.base import Store
 
+# gRPC binds with SO_REUSEPORT by default: a second server on a port another one
+# holds would start, and the kernel would split connections between the two.
+NO_REUSEPORT = ("grpc.so_reuseport", 0)
+
 
 class Operations:
     def __init__(self, config: OpsConfig, store: Store) -> None:
@@ -67,7 +71,7 @@ class Operations:
                     f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror or exc}"
                 ) from None
         if self.config.health_listen:
-            probe = grpc.aio.server()
+            probe = grpc.aio.server(options=[NO_REUSEPORT])
             health_pb2_grpc.add_HealthServicer_to_server(servicer, probe)
             try:
                 self.health_port = probe.add_insecure_port(self.config.health_listen)

@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from slipstream.cache_server.config import OpsConfig
-from slipstream.cache_server.operations import Operations
+from slipstream.cache_server.operations import NO_REUSEPORT, Operations
 from slipstream.cache_server.services.action_cache import ActionCacheService
 from slipstream.cache_server.services.bytestream import ByteStreamService
 from slipstream.cache_server.services.bytestream import add_to_server as add_bytestream_to_server
@@ -109,6 +109,7 @@ class CacheServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+                NO_REUSEPORT,
             ],
         )
         add_cas_to_server(CasService(self.backend), self.server)
