@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import boto3
 import botocore.config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from slipstream.cache_server.storage.base import (
     BlobWriter,
@@ -68,7 +68,7 @@ _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
 
 
 class BucketError(OSError):
-    """The bucket cannot be used at all (absent, or access denied): a start-up error."""
+    """The bucket cannot be used at start (absent, forbidden, unreachable): a start-up error."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,21 +184,31 @@ class S3Store(Store):
             raise self._unavailable(what, exc) from exc
 
     def check_bucket(self) -> None:
-        """Fail start-up on a bucket that is absent or forbidden; only warn if S3 is unreachable."""
+        """Fail start-up (BucketError) unless the bucket can be used right now.
+
+        Absent, forbidden, unreachable or without credentials alike: a server that
+        cannot reach its storage at start is most often configured wrong (endpoint,
+        network, credentials), and a process manager restarts it with backoff.
+        """
+        where = self.config.describe()
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
             code = _code(exc)
-            if code in ("404", "NoSuchBucket", "403", "AccessDenied", "400"):
-                reason = (
-                    "does not exist"
-                    if code in ("404", "NoSuchBucket")
-                    else f"is not usable ({code})"
-                )
-                raise BucketError(f"S3 bucket {self.bucket!r} {reason}") from None
-            log.warning("S3 bucket %s cannot be checked now: %s", self.bucket, exc)
+            if code in ("404", "NoSuchBucket"):
+                reason = "does not exist"
+            elif code in ("403", "AccessDenied", "400"):
+                reason = f"is not usable ({code})"
+            else:
+                reason = f"cannot be checked ({' '.join(str(exc).split())[:200]})"
+            raise BucketError(f"S3 bucket {self.bucket!r} {reason}") from None
+        except NoCredentialsError:
+            raise BucketError(
+                f"S3 bucket {where}: no AWS credentials found (environment, profile or role)"
+            ) from None
         except BotoCoreError as exc:
-            log.warning("S3 bucket %s cannot be reached now: %s", self.bucket, exc)
+            detail = " ".join(str(exc).split())[:200]
+            raise BucketError(f"S3 bucket {where} cannot be reached: {detail}") from None
 
     def describe(self) -> str:
         return f"S3 store at {self.config.describe()}"

@@ -20,7 +20,7 @@ from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.reapi import Reapi, digest, rpc_error
 from tests.s3.conftest import s3_client, server_args
 from tests.s3.fault_proxy import FaultProxy
-from tests.server_process import ServerProcess
+from tests.server_process import ServerProcess, free_port
 
 # 1 GiB is the figure (see benchmarks); 256 MiB keeps this run short.
 MEMORY_BLOB = int(os.environ.get("SLIPSTREAM_S3_MEMORY_BLOB", 256 << 20))
@@ -244,12 +244,13 @@ def test_large_blob_memory_stays_bounded(bucket: str, moto_url: str, servers: li
     assert growth < 100 << 20, f"peak RSS grew by {growth / (1 << 20):.0f} MiB"
 
 
-def _serve_exit(*args: str) -> subprocess.CompletedProcess[str]:
+def _serve_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "slipstream.cli", "serve", "--listen", "127.0.0.1:0", *args],
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
 
 
@@ -272,3 +273,30 @@ def test_bad_s3_flags_exit_2(moto_url: str, tmp_path: pathlib.Path) -> None:
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_bucket_that_cannot_be_reached_at_start_stops_the_server(
+    moto_url: str, bucket: str, proxy: FaultProxy
+) -> None:
+    quick = ("--s3-max-attempts", "2", "--s3-timeout", "2")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens: connections are refused
+    proxy.down = True  # accepts, then drops every connection
+    no_credentials = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    cases = [
+        (
+            (*server_args(closed, *quick),),
+            None,
+            f"S3 bucket s3://{bucket}/ at {closed} cannot be reached",
+        ),
+        ((*server_args(proxy.url, *quick),), None, "cannot be reached"),
+        (tuple(server_args(moto_url)), no_credentials, "no AWS credentials found"),
+    ]
+    for args, env, message in cases:
+        done = _serve_exit("--storage", f"s3://{bucket}", *args, env=env)
+        assert done.returncode == 2, (args, done.stdout, done.stderr)
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith("slipstream serve: error: ") and message in done.stderr
