@@ -1,20 +1,53 @@
-"""The local timing history: a disk store opened for the CLI and the pytest plugin."""
+"""The local timing history: a disk store opened for the CLI and the pytest plugin.
+
+Reading a history creates nothing: a directory that does not exist holds no runs.
+Only recording (the plugin's --shard-record) lays out a store.
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
+import stat
 from collections.abc import Iterable
 
 from slipstream.cache_server.storage.base import Store
 from slipstream.cache_server.storage.disk import DiskStore, default_storage_dir
 from slipstream.splitter import history
-from slipstream.splitter.history import Estimates
+from slipstream.splitter.history import Estimates, HistoryError, Run
 from slipstream.splitter.sources import TimingSource, runs_from_junit
 
 
 def open_store(storage_dir: pathlib.Path | None) -> Store:
-    """The disk store at storage_dir (the cache's default directory when None)."""
+    """The disk store at storage_dir (the cache's default directory when None), for writing:
+    it is created if absent. OSError if it cannot be."""
     return DiskStore(storage_dir or default_storage_dir())
+
+
+def load_history(storage_dir: pathlib.Path | None, suite: str) -> tuple[list[Run], list[str]]:
+    """The runs of suite in the store at storage_dir, read without creating anything.
+
+    No runs when the directory does not exist; HistoryError when it is not a directory.
+    """
+    history.check_suite(suite)
+    root = storage_dir or default_storage_dir()
+    try:
+        is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+    except FileNotFoundError:
+        return [], []
+    except NotADirectoryError:
+        raise HistoryError(f"history store {root}: a part of that path is a file") from None
+    except OSError as exc:
+        raise HistoryError(f"history store {root}: {exc.strerror or exc}") from None
+    if not is_dir:
+        raise HistoryError(f"history store {root} is not a directory")
+    store = DiskStore(root, create=False)
+    try:
+        return history.load_runs(store, suite)
+    except OSError as exc:
+        raise HistoryError(f"history store {root}: {exc.strerror or exc}") from None
+    finally:
+        store.close()
 
 
 def load_estimates(source: TimingSource, tests: Iterable[str]) -> tuple[Estimates, list[str]]:
@@ -27,11 +60,7 @@ def load_estimates(source: TimingSource, tests: Iterable[str]) -> tuple[Estimate
         runs, warnings = runs_from_junit(source.junit, wanted)
         where = "the JUnit reports"
     else:
-        store = open_store(source.storage_dir)
-        try:
-            runs, warnings = history.load_runs(store, source.suite)
-        finally:
-            store.close()
+        runs, warnings = load_history(source.storage_dir, source.suite)
         where = f"the history of suite {source.suite!r}"
     estimates = history.estimate(
         wanted, runs, last_runs=source.last_runs, percentile=source.percentile

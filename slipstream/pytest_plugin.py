@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import xxhash
 
-from slipstream.history_store import open_store
+from slipstream.history_store import load_history, open_store
 from slipstream.splitter import ci, history
 from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
 from slipstream.splitter.history import Estimates, Run, Sample
@@ -144,11 +144,7 @@ class SlipstreamPlugin:
             if s.source.junit:
                 s.runs, warnings = runs_from_junit(s.source.junit, None)
             else:
-                store = open_store(s.source.storage_dir)
-                try:
-                    s.runs, warnings = history.load_runs(store, s.source.suite)
-                finally:
-                    store.close()
+                s.runs, warnings = load_history(s.source.storage_dir, s.source.suite)
         except (FileNotFoundError, ValueError) as exc:
             raise pytest.UsageError(f"slipstream: {exc}") from None
         s.warnings.extend(warnings)

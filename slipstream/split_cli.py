@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from slipstream.core.errors import UsageError
-from slipstream.history_store import load_estimates, open_store
+from slipstream.history_store import load_estimates, load_history
 from slipstream.splitter import ci, history
 from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
 from slipstream.splitter.history import Estimates, HistoryError
@@ -217,11 +217,7 @@ def _history_tests(args: argparse.Namespace) -> list[str]:
         if args.junit:
             runs, _ = runs_from_junit(args.junit, None)
         else:
-            store = open_store(args.storage_dir)
-            try:
-                runs, _ = history.load_runs(store, args.suite)
-            finally:
-                store.close()
+            runs, _ = load_history(args.storage_dir, args.suite)
     except (FileNotFoundError, HistoryError) as exc:
         raise UsageError(str(exc)) from None
     recent = history.merge_runs(runs)[-history.DEFAULT_LAST_RUNS :]

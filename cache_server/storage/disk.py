@@ -165,7 +165,11 @@ class DiskStore(Store):
     # Where it works in place (on a RAM filesystem): each file costs syscalls.
     in_place_entries = IN_PLACE_FILES
 
-    def __init__(self, root: pathlib.Path, max_size: int | None = None) -> None:
+    def __init__(
+        self, root: pathlib.Path, max_size: int | None = None, *, create: bool = True
+    ) -> None:
+        """The store under root; create=False reads an existing directory as it is,
+        making no directories and clearing no leftovers (a history read by the CLI)."""
         self.root = root
         self.max_size = max_size
         self._lock = threading.Lock()
@@ -174,11 +178,13 @@ class DiskStore(Store):
         self._evictions = 0
         self._indexed = False
         self._tmp = root / "tmp"
-        for sub in ("cas", "records", "tmp"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+        if create:
+            for sub in ("cas", "records", "tmp"):
+                (root / sub).mkdir(parents=True, exist_ok=True)
         self.filesystem = filesystem_type(root)
         self.works_in_memory = self.reads_in_memory = self.filesystem in RAM_FILESYSTEMS
-        self._clear_tmp()
+        if create:
+            self._clear_tmp()
 
     # ---- set-up ----
     def _clear_tmp(self) -> None:

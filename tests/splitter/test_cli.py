@@ -171,3 +171,34 @@ def test_split_by_file_paths_with_rspec_reports(monkeypatch, capsys):
         ["./spec/api/orders_spec.rb"],
         ["spec/models/user_spec.rb", "spec/new_spec.rb"],
     ]
+
+
+def test_reading_the_history_creates_nothing(monkeypatch, capsys, tmp_path):
+    default = tmp_path / "xdg" / "slipstream"  # the default history, under XDG_CACHE_HOME
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for where in ([], ["--storage-dir", str(empty)]):
+        code, out, err = run_cli(
+            monkeypatch, capsys, ["split", "--total", "2", "--index", "0", *where], "\n".join(IDS)
+        )
+        assert code == 0 and "warning: no timings" in err, err
+        code, _, err = run_cli(monkeypatch, capsys, ["plan", "--target", "1m", *where])
+        assert code == 2 and "no timings to plan from" in err
+    assert not default.exists() and not (tmp_path / "xdg").exists()
+    assert list(empty.iterdir()) == []
+
+
+def test_a_storage_dir_that_is_not_a_directory_is_one_line(monkeypatch, capsys, tmp_path):
+    a_file = tmp_path / "file"
+    a_file.write_text("not a store")
+    cases = {
+        "/dev/null/x": "history store /dev/null/x: a part of that path is a file",
+        str(a_file): f"history store {a_file} is not a directory",
+        str(a_file / "x"): "a part of that path is a file",
+    }
+    for path, message in cases.items():
+        for args in (["split", "--total", "2", "--index", "0"], ["plan", "--target", "1m"]):
+            code, _, err = run_cli(monkeypatch, capsys, [*args, "--storage-dir", path], "a::b\n")
+            assert code == 2, err
+            assert err.count("\n") == 1 and "Traceback" not in err
+            assert err.startswith(f"slipstream {args[0]}: error: history store ") and message in err
