@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="append",
         default=[],
         metavar="PATH",
-        help="JUnit reports for the local split when the server is unreachable",
+        help=f"JUnit reports for the local split when the server is unreachable: {junit.PATHS_HELP}",
     )
     _server_options(sp)
     sp.set_defaults(handler=run_shard)
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Stream JUnit reports to the split server, which appends them to the "
         "suite's timing history (reports with the same --run-id merge into one run).",
     )
-    up.add_argument("reports", nargs="+", metavar="REPORT", help="JUnit XML files; globs allowed")
+    up.add_argument("reports", nargs="+", metavar="REPORT", help=f"JUnit XML: {junit.PATHS_HELP}")
     up.add_argument("--suite", default="default", help="history suite name (default: default)")
     up.add_argument("--run-id", help="id shared by the shards of one run (default: CI's)")
     _server_options(up)
@@ -154,7 +154,14 @@ def run_upload(args: argparse.Namespace) -> int:
         paths = junit.expand_paths(args.reports)
     except (FileNotFoundError, HistoryError) as exc:
         raise UsageError(str(exc)) from None
-    reports = [p.read_bytes() for p in paths]
+    try:
+        for path in paths:
+            junit.check_report(path)  # the server would only say "report N"
+        reports = [p.read_bytes() for p in paths]
+    except junit.NotJUnit as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"{exc.filename}: {exc.strerror or exc}") from None
     run_id = args.run_id or ci.run_id_from_env(os.environ)
     try:
         with _client(args) as client:

@@ -31,7 +31,7 @@ import pytest
 import xxhash
 
 from slipstream.history_store import load_history, open_store
-from slipstream.splitter import ci, history
+from slipstream.splitter import ci, history, junit
 from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
 from slipstream.splitter.history import Estimates, Run, Sample
 from slipstream.splitter.ids import file_of, junit_key
@@ -56,7 +56,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="JUnit report(s) with past timings; globs allowed (default: the history store)",
+        help=f"JUnit report(s) with past timings: {junit.PATHS_HELP} (default: the history "
+        "store)",
     )
     group.addoption(
         "--shard-storage-dir",

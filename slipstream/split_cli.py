@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from slipstream.core.errors import UsageError
 from slipstream.history_store import load_estimates, load_history
-from slipstream.splitter import ci, history
+from slipstream.splitter import ci, history, junit
 from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
 from slipstream.splitter.history import Estimates, HistoryError
 from slipstream.splitter.sources import TimingSource, runs_from_junit
@@ -42,7 +42,7 @@ def _add_timing_options(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help="JUnit XML report(s) to learn timings from; repeatable, globs allowed "
+        help=f"JUnit XML report(s) to learn timings from, repeatable: {junit.PATHS_HELP} "
         "(default: the timing history in the storage dir)",
     )
     p.add_argument(

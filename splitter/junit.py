@@ -161,8 +161,12 @@ def _read_chunks(path: Path) -> Iterator[bytes]:
             yield chunk
 
 
+PATHS_HELP = "files, globs (** allowed) or directories (every *.xml below one)"
+
+
 def expand_paths(patterns: Iterable[str]) -> list[Path]:
-    """Paths from names and globs (``**`` allowed), sorted, without duplicates.
+    """Paths from names, globs (``**`` allowed) and directories (every ``*.xml`` below
+    one, in subdirectories too), sorted, without duplicates.
 
     Raises FileNotFoundError naming a pattern that matches nothing.
     """
@@ -173,11 +177,25 @@ def expand_paths(patterns: Iterable[str]) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"no file matches {pattern}")
             found.update(matches)
+        elif os.path.isdir(pattern):
+            below = os.path.join(glob.escape(pattern), "**", "*.xml")
+            matches = [m for m in glob.glob(below, recursive=True) if os.path.isfile(m)]
+            if not matches:
+                raise FileNotFoundError(f"{pattern} is a directory without .xml files")
+            found.update(matches)
         else:
             if not os.path.isfile(pattern):
                 raise FileNotFoundError(f"{pattern}: no such file")
             found.add(pattern)
     return [Path(p) for p in sorted(found)]
+
+
+def check_report(path: Path) -> None:
+    """NotJUnit, naming the file, unless it is a JUnit report; OSError if unreadable."""
+    try:
+        parse_report(_read_chunks(path), str(path))
+    except NotJUnit as exc:
+        raise NotJUnit(f"{path} {exc}") from None
 
 
 def read_reports(paths: Iterable[Path]) -> tuple[list[Report], list[str]]:

@@ -202,3 +202,35 @@ def test_a_storage_dir_that_is_not_a_directory_is_one_line(monkeypatch, capsys, 
             assert code == 2, err
             assert err.count("\n") == 1 and "Traceback" not in err
             assert err.startswith(f"slipstream {args[0]}: error: history store ") and message in err
+
+
+def test_timings_upload_names_a_bad_file_and_takes_a_directory(
+    monkeypatch, capsys, tmp_path, server
+):
+    upload = ["timings", "upload", "--server", server.address, "--suite", "dir"]
+    for bad, what in ((DATA / "not_xml.xml", "is not well-formed XML"), (DATA / "jest.xml", "")):
+        code, out, err = run_cli(monkeypatch, capsys, [*upload, str(bad)])
+        if not what:
+            assert code == 0, err  # a JUnit report: control
+            continue
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"slipstream timings upload: error: {bad} {what} ("), err
+    reports = tmp_path / "reports"
+    (reports / "sub").mkdir(parents=True)
+    (reports / "a.xml").write_bytes((DATA / "pytest_xunit2.xml").read_bytes())
+    (reports / "sub" / "b.xml").write_bytes((DATA / "rspec.xml").read_bytes())
+    (reports / "notes.txt").write_text("not a report, not *.xml: left alone")
+    code, out, err = run_cli(monkeypatch, capsys, [*upload, str(reports)])
+    assert code == 0 and "uploaded 2 reports" in out, err
+    code, out, err = run_cli(
+        monkeypatch,
+        capsys,
+        ["split", "--total", "1", "--index", "0", "--junit", str(reports)],
+        "\n".join(IDS),
+    )
+    assert code == 0 and "warning" not in err, err
+    (tmp_path / "none").mkdir()
+    for args in (upload, ["split", "--total", "1", "--index", "0", "--junit"]):
+        code, _, err = run_cli(monkeypatch, capsys, [*args, str(tmp_path / "none")], "a::b\n")
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"{tmp_path / 'none'} is a directory without .xml files" in err
