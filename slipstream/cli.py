@@ -39,6 +39,16 @@ class _Parser(argparse.ArgumentParser):
         # argparse prints usage plus the message; keep to one line on stderr.
         self.exit(2, f"{self.prog}: error: {message}\n")
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        # The innermost subcommand's parser finishes first: its name is the command's
+        # ("slipstream cache save"), which every error line starts with.
+        if not hasattr(parsed, "command_name"):
+            parsed.command_name = self.prog
+        return parsed, rest
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="slipstream", description="Fast CI: build cache and test splitter.")
@@ -82,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except UsageError as exc:
-        print(f"slipstream {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{args.command_name}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

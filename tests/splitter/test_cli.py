@@ -234,3 +234,21 @@ def test_timings_upload_names_a_bad_file_and_takes_a_directory(
         code, _, err = run_cli(monkeypatch, capsys, [*args, str(tmp_path / "none")], "a::b\n")
         assert code == 2 and err.count("\n") == 1, err
         assert f"{tmp_path / 'none'} is a directory without .xml files" in err
+
+
+def test_every_error_line_starts_with_the_whole_command(monkeypatch, capsys, tmp_path):
+    cases = {
+        ("cache", "save", "--key", "k", str(tmp_path / "absent")): "slipstream cache save",
+        ("cache", "restore", "--key", ""): "slipstream cache restore",
+        ("timings", "upload", str(tmp_path / "absent.xml")): "slipstream timings upload",
+        ("split", "--total", "2"): "slipstream split",
+        ("serve", "--listen", "nowhere"): "slipstream serve",
+        ("token", "new"): "slipstream token new",
+    }
+    for args, command in cases.items():
+        try:
+            code, _, err = run_cli(monkeypatch, capsys, list(args))
+        except SystemExit as exc:  # argparse's own errors
+            code, err = exc.code, capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1, (args, err)
+        assert err.startswith(f"{command}: error: "), (args, err)
