@@ -31,6 +31,7 @@ from slipstream.client.layers import (
 )
 from slipstream.core.addresses import DEFAULT_LISTEN, server_address
 from slipstream.core.errors import UsageError
+from slipstream.core.helptext import ParagraphFormatter
 from slipstream.core.records import MAX_RECORD_KEY_CHARS
 
 CONNECT_TIMEOUT = 10.0
@@ -41,7 +42,8 @@ EXIT_MISS = 11
 
 RESTORE_EPILOG = f"""\
 exit status:
-  0   restored (exact key, restore-key hit or miss: a miss never fails a CI step)
+  0   restored (exact key, restore-key hit or miss: a miss never fails a CI
+      step)
   1   error: server unreachable, unsafe or incomplete tree, disk error
   2   bad usage
 with --exit-code the hit kind shows in the status too (like `git diff --exit-code`):
@@ -54,8 +56,9 @@ The server is --server, else $SLIPSTREAM_SERVER, else {DEFAULT_LISTEN}.
 
 SAVE_EPILOG = f"""\
 exit status:
-  0   saved, or the key already exists and --overwrite was not given (nothing changed:
-      re-saving after an exact hit is not an error, as with actions/cache)
+  0   saved, or the key already exists and --overwrite was not given (nothing
+      changed: re-saving after an exact hit is not an error, as with
+      actions/cache)
   1   error: server unreachable, file unreadable, upload failed
   2   bad usage
 Paths are stored relative to the working directory and restored at the same
@@ -77,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="store PATHs in the cache under KEY",
         description="Store PATHs under KEY; only files the server lacks are uploaded.",
         epilog=SAVE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphFormatter,
     )
     _common(save)
     save.add_argument(
@@ -92,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         description="Restore the layer saved under KEY, else the newest whose key starts with "
         "each --restore-key in turn.",
         epilog=RESTORE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphFormatter,
     )
     _common(restore)
     restore.add_argument(

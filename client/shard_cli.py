@@ -16,6 +16,7 @@ from slipstream.client.split_client import (
 )
 from slipstream.core.addresses import DEFAULT_LISTEN, server_address
 from slipstream.core.errors import UsageError
+from slipstream.core.helptext import ParagraphFormatter
 from slipstream.splitter import ci, history, junit
 from slipstream.splitter.algorithm import GRANULARITIES
 from slipstream.splitter.history import Estimates, HistoryError
@@ -23,9 +24,11 @@ from slipstream.splitter.sources import runs_from_junit
 
 SHARD_EPILOG = f"""\
 exit status:
-  0   the shard was printed (from the server, or the local fallback when the server
-      cannot be reached: one warning line on stderr, then the local split)
-  1   the server refused: e.g. this runner collected other tests than the run's plan
+  0   the shard was printed (from the server, or the local fallback when the
+      server cannot be reached: one warning line on stderr, then the local
+      split)
+  1   the server refused: e.g. this runner collected other tests than the
+      run's plan
   2   bad usage
 The server is --server, else $SLIPSTREAM_SERVER, else {DEFAULT_LISTEN}.
 """
@@ -41,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--connect-timeout, split locally (by --junit timings if given, else by a hash of "
         "the test ids). The summary and the plan hash go to stderr.",
         epilog=SHARD_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=ParagraphFormatter,
     )
     sp.add_argument("--run-key", required=True, help="the CI run's id, the same on every runner")
     sp.add_argument("--total", type=int, help="number of shards (default: from CI variables)")

@@ -13,8 +13,10 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from slipstream.core.errors import UsageError
+from slipstream.core.helptext import ParagraphFormatter
 
 # Modules that define `register(subparsers)`; each adds its subcommands and
 # sets `handler` (a function of the parsed args returning an exit code).
@@ -35,6 +37,10 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", ParagraphFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse prints usage plus the message; keep to one line on stderr.
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -62,7 +62,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--shard-storage-dir",
         type=pathlib.Path,
-        help="history store directory (write --shard-storage-dir=PATH: see the docs)",
+        metavar="DIR",
+        help="history store directory (default: the cache's, ~/.cache/slipstream). Write "
+        "--shard-storage-dir=DIR, with '=': pytest picks its rootdir before plugins are "
+        "loaded, takes a separate DIR for a test path, and node ids change",
     )
     group.addoption("--shard-suite", default="default", help="history suite name")
     group.addoption("--shard-record", action="store_true", help="append timings to the history")
@@ -74,7 +77,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="ask this split server for the shard (needs --run-key; falls back to a local "
         "split when it cannot be reached)",
     )
-    group.addoption("--run-key", help="the CI run's id: every runner of one run gives the same")
+    group.addoption(
+        "--run-key",
+        help="the CI run's id, e.g. $CI_PIPELINE_ID: every runner of one run gives the same "
+        "key, and the server pins the run's plan under it",
+    )
     group.addoption(
         "--queue",
         action="store_true",

@@ -36,6 +36,12 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def _as_written(duration: str) -> str:
+    """A duration as the user wrote it (``20m``, ``1h30m``), a bare number with its unit."""
+    compact = duration.strip().replace(" ", "")
+    return f"{compact}s" if compact[-1:].isdigit() or compact.endswith(".") else compact
+
+
 def _add_timing_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--junit",
@@ -191,7 +197,7 @@ def run_plan(args: argparse.Namespace) -> int:
     shown = range(max(1, last - 2), min(args.max_shards, last + 2) + 1)
     print(
         f"{len(tests)} tests, {total:.1f}s in all; "
-        f"target {target:.0f}s with {overhead:.0f}s overhead"
+        f"target {_as_written(args.target)} with {_as_written(args.overhead)} overhead"
     )
     print(f"{'shards':>6}  {'predicted':>10}  {'lower bound':>11}  {'ratio':>6}")
     for k in shown:

@@ -252,3 +252,43 @@ def test_every_error_line_starts_with_the_whole_command(monkeypatch, capsys, tmp
             code, err = exc.code, capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1, (args, err)
         assert err.startswith(f"{command}: error: "), (args, err)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "serve",
+        "token new",
+        "split",
+        "plan",
+        "shard",
+        "timings upload",
+        "cache save",
+        "cache restore",
+    ],
+)
+def test_help_is_wrapped_to_the_terminal_and_keeps_its_tables(monkeypatch, capsys, command):
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as info:
+        main([*command.split(), "--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    too_long = [line for line in text.splitlines() if len(line) > 80]
+    assert too_long == [], too_long
+    if command in ("shard", "cache save", "cache restore"):
+        assert "\nexit status:\n  0   " in text and "\n  2   bad usage\n" in text
+
+
+def test_plan_echoes_the_target_as_written(monkeypatch, capsys, tmp_path):
+    store = DiskStore(tmp_path / "store")
+    append_run(store, "default", Run("r1", 1, {"t.py::a": Sample(30.0, False)}, {}, 0.0))
+    store.close()
+    where = ["--storage-dir", str(tmp_path / "store")]
+    for target, overhead, shown in (
+        ("20m", "1m", "target 20m with 1m overhead"),
+        ("1h30m", "90", "target 1h30m with 90s overhead"),
+    ):
+        args = ["plan", "--target", target, "--overhead", overhead, *where]
+        code, out, err = run_cli(monkeypatch, capsys, args)
+        assert code == 0, err
+        assert out.splitlines()[0] == f"1 tests, 30.0s in all; {shown}"
