@@ -250,7 +250,7 @@ def make_sample_project(root: pathlib.Path) -> None:
         path.write_text(textwrap.dedent(text).lstrip())
 
 
-_PREDICTED = re.compile(r"slipstream split: shard \d+: wall .*\(predicted ([\d.]+|nan)s\)")
+_PREDICTED = re.compile(r"slipstream split: shard \d+: wall .*\(predicted ([\d.]+)s\)")
 _HASH = re.compile(r"plan ([0-9a-f]{16})")
 
 
@@ -293,7 +293,7 @@ def run_shard(root: pathlib.Path, index: int, total: int, *extra: str) -> ShardR
     out = proc.stdout + proc.stderr
     m = _PREDICTED.search(out)
     h = _HASH.search(out)
-    predicted = float(m.group(1)) if m and m.group(1) != "nan" else None
+    predicted = float(m.group(1)) if m else None
     return ShardRun(index, wall, predicted, h.group(1) if h else None, out, proc.returncode)
 
 

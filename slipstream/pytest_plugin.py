@@ -23,7 +23,7 @@ import os
 import pathlib
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 
 _WORKER_KEY = "slipstream_file_costs"
 _WORKER_GROUPS_KEY = "slipstream_groups"
+_WORKER_ELSEWHERE_KEY = "slipstream_sent_elsewhere"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,8 +57,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="append",
         default=[],
         metavar="PATH",
-        help=f"JUnit report(s) with past timings: {junit.PATHS_HELP} (default: the history "
-        "store)",
+        help=f"JUnit report(s) with past timings: {junit.PATHS_HELP} (default: the history store)",
     )
     group.addoption(
         "--shard-storage-dir",
@@ -127,6 +127,9 @@ class Sharding:
     owners: dict[str, list[int]] = field(default_factory=dict)  # file -> shards in plan
     predicted: float | None = None
     count_plan_hash: str | None = None  # the plan by count, when there are no timings
+    # -k, -m, --lf, --deselect ...: the tests are known only after collection, so every
+    # shard collects everything and the plan is made then (from the timings, if any).
+    after_collection: bool = False
     remote: Remote | None = None  # --shard-server: the server decides (splitter.remote)
 
 
@@ -141,6 +144,7 @@ class SlipstreamPlugin:
         self.groups: dict[str, str] = {}  # node id -> xdist_group name
         self.outcomes: dict[str, _Outcome] = {}
         self.is_worker = hasattr(config, "workerinput")
+        self.sent_elsewhere = 0  # files not collected and tests deselected: other shards'
 
     # ---- before collection ----
     def prepare(self) -> None:
@@ -161,6 +165,17 @@ class SlipstreamPlugin:
         if not known:
             s.warnings.append("no timings for this suite: splitting evenly by count")
             return
+        if _narrowed_after_collection(self.config):
+            s.after_collection = True
+            return
+        selected = _selected_by_paths(self.config)
+        if selected is None:  # a path outside the rootdir: which tests it holds is unknown
+            s.after_collection = True
+            return
+        known = {t for t in known if selected(t)}
+        if not known:
+            s.warnings.append("no timings for the selected tests: splitting evenly by count")
+            return
         plan_known(s, known)
 
     @pytest.hookimpl
@@ -171,6 +186,7 @@ class SlipstreamPlugin:
         rel = _relative(collection_path, self.config.rootpath)
         owners = s.owners.get(rel) if rel is not None else None
         if owners is not None and s.index not in owners:
+            self.sent_elsewhere += 1
             return True
         return None
 
@@ -208,12 +224,19 @@ class SlipstreamPlugin:
         drop = [item for item, nodeid in zip(items, ids, strict=True) if nodeid not in mine]
         if drop:
             config.hook.pytest_deselected(items=drop)
+            self.sent_elsewhere += len(drop)
         items[:] = keep
         if s.count_plan_hash is not None:
             _terminal_line(
                 config,
                 f"slipstream split: shard {s.index}: {len(keep)} of {len(ids)} tests, "
                 f"by count; plan {s.count_plan_hash}",
+            )
+        elif s.after_collection and s.plan is not None:
+            _terminal_line(
+                config,
+                f"slipstream split: shard {s.index}: {len(keep)} of {len(ids)} collected "
+                f"tests; {_plan_summary(s.plan, s.index)}",
             )
 
     @pytest.hookimpl(trylast=True)
@@ -229,15 +252,17 @@ class SlipstreamPlugin:
         lines = [f"slipstream split: warning: {w}" for w in s.warnings]
         if s.remote is not None:
             return lines  # the shard line comes after collection
-        if s.plan is None:
+        if s.after_collection:
+            lines.append(
+                f"slipstream split: shard {s.index} of 0..{s.total - 1}, planned from the "
+                "timings once every shard has collected the selected tests"
+            )
+        elif s.plan is None:
             lines.append(f"slipstream split: shard {s.index} of 0..{s.total - 1}, even by count")
         else:
-            shard = s.plan.shards[s.index]
             lines.append(
-                f"slipstream split: shard {s.index} of 0..{s.total - 1}: predicted "
-                f"{shard.predicted:.2f}s (known tests); makespan {s.plan.makespan:.2f}s, "
-                f"lower bound {s.plan.lower_bound:.2f}s, ratio {s.plan.ratio:.3f}; "
-                f"plan {s.plan.plan_hash}"
+                f"slipstream split: shard {s.index} of 0..{s.total - 1}: "
+                f"{_plan_summary(s.plan, s.index)} (known tests)"
             )
         return lines
 
@@ -282,6 +307,21 @@ class SlipstreamPlugin:
             workeroutput: dict[str, Any] = getattr(self.config, "workeroutput", {})
             workeroutput[_WORKER_KEY] = json.dumps(self.collect_costs)
             workeroutput[_WORKER_GROUPS_KEY] = json.dumps(self.groups)
+            workeroutput[_WORKER_ELSEWHERE_KEY] = str(self.sent_elsewhere)
+            return
+        s = self.sharding
+        if (
+            s is not None
+            and session.exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED
+            and self.sent_elsewhere
+        ):
+            # More shards than units to run: an empty shard is not a failed job.
+            session.exitstatus = pytest.ExitCode.OK
+            _terminal_line(
+                self.config,
+                f"slipstream split: shard {s.index} of 0..{s.total - 1} has no tests: every "
+                "selected test went to another shard (exit status 0)",
+            )
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_testnodedown(self, node: Any, error: Any) -> None:
@@ -294,6 +334,8 @@ class SlipstreamPlugin:
         self.groups.update(
             json.loads(getattr(node, "workeroutput", {}).get(_WORKER_GROUPS_KEY, "{}"))
         )
+        elsewhere = int(getattr(node, "workeroutput", {}).get(_WORKER_ELSEWHERE_KEY, "0"))
+        self.sent_elsewhere = max(self.sent_elsewhere, elsewhere)
 
     def pytest_unconfigure(self, config: pytest.Config) -> None:
         if self.is_worker:
@@ -319,10 +361,15 @@ class SlipstreamPlugin:
                     _terminal_line(config, f"slipstream split: could not record timings: {exc}")
         s = self.sharding
         if s is not None:
+            predicted = (
+                f"predicted {s.predicted:.2f}s"
+                if s.predicted is not None
+                else "no prediction: no timings for these tests"
+            )
             _terminal_line(
                 config,
                 f"slipstream split: shard {s.index}: wall {wall:.2f}s since the process started "
-                f"(predicted {s.predicted if s.predicted is not None else float('nan'):.2f}s)",
+                f"({predicted})",
             )
 
     def _unsuffixed(self, nodeid: str) -> str:
@@ -393,6 +440,51 @@ def _rootdir_warning(config: pytest.Config) -> str | None:
     return None
 
 
+def _plan_summary(plan: Plan, index: int) -> str:
+    return (
+        f"predicted {plan.shards[index].predicted:.2f}s; makespan {plan.makespan:.2f}s, "
+        f"lower bound {plan.lower_bound:.2f}s, ratio {plan.ratio:.3f}; plan {plan.plan_hash}"
+    )
+
+
+def _narrowed_after_collection(config: pytest.Config) -> bool:
+    """Whether options drop tests from the paths given (-k, -m, --lf, --deselect,
+    --ignore, ...): then which tests run is known only after collection."""
+    opts = config.option
+    return bool(
+        getattr(opts, "keyword", "")
+        or getattr(opts, "markexpr", "")
+        or getattr(opts, "deselect", None)
+        or getattr(opts, "lf", False)
+        or getattr(opts, "ignore", None)
+        or getattr(opts, "ignore_glob", None)
+        or getattr(opts, "stepwise", False)
+    )
+
+
+def _selected_by_paths(config: pytest.Config) -> Callable[[str], bool] | None:
+    """Whether a test id is under the paths (or node ids) pytest was given; None when a
+    path lies outside the rootdir (the ids it would collect cannot be told)."""
+    here = config.invocation_params.dir
+    prefixes: list[str] = []
+    for arg in config.args:
+        path, sep, rest = str(arg).partition("::")
+        rel = _relative((here / path).resolve(), config.rootpath.resolve())
+        if rel is None:
+            return None
+        if sep:
+            prefixes.append(f"{rel}::{rest}")
+        elif rel == ".":
+            return lambda test: True
+        else:
+            prefixes.append(rel)
+
+    def selected(test: str) -> bool:
+        return any(test == p or test.startswith((p + "::", p + "/", p + "[")) for p in prefixes)
+
+    return selected
+
+
 def _group_of(item: pytest.Item) -> str | None:
     mark = item.get_closest_marker("xdist_group")
     if mark is None:
@@ -461,6 +553,13 @@ def plan_known(s: Sharding, known: set[str]) -> None:
 
 def select(s: Sharding, ids: list[str], groups: dict[str, str]) -> set[str]:
     """The collected ids that belong to this shard (see the module docstring)."""
+    if s.after_collection:
+        estimates = history.estimate(
+            ids, s.runs, last_runs=s.source.last_runs, percentile=s.source.percentile
+        )
+        s.plan = _plan(estimates, s, groups)
+        s.predicted = s.plan.shards[s.index].predicted
+        return set(s.plan.shards[s.index].tests)
     if s.plan is None:
         even = split_tests(
             dict.fromkeys(ids, 1.0),

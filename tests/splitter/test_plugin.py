@@ -169,3 +169,51 @@ def test_bad_options_are_usage_errors(project, args, message):
 def test_a_path_option_that_moves_the_rootdir_is_warned_about(project, tmp_path):
     s = run_shard(project, 0, 2, "--shard-storage-dir", str(tmp_path / "elsewhere"))
     assert "write --shard-storage-dir=" in s.output
+
+
+def _ran_once_across(project: pathlib.Path, shards: list) -> collections.Counter[str]:
+    ran: collections.Counter[str] = collections.Counter()
+    for s in shards:
+        assert s.returncode == 0, s.output
+        ran.update(junit_ids(project / f"shard-{s.index}.xml"))
+    assert set(ran.values()) == {1}, ran
+    return ran
+
+
+def test_a_subset_is_split_among_the_shards(project, all_ids):
+    slow = [t for t in all_ids if t.startswith("tests/test_slow.py::")]
+    for narrowing in (["tests/test_slow.py"], ["-k", "test_slow"]):
+        shards = [
+            run_shard(project, i, 4, "--shard-timings=full.xml", *narrowing) for i in range(4)
+        ]
+        ran = _ran_once_across(project, shards)
+        assert sorted(ran) == sorted(slow)
+        # 6 tests of ~0.15 s: every shard runs one or two of them.
+        assert all(1 <= len(junit_ids(project / f"shard-{i}.xml")) <= 2 for i in range(4))
+        assert len({s.plan_hash for s in shards}) == 1 and shards[0].plan_hash
+        assert all(s.predicted is not None for s in shards)
+
+
+def test_a_shard_with_nothing_to_run_exits_0_saying_why(project, all_ids, tmp_path):
+    grouped = [t for t in all_ids if t.startswith("tests/test_grouped.py::")]
+    with_timings = ("--shard-timings=full.xml", "tests/test_grouped.py")
+    by_count = (f"--shard-storage-dir={tmp_path / 'none'}", "tests/test_grouped.py")
+    for args in (with_timings, by_count):
+        shards = [run_shard(project, i, 5, *args) for i in range(5)]
+        assert sorted(_ran_once_across(project, shards)) == sorted(grouped)
+        empty = [s for s in shards if not junit_ids(project / f"shard-{s.index}.xml")]
+        assert len(empty) >= 2  # three tests, two of them kept together
+        for s in empty:
+            why = [line for line in s.output.splitlines() if "has no tests" in line]
+            assert why == [
+                f"slipstream split: shard {s.index} of 0..4 has no tests: every selected test "
+                "went to another shard (exit status 0)"
+            ], s.output
+        assert not (tmp_path / "none").exists()  # reading the history created nothing
+
+
+def test_without_timings_the_summary_says_there_is_no_prediction(project, tmp_path):
+    s = run_shard(project, 0, 2, f"--shard-storage-dir={tmp_path / 'none'}", "tests/test_slow.py")
+    assert s.returncode == 0, s.output
+    assert "nan" not in s.output
+    assert "s since the process started (no prediction: no timings for these tests)" in s.output
