@@ -217,3 +217,17 @@ def test_without_timings_the_summary_says_there_is_no_prediction(project, tmp_pa
     assert s.returncode == 0, s.output
     assert "nan" not in s.output
     assert "s since the process started (no prediction: no timings for these tests)" in s.output
+
+
+def test_the_plugin_help_says_what_each_option_is(project):
+    _, proc = run_pytest(project, "--help")
+    text = " ".join(proc.stdout.split())
+    assert (
+        "--run-key=RUN_KEY the CI run's id, e.g. $CI_PIPELINE_ID: every runner of one run "
+        "gives the same key, and the server pins the run's plan under it" in text
+    )
+    assert (
+        "--shard-storage-dir=DIR history store directory (default: the cache's, "
+        "~/.cache/slipstream). Write --shard-storage-dir=DIR, with '=':" in text
+    )
+    assert "see the docs" not in text
