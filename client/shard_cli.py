@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="append",
         default=[],
         metavar="PATH",
-        help=f"JUnit reports for the local split when the server is unreachable: {junit.PATHS_HELP}",
+        help="JUnit reports for the local split when the server is unreachable: "
+        + junit.PATHS_HELP,
     )
     _server_options(sp)
     sp.set_defaults(handler=run_shard)

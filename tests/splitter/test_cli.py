@@ -178,7 +178,7 @@ def test_reading_the_history_creates_nothing(monkeypatch, capsys, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for where in ([], ["--storage-dir", str(empty)]):
-        code, out, err = run_cli(
+        code, _, err = run_cli(
             monkeypatch, capsys, ["split", "--total", "2", "--index", "0", *where], "\n".join(IDS)
         )
         assert code == 0 and "warning: no timings" in err, err

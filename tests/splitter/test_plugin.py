@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 
-from benchmarks.bench_split import make_sample_project, run_pytest, run_shard
+from benchmarks.bench_split import ShardRun, make_sample_project, run_pytest, run_shard
 from slipstream.splitter.ids import node_id
 from slipstream.splitter.junit import read_reports
 
@@ -171,7 +171,7 @@ def test_a_path_option_that_moves_the_rootdir_is_warned_about(project, tmp_path)
     assert "write --shard-storage-dir=" in s.output
 
 
-def _ran_once_across(project: pathlib.Path, shards: list) -> collections.Counter[str]:
+def _ran_once_across(project: pathlib.Path, shards: list[ShardRun]) -> collections.Counter[str]:
     ran: collections.Counter[str] = collections.Counter()
     for s in shards:
         assert s.returncode == 0, s.output
