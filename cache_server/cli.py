@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import pathlib
+import stat
 
 from slipstream.cache_server import config as settings
 from slipstream.cache_server.logs import setup_logging
@@ -99,11 +100,28 @@ def run_serve(args: argparse.Namespace) -> int:
         http_listen=http,
     )
     _configure_s3(args, config)
+    for flag, directory in (("--storage", config.storage), ("--cache-dir", config.cache_dir)):
+        if directory is not None:
+            _check_directory(flag, directory)
     try:
         asyncio.run(serve(config))
     except OSError as exc:
         raise UsageError(str(exc)) from None
     return 0
+
+
+def _check_directory(flag: str, path: pathlib.Path) -> None:
+    """UsageError unless path is a directory or can be made one."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise UsageError(f"{flag} {path}: a part of that path is a file") from None
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"{flag} {path} is not a directory")
 
 
 def _configure_s3(args: argparse.Namespace, config: ServerConfig) -> None:

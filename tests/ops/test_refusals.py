@@ -88,3 +88,13 @@ def test_a_storage_url_of_an_unknown_scheme_is_refused(tmp_path: pathlib.Path) -
         )
         assert_refused(done, f"--storage {url!r}: unknown scheme")
     assert list(tmp_path.iterdir()) == []  # no ./ftp:/x directory made
+
+
+def test_a_storage_directory_that_is_a_file_is_refused(tmp_path: pathlib.Path) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("not a store")
+    for path, message in (
+        (a_file, f"--storage {a_file} is not a directory"),
+        (a_file / "x", f"--storage {a_file / 'x'}: a part of that path is a file"),
+    ):
+        assert_refused(serve_exit("--storage", str(path), "--listen", "127.0.0.1:0"), message)
