@@ -60,6 +60,7 @@ _HEADER = struct.Struct(">4s4xQ")  # magic, padding, xxh3-64 of the payload
 _TOUCH_INTERVAL = 60.0
 _ABANDONED_AFTER = 24 * 3600.0
 _READ_CHUNK = 1 << 20
+_ONE_READ_MAX = 64 << 20  # the largest size hint _read_checked_file reads in one go
 _TMP_NAMES = itertools.count()  # next() on it is atomic under the GIL
 RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # Files one call may touch in place on a RAM filesystem: 6-25 us each on tmpfs here,
@@ -143,7 +144,10 @@ def _read_checked_file(path: str, size_hint: int = -1) -> memoryview | None:
     except FileNotFoundError:
         return None
     try:
-        want = _HEADER.size + size_hint + 1 if size_hint >= 0 else os.fstat(fd).st_size + 1
+        # A hint past what one read should take (a digest's size is the caller's
+        # word, up to 2^63-1) is not trusted: the file's own size is.
+        hinted = 0 <= size_hint <= _ONE_READ_MAX
+        want = _HEADER.size + size_hint + 1 if hinted else os.fstat(fd).st_size + 1
         raw = os.read(fd, want)
         if len(raw) == want:  # larger than expected: read the rest
             raw += b"".join(iter(functools.partial(os.read, fd, _READ_CHUNK), b""))
@@ -251,20 +255,24 @@ class DiskStore(Store):
         """Refresh an entry's place in the LRU; False if it is not indexed."""
         return self._touch_many((rel,))[0]
 
-    def _touch_many(self, rels: Iterable[str]) -> list[bool]:
+    def _touch_many(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:
         """_touch for many entries under one lock and one clock read (finds carry
-        thousands); the access-time bumps, at most one a minute per entry, come after."""
+        thousands); the access-time bumps, at most one a minute per entry, come after.
+        With sizes (on disk, header included), an entry of another size counts as
+        absent and is left as it is: a digest is its hash and its size."""
         self._ensure_index()
         now = time.time()
         found: list[bool] = []
         stale: list[str] = []
         lru = self._lru
+        expected: Iterable[int | None] = itertools.repeat(None) if sizes is None else sizes
         with self._lock:
-            for rel in rels:
+            for rel, want in zip(rels, expected):
                 entry = lru.get(rel)
-                found.append(entry is not None)
-                if entry is None:
+                if entry is None or (want is not None and entry[0] != want):
+                    found.append(False)
                     continue
+                found.append(True)
                 lru.move_to_end(rel)
                 size, mtime = entry
                 if now - mtime > _TOUCH_INTERVAL:
@@ -349,6 +357,22 @@ class DiskStore(Store):
             self._forget(rel)
         return data
 
+    def _read_blob_file(self, blob: BlobId) -> memoryview | None:
+        """The blob's verified payload; None if absent or stored under another size
+        (the hash alone does not name it: that stored blob is kept as it is). The
+        index tells the size, so a wrong one costs no read."""
+        rel = self._blob_rel(blob)
+        if not self._indexed_as(rel, _HEADER.size + blob.size):
+            return None
+        data = self._read_checked(rel, blob.size)
+        return data if data is not None and len(data) == blob.size else None
+
+    def _indexed_as(self, rel: str, size: int) -> bool:
+        """Whether the index holds rel with this size on disk."""
+        self._ensure_index()
+        entry = self._lru.get(rel)  # a dict read: atomic under the GIL
+        return entry is not None and entry[0] == size
+
     def _drop_corrupt(self, rel: str, exc: Exception) -> None:
         log.warning("dropping corrupt entry: %s", exc)
         self._forget(rel)
@@ -357,7 +381,9 @@ class DiskStore(Store):
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
-        found = self._touch_many(map(self._blob_rel, blobs))
+        found = self._touch_many(
+            map(self._blob_rel, blobs), [_HEADER.size + b.size for b in blobs]
+        )
         return [b for b, ok in zip(blobs, found, strict=True) if not ok and b != EMPTY_BLOB]
 
     def find_blob(self, sha256: str) -> BlobId | None:
@@ -375,11 +401,10 @@ class DiskStore(Store):
     def get_blob(self, blob: BlobId) -> bytes | None:
         if blob == EMPTY_BLOB:
             return b""
-        rel = self._blob_rel(blob)
-        data = self._read_checked(rel, blob.size)
+        data = self._read_blob_file(blob)
         if data is None:
             return None
-        self._touch(rel)
+        self._touch(self._blob_rel(blob))
         return bytes(data)
 
     def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
@@ -391,10 +416,9 @@ class DiskStore(Store):
             if blob == EMPTY_BLOB:
                 datas.append(b"")
                 continue
-            rel = self._blob_rel(blob)
-            data = self._read_checked(rel, blob.size)
+            data = self._read_blob_file(blob)
             if data is not None:
-                found.append(rel)
+                found.append(self._blob_rel(blob))
             datas.append(data)
         self._touch_many(found)
         return datas
@@ -405,6 +429,8 @@ class DiskStore(Store):
         if blob == EMPTY_BLOB:
             return iter(())
         rel = self._blob_rel(blob)
+        if not self._indexed_as(rel, _HEADER.size + blob.size):
+            return None
         if blob.size <= chunk_size:  # one read: checked before anything is returned
             data = self.get_blob(blob)
             return None if data is None else iter((data[offset:],) if offset < len(data) else ())
@@ -419,6 +445,9 @@ class DiskStore(Store):
         except _CorruptFile as exc:
             f.close()
             self._drop_corrupt(rel, exc)
+            return None
+        if os.fstat(f.fileno()).st_size != _HEADER.size + blob.size:
+            f.close()  # the same hash under another size: not this digest
             return None
         self._touch(rel)
         return self._verified_chunks(f, rel, blob, expected, offset, chunk_size)

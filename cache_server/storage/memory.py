@@ -96,12 +96,14 @@ class MemoryStore(Store):
             if isinstance(oldest, tuple):
                 del self._records[oldest[0]][oldest[1]]
 
-    def _lookup(self, sha256: str) -> _Payload | None:
-        """A stored blob's payload, refreshed in the LRU; None if absent."""
+    def _lookup(self, sha256: str, size: int | None = None) -> _Payload | None:
+        """A stored blob's payload, refreshed in the LRU; None if absent or (given
+        a size) stored under another size: a digest is its hash and its size."""
         with self._lock:
             data = self._lru.get(sha256)
-            if data is not None:
-                self._lru.move_to_end(sha256)
+            if data is None or (size is not None and len(data) != size):
+                return None
+            self._lru.move_to_end(sha256)
         return data
 
     def _drop_locked(self, key: _Key) -> None:
@@ -115,7 +117,8 @@ class MemoryStore(Store):
         lru = self._lru
         with self._lock:
             for b in blobs:
-                if b.hash in lru:
+                data = lru.get(b.hash)
+                if data is not None and len(data) == b.size:
                     lru.move_to_end(b.hash)
                 elif b != EMPTY_BLOB:
                     missing.append(b)
@@ -129,7 +132,7 @@ class MemoryStore(Store):
         return None if data is None else BlobId(sha256, len(data))
 
     def get_blob(self, blob: BlobId) -> bytes | None:
-        data = self._lookup(blob.hash)
+        data = self._lookup(blob.hash, blob.size)
         if data is not None:
             return b"".join(data.parts) if isinstance(data, _Pieces) else data
         return b"" if blob == EMPTY_BLOB else None
@@ -137,7 +140,7 @@ class MemoryStore(Store):
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20
     ) -> Iterator[Chunk] | None:
-        data = self._lookup(blob.hash)
+        data = self._lookup(blob.hash, blob.size)
         if data is None:
             return iter(()) if blob == EMPTY_BLOB else None
         return _chunks(data.parts if isinstance(data, _Pieces) else (data,), offset, chunk_size)
