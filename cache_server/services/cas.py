@@ -86,6 +86,9 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         # Digests are checked up front, so one malformed digest fails the call
         # rather than leaving a half-applied batch behind it.
         blobs = blobs_from_request([r.digest for r in requests], "requests.digest")
+        # zstd payloads expand to what their digests say, and no further (see
+        # decompress_exact): the batch limit holds for that too.
+        _check_batch_size(sum(blob.size for blob in blobs))
         items = [
             (blob, payload, r.compressor)
             for blob, payload, r in zip(blobs, payloads, requests, strict=True)
