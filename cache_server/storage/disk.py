@@ -267,7 +267,7 @@ class DiskStore(Store):
         lru = self._lru
         expected: Iterable[int | None] = itertools.repeat(None) if sizes is None else sizes
         with self._lock:
-            for rel, want in zip(rels, expected):
+            for rel, want in zip(rels, expected, strict=False):  # expected may be endless
                 entry = lru.get(rel)
                 if entry is None or (want is not None and entry[0] != want):
                     found.append(False)
@@ -381,9 +381,7 @@ class DiskStore(Store):
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
-        found = self._touch_many(
-            map(self._blob_rel, blobs), [_HEADER.size + b.size for b in blobs]
-        )
+        found = self._touch_many(map(self._blob_rel, blobs), [_HEADER.size + b.size for b in blobs])
         return [b for b, ok in zip(blobs, found, strict=True) if not ok and b != EMPTY_BLOB]
 
     def find_blob(self, sha256: str) -> BlobId | None:
