@@ -16,6 +16,7 @@ from slipstream.cache_server.calls import AccessLog, CallWrapper, Hook
 from slipstream.cache_server.config import OpsConfig
 from slipstream.cache_server.limits import LimitEnforcer
 from slipstream.cache_server.metrics import Metrics
+from slipstream.cache_server.services.common import FOREIGN_SERVICES, RejectMalformed
 from slipstream.cache_server.storage.base import Store
 
 # gRPC binds with SO_REUSEPORT by default: a second server on a port another one
@@ -71,7 +72,9 @@ class Operations:
                     f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror or exc}"
                 ) from None
         if self.config.health_listen:
-            probe = grpc.aio.server(options=[NO_REUSEPORT])
+            probe = grpc.aio.server(
+                interceptors=[RejectMalformed(FOREIGN_SERVICES)], options=[NO_REUSEPORT]
+            )
             health_pb2_grpc.add_HealthServicer_to_server(servicer, probe)
             try:
                 self.health_port = probe.add_insecure_port(self.config.health_listen)

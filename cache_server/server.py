@@ -27,7 +27,13 @@ from slipstream.cache_server.services.bytestream import add_to_server as add_byt
 from slipstream.cache_server.services.capabilities import CapabilitiesService
 from slipstream.cache_server.services.cas import CasService
 from slipstream.cache_server.services.cas import add_to_server as add_cas_to_server
-from slipstream.cache_server.services.common import MAX_MESSAGE_SIZE, Backend, TolerantDecoding
+from slipstream.cache_server.services.common import (
+    FOREIGN_SERVICES,
+    MAX_MESSAGE_SIZE,
+    Backend,
+    RejectMalformed,
+    TolerantDecoding,
+)
 from slipstream.cache_server.services.layers import LayersService
 from slipstream.cache_server.services.split import SplitService
 from slipstream.cache_server.storage.base import Store
@@ -105,7 +111,11 @@ class CacheServer:
         self.ops = Operations(config.ops, store)
         covered = ("/build.bazel.", "/google.bytestream.", "/slipstream.")
         self.server = grpc.aio.server(
-            interceptors=[self.ops.interceptor(covered), TolerantDecoding(covered)],
+            interceptors=[
+                self.ops.interceptor(covered),
+                TolerantDecoding(covered),
+                RejectMalformed(FOREIGN_SERVICES),
+            ],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),

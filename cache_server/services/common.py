@@ -210,6 +210,67 @@ class TolerantDecoding(MethodWrapper):
         return handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
 
 
+# The services that are not ours (gRPC's health and reflection), served to anyone.
+FOREIGN_SERVICES = ("/grpc.health.", "/grpc.reflection.")
+
+
+class RejectMalformed(MethodWrapper):
+    """For handlers that are not ours (health, reflection): an unparsable request is
+    answered INVALID_ARGUMENT, and nothing reaches the log. Left to itself gRPC
+    answers UNKNOWN and logs a traceback per call, a log flood for anyone."""
+
+    def wrap(self, handler: Any, method: str) -> Any:
+        if handler.request_deserializer is None:
+            return handler
+        kind = "unary_unary"
+        for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            if getattr(handler, name) is not None:
+                kind = name
+        behavior = _rejecting(getattr(handler, kind), handler.request_streaming)
+        return handler._replace(
+            request_deserializer=_tolerant(handler.request_deserializer), **{kind: behavior}
+        )
+
+
+def _malformed_status(request: MalformedRequest) -> tuple[grpc.StatusCode, str]:
+    return grpc.StatusCode.INVALID_ARGUMENT, f"request does not parse: {request.error}"
+
+
+def _rejecting(behavior: Callable[..., Any], request_streaming: bool) -> Callable[..., Any]:
+    """behavior, answering INVALID_ARGUMENT to a request that did not parse."""
+
+    async def parsed(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        async for request in requests:
+            if isinstance(request, MalformedRequest):
+                # Raised inside a handler we do not own: gRPC ends the call
+                # with this status and logs nothing.
+                await context.abort(*_malformed_status(request))
+            yield request
+
+    if inspect.isasyncgenfunction(behavior):
+
+        async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            if request_streaming:
+                request = parsed(request, context)
+            elif isinstance(request, MalformedRequest):
+                end_with_status(context, *_malformed_status(request))
+                return
+            async for response in behavior(request, context):
+                yield response
+
+        return stream
+
+    async def unary(request: Any, context: Any) -> Any:
+        if request_streaming:
+            request = parsed(request, context)
+        elif isinstance(request, MalformedRequest):
+            end_with_status(context, *_malformed_status(request))
+            return None
+        return await behavior(request, context)
+
+    return unary
+
+
 def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
     """Wrap a servicer method (coroutine or async generator) with error mapping."""
     if inspect.isasyncgenfunction(method):
