@@ -53,7 +53,8 @@ class StreamDecompressor:
     def __init__(self, size: int) -> None:
         self._sink = _CappedSink(size)
         self._writer = zstandard.ZstdDecompressor().stream_writer(
-            self._sink, write_return_read=True
+            self._sink,  # type: ignore[arg-type]  # zstd calls only write()
+            write_return_read=True,
         )
 
     def feed(self, data: bytes | memoryview) -> bytes:

@@ -3,6 +3,7 @@ nothing, on every path of every local store (issue 19, item 7)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import grpc
@@ -44,7 +45,7 @@ def test_right_hash_wrong_size_is_absent_everywhere(api: Reapi, data: bytes, wro
         assert batch.responses[0].data == b""
 
     for offset in {0, min(1, wrong), wrong // 2}:
-        failure = rpc_error(lambda offset=offset: api.read(bad, offset=offset))
+        failure = rpc_error(functools.partial(api.read, bad, offset=offset))
         assert failure.code() == grpc.StatusCode.NOT_FOUND, failure
 
     tree = rpc_error(
