@@ -287,6 +287,8 @@ class S3Store(Store):
             got = self._get_bytes(key, "read a blob")
             if got is None:
                 return None
+            if len(got[0]) != blob.size:
+                return None  # the same hash under another size: not this digest
             try:
                 verify(got[0], blob)
             except DigestError as exc:
@@ -309,14 +311,20 @@ class S3Store(Store):
             if data is None:
                 return None
             return (data[i : i + chunk_size] for i in range(offset, len(data), chunk_size))
-        ranges = windows(offset, blob.size, self.config.read_window)
-        first = self._open_range(blob, *ranges[0])
+        # From 0 whatever the offset: the bytes before it are fetched and hashed but
+        # not served, so what is served is verified at any offset.
+        window = self.config.read_window
+        first = self._open_range(blob, 0, min(window, blob.size) - 1)
         if first is None:
             return None
+        # Only now: the object has the digest's size, so the windows are few (a
+        # wrong size of up to 2^63-1 would have made trillions).
+        ranges = windows(0, blob.size, window)
         return self._stream(blob, offset, ranges, first, chunk_size)
 
     def _open_range(self, blob: BlobId, start: int, end: int) -> Any | None:
-        """The streaming body of bytes [start, end] of blob's object; None if absent."""
+        """The streaming body of bytes [start, end] of blob's object; None if absent
+        (or of another size)."""
         try:
             response = self._call(
                 "read a blob",
@@ -329,7 +337,10 @@ class S3Store(Store):
                 return None
             raise self._unavailable("read a blob", exc) from exc
         total = response.get("ContentRange", "").rpartition("/")[2]
-        if response["ContentLength"] != end - start + 1 or total != str(blob.size):
+        if total != str(blob.size):
+            response["Body"].close()
+            return None  # the same hash under another size: not this digest
+        if response["ContentLength"] != end - start + 1:
             raise StoreUnavailable(
                 f"S3 bucket {self.config.describe()}: object for {blob} has the wrong size "
                 f"({response.get('ContentRange')})"
@@ -339,9 +350,10 @@ class S3Store(Store):
     def _stream(
         self, blob: BlobId, offset: int, ranges: list[tuple[int, int]], body: Any, chunk_size: int
     ) -> Iterator[bytes]:
-        """Ranged GETs, resumed where a cut one stopped; from offset 0 the hash is checked
-        before the last chunk is released, so a wrong blob never reads through to its end."""
-        sha = hashlib.sha256() if offset == 0 else None
+        """Ranged GETs over the whole object, resumed where a cut one stopped, producing
+        the bytes from offset on. The hash of the whole object is checked before the last
+        chunk is released, so a wrong blob never reads through to its end at any offset."""
+        sha = hashlib.sha256()
         hashed: Future[None] | None = None
         pending = b""
         for start, end in ranges:
@@ -355,13 +367,16 @@ class S3Store(Store):
                 error: Exception | None = None
                 try:
                     for chunk in body.iter_chunks(chunk_size):
-                        pos += len(chunk)
-                        if sha is not None:
-                            # Hashed on another thread while the next chunk arrives
-                            # (hashlib lets go of the GIL); one at a time, in order.
-                            if hashed is not None:
-                                hashed.result()
-                            hashed = self._hash_pool.submit(sha.update, chunk)
+                        at, pos = pos, pos + len(chunk)
+                        # Hashed on another thread while the next chunk arrives
+                        # (hashlib lets go of the GIL); one at a time, in order.
+                        if hashed is not None:
+                            hashed.result()
+                        hashed = self._hash_pool.submit(sha.update, chunk)
+                        if pos <= offset:
+                            continue  # before the offset: hashed, not served
+                        if at < offset:
+                            chunk = chunk[offset - at :]
                         if pending:
                             yield pending
                         pending = chunk
@@ -378,7 +393,7 @@ class S3Store(Store):
                     raise StoreUnavailable(f"S3 returned too many bytes for {blob}")
         if hashed is not None:
             hashed.result()
-        if sha is not None and sha.hexdigest() != blob.hash:
+        if sha.hexdigest() != blob.hash:
             raise StoreUnavailable(f"blob {blob} read back from S3 does not match its digest")
         if pending:
             yield pending
