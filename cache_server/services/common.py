@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import errno
 import functools
 import inspect
 import logging
@@ -23,10 +24,12 @@ from google.protobuf.descriptor import ServiceDescriptor
 
 from slipstream.cache_server.storage.base import (
     Chunk,
+    DiskFull,
     RecordKeyError,
     Store,
     StoreFull,
     StoreUnavailable,
+    no_space,
 )
 from slipstream.core.digests import BlobId, DigestError, check_digest_function
 from slipstream.protos import remote_execution_pb2 as re_pb2
@@ -41,6 +44,9 @@ T = TypeVar("T")
 MAX_BATCH_TOTAL_SIZE = 4 * 1024 * 1024 - 64 * 1024
 # What the server accepts in one message: above the batch limit, for overhead.
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+
+_OUT_OF_HANDLES = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class RpcError(Exception):
@@ -58,10 +64,15 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, DigestError | RecordKeyError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, StoreFull):
+    if isinstance(exc, StoreFull):  # DiskFull too
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, StoreUnavailable):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
+    if isinstance(exc, OSError) and no_space(exc):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"disk full: {exc.strerror}"
+    if isinstance(exc, OSError) and exc.errno in _OUT_OF_HANDLES:
+        # Passes as uploads end or idle ones are dropped: worth a retry.
+        return grpc.StatusCode.UNAVAILABLE, f"server busy: {exc.strerror}"
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
 
 
@@ -97,6 +108,8 @@ def http_status_of(exc: BaseException) -> tuple[int, str]:
     """The HTTP status for an exception raised while serving an HTTP request."""
     if isinstance(exc, HttpError):
         return exc.status, exc.message
+    if isinstance(exc, DiskFull) or (isinstance(exc, OSError) and no_space(exc)):
+        return 507, status_of(exc)[1]  # Insufficient Storage
     if isinstance(exc, StoreFull):
         return 413, str(exc)  # a blob over what the store can hold
     code, message = status_of(exc)

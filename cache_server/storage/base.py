@@ -13,6 +13,7 @@ worker threads. A store holds two kinds of things:
 from __future__ import annotations
 
 import abc
+import errno
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,21 @@ _MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesyste
 
 class StoreFull(Exception):
     """The blob cannot fit within the store's size bound."""
+
+
+class DiskFull(StoreFull, OSError):
+    """The filesystem under the store has no space (or quota) left for a write.
+
+    An OSError too, so code that shrugs off a failed local copy (the disk tier)
+    shrugs this off as well."""
+
+
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def no_space(exc: OSError) -> bool:
+    """Whether an OSError says the disk (or the quota) is full."""
+    return exc.errno in _NO_SPACE
 
 
 class StoreUnavailable(Exception):

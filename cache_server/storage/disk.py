@@ -43,6 +43,7 @@ from slipstream.cache_server.storage.base import (
     EVICTABLE_NAMESPACES,
     BlobWriter,
     Chunk,
+    DiskFull,
     RecordInfo,
     Store,
     StoreFull,
@@ -50,6 +51,7 @@ from slipstream.cache_server.storage.base import (
     StoreUnavailable,
     decode_record_key,
     encode_record_key,
+    no_space,
 )
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError, verify
 
@@ -121,6 +123,17 @@ def _alive(pid: str) -> bool:
 
 class _CorruptFile(Exception):
     pass
+
+
+@contextlib.contextmanager
+def _space_checked(root: pathlib.Path, what: str) -> Iterator[None]:
+    """Turn "no space left" (or "quota exceeded") into DiskFull, saying so."""
+    try:
+        yield
+    except OSError as exc:
+        if isinstance(exc, DiskFull) or not no_space(exc):
+            raise
+        raise DiskFull(f"disk full: cannot {what} in {root}: {exc.strerror}") from None
 
 
 def _check_header(path: pathlib.Path | str, header: bytes) -> int:
@@ -483,8 +496,9 @@ class DiskStore(Store):
         self._check_fits(blob.size)
         tmp_path = self._new_tmp()
         try:
-            size = self._write_file(tmp_path, data)
-            self._install(tmp_path, self._blob_rel(blob), size, evictable=True)
+            with _space_checked(self.root, f"store blob {blob}"):
+                size = self._write_file(tmp_path, data)
+                self._install(tmp_path, self._blob_rel(blob), size, evictable=True)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
@@ -511,22 +525,29 @@ class DiskStore(Store):
             self._check_fits(len(value))
         tmp_path = self._new_tmp()
         try:
-            size = self._write_file(tmp_path, value)
-            if overwrite:
-                self._install(tmp_path, rel, size, evictable)
-                return True
-            final = self.root / rel
-            final.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(tmp_path, final)  # atomic create-if-absent
-            except FileExistsError:
-                return False
-            if evictable:
-                self._admit(rel, size)
-            return True
+            with _space_checked(self.root, f"store a {namespace} record"):
+                return self._put_record_file(tmp_path, rel, value, evictable, overwrite)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
+
+    def _put_record_file(
+        self, tmp_path: str, rel: str, value: bytes, evictable: bool, overwrite: bool
+    ) -> bool:
+        """Write value to tmp_path and put it in place at rel (the caller removes tmp_path)."""
+        size = self._write_file(tmp_path, value)
+        if overwrite:
+            self._install(tmp_path, rel, size, evictable)
+            return True
+        final = self.root / rel
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(tmp_path, final)  # atomic create-if-absent
+        except FileExistsError:
+            return False
+        if evictable:
+            self._admit(rel, size)
+        return True
 
     def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
         encoded_prefix = encode_record_key(namespace, prefix) if prefix else ""
@@ -568,15 +589,22 @@ class _DiskBlobWriter(BlobWriter):
         super().__init__(blob)
         self._store = store
         self._path = store._new_tmp()
-        self._file: BinaryIO | None = open(self._path, "wb")  # noqa: SIM115
-        self._file.write(b"\0" * _HEADER.size)
+        self._file: BinaryIO | None = None
+        with _space_checked(store.root, f"store blob {blob}"):
+            self._file = open(self._path, "wb")  # noqa: SIM115
+            try:
+                self._file.write(b"\0" * _HEADER.size)
+            except BaseException:
+                self.abort()
+                raise
         self._xxh = xxhash.xxh3_64()
 
     def write(self, data: Chunk) -> None:
         if self._file is None:
             raise DigestError("write after the blob was committed or aborted")
         self._take(data)
-        self._file.write(data)
+        with _space_checked(self._store.root, f"store blob {self.blob}"):
+            self._file.write(data)
         self._xxh.update(data)
 
     def commit(self) -> None:
@@ -584,19 +612,25 @@ class _DiskBlobWriter(BlobWriter):
             raise DigestError("commit after the blob was committed or aborted")
         try:
             self._check_complete()
-            self._file.seek(0)
-            self._file.write(_HEADER.pack(_MAGIC, self._xxh.intdigest()))
-            self._file.close()
-            self._file = None
-            if self.blob != EMPTY_BLOB:
-                size = _HEADER.size + self.blob.size
-                self._store._install(self._path, self._store._blob_rel(self.blob), size, True)
+            with _space_checked(self._store.root, f"store blob {self.blob}"):
+                self._file.seek(0)
+                self._file.write(_HEADER.pack(_MAGIC, self._xxh.intdigest()))
+                file, self._file = self._file, None
+                file.close()
+                if self.blob != EMPTY_BLOB:
+                    size = _HEADER.size + self.blob.size
+                    self._store._install(self._path, self._store._blob_rel(self.blob), size, True)
         finally:
             self.abort()
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path)
+        file, self._file = self._file, None
+        try:
+            if file is not None:
+                # Closing flushes what is buffered, which fails on a full disk; the
+                # file is closed all the same, and removed below either way.
+                with contextlib.suppress(OSError):
+                    file.close()
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path)
