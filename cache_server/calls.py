@@ -43,6 +43,12 @@ from slipstream.cache_server.services.common import (
 
 log = logging.getLogger("cache_server.access")
 
+# The key, in a call's notes, of a function a hook may leave there (the limits hook
+# does): it counts the call's caller as holding one more stream until the release it
+# returns is called. ByteStream keeps an unfinished upload under one, so uploads left
+# for a resume count against the caller's --max-streams.
+HOLD_STREAM = "hold_stream"
+
 REQUEST_ID_HEADER = "x-request-id"
 _MAX_REQUEST_ID = 64
 

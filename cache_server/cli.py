@@ -12,7 +12,7 @@ from slipstream.cache_server.logs import setup_logging
 from slipstream.cache_server.server import ServerConfig, serve
 from slipstream.core.addresses import DEFAULT_LISTEN
 from slipstream.core.errors import UsageError
-from slipstream.core.sizes import parse_size
+from slipstream.core.sizes import parse_duration, parse_size
 
 MEMORY_URL = "memory://"
 STORAGE_SCHEMES = ("memory", "s3")  # --storage SCHEME://...; anything else is a directory
@@ -66,6 +66,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="refuse UpdateActionResult (clients may still upload CAS blobs)",
     )
+    p.add_argument(
+        "--upload-idle-timeout",
+        metavar="DURATION",
+        default="60s",
+        help="drop a ByteStream upload that receives nothing this long, open or left for "
+        "a resume (default 60s)",
+    )
     p.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
     settings.add_arguments(p)
     settings.layered(p)  # after every option: the config file and SLIPSTREAM_* fill them in
@@ -78,6 +85,10 @@ def run_serve(args: argparse.Namespace) -> int:
         max_size = parse_size(args.max_size) if args.max_size else None
     except ValueError as exc:
         raise UsageError(f"--max-size: {exc}") from None
+    try:
+        upload_idle_timeout = parse_duration(args.upload_idle_timeout)
+    except ValueError as exc:
+        raise UsageError(f"--upload-idle-timeout: {exc}") from None
     listen = settings.check_listen(args.listen, "--listen")
     http = settings.check_listen(args.http_listen, "--http-listen")
     in_memory = (args.storage or "").startswith(MEMORY_URL)
@@ -98,6 +109,7 @@ def run_serve(args: argparse.Namespace) -> int:
         update_enabled=not args.read_only_ac,
         ops=settings.ops_config(args),
         http_listen=http,
+        upload_idle_timeout=upload_idle_timeout,
     )
     _configure_s3(args, config)
     for flag, directory in (("--storage", config.storage), ("--cache-dir", config.cache_dir)):

@@ -9,12 +9,14 @@ Anonymous callers are counted per client address.
 from __future__ import annotations
 
 import collections
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from slipstream.cache_server.auth import OPEN, Authenticator, Caller
-from slipstream.cache_server.calls import Call, Hook
+from slipstream.cache_server.calls import HOLD_STREAM, Call, Hook
 from slipstream.cache_server.resource_names import ResourceNameError, parse_write_name
 from slipstream.cache_server.services.common import RpcError
 
@@ -50,6 +52,23 @@ class LimitEnforcer(Hook):
             )
         self.in_flight[key] += 1
         call.notes["limits.key"] = key
+        call.notes[HOLD_STREAM] = functools.partial(self._hold, key)
+
+    def _hold(self, key: str) -> Callable[[], None]:
+        """Count one more stream for key until the returned release is called (once
+        or more): an unfinished upload kept after its call ended."""
+        self.in_flight[key] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight[key] -= 1
+                if self.in_flight[key] <= 0:
+                    del self.in_flight[key]
+
+        return release
 
     def end(self, call: Call) -> None:
         key = call.notes.pop("limits.key", None)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from slipstream.cache_server.config import OpsConfig
 from slipstream.cache_server.operations import NO_REUSEPORT, Operations
 from slipstream.cache_server.services.action_cache import ActionCacheService
-from slipstream.cache_server.services.bytestream import ByteStreamService
+from slipstream.cache_server.services.bytestream import UPLOAD_IDLE_TIMEOUT, ByteStreamService
 from slipstream.cache_server.services.bytestream import add_to_server as add_bytestream_to_server
 from slipstream.cache_server.services.capabilities import CapabilitiesService
 from slipstream.cache_server.services.cas import CasService
@@ -64,6 +64,7 @@ class ServerConfig:
     cache_size: int | None = None
     ops: OpsConfig = field(default_factory=OpsConfig)  # auth, TLS, limits, metrics, audit
     http_listen: str | None = None  # also serve the HTTP cache (Bazel, ccache) here
+    upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT  # seconds
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -125,7 +126,9 @@ class CacheServer:
         add_cas_to_server(CasService(self.backend), self.server)
         re_grpc.add_ActionCacheServicer_to_server(ActionCacheService(self.backend), self.server)
         re_grpc.add_CapabilitiesServicer_to_server(CapabilitiesService(self.backend), self.server)
-        add_bytestream_to_server(ByteStreamService(self.backend), self.server)
+        add_bytestream_to_server(
+            ByteStreamService(self.backend, config.upload_idle_timeout), self.server
+        )
         layers_grpc.add_LayersServicer_to_server(LayersService(self.backend), self.server)
         split_grpc.add_SplitServicer_to_server(SplitService(self.backend), self.server)
         self.health = health.aio.HealthServicer()

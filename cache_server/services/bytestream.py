@@ -6,12 +6,13 @@ import asyncio
 import collections
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
+from slipstream.cache_server.calls import HOLD_STREAM, current_call
 from slipstream.cache_server.resource_names import ResourceName, parse_read_name, parse_write_name
 from slipstream.cache_server.services.common import (
     Backend,
@@ -32,7 +33,9 @@ READ_CHUNK = 1024 * 1024
 WRITE_BUFFER = 1024 * 1024
 # How far the received data may run ahead of the store writer's thread.
 FEED_AHEAD = 4 * 1024 * 1024
-UPLOAD_IDLE_TIMEOUT = 600.0
+# An upload that receives nothing this long is dropped, whether its call is still
+# open or it was left for a resume (--upload-idle-timeout).
+UPLOAD_IDLE_TIMEOUT = 60.0
 REMEMBER_COMPLETED = 10_000
 
 
@@ -56,6 +59,14 @@ class _Upload:
     writer: BlobWriter
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     last_active: float = field(default_factory=time.monotonic)
+    # While no call is writing it: ends its count against the caller's stream limit.
+    release: Callable[[], None] | None = None
+
+    def resume(self) -> None:
+        """A call writes it again, and counts for it."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 class _StoreFeed:
@@ -144,10 +155,12 @@ def _set_done(future: asyncio.Future[None]) -> None:
 
 
 class ByteStreamService(bs_grpc.ByteStreamServicer):
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, idle_timeout: float = UPLOAD_IDLE_TIMEOUT) -> None:
         self.backend = backend
+        self.idle_timeout = idle_timeout
         self._uploads: dict[str, _Upload] = {}
         self._completed: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._sweep: asyncio.TimerHandle | None = None
 
     # ---- Read ----
     @grpc_errors
@@ -206,7 +219,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> bs_pb2.WriteResponse:
         self._expire_idle()
-        first = await anext(aiter(request_iterator), None)
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                first = await anext(aiter(request_iterator), None)
+        except TimeoutError:
+            raise self._idle_error() from None
         if first is None:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "Write stream carried no request")
         resource = first.resource_name
@@ -228,12 +245,25 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 )
             writer = await self.backend.run(self.backend.store.open_writer, name.blob)
             upload = self._uploads[resource] = _Upload(writer)
+            self._schedule_sweep()
         if upload.lock.locked():
             raise RpcError(
                 grpc.StatusCode.ABORTED, f"upload {resource[:200]} is already in progress"
             )
-        async with upload.lock:
-            return await self._receive(name, resource, upload, first, request_iterator)
+        upload.resume()
+        try:
+            async with upload.lock:
+                return await self._receive(name, resource, upload, first, request_iterator)
+        finally:
+            if self._uploads.get(resource) is upload:  # kept for a resume
+                upload.release = _hold_stream()
+                upload.last_active = time.monotonic()
+
+    def _idle_error(self) -> RpcError:
+        return RpcError(
+            grpc.StatusCode.ABORTED,
+            f"upload idle for more than {self.idle_timeout:g} s: dropped; start it again",
+        )
 
     async def _missing(self, name: ResourceName) -> bool:
         missing = await self.backend.find_missing([name.blob])
@@ -267,49 +297,63 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
 
         request: WriteChunk | None = first
         finished = False
+        loop = asyncio.get_running_loop()
+        # Armed only while waiting on the client: a client that sends nothing for
+        # idle_timeout loses the upload (its temp file or memory) and the call.
+        waiting = asyncio.timeout(None)
         try:
-            while request is not None:
-                if request.resource_name and request.resource_name != resource:
-                    raise RpcError(
-                        grpc.StatusCode.INVALID_ARGUMENT, "resource_name changed within one Write"
-                    )
-                if request.write_offset != received:
-                    raise RpcError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        f"write_offset {request.write_offset} does not follow "
-                        f"the {received} bytes committed",
-                    )
-                chunk = request.data  # a view into the received message
-                received += len(chunk)
-                data = decompressor.feed(chunk) if decompressor else chunk
-                if data:
-                    if accepted + len(data) > name.blob.size:
-                        raise RpcError(
-                            grpc.StatusCode.INVALID_ARGUMENT,
-                            f"more than {name.blob.size} bytes sent for blob {name.blob}",
-                        )
-                    buffer.append(data)
-                    buffered += len(data)
-                    accepted += len(data)
-                    if buffered >= WRITE_BUFFER:
-                        await flush()
-                upload.last_active = time.monotonic()
-                if request.finish_write:
-                    finished = True
-                    break
-                request = await anext(rest, None)
-            await flush()
-            await feed.finish()
-        except asyncio.CancelledError:
-            await feed.discard()  # before the upload is dropped or left for a resume
-            # The client went away: what reached the store stays for a resume.
-            if decompressor is not None:
-                self._drop(resource)
-            raise
-        except BaseException:
-            await feed.discard()
+            async with waiting:
+                try:
+                    while request is not None:
+                        if request.resource_name and request.resource_name != resource:
+                            raise RpcError(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                "resource_name changed within one Write",
+                            )
+                        if request.write_offset != received:
+                            raise RpcError(
+                                grpc.StatusCode.INVALID_ARGUMENT,
+                                f"write_offset {request.write_offset} does not follow "
+                                f"the {received} bytes committed",
+                            )
+                        chunk = request.data  # a view into the received message
+                        received += len(chunk)
+                        data = decompressor.feed(chunk) if decompressor else chunk
+                        if data:
+                            if accepted + len(data) > name.blob.size:
+                                raise RpcError(
+                                    grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"more than {name.blob.size} bytes sent for blob {name.blob}",
+                                )
+                            buffer.append(data)
+                            buffered += len(data)
+                            accepted += len(data)
+                            if buffered >= WRITE_BUFFER:
+                                await flush()
+                        upload.last_active = time.monotonic()
+                        if request.finish_write:
+                            finished = True
+                            break
+                        waiting.reschedule(loop.time() + self.idle_timeout)
+                        request = await anext(rest, None)
+                        waiting.reschedule(None)
+                    await flush()
+                    await feed.finish()
+                except asyncio.CancelledError:
+                    await feed.discard()  # before the upload is dropped or left for a resume
+                    # The client went away: what reached the store stays for a resume.
+                    if decompressor is not None:
+                        self._drop(resource)
+                    raise
+                except BaseException:
+                    await feed.discard()
+                    self._drop(resource)
+                    raise
+        except TimeoutError:
+            if not waiting.expired():
+                raise
             self._drop(resource)
-            raise
+            raise self._idle_error() from None
         if not finished:
             if decompressor is not None:
                 self._drop(resource)
@@ -329,13 +373,27 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
     def _drop(self, resource: str) -> None:
         upload = self._uploads.pop(resource, None)
         if upload is not None:
+            upload.resume()  # no call counts for it any more: neither does it
             self.backend.executor.submit(upload.writer.abort)
 
     def _expire_idle(self) -> None:
-        cutoff = time.monotonic() - UPLOAD_IDLE_TIMEOUT
+        """Drop the uploads left for a resume that nobody resumed in idle_timeout."""
+        cutoff = time.monotonic() - self.idle_timeout
         for resource, upload in list(self._uploads.items()):
             if upload.last_active < cutoff and not upload.lock.locked():
                 self._drop(resource)
+
+    def _schedule_sweep(self) -> None:
+        """Have _expire_idle run while uploads are held, with or without new calls."""
+        if self._sweep is None and self._uploads:
+            self._sweep = asyncio.get_running_loop().call_later(
+                self.idle_timeout / 2, self._sweep_idle
+            )
+
+    def _sweep_idle(self) -> None:
+        self._sweep = None
+        self._expire_idle()
+        self._schedule_sweep()
 
     # ---- QueryWriteStatus ----
     @grpc_errors
@@ -354,3 +412,11 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             size = -1 if name.compressed else name.blob.size
             return bs_pb2.QueryWriteStatusResponse(committed_size=size, complete=True)
         return bs_pb2.QueryWriteStatusResponse(committed_size=0, complete=False)
+
+
+def _hold_stream() -> Callable[[], None] | None:
+    """Count an upload left for a resume against its caller's stream limit, as the
+    call that wrote it counted; its release, None where no limit counts."""
+    call = current_call()
+    hold = call.notes.get(HOLD_STREAM) if call is not None else None
+    return hold() if hold is not None else None

@@ -1,4 +1,4 @@
-"""Human sizes on the command line: 500M, 10G, 1.5GiB, 1048576."""
+"""Human sizes and durations on the command line: 500M, 10G, 1.5GiB, 1048576; 60s, 2m."""
 
 from __future__ import annotations
 
@@ -16,4 +16,19 @@ def parse_size(text: str) -> int:
     value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
     if value <= 0:
         raise ValueError(f"size {text!r} must be positive")
+    return value
+
+
+_SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([smh]?)\s*", re.IGNORECASE)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from a duration (plain seconds, or with s, m or h); ValueError if not one."""
+    m = _DURATION.fullmatch(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration (examples: 60s, 2m, 90)")
+    value = float(m.group(1)) * _SECONDS[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
     return value
