@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slipstream.cache_server.storage import s3 as s3mod
-from slipstream.cache_server.storage.base import Chunk, StoreUnavailable
+from slipstream.cache_server.storage.base import Chunk, Store, StoreUnavailable
 from slipstream.cache_server.storage.disk import DiskStore
-from slipstream.cache_server.storage.s3 import S3Store
 from slipstream.cache_server.storage.tiered import TieredStore
 from slipstream.core.digests import BlobId
 from tests.s3.conftest import StoreFactory, s3_client
@@ -36,17 +35,18 @@ def small_limits(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def windowed(make_store: StoreFactory, small_limits: None) -> Iterator[S3Store]:
+def windowed(make_store: StoreFactory, small_limits: None) -> Iterator[Store]:
     s = make_store(read_window=24 << 10)
     yield s
     s.close()
 
 
-def _corrupt(bucket: str, store: S3Store, blob: BlobId, data: bytes, at: int) -> None:
+def _corrupt(moto_url: str, bucket: str, blob: BlobId, data: bytes, at: int) -> None:
+    """Replace blob's object in the bucket by data with one byte flipped (same size)."""
     bad = bytearray(data)
     bad[at] ^= 0xFF
-    s3_client(store.config.endpoint_url or "").put_object(
-        Bucket=bucket, Key=s3mod.blob_key(store.prefix, blob), Body=bytes(bad)
+    s3_client(moto_url).put_object(
+        Bucket=bucket, Key=s3mod.blob_key("cache/", blob), Body=bytes(bad)
     )
 
 
@@ -60,12 +60,12 @@ def _drain(chunks: Iterator[Chunk]) -> list[Chunk]:
 
 @pytest.mark.parametrize("corrupt_at", [0, 5, SIZE // 2, SIZE - 1])
 def test_corrupt_large_object_is_never_served_whole_at_any_offset(
-    windowed: S3Store, bucket: str, corrupt_at: int
+    windowed: Store, moto_url: str, bucket: str, corrupt_at: int
 ) -> None:
     data = os.urandom(SIZE)
     blob = BlobId.of(data)
     windowed.put_blob(blob, data)
-    _corrupt(bucket, windowed, blob, data, corrupt_at)
+    _corrupt(moto_url, bucket, blob, data, corrupt_at)
     for offset in (0, 1, 4, 30_000, SIZE - 10, SIZE - 1):
         chunks = windowed.read_blob(blob, offset, 4096)
         assert chunks is not None
@@ -74,11 +74,13 @@ def test_corrupt_large_object_is_never_served_whole_at_any_offset(
         assert sum(map(len, served)) < SIZE - offset, offset
 
 
-def test_corrupt_small_object_is_not_served_at_an_offset(store: S3Store, bucket: str) -> None:
+def test_corrupt_small_object_is_not_served_at_an_offset(
+    store: Store, moto_url: str, bucket: str
+) -> None:
     data = os.urandom(5000)
     blob = BlobId.of(data)
     store.put_blob(blob, data)
-    _corrupt(bucket, store, blob, data, 3000)
+    _corrupt(moto_url, bucket, blob, data, 3000)
     for offset in (1, 4):
         assert store.read_blob(blob, offset, 1024) is None  # checked whole: corrupt
 
@@ -89,7 +91,7 @@ def test_corrupt_small_object_is_not_served_at_an_offset(store: S3Store, bucket:
     chunk=st.integers(min_value=1000, max_value=40_000),
 )
 def test_sound_large_object_reads_exactly_from_any_offset(
-    windowed: S3Store, offset: int, chunk: int
+    windowed: Store, offset: int, chunk: int
 ) -> None:
     data = _sound_blob(windowed)
     chunks = windowed.read_blob(BlobId.of(data), offset, chunk)
@@ -102,7 +104,7 @@ def test_sound_large_object_reads_exactly_from_any_offset(
 _SOUND = os.urandom(SIZE)
 
 
-def _sound_blob(store: S3Store) -> bytes:
+def _sound_blob(store: Store) -> bytes:
     blob = BlobId.of(_SOUND)
     if store.find_missing([blob]):
         store.put_blob(blob, _SOUND)
@@ -112,7 +114,7 @@ def _sound_blob(store: S3Store) -> bytes:
 @pytest.fixture
 def stores(
     make_store: StoreFactory, small_limits: None, tmp_path: pathlib.Path
-) -> Iterator[dict[str, S3Store | TieredStore]]:
+) -> Iterator[dict[str, Store]]:
     s3 = make_store(read_window=24 << 10)
     tiered = TieredStore(DiskStore(tmp_path / "tier"), make_store(read_window=24 << 10))
     yield {"s3": s3, "tiered": tiered}
@@ -127,7 +129,7 @@ def stores(
     data=st.data(),
 )
 def test_right_hash_wrong_size_is_absent_on_s3_and_the_tier(
-    stores: dict[str, S3Store | TieredStore], size: int, wrong: int, data: st.DataObject
+    stores: dict[str, Store], size: int, wrong: int, data: st.DataObject
 ) -> None:
     if wrong == size:
         wrong = 0
