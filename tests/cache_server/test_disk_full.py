@@ -14,6 +14,8 @@ import grpc
 import pytest
 
 from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import split_pb2
+from slipstream.protos import split_pb2_grpc as split_grpc
 from tests.http.helpers import HttpClient, http_server, http_url
 from tests.reapi import Reapi, digest, rpc_error
 from tests.server_process import ServerProcess, running
@@ -60,8 +62,9 @@ def _exhausted(code: int | grpc.StatusCode, message: str) -> None:
     assert message.startswith("disk full"), message
 
 
-def _writes(api: Reapi, http: HttpClient, tag: bytes) -> dict[str, object]:
+def _writes(channel: grpc.Channel, http: HttpClient, tag: bytes) -> dict[str, object]:
     """One write of each kind; what each answered."""
+    api = Reapi(channel)
     blob = b"batch " + tag * 20_000
     batch = api.cas.BatchUpdateBlobs(
         re_pb2.BatchUpdateBlobsRequest(
@@ -86,6 +89,17 @@ def _writes(api: Reapi, http: HttpClient, tag: bytes) -> dict[str, object]:
     answers["http cas"] = http.put(f"/cas/{hashlib.sha256(http_blob).hexdigest()}", http_blob)
     http_action = hashlib.sha256(b"http action " + tag).hexdigest()
     answers["http ac"] = http.put(f"/ac/{http_action}", result.SerializeToString())
+    ccache_key = "c" + hashlib.sha256(b"ccache " + tag).hexdigest()[:32]  # ccache's shape
+    answers["ccache"] = http.put(f"/ccache/team/{ccache_key}", b"ccache entry " + tag * 3000)
+    timings = split_pb2.UploadTimingsRequest(
+        suite="suite",
+        run_id=f"run-{tag.decode()}",
+        timings=[split_pb2.TestTiming(test_id=f"t{i}", seconds=1.0) for i in range(200)],
+    )
+    try:
+        answers["timings"] = split_grpc.SplitStub(channel).UploadTimings(iter([timings]))
+    except grpc.RpcError as exc:
+        answers["timings"] = (exc.code(), exc.details())
     return answers
 
 
@@ -99,12 +113,12 @@ def test_disk_full_is_resource_exhausted_and_recovers(small_disk: pathlib.Path) 
         filler = small_disk / "filler"
         _fill(filler)
         with HttpClient(http_url(server)) as http:
-            full = _writes(api, http, b"a")
-            for kind in ("batch", "stream", "ac"):
+            full = _writes(server.channel(), http, b"a")
+            for kind in ("batch", "stream", "ac", "timings"):
                 answer = full[kind]
                 assert isinstance(answer, tuple), (kind, answer)
                 _exhausted(*answer)
-            for kind in ("http cas", "http ac"):
+            for kind in ("http cas", "http ac", "ccache"):
                 reply = full[kind]
                 assert reply.status == 507, (kind, reply)  # type: ignore[attr-defined]
                 assert reply.text.startswith("disk full"), reply  # type: ignore[attr-defined]
@@ -114,12 +128,14 @@ def test_disk_full_is_resource_exhausted_and_recovers(small_disk: pathlib.Path) 
 
             filler.unlink()
         with HttpClient(http_url(server)) as http:
-            recovered = _writes(api, http, b"b")
+            recovered = _writes(server.channel(), http, b"b")
             assert recovered["batch"] == (0, "")
             assert not isinstance(recovered["stream"], tuple), recovered["stream"]
             assert not isinstance(recovered["ac"], tuple), recovered["ac"]
             assert recovered["http cas"].status == 200  # type: ignore[attr-defined]
             assert recovered["http ac"].status == 200  # type: ignore[attr-defined]
+            assert recovered["ccache"].status == 200  # type: ignore[attr-defined]
+            assert not isinstance(recovered["timings"], tuple), recovered["timings"]
         missing = rpc_error(lambda: api.read(digest(b"never stored")))
         assert missing.code() == grpc.StatusCode.NOT_FOUND
         server.stop()
