@@ -12,6 +12,12 @@ file); ``split`` assigns units to shards:
 3. A move/swap pass between the fullest shard and the others, capped by an iteration
    count (never by wall-clock time, so every runner computes the same plan).
 
+Memory and work stay about linear in units + shards: differencing, whose partial
+partitions hold a list per shard for every unit, runs only while units x shards is
+below _DIFFERENCING_MAX_CELLS. A caller that must be able to give up (a server
+answering a call with a deadline) passes ``check``, called now and then, which stops
+the split by raising.
+
 Weights are balanced as integer microseconds, so the arithmetic is exact and the same
 on every machine.
 """
@@ -21,7 +27,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -35,6 +41,8 @@ DEFAULT_MAX_ITERATIONS = 2000
 # Differencing beats LPT when shards hold few units; above this many per shard LPT
 # plus the improvement pass is already within a fraction of a percent.
 _DIFFERENCING_UNITS_PER_SHARD = 20
+# ...and only while units x shards stays below this: its memory grows with both.
+_DIFFERENCING_MAX_CELLS = 1_000_000
 # Branch and bound for tiny inputs, capped by a node count (never by time).
 _EXACT_MAX_UNITS = 16
 _EXACT_NODE_LIMIT = 50_000
@@ -44,6 +52,14 @@ _AUTO_GOOD_ENOUGH = 0.01
 # Single tests (classes cut apart) must beat auto's file-based plan by this much:
 # a class's fixtures then run in several shards, a cost no estimate includes.
 _CUT_CLASSES_GAIN = 0.02
+# Steps of a long loop between two calls of the caller's check.
+_CHECK_EVERY = 4096
+
+Check = Callable[[], None]
+
+
+def no_check() -> None:
+    """The default check: never stops a split."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,17 +287,23 @@ def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
     return sorted(range(len(units)), key=keys.__getitem__)
 
 
-def _lpt(weights: Sequence[int], order: Sequence[int], n: int) -> list[int]:
+def _lpt(
+    weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
+) -> list[int]:
     assign = [0] * len(weights)
     heap = [(0, s) for s in range(n)]
-    for i in order:
+    for step, i in enumerate(order):
+        if step % _CHECK_EVERY == 0:
+            check()
         load, s = heap[0]
         assign[i] = s
         heapq.heapreplace(heap, (load + weights[i], s))
     return assign
 
 
-def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[int]:
+def _differencing(
+    weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
+) -> list[int]:
     """Multiway Karmarkar-Karp: merge the two partial partitions with the largest spread."""
     # A partial partition: (-(spread), tie, sums sorted descending, unit lists alongside).
     heap: list[tuple[int, int, list[int], list[list[int]]]] = []
@@ -291,6 +313,7 @@ def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[
     heapq.heapify(heap)
     tie = len(order)
     while len(heap) > 1:
+        check()
         _, _, sa, la = heapq.heappop(heap)
         _, _, sb, lb = heapq.heappop(heap)
         # Largest sums of one with the smallest of the other.
@@ -312,7 +335,9 @@ def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[
     return assign
 
 
-def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[int] | None:
+def _exact(
+    weights: Sequence[int], n: int, beat: int, node_limit: int, check: Check = no_check
+) -> list[int] | None:
     """Branch and bound over units in rank order: an assignment with makespan below
     ``beat`` if one is found within ``node_limit`` nodes, else None."""
     m = len(weights)
@@ -326,6 +351,8 @@ def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[i
     def dfs(i: int) -> None:
         nonlocal best, best_makespan, nodes
         nodes += 1
+        if nodes % _CHECK_EVERY == 0:
+            check()
         if i == m:
             best, best_makespan = assign[:], max(loads)
             return
@@ -348,11 +375,17 @@ def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[i
 
 
 def _improve(
-    weights: Sequence[int], assign: list[int], n: int, floor: int, max_iterations: int
+    weights: Sequence[int],
+    assign: list[int],
+    n: int,
+    floor: int,
+    max_iterations: int,
+    check: Check = no_check,
 ) -> bool:
     """Moves and swaps out of the fullest shard while they lower it; True if any helped.
 
-    Each look at a (fullest, other) pair of shards counts as one iteration.
+    Each look at a (fullest, other) pair of shards counts as one iteration. The
+    shards are kept sorted by (load, index), so a round costs a look-up, not a sort.
     """
     loads = [0] * n
     bins: list[list[tuple[int, int]]] = [[] for _ in range(n)]
@@ -361,18 +394,22 @@ def _improve(
         bins[s].append((weights[i], i))
     for members in bins:
         members.sort()
+    ranked = sorted((loads[s], s) for s in range(n))
     improved = False
     iterations = 0
     while iterations < max_iterations:
-        top = max(range(n), key=lambda s: (loads[s], -s))
-        if loads[top] <= floor:
+        check()
+        # The fullest shard; of equally full ones, the lowest index.
+        top_load = ranked[-1][0]
+        top = ranked[bisect.bisect_left(ranked, (top_load, -1))][1]
+        if top_load <= floor:
             break
         found = False
-        for other in sorted(range(n), key=lambda s: (loads[s], s)):
+        for other_load, other in ranked:
             if other == top or iterations >= max_iterations:
                 continue
             iterations += 1
-            gap = loads[top] - loads[other]
+            gap = top_load - other_load
             if gap <= 1:
                 break
             best = _best_exchange(bins[top], bins[other], gap)
@@ -387,8 +424,10 @@ def _improve(
                 bins[other].remove(b)
                 bisect.insort(bins[top], b)
                 assign[b[1]] = top
-            loads[top] -= delta
-            loads[other] += delta
+            for s, change in ((top, -delta), (other, delta)):
+                del ranked[bisect.bisect_left(ranked, (loads[s], s))]
+                loads[s] += change
+                bisect.insort(ranked, (loads[s], s))
             found = improved = True
             break
         if not found:
@@ -458,6 +497,7 @@ def split(
     file_costs: Mapping[str, float] | None = None,
     startup: float = 0.0,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    check: Check = no_check,
 ) -> Plan:
     """Assign units to n shards so the slowest shard finishes as early as possible.
 
@@ -473,17 +513,21 @@ def split(
     weights = [unit_weights[i] for i in order]
     ranks = range(len(order))
     floor = math.ceil(sum(weights) / n)
-    candidates = [("lpt", _lpt(weights, ranks, n))]
-    if 0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n and n > 1:
-        candidates.append(("differencing", _differencing(weights, ranks, n)))
+    candidates = [("lpt", _lpt(weights, ranks, n, check))]
+    if (
+        0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n
+        and n > 1
+        and len(units) * n <= _DIFFERENCING_MAX_CELLS
+    ):
+        candidates.append(("differencing", _differencing(weights, ranks, n, check)))
     if 0 < len(units) <= _EXACT_MAX_UNITS and n > 1:
         beat = min(_makespan(weights, a, n) for _, a in candidates)
-        exact = _exact(weights, n, beat, _EXACT_NODE_LIMIT)
+        exact = _exact(weights, n, beat, _EXACT_NODE_LIMIT, check)
         if exact is not None:
             candidates.append(("exact", exact))
     best: tuple[int, str, list[int]] | None = None
     for name, assign in candidates:
-        if _improve(weights, assign, n, floor, max_iterations):
+        if _improve(weights, assign, n, floor, max_iterations, check):
             name += "+improved"
         makespan = _makespan(weights, assign, n)
         if best is None or makespan < best[0]:
@@ -532,6 +576,7 @@ def split_tests(
     groups: Mapping[str, str] | None = None,
     startup: float = 0.0,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    check: Check = no_check,
 ) -> Plan:
     """``build_units`` then ``split``: test ids with predicted seconds to a plan.
 
@@ -543,10 +588,17 @@ def split_tests(
     """
 
     def plan_of(units: Sequence[Unit]) -> Plan:
+        check()
         return split(
-            units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations
+            units,
+            n,
+            file_costs=file_costs,
+            startup=startup,
+            max_iterations=max_iterations,
+            check=check,
         )
 
+    check()
     plan = plan_of(build_units(times, n, granularity, file_costs=file_costs, groups=groups))
     if granularity != "auto":
         return plan
