@@ -71,8 +71,9 @@ from slipstream.splitter.queue import (
 )
 
 _SERVICE = "/slipstream.split.v1.Split/"
-# Plans, leases and completions only steer which runner runs what; like CAS
-# uploads they are open to any CI job that may write to the cache.
+# Plans, leases and completions only steer which runner runs what, and a run is
+# kept per token (see the module docstring); like CAS uploads they are open to any
+# CI job that may write to the cache.
 for _method, _scope in (
     ("UploadTimings", auth.CAS_WRITE),
     ("GetShard", auth.CAS_WRITE),
