@@ -27,9 +27,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import xxhash
 
@@ -56,10 +56,19 @@ _CUT_CLASSES_GAIN = 0.02
 _CHECK_EVERY = 4096
 
 Check = Callable[[], None]
+X = TypeVar("X")
 
 
 def no_check() -> None:
     """The default check: never stops a split."""
+
+
+def _checking(items: Iterable[X], check: Check) -> Iterator[X]:
+    """items, with check() called before every _CHECK_EVERY of them."""
+    for step, item in enumerate(items):
+        if step % _CHECK_EVERY == 0:
+            check()
+        yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,8 +110,9 @@ class Plan:
 
 
 class _UnionFind:
-    def __init__(self, items: Iterable[str]) -> None:
+    def __init__(self, items: Iterable[str], check: Check = no_check) -> None:
         self.parent = {item: item for item in items}
+        self.check = check
 
     def find(self, item: str) -> str:
         root = item
@@ -121,14 +131,18 @@ class _UnionFind:
 
     def union_by(self, items: Iterable[str], key: Mapping[str, str | None]) -> None:
         first: dict[str, str] = {}
-        for item in items:
+        for step, item in enumerate(items):
+            if step % _CHECK_EVERY == 0:
+                self.check()
             k = key.get(item)
             if k is not None:
                 self.union(first.setdefault(k, item), item)
 
     def components(self) -> list[tuple[str, ...]]:
         groups: dict[str, list[str]] = {}
-        for item in self.parent:
+        for step, item in enumerate(self.parent):
+            if step % _CHECK_EVERY == 0:
+                self.check()
             groups.setdefault(self.find(item), []).append(item)
         return sorted(tuple(sorted(g)) for g in groups.values())
 
@@ -160,6 +174,7 @@ def build_units(
     file_costs: Mapping[str, float] | None = None,
     groups: Mapping[str, str] | None = None,
     granules_per_shard: int = 1,
+    check: Check = no_check,
 ) -> list[Unit]:
     """Group tests (id -> predicted seconds) into the units ``split`` balances.
 
@@ -169,32 +184,37 @@ def build_units(
     than total/n, and cuts those files into the fewest chunks that fit, each chunk
     paying the file cost once. With ``granules_per_shard`` k > 1, ``auto`` cuts files
     longer than total/(k*n) too, where importing the file again costs less than half
-    such a piece: finer units for balance, at the price of more imports.
+    such a piece: finer units for balance, at the price of more imports. ``check`` as
+    in ``split_tests``.
     """
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
     fcosts = file_costs or {}
+    check()
     tests = sorted(times)
-    file_of_test = {t: file_of(t) for t in tests}
+    file_of_test = {t: file_of(t) for t in _checking(tests, check)}
     atoms: list[tuple[str, ...]]
     if granularity == "test" and not groups:
         atoms = [(t,) for t in tests]
     else:
-        uf = _UnionFind(tests)
+        uf = _UnionFind(tests, check)
         if groups:
             uf.union_by(tests, groups)
         if granularity in ("class", "auto"):
-            uf.union_by(tests, {t: class_of(t) for t in tests})
+            uf.union_by(tests, {t: class_of(t) for t in _checking(tests, check)})
         if granularity == "file":
             uf.union_by(tests, file_of_test)
         atoms = uf.components()
+    check()
     if granularity == "auto":
-        return _auto_units(atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard)
-    atom_files = [{file_of_test[t] for t in a} for a in atoms]
+        return _auto_units(
+            atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard, check
+        )
+    atom_files = [{file_of_test[t] for t in a} for a in _checking(atoms, check)]
     if granularity == "file":
         return [
             _unit(a, times, file_of_test, _files_cost(fs, fcosts))
-            for a, fs in zip(atoms, atom_files, strict=True)
+            for a, fs in _checking(zip(atoms, atom_files, strict=True), check)
         ]
     sharing: dict[str, int] = {}
     for fs in atom_files:
@@ -207,7 +227,7 @@ def build_units(
             file_of_test,
             _files_cost(fs, {f: fcosts[f] / sharing[f] for f in fs if f in fcosts}),
         )
-        for a, fs in zip(atoms, atom_files, strict=True)
+        for a, fs in _checking(zip(atoms, atom_files, strict=True), check)
     ]
 
 
@@ -219,10 +239,13 @@ def _auto_units(
     fcosts: Mapping[str, float],
     groups: Mapping[str, str],
     granules_per_shard: int,
+    check: Check,
 ) -> list[Unit]:
     # Whole files, merged where a group spans files.
-    uf = _UnionFind(file_of_test)
-    for atom in atoms:
+    uf = _UnionFind(file_of_test, check)
+    for step, atom in enumerate(atoms):
+        if step % _CHECK_EVERY == 0:
+            check()
         for t in atom[1:]:
             uf.union(atom[0], t)
     uf.union_by(file_of_test, file_of_test)
@@ -235,6 +258,7 @@ def _auto_units(
         atoms_of.setdefault(uf.find(atom[0]), []).append(atom)
     units: list[Unit] = []
     for whole in wholes:
+        check()
         fcost = _files_cost({file_of_test[t] for t in whole}, fcosts)
         tests_time = math.fsum(times[t] for t in whole)
         cheap_to_cut = fcost <= granule / 2
@@ -540,7 +564,10 @@ def split(
     shard_tests: list[list[str]] = [[] for _ in range(n)]
     shard_time = [0.0] * n
     shard_files: list[set[str]] = [set() for _ in range(n)]
+    check()
     for i, s in enumerate(assign):
+        if i % _CHECK_EVERY == 0:
+            check()
         shard_tests[s].extend(units[i].tests)
         shard_time[s] += units[i].test_time
         shard_files[s].update(units[i].files)
@@ -555,6 +582,7 @@ def split(
         )
         for s in range(n)
     )
+    check()
     predicted_makespan = max(s.predicted for s in shards)
     lb = lower_bound(units, n, fcosts, startup) if units else 0.0
     return Plan(
@@ -599,12 +627,15 @@ def split_tests(
         )
 
     check()
-    plan = plan_of(build_units(times, n, granularity, file_costs=file_costs, groups=groups))
+    plan = plan_of(
+        build_units(times, n, granularity, file_costs=file_costs, groups=groups, check=check)
+    )
     if granularity != "auto":
         return plan
     # Judge auto's plans against the bound of the finest split (single tests), not
     # against their own units: a plan of big units can sit on its own bound.
-    test_units = build_units(times, n, "test", file_costs=file_costs, groups=groups)
+    test_units = build_units(times, n, "test", file_costs=file_costs, groups=groups, check=check)
+    check()
     bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
 
     def good_enough(candidate: Plan) -> bool:
@@ -613,7 +644,13 @@ def split_tests(
     if not good_enough(plan):
         finer = plan_of(
             build_units(
-                times, n, granularity, file_costs=file_costs, groups=groups, granules_per_shard=4
+                times,
+                n,
+                granularity,
+                file_costs=file_costs,
+                groups=groups,
+                granules_per_shard=4,
+                check=check,
             )
         )
         if finer.makespan < plan.makespan:

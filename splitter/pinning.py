@@ -148,6 +148,7 @@ def make_plan(
         startup=estimates.startup,
         check=check,
     )
+    check()
     return PinnedPlan(
         run_key=run_key,
         total=total,

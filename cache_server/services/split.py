@@ -368,6 +368,7 @@ class SplitService(split_grpc.SplitServicer):
             run.granularity,
             file_costs=estimates.file_costs,
             groups={t: g for t, g in all_groups.items() if t in wanted},
+            check=check,
         )
         check()
         return make_queue(run.run_key, units, run.total, ids_digest(wanted))

@@ -128,5 +128,5 @@ def test_sigterm_during_planning_stops_the_server_fast(served: ServerProcess) ->
     assert served.stop(timeout=20) == 0
     took = time.monotonic() - started
     caller.join(10)
-    assert took < 3.0, f"SIGTERM took {took:.1f}s"
+    assert took < 4.0, f"SIGTERM took {took:.1f}s"
     assert answers and answers[0] is not grpc.StatusCode.OK
