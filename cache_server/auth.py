@@ -5,7 +5,9 @@ Scopes:
     read        read blobs, action results and layers (FindMissingBlobs, BatchReadBlobs,
                 GetTree, ByteStream Read, GetActionResult, GetLayer)
     cas-write   upload blobs (BatchUpdateBlobs, ByteStream Write and QueryWriteStatus);
-                CAS writes are self-verifying, so this is safe for untrusted builds
+                CAS writes are self-verifying, so this is safe for untrusted builds.
+                Also the split service's writes (timings, plans, queue leases): runs
+                are kept per token, so one token cannot steer or finish another's
     ac-write    write records that are not self-verifying: UpdateActionResult and
                 PutLayer. Whoever holds it can poison every build that reads the
                 cache: give it only to trusted pipelines (e.g. main-branch builds)

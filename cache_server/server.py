@@ -155,6 +155,7 @@ class CacheServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.backend.stopping.set()
         await self.health.enter_graceful_shutdown()
         if self.http is not None:
             await self.http.stop()

@@ -9,6 +9,7 @@ import sys
 
 from slipstream.client.split_client import (
     DEFAULT_CONNECT_TIMEOUT,
+    RunSpec,
     SplitClient,
     SplitRefused,
     SplitUnavailable,
@@ -125,12 +126,7 @@ def run_shard(args: argparse.Namespace) -> int:
     try:
         answer = shard_or_fallback(
             client,
-            args.suite,
-            args.run_key,
-            index,
-            total,
-            tests,
-            granularity=args.by,
+            RunSpec(args.suite, args.run_key, index, total, tests, args.by),
             local_estimates=local_estimates,
         )
     except SplitRefused as exc:

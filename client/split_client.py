@@ -48,6 +48,30 @@ def _one_line(exc: grpc.RpcError) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class RunSpec:
+    """A runner's run and what it collected: what GetShard and JoinQueue both send."""
+
+    suite: str
+    run_key: str
+    index: int
+    total: int
+    tests: Sequence[str]
+    granularity: Granularity = "auto"
+    groups: Mapping[str, str] = field(default_factory=dict)
+
+    def to_proto(self) -> split_pb2.RunSpec:
+        return split_pb2.RunSpec(
+            suite=self.suite,
+            run_key=self.run_key,
+            total=self.total,
+            index=self.index,
+            test_ids=self.tests,
+            granularity=self.granularity,
+            groups=dict(self.groups),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ShardAnswer:
     tests: list[str]
     plan_hash: str
@@ -159,26 +183,8 @@ class SplitClient:
         )
         return reply.reports, reply.tests
 
-    def get_shard(
-        self,
-        suite: str,
-        run_key: str,
-        index: int,
-        total: int,
-        tests: Sequence[str],
-        *,
-        granularity: str = "auto",
-        groups: Mapping[str, str] | None = None,
-    ) -> ShardAnswer:
-        request = split_pb2.GetShardRequest(
-            suite=suite,
-            run_key=run_key,
-            total=total,
-            index=index,
-            test_ids=tests,
-            granularity=granularity,
-            groups=dict(groups or {}),
-        )
+    def get_shard(self, run: RunSpec) -> ShardAnswer:
+        request = split_pb2.GetShardRequest(run=run.to_proto())
         reply = self._call(
             "get shard", lambda: self.stub.GetShard(request, timeout=self.call_timeout)
         )
@@ -190,26 +196,8 @@ class SplitClient:
             reply.from_history,
         )
 
-    def join_queue(
-        self,
-        suite: str,
-        run_key: str,
-        index: int,
-        total: int,
-        tests: Sequence[str],
-        *,
-        granularity: str = "auto",
-        groups: Mapping[str, str] | None = None,
-    ) -> QueueInfo:
-        request = split_pb2.JoinQueueRequest(
-            suite=suite,
-            run_key=run_key,
-            total=total,
-            index=index,
-            test_ids=tests,
-            granularity=granularity,
-            groups=dict(groups or {}),
-        )
+    def join_queue(self, run: RunSpec) -> QueueInfo:
+        request = split_pb2.JoinQueueRequest(run=run.to_proto())
         reply = self._call(
             "join queue", lambda: self.stub.JoinQueue(request, timeout=self.call_timeout)
         )
@@ -261,8 +249,9 @@ class SplitClient:
         )
         return reply.completed, reply.remaining
 
-    def status(self, suite: str, run_key: str) -> split_pb2.QueueStatusResponse:
-        request = split_pb2.QueueStatusRequest(suite=suite, run_key=run_key)
+    def status(self, suite: str, run_key: str, owner: str = "") -> split_pb2.QueueStatusResponse:
+        """The queue of a run of owner (a token name; "": the caller's own)."""
+        request = split_pb2.QueueStatusRequest(suite=suite, run_key=run_key, owner=owner)
         return self._call(
             "queue status", lambda: self.stub.QueueStatus(request, timeout=self.call_timeout)
         )
@@ -270,14 +259,8 @@ class SplitClient:
 
 def shard_or_fallback(
     client: SplitClient,
-    suite: str,
-    run_key: str,
-    index: int,
-    total: int,
-    tests: Sequence[str],
+    run: RunSpec,
     *,
-    granularity: Granularity = "auto",
-    groups: Mapping[str, str] | None = None,
     local_estimates: Callable[[], Estimates | None] = lambda: None,
 ) -> ShardAnswer:
     """The server's shard; when it cannot be reached, the local split (see fallback_shard).
@@ -286,26 +269,25 @@ def shard_or_fallback(
     """
     try:
         with client:
-            return client.get_shard(
-                suite, run_key, index, total, tests, granularity=granularity, groups=groups
-            )
+            return client.get_shard(run)
     except SplitUnavailable as exc:
-        return local_shard(tests, index, total, str(exc), granularity, groups, local_estimates)
+        return local_shard(run, str(exc), local_estimates)
 
 
 def local_shard(
-    tests: Sequence[str],
-    index: int,
-    total: int,
+    run: RunSpec,
     why: str,
-    granularity: Granularity = "auto",
-    groups: Mapping[str, str] | None = None,
     local_estimates: Callable[[], Estimates | None] = lambda: None,
 ) -> ShardAnswer:
     """The fallback shard, saying why and how it was split."""
     estimates = local_estimates()
     mine, digest = fallback_shard(
-        tests, index, total, estimates=estimates, granularity=granularity, groups=groups
+        run.tests,
+        run.index,
+        run.total,
+        estimates=estimates,
+        granularity=run.granularity,
+        groups=run.groups,
     )
     how = "the timings given" if estimates and estimates.from_history else "a hash of test ids"
     return ShardAnswer(mine, digest, fallback=f"{why}; split locally by {how}")

@@ -23,6 +23,7 @@ import pytest
 
 from slipstream.client.split_client import (
     LeaseAnswer,
+    RunSpec,
     SplitClient,
     SplitRefused,
     SplitUnavailable,
@@ -74,10 +75,14 @@ class Remote:
             return None
         return history.estimate(self.all_ids, runs)
 
-    def _fallback(self, ids: Sequence[str], why: str) -> set[str]:
-        answer = local_shard(
-            ids, self.index, self.total, why, self.granularity, self.groups, self._local_estimates
+    def _spec(self, ids: Sequence[str]) -> RunSpec:
+        """What this runner asks the server, in static and queue mode alike."""
+        return RunSpec(
+            self.suite, self.run_key, self.index, self.total, ids, self.granularity, self.groups
         )
+
+    def _fallback(self, ids: Sequence[str], why: str) -> set[str]:
+        answer = local_shard(self._spec(ids), why, self._local_estimates)
         self.say(f"{PREFIX}: warning: {answer.fallback}")
         self.plan_hash = answer.plan_hash
         self.say(
@@ -92,18 +97,11 @@ class Remote:
         self.all_ids = ids
         self.groups = dict(groups)
         client = self._client()
+        run = self._spec(ids)
         try:
             if self.queue:
                 with client:
-                    info = client.join_queue(
-                        self.suite,
-                        self.run_key,
-                        self.index,
-                        self.total,
-                        ids,
-                        granularity=self.granularity,
-                        groups=groups,
-                    )
+                    info = client.join_queue(run)
                 self.queue_joined = True
                 self.plan_hash = info.plan_hash
                 self.say(
@@ -111,17 +109,7 @@ class Remote:
                     f"{info.tests} tests in {info.batches} batches; plan {info.plan_hash}"
                 )
                 return None
-            answer = shard_or_fallback(
-                client,
-                self.suite,
-                self.run_key,
-                self.index,
-                self.total,
-                ids,
-                granularity=self.granularity,
-                groups=groups,
-                local_estimates=self._local_estimates,
-            )
+            answer = shard_or_fallback(client, run, local_estimates=self._local_estimates)
         except SplitUnavailable as exc:
             return self._fallback(ids, str(exc))
         except SplitRefused as exc:

@@ -12,6 +12,12 @@ file); ``split`` assigns units to shards:
 3. A move/swap pass between the fullest shard and the others, capped by an iteration
    count (never by wall-clock time, so every runner computes the same plan).
 
+Memory and work stay about linear in units + shards: differencing, whose partial
+partitions hold a list per shard for every unit, runs only while units x shards is
+below _DIFFERENCING_MAX_CELLS. A caller that must be able to give up (a server
+answering a call with a deadline) passes ``check``, called now and then, which stops
+the split by raising.
+
 Weights are balanced as integer microseconds, so the arithmetic is exact and the same
 on every machine.
 """
@@ -21,9 +27,9 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 import xxhash
 
@@ -35,6 +41,8 @@ DEFAULT_MAX_ITERATIONS = 2000
 # Differencing beats LPT when shards hold few units; above this many per shard LPT
 # plus the improvement pass is already within a fraction of a percent.
 _DIFFERENCING_UNITS_PER_SHARD = 20
+# ...and only while units x shards stays below this: its memory grows with both.
+_DIFFERENCING_MAX_CELLS = 1_000_000
 # Branch and bound for tiny inputs, capped by a node count (never by time).
 _EXACT_MAX_UNITS = 16
 _EXACT_NODE_LIMIT = 50_000
@@ -44,6 +52,23 @@ _AUTO_GOOD_ENOUGH = 0.01
 # Single tests (classes cut apart) must beat auto's file-based plan by this much:
 # a class's fixtures then run in several shards, a cost no estimate includes.
 _CUT_CLASSES_GAIN = 0.02
+# Steps of a long loop between two calls of the caller's check.
+_CHECK_EVERY = 4096
+
+Check = Callable[[], None]
+X = TypeVar("X")
+
+
+def no_check() -> None:
+    """The default check: never stops a split."""
+
+
+def _checking(items: Iterable[X], check: Check) -> Iterator[X]:
+    """items, with check() called before every _CHECK_EVERY of them."""
+    for step, item in enumerate(items):
+        if step % _CHECK_EVERY == 0:
+            check()
+        yield item
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +110,9 @@ class Plan:
 
 
 class _UnionFind:
-    def __init__(self, items: Iterable[str]) -> None:
+    def __init__(self, items: Iterable[str], check: Check = no_check) -> None:
         self.parent = {item: item for item in items}
+        self.check = check
 
     def find(self, item: str) -> str:
         root = item
@@ -105,14 +131,18 @@ class _UnionFind:
 
     def union_by(self, items: Iterable[str], key: Mapping[str, str | None]) -> None:
         first: dict[str, str] = {}
-        for item in items:
+        for step, item in enumerate(items):
+            if step % _CHECK_EVERY == 0:
+                self.check()
             k = key.get(item)
             if k is not None:
                 self.union(first.setdefault(k, item), item)
 
     def components(self) -> list[tuple[str, ...]]:
         groups: dict[str, list[str]] = {}
-        for item in self.parent:
+        for step, item in enumerate(self.parent):
+            if step % _CHECK_EVERY == 0:
+                self.check()
             groups.setdefault(self.find(item), []).append(item)
         return sorted(tuple(sorted(g)) for g in groups.values())
 
@@ -144,6 +174,7 @@ def build_units(
     file_costs: Mapping[str, float] | None = None,
     groups: Mapping[str, str] | None = None,
     granules_per_shard: int = 1,
+    check: Check = no_check,
 ) -> list[Unit]:
     """Group tests (id -> predicted seconds) into the units ``split`` balances.
 
@@ -153,32 +184,37 @@ def build_units(
     than total/n, and cuts those files into the fewest chunks that fit, each chunk
     paying the file cost once. With ``granules_per_shard`` k > 1, ``auto`` cuts files
     longer than total/(k*n) too, where importing the file again costs less than half
-    such a piece: finer units for balance, at the price of more imports.
+    such a piece: finer units for balance, at the price of more imports. ``check`` as
+    in ``split_tests``.
     """
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
     fcosts = file_costs or {}
+    check()
     tests = sorted(times)
-    file_of_test = {t: file_of(t) for t in tests}
+    file_of_test = {t: file_of(t) for t in _checking(tests, check)}
     atoms: list[tuple[str, ...]]
     if granularity == "test" and not groups:
         atoms = [(t,) for t in tests]
     else:
-        uf = _UnionFind(tests)
+        uf = _UnionFind(tests, check)
         if groups:
             uf.union_by(tests, groups)
         if granularity in ("class", "auto"):
-            uf.union_by(tests, {t: class_of(t) for t in tests})
+            uf.union_by(tests, {t: class_of(t) for t in _checking(tests, check)})
         if granularity == "file":
             uf.union_by(tests, file_of_test)
         atoms = uf.components()
+    check()
     if granularity == "auto":
-        return _auto_units(atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard)
-    atom_files = [{file_of_test[t] for t in a} for a in atoms]
+        return _auto_units(
+            atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard, check
+        )
+    atom_files = [{file_of_test[t] for t in a} for a in _checking(atoms, check)]
     if granularity == "file":
         return [
             _unit(a, times, file_of_test, _files_cost(fs, fcosts))
-            for a, fs in zip(atoms, atom_files, strict=True)
+            for a, fs in _checking(zip(atoms, atom_files, strict=True), check)
         ]
     sharing: dict[str, int] = {}
     for fs in atom_files:
@@ -191,7 +227,7 @@ def build_units(
             file_of_test,
             _files_cost(fs, {f: fcosts[f] / sharing[f] for f in fs if f in fcosts}),
         )
-        for a, fs in zip(atoms, atom_files, strict=True)
+        for a, fs in _checking(zip(atoms, atom_files, strict=True), check)
     ]
 
 
@@ -203,10 +239,13 @@ def _auto_units(
     fcosts: Mapping[str, float],
     groups: Mapping[str, str],
     granules_per_shard: int,
+    check: Check,
 ) -> list[Unit]:
     # Whole files, merged where a group spans files.
-    uf = _UnionFind(file_of_test)
-    for atom in atoms:
+    uf = _UnionFind(file_of_test, check)
+    for step, atom in enumerate(atoms):
+        if step % _CHECK_EVERY == 0:
+            check()
         for t in atom[1:]:
             uf.union(atom[0], t)
     uf.union_by(file_of_test, file_of_test)
@@ -219,6 +258,7 @@ def _auto_units(
         atoms_of.setdefault(uf.find(atom[0]), []).append(atom)
     units: list[Unit] = []
     for whole in wholes:
+        check()
         fcost = _files_cost({file_of_test[t] for t in whole}, fcosts)
         tests_time = math.fsum(times[t] for t in whole)
         cheap_to_cut = fcost <= granule / 2
@@ -271,17 +311,23 @@ def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
     return sorted(range(len(units)), key=keys.__getitem__)
 
 
-def _lpt(weights: Sequence[int], order: Sequence[int], n: int) -> list[int]:
+def _lpt(
+    weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
+) -> list[int]:
     assign = [0] * len(weights)
     heap = [(0, s) for s in range(n)]
-    for i in order:
+    for step, i in enumerate(order):
+        if step % _CHECK_EVERY == 0:
+            check()
         load, s = heap[0]
         assign[i] = s
         heapq.heapreplace(heap, (load + weights[i], s))
     return assign
 
 
-def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[int]:
+def _differencing(
+    weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
+) -> list[int]:
     """Multiway Karmarkar-Karp: merge the two partial partitions with the largest spread."""
     # A partial partition: (-(spread), tie, sums sorted descending, unit lists alongside).
     heap: list[tuple[int, int, list[int], list[list[int]]]] = []
@@ -291,6 +337,7 @@ def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[
     heapq.heapify(heap)
     tie = len(order)
     while len(heap) > 1:
+        check()
         _, _, sa, la = heapq.heappop(heap)
         _, _, sb, lb = heapq.heappop(heap)
         # Largest sums of one with the smallest of the other.
@@ -312,7 +359,9 @@ def _differencing(weights: Sequence[int], order: Sequence[int], n: int) -> list[
     return assign
 
 
-def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[int] | None:
+def _exact(
+    weights: Sequence[int], n: int, beat: int, node_limit: int, check: Check = no_check
+) -> list[int] | None:
     """Branch and bound over units in rank order: an assignment with makespan below
     ``beat`` if one is found within ``node_limit`` nodes, else None."""
     m = len(weights)
@@ -326,6 +375,8 @@ def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[i
     def dfs(i: int) -> None:
         nonlocal best, best_makespan, nodes
         nodes += 1
+        if nodes % _CHECK_EVERY == 0:
+            check()
         if i == m:
             best, best_makespan = assign[:], max(loads)
             return
@@ -348,11 +399,17 @@ def _exact(weights: Sequence[int], n: int, beat: int, node_limit: int) -> list[i
 
 
 def _improve(
-    weights: Sequence[int], assign: list[int], n: int, floor: int, max_iterations: int
+    weights: Sequence[int],
+    assign: list[int],
+    n: int,
+    floor: int,
+    max_iterations: int,
+    check: Check = no_check,
 ) -> bool:
     """Moves and swaps out of the fullest shard while they lower it; True if any helped.
 
-    Each look at a (fullest, other) pair of shards counts as one iteration.
+    Each look at a (fullest, other) pair of shards counts as one iteration. The
+    shards are kept sorted by (load, index), so a round costs a look-up, not a sort.
     """
     loads = [0] * n
     bins: list[list[tuple[int, int]]] = [[] for _ in range(n)]
@@ -361,18 +418,22 @@ def _improve(
         bins[s].append((weights[i], i))
     for members in bins:
         members.sort()
+    ranked = sorted((loads[s], s) for s in range(n))
     improved = False
     iterations = 0
     while iterations < max_iterations:
-        top = max(range(n), key=lambda s: (loads[s], -s))
-        if loads[top] <= floor:
+        check()
+        # The fullest shard; of equally full ones, the lowest index.
+        top_load = ranked[-1][0]
+        top = ranked[bisect.bisect_left(ranked, (top_load, -1))][1]
+        if top_load <= floor:
             break
         found = False
-        for other in sorted(range(n), key=lambda s: (loads[s], s)):
+        for other_load, other in ranked:
             if other == top or iterations >= max_iterations:
                 continue
             iterations += 1
-            gap = loads[top] - loads[other]
+            gap = top_load - other_load
             if gap <= 1:
                 break
             best = _best_exchange(bins[top], bins[other], gap)
@@ -387,8 +448,10 @@ def _improve(
                 bins[other].remove(b)
                 bisect.insort(bins[top], b)
                 assign[b[1]] = top
-            loads[top] -= delta
-            loads[other] += delta
+            for s, change in ((top, -delta), (other, delta)):
+                del ranked[bisect.bisect_left(ranked, (loads[s], s))]
+                loads[s] += change
+                bisect.insort(ranked, (loads[s], s))
             found = improved = True
             break
         if not found:
@@ -458,6 +521,7 @@ def split(
     file_costs: Mapping[str, float] | None = None,
     startup: float = 0.0,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    check: Check = no_check,
 ) -> Plan:
     """Assign units to n shards so the slowest shard finishes as early as possible.
 
@@ -473,17 +537,21 @@ def split(
     weights = [unit_weights[i] for i in order]
     ranks = range(len(order))
     floor = math.ceil(sum(weights) / n)
-    candidates = [("lpt", _lpt(weights, ranks, n))]
-    if 0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n and n > 1:
-        candidates.append(("differencing", _differencing(weights, ranks, n)))
+    candidates = [("lpt", _lpt(weights, ranks, n, check))]
+    if (
+        0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n
+        and n > 1
+        and len(units) * n <= _DIFFERENCING_MAX_CELLS
+    ):
+        candidates.append(("differencing", _differencing(weights, ranks, n, check)))
     if 0 < len(units) <= _EXACT_MAX_UNITS and n > 1:
         beat = min(_makespan(weights, a, n) for _, a in candidates)
-        exact = _exact(weights, n, beat, _EXACT_NODE_LIMIT)
+        exact = _exact(weights, n, beat, _EXACT_NODE_LIMIT, check)
         if exact is not None:
             candidates.append(("exact", exact))
     best: tuple[int, str, list[int]] | None = None
     for name, assign in candidates:
-        if _improve(weights, assign, n, floor, max_iterations):
+        if _improve(weights, assign, n, floor, max_iterations, check):
             name += "+improved"
         makespan = _makespan(weights, assign, n)
         if best is None or makespan < best[0]:
@@ -496,7 +564,10 @@ def split(
     shard_tests: list[list[str]] = [[] for _ in range(n)]
     shard_time = [0.0] * n
     shard_files: list[set[str]] = [set() for _ in range(n)]
+    check()
     for i, s in enumerate(assign):
+        if i % _CHECK_EVERY == 0:
+            check()
         shard_tests[s].extend(units[i].tests)
         shard_time[s] += units[i].test_time
         shard_files[s].update(units[i].files)
@@ -511,6 +582,7 @@ def split(
         )
         for s in range(n)
     )
+    check()
     predicted_makespan = max(s.predicted for s in shards)
     lb = lower_bound(units, n, fcosts, startup) if units else 0.0
     return Plan(
@@ -532,6 +604,7 @@ def split_tests(
     groups: Mapping[str, str] | None = None,
     startup: float = 0.0,
     max_iterations: int = DEFAULT_MAX_ITERATIONS,
+    check: Check = no_check,
 ) -> Plan:
     """``build_units`` then ``split``: test ids with predicted seconds to a plan.
 
@@ -543,16 +616,26 @@ def split_tests(
     """
 
     def plan_of(units: Sequence[Unit]) -> Plan:
+        check()
         return split(
-            units, n, file_costs=file_costs, startup=startup, max_iterations=max_iterations
+            units,
+            n,
+            file_costs=file_costs,
+            startup=startup,
+            max_iterations=max_iterations,
+            check=check,
         )
 
-    plan = plan_of(build_units(times, n, granularity, file_costs=file_costs, groups=groups))
+    check()
+    plan = plan_of(
+        build_units(times, n, granularity, file_costs=file_costs, groups=groups, check=check)
+    )
     if granularity != "auto":
         return plan
     # Judge auto's plans against the bound of the finest split (single tests), not
     # against their own units: a plan of big units can sit on its own bound.
-    test_units = build_units(times, n, "test", file_costs=file_costs, groups=groups)
+    test_units = build_units(times, n, "test", file_costs=file_costs, groups=groups, check=check)
+    check()
     bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
 
     def good_enough(candidate: Plan) -> bool:
@@ -561,7 +644,13 @@ def split_tests(
     if not good_enough(plan):
         finer = plan_of(
             build_units(
-                times, n, granularity, file_costs=file_costs, groups=groups, granules_per_shard=4
+                times,
+                n,
+                granularity,
+                file_costs=file_costs,
+                groups=groups,
+                granules_per_shard=4,
+                check=check,
             )
         )
         if finer.makespan < plan.makespan:

@@ -1,10 +1,11 @@
 """Plans pinned per run, and the split used when the server cannot be reached: pure.
 
-The split service pins the first caller's plan for (suite, run key, total) as a
-record created only if absent, so every runner of the run, a retried job and other
-replicas all answer from the same plan. A runner whose collected tests differ from
-the pinned plan's is refused with ``mismatch`` rather than given a shard that would
-skip or double tests.
+The split service pins the first caller's plan for (owner, suite, run key, total)
+as a record created only if absent, so every runner of the run, a retried job and
+other replicas all answer from the same plan. The owner is the caller's token name:
+a run belongs to the token that made it, so another token cannot pin or steer it.
+A runner whose collected tests differ from the pinned plan's is refused with
+``mismatch`` rather than given a shard that would skip or double tests.
 """
 
 from __future__ import annotations
@@ -16,12 +17,23 @@ from dataclasses import dataclass
 
 import xxhash
 
-from slipstream.splitter.algorithm import GRANULARITIES, Granularity, Plan, plan_hash, split_tests
+from slipstream.splitter.algorithm import (
+    GRANULARITIES,
+    Check,
+    Granularity,
+    Plan,
+    no_check,
+    plan_hash,
+    split_tests,
+)
 from slipstream.splitter.history import Estimates
 
 RECORD_VERSION = 1
 PLAN_NAMESPACE = "splitplans"
 MAX_RUN_KEY_CHARS = 500
+# The most test ids one run (a plan, a queue, an upload of timings) may hold: the
+# work and memory of planning grow with it (~1 KiB and ~25 us per test).
+MAX_RUN_TESTS = 200_000
 _EXAMPLES = 3
 
 
@@ -29,15 +41,18 @@ class PinError(ValueError):
     """A request the service must refuse (bad suite, run key, total, index)."""
 
 
-def run_slug(suite: str, run_key: str) -> str:
-    """The record-key prefix of a run: the suite, then a digest of the run key (any text)."""
+def run_slug(suite: str, run_key: str, owner: str) -> str:
+    """The record-key prefix of a run: the suite, then a digest of the owner (the
+    caller's name) and the run key (any text)."""
     if not run_key or len(run_key) > MAX_RUN_KEY_CHARS:
         raise PinError(f"the run key must be 1 to {MAX_RUN_KEY_CHARS} characters")
-    return f"{suite}/{hashlib.sha256(run_key.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
+    named = f"{owner}\n{run_key}".encode("utf-8", "surrogatepass")
+    return f"{suite}/{hashlib.sha256(named).hexdigest()[:32]}"
 
 
-def plan_key(suite: str, run_key: str, total: int) -> str:
-    return f"{run_slug(suite, run_key)}/{total}"
+def plan_key(slug: str, total: int) -> str:
+    """The record key of a run's plan for total shards, from the run's slug."""
+    return f"{slug}/{total}"
 
 
 def ids_digest(tests: Iterable[str]) -> str:
@@ -119,8 +134,10 @@ def make_plan(
     estimates: Estimates,
     granularity: Granularity = "auto",
     groups: Mapping[str, str] | None = None,
+    check: Check = no_check,
 ) -> PinnedPlan:
-    """The plan to pin: ``split_tests`` over the collected tests' estimates."""
+    """The plan to pin: ``split_tests`` over the collected tests' estimates; ``check``
+    as in ``split_tests``."""
     wanted = set(tests)
     plan: Plan = split_tests(
         {t: estimates.tests.get(t, 1.0) for t in wanted},
@@ -129,7 +146,9 @@ def make_plan(
         file_costs=estimates.file_costs,
         groups={t: g for t, g in (groups or {}).items() if t in wanted},
         startup=estimates.startup,
+        check=check,
     )
+    check()
     return PinnedPlan(
         run_key=run_key,
         total=total,

@@ -6,7 +6,10 @@ shrinks toward the end (guided self-scheduling: a batch is filled up to the rema
 work over ``factor`` x runners, and at least MIN_BATCH_SECONDS). Everything else is
 a set of immutable records, each created once (create-if-absent):
 
-- a lease ``BBBBBB.AAA`` (batch, attempt) with its tests, runner and deadline;
+- a lease ``BBBBBB.AAA`` (batch, attempt) with its tests, runner, deadline and a
+  secret: the lease id handed to the runner is ``BBBBBB.AAA.SECRET``, and only that
+  id completes it (record keys stay ``BBBBBB.AAA``, so a race for a lease is still
+  one create-if-absent);
 - completions, each naming its lease and the tests it finished with their times.
 
 ``next_lease`` reads those and decides what to hand out next; losing the race to
@@ -17,8 +20,10 @@ queue), and a test completed twice counts once.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
+import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -141,17 +146,28 @@ def make_queue(run_key: str, units: Iterable[Unit], runners: int, tests_digest: 
     )
 
 
-def lease_id(batch: int, attempt: int) -> str:
+_SECRET_BYTES = 18  # 24 URL-safe characters
+
+
+def new_secret() -> str:
+    """The unguessable part of a lease id."""
+    return secrets.token_urlsafe(_SECRET_BYTES)
+
+
+def lease_name(batch: int, attempt: int) -> str:
+    """The record name of a lease: which batch, which attempt."""
     return f"{batch:06d}.{attempt:03d}"
 
 
-def parse_lease_id(text: str) -> tuple[int, int] | None:
-    batch, dot, attempt = text.partition(".")
-    if not dot or not (batch.isdigit() and attempt.isdigit()):
+def parse_lease_id(text: str) -> tuple[str, str] | None:
+    """(record name, secret) of a lease id as handed out; None if it is not one."""
+    name, dot, secret = text.rpartition(".")
+    batch, dot2, attempt = name.partition(".")
+    if not (dot and dot2 and batch.isdigit() and attempt.isdigit() and secret):
         return None
-    if len(batch) != 6 or len(attempt) != 3:
+    if len(batch) != 6 or len(attempt) != 3 or len(secret) > 64:
         return None
-    return int(batch), int(attempt)
+    return name, secret
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,10 +178,19 @@ class Lease:
     runner: str
     granted: float  # server time, seconds since the epoch
     deadline: float
+    secret: str = ""
+
+    @property
+    def name(self) -> str:
+        return lease_name(self.batch, self.attempt)
 
     @property
     def id(self) -> str:
-        return lease_id(self.batch, self.attempt)
+        """What the runner holding the lease is given, and completes it with."""
+        return f"{self.name}.{self.secret}"
+
+    def matches(self, secret: str) -> bool:
+        return bool(self.secret) and hmac.compare_digest(self.secret, secret)
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -177,6 +202,7 @@ class Lease:
                 "runner": self.runner,
                 "granted": self.granted,
                 "deadline": self.deadline,
+                "secret": self.secret,
             },
             separators=(",", ":"),
         ).encode()
@@ -192,6 +218,7 @@ class Lease:
                 str(raw["runner"]),
                 float(raw["granted"]),
                 float(raw["deadline"]),
+                str(raw["secret"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"unreadable lease record: {exc}") from None
@@ -199,7 +226,7 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Completion:
-    lease: str  # the lease id
+    lease: str  # the lease's record name (BBBBBB.AAA), never its secret
     runner: str
     results: dict[str, Sample] = field(default_factory=dict)
 

@@ -13,9 +13,10 @@ import errno
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
@@ -370,6 +371,9 @@ class Backend:
     store: Store
     executor: ThreadPoolExecutor
     update_enabled: bool = True
+    # Set when the server begins to stop: long work on worker threads checks it and
+    # gives up, so shutting down does not wait for it.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

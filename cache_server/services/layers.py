@@ -8,6 +8,7 @@ decided by one clock (the server's) whatever the clients' clocks say.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,11 @@ from slipstream.protos import layers_pb2
 from slipstream.protos import layers_pb2_grpc as layers_grpc
 
 NAMESPACE = "layers"
+# Restore prefixes one GetLayer may give: a lookup reads the layers under them once,
+# whatever their number, but each prefix is still matched against every one.
+MAX_RESTORE_PREFIXES = 32
+# Candidate layers checked for completeness (each a walk of its tree) per lookup.
+MAX_TREE_CHECKS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,12 @@ class LayersService(layers_grpc.LayersServicer):
     async def GetLayer(
         self, request: layers_pb2.GetLayerRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> layers_pb2.GetLayerResponse:
+        if len(request.restore_prefixes) > MAX_RESTORE_PREFIXES:
+            raise RpcError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{len(request.restore_prefixes)} restore prefixes; at most "
+                f"{MAX_RESTORE_PREFIXES} are allowed",
+            )
         if any(not p for p in request.restore_prefixes):
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "restore prefixes must not be empty")
         hit = await self.backend.run(self._lookup, request.key, list(request.restore_prefixes))
@@ -120,26 +132,38 @@ class LayersService(layers_grpc.LayersServicer):
 
         Only complete layers count: one whose blobs were evicted is passed
         over, so the client falls back to an older layer or a clean miss
-        instead of a restore that fails halfway.
+        instead of a restore that fails halfway. The layers under the prefixes
+        are listed and read once (under their longest common prefix), and each
+        is checked for completeness at most once, at most MAX_TREE_CHECKS of them.
         """
         store = self.backend.store
+        checked: dict[str, bool] = {}
 
-        def complete(record: LayerRecord) -> bool:
-            return missing_from_tree(store, record.root) == 0
+        def complete(name: str, record: LayerRecord) -> bool:
+            if name not in checked:
+                if len(checked) >= MAX_TREE_CHECKS:
+                    return False
+                checked[name] = missing_from_tree(store, record.root) == 0
+            return checked[name]
 
         data = store.get_record(NAMESPACE, key)
         if data is not None:
             record = LayerRecord.from_bytes(data)
-            if complete(record):
+            if complete(key, record):
                 return key, record
+        if not prefixes:
+            return None
+        common = os.path.commonprefix(prefixes)  # noqa: RUF071 - keys, not paths
+        candidates: list[tuple[str, LayerRecord]] = []
+        for info in store.list_records(NAMESPACE, common):
+            if not info.key.startswith(tuple(prefixes)):
+                continue
+            value = store.get_record(NAMESPACE, info.key)
+            if value is not None:  # deleted since the listing
+                candidates.append((info.key, LayerRecord.from_bytes(value)))
+        candidates.sort(key=lambda kr: (kr[1].created, kr[0]), reverse=True)
         for prefix in prefixes:
-            candidates = []
-            for info in store.list_records(NAMESPACE, prefix):
-                value = store.get_record(NAMESPACE, info.key)
-                if value is not None:  # deleted since the listing
-                    candidates.append((info.key, LayerRecord.from_bytes(value)))
-            candidates.sort(key=lambda kr: (kr[1].created, kr[0]), reverse=True)
-            for found in candidates:
-                if complete(found[1]):
-                    return found
+            for name, record in candidates:
+                if name.startswith(prefix) and complete(name, record):
+                    return name, record
         return None

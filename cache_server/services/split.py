@@ -5,14 +5,25 @@ is in the store's records (plans in "splitplans", queues in "splitqueue", timing
 "timings"), every record created once with ``overwrite=False``: concurrent callers
 and other replicas sharing the store agree, whoever loses a create race reads the
 winner's record. Records never change once written, so decoded ones are cached.
+
+A run belongs to its caller: plans and queues are keyed by the caller's token name
+as well as the run key, so a token can neither steer nor finish another token's
+run (a pull request's token cannot lease a trusted run's tests), and a lease is
+completed only with the secret handed out with it.
+
+Planning is bounded: at most MAX_RUN_TESTS test ids, in work about linear in tests
++ shards; it runs on a worker thread that gives up (``bounded``) when the caller's
+deadline passes or its call ends, or the server stops.
 """
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -23,10 +34,11 @@ from slipstream.cache_server.storage.base import Store
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter import history, junit
-from slipstream.splitter.algorithm import Granularity, build_units
+from slipstream.splitter.algorithm import Check, Granularity, build_units
 from slipstream.splitter.history import HistoryError, Run, Sample
 from slipstream.splitter.ids import JUnitCase
 from slipstream.splitter.pinning import (
+    MAX_RUN_TESTS,
     PLAN_NAMESPACE,
     PinError,
     PinnedPlan,
@@ -50,6 +62,7 @@ from slipstream.splitter.queue import (
     counts,
     lease_seconds,
     make_queue,
+    new_secret,
     next_lease,
     parse_lease_id,
 )
@@ -58,8 +71,9 @@ from slipstream.splitter.queue import (
 )
 
 _SERVICE = "/slipstream.split.v1.Split/"
-# Plans, leases and completions only steer which runner runs what; like CAS
-# uploads they are open to any CI job that may write to the cache.
+# Plans, leases and completions only steer which runner runs what, and a run is
+# kept per token (see the module docstring); like CAS uploads they are open to any
+# CI job that may write to the cache.
 for _method, _scope in (
     ("UploadTimings", auth.CAS_WRITE),
     ("GetShard", auth.CAS_WRITE),
@@ -70,7 +84,11 @@ for _method, _scope in (
 ):
     auth.register_method(_SERVICE + _method, _scope)
 
-_CACHE_LIMIT = 200_000
+# Decoded records kept, by the bytes they were decoded from (a plan of 200,000 tests
+# is ~7 MB): a count alone let a few big plans pin gigabytes.
+_CACHE_BYTES = 64 << 20
+# The longest a plan or a queue may take to make when the caller sets no deadline.
+MAX_PLANNING_SECONDS = 60.0
 _CREATE_RETRIES = 50
 _MAX_RUNNER_CHARS = 200
 R = TypeVar("R")
@@ -92,11 +110,84 @@ def _check_suite(suite: str) -> None:
     _checked(lambda: history.check_suite(suite))
 
 
+def _owner() -> str:
+    """Whose runs the caller's are: its token name ("anonymous" on an open server)."""
+    caller = auth.current_caller()
+    return caller.name if caller.authenticated else "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class _RunSpec:
+    """A checked RunSpec: the run a runner asks about, and what it collected."""
+
+    suite: str
+    run_key: str
+    total: int
+    index: int
+    granularity: Granularity
+    tests: list[str]
+    groups: dict[str, str]
+    slug: str  # the run's record-key prefix (owner, suite, run key)
+
+    @classmethod
+    def parse(cls, spec: split_pb2.RunSpec) -> _RunSpec:
+        """INVALID_ARGUMENT for a bad suite, run key, total, index or granularity, and
+        RESOURCE_EXHAUSTED for more tests (or groups) than a run may hold."""
+        if len(spec.test_ids) > MAX_RUN_TESTS or len(spec.groups) > MAX_RUN_TESTS:
+            raise RpcError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{max(len(spec.test_ids), len(spec.groups)):,} test ids are more than "
+                f"a run may hold ({MAX_RUN_TESTS:,})",
+            )
+        granularity = _checked(lambda: check_request(spec.total, spec.index, spec.granularity))
+        _check_suite(spec.suite)
+        slug = _checked(lambda: run_slug(spec.suite, spec.run_key, _owner()))
+        return cls(
+            spec.suite,
+            spec.run_key,
+            spec.total,
+            spec.index,
+            granularity,
+            list(spec.test_ids),
+            dict(spec.groups),
+            slug,
+        )
+
+
 class SplitService(split_grpc.SplitServicer):
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._cache: dict[str, object] = {}
+        self._cache: collections.OrderedDict[str, tuple[object, int]] = collections.OrderedDict()
+        self._cached_bytes = 0
         self._lock = threading.Lock()
+
+    async def bounded(
+        self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[Check], R]
+    ) -> R:
+        """fn(check) on a worker thread. check, called by fn now and then, stops it by
+        raising once the caller's deadline (at most MAX_PLANNING_SECONDS) has passed,
+        the call has ended (cancelled: the await below is), or the server stops."""
+        remaining = context.time_remaining()
+        limit = MAX_PLANNING_SECONDS if remaining is None else min(remaining, MAX_PLANNING_SECONDS)
+        deadline = time.monotonic() + limit
+        ended = threading.Event()
+        stopping = self.backend.stopping
+
+        def check() -> None:
+            if ended.is_set():
+                raise RpcError(grpc.StatusCode.CANCELLED, "the call ended")
+            if stopping.is_set():
+                raise RpcError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            if time.monotonic() > deadline:
+                raise RpcError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"planning took longer than {limit:.1f}s; gave up",
+                )
+
+        try:
+            return await self.backend.run(fn, check)
+        finally:
+            ended.set()
 
     @property
     def store(self) -> Store:
@@ -108,8 +199,10 @@ class SplitService(split_grpc.SplitServicer):
         name = f"{namespace}/{key}"
         with self._lock:
             hit = self._cache.get(name)
+            if hit is not None:
+                self._cache.move_to_end(name)
         if hit is not None:
-            return hit  # type: ignore[return-value]
+            return hit[0]  # type: ignore[return-value]
         data = self.store.get_record(namespace, key)
         if data is None:
             return None
@@ -117,14 +210,22 @@ class SplitService(split_grpc.SplitServicer):
             value = decode(data)
         except ValueError as exc:
             raise RpcError(grpc.StatusCode.DATA_LOSS, f"record {key}: {exc}") from None
-        self._remember(name, value)
+        self._remember(name, value, len(data))
         return value
 
-    def _remember(self, name: str, value: object) -> None:
+    def _remember(self, name: str, value: object, size: int) -> None:
+        """Cache a decoded record, dropping the least recently used beyond _CACHE_BYTES."""
+        if size > _CACHE_BYTES // 4:
+            return
         with self._lock:
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[name] = value
+            old = self._cache.pop(name, None)
+            if old is not None:
+                self._cached_bytes -= old[1]
+            self._cache[name] = (value, size)
+            self._cached_bytes += size
+            while self._cached_bytes > _CACHE_BYTES:
+                _, (_, dropped) = self._cache.popitem(last=False)
+                self._cached_bytes -= dropped
 
     def _pin(
         self, namespace: str, key: str, make: Callable[[], R], decode: Callable[[bytes], R]
@@ -134,8 +235,9 @@ class SplitService(split_grpc.SplitServicer):
         if found is not None:
             return found, False
         value = make()
-        if self.store.put_record(namespace, key, value.to_bytes(), overwrite=False):  # type: ignore[attr-defined]
-            self._remember(f"{namespace}/{key}", value)
+        data = value.to_bytes()  # type: ignore[attr-defined]
+        if self.store.put_record(namespace, key, data, overwrite=False):
+            self._remember(f"{namespace}/{key}", value, len(data))
             return value, True
         found = self._read(namespace, key, decode)  # lost the race: the winner's
         if found is None:
@@ -173,6 +275,11 @@ class SplitService(split_grpc.SplitServicer):
                 if not t.test_id or not t.seconds >= 0 or t.seconds == float("inf"):
                     raise _invalid(f"timing of {t.test_id!r}: needs an id and seconds >= 0")
                 timings[t.test_id] = Sample(t.seconds, t.failed)
+            if len(cases) + len(timings) > MAX_RUN_TESTS:
+                raise RpcError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {MAX_RUN_TESTS:,} timings in one upload",
+                )
         if suite is None:
             raise _invalid("no timings: the stream was empty")
         run = history.run_from_cases(cases, run_id=run_id, file_costs=file_costs, startup=startup)
@@ -186,41 +293,36 @@ class SplitService(split_grpc.SplitServicer):
     async def GetShard(
         self, request: split_pb2.GetShardRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> split_pb2.GetShardResponse:
-        granularity = _checked(
-            lambda: check_request(request.total, request.index, request.granularity)
-        )
-        _check_suite(request.suite)
-        key = _checked(lambda: plan_key(request.suite, request.run_key, request.total))
-        tests = list(request.test_ids)
-        groups = dict(request.groups)
+        run = _RunSpec.parse(request.run)
+        key = plan_key(run.slug, run.total)
 
-        def get() -> tuple[PinnedPlan, bool]:
+        def get(check: Check) -> tuple[PinnedPlan, bool]:
             def make() -> PinnedPlan:
-                estimates, all_groups = self._estimates(request.suite, tests, groups)
+                estimates, groups = self._estimates(run)
                 return make_plan(
-                    request.run_key, tests, request.total, estimates, granularity, all_groups
+                    run.run_key, run.tests, run.total, estimates, run.granularity, groups, check
                 )
 
             return self._pin(PLAN_NAMESPACE, key, make, PinnedPlan.from_bytes)
 
-        plan, pinned_now = await self.backend.run(get)
-        self._check_collected(plan.tests_digest, plan.all_tests, tests, "the plan pinned")
+        plan, pinned_now = await self.bounded(context, get)
+        self._check_collected(plan.tests_digest, plan.all_tests, run.tests, "the plan pinned")
         return split_pb2.GetShardResponse(
-            test_ids=plan.shards[request.index],
+            test_ids=plan.shards[run.index],
             plan_hash=plan.plan_hash,
-            predicted_seconds=plan.predicted[request.index],
+            predicted_seconds=plan.predicted[run.index],
             makespan=plan.makespan,
             from_history=plan.from_history,
             pinned_now=pinned_now,
         )
 
-    def _estimates(
-        self, suite: str, tests: Sequence[str], groups: Mapping[str, str]
-    ) -> tuple[history.Estimates, dict[str, str]]:
-        runs, _ = history.load_runs(self.store, suite)
+    def _estimates(self, run: _RunSpec) -> tuple[history.Estimates, dict[str, str]]:
+        """Estimates of the run's tests from the suite's history, and its groups (the
+        history's, then the runner's)."""
+        runs, _ = history.load_runs(self.store, run.suite)
         merged = history.groups_of(runs)
-        merged.update(groups)
-        return history.estimate(tests, runs), merged
+        merged.update(run.groups)
+        return history.estimate(run.tests, runs), merged
 
     @staticmethod
     def _check_collected(
@@ -237,22 +339,18 @@ class SplitService(split_grpc.SplitServicer):
     async def JoinQueue(
         self, request: split_pb2.JoinQueueRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> split_pb2.JoinQueueResponse:
-        granularity = _checked(
-            lambda: check_request(request.total, request.index, request.granularity)
-        )
-        _check_suite(request.suite)
-        slug = _checked(lambda: run_slug(request.suite, request.run_key))
-        tests = list(request.test_ids)
-        groups = dict(request.groups)
+        run = _RunSpec.parse(request.run)
 
-        def join() -> tuple[QueuePlan, bool]:
-            def make() -> QueuePlan:
-                return self._make_queue(request, tests, groups, granularity)
+        def join(check: Check) -> tuple[QueuePlan, bool]:
+            return self._pin(
+                QUEUE_NAMESPACE,
+                f"{run.slug}/queue",
+                lambda: self._make_queue(run, check),
+                QueuePlan.from_bytes,
+            )
 
-            return self._pin(QUEUE_NAMESPACE, f"{slug}/queue", make, QueuePlan.from_bytes)
-
-        plan, pinned_now = await self.backend.run(join)
-        self._check_collected(plan.tests_digest, plan.all_tests, tests, "the queue pinned")
+        plan, pinned_now = await self.bounded(context, join)
+        self._check_collected(plan.tests_digest, plan.all_tests, run.tests, "the queue pinned")
         return split_pb2.JoinQueueResponse(
             plan_hash=plan.plan_hash,
             batches=len(plan.batches),
@@ -260,23 +358,20 @@ class SplitService(split_grpc.SplitServicer):
             pinned_now=pinned_now,
         )
 
-    def _make_queue(
-        self,
-        request: split_pb2.JoinQueueRequest,
-        tests: Sequence[str],
-        groups: Mapping[str, str],
-        granularity: Granularity,
-    ) -> QueuePlan:
-        estimates, all_groups = self._estimates(request.suite, tests, groups)
-        wanted = set(tests)
+    def _make_queue(self, run: _RunSpec, check: Check) -> QueuePlan:
+        estimates, all_groups = self._estimates(run)
+        check()
+        wanted = set(run.tests)
         units = build_units(
             {t: estimates.tests.get(t, 1.0) for t in wanted},
-            request.total,
-            granularity,
+            run.total,
+            run.granularity,
             file_costs=estimates.file_costs,
             groups={t: g for t, g in all_groups.items() if t in wanted},
+            check=check,
         )
-        return make_queue(request.run_key, units, request.total, ids_digest(wanted))
+        check()
+        return make_queue(run.run_key, units, run.total, ids_digest(wanted))
 
     def _state(self, slug: str) -> tuple[QueuePlan, list[LeaseRecord], list[Completion]]:
         plan = self._read(QUEUE_NAMESPACE, f"{slug}/queue", QueuePlan.from_bytes)
@@ -299,7 +394,7 @@ class SplitService(split_grpc.SplitServicer):
         self, request: split_pb2.LeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> split_pb2.LeaseResponse:
         _check_suite(request.suite)
-        slug = _checked(lambda: run_slug(request.suite, request.run_key))
+        slug = _checked(lambda: run_slug(request.suite, request.run_key, _owner()))
         runner = request.runner[:_MAX_RUNNER_CHARS]
         if not request.lease_seconds >= 0:
             raise _invalid("lease_seconds must not be negative")
@@ -328,11 +423,18 @@ class SplitService(split_grpc.SplitServicer):
                 return None, decision
             timeout = lease_seconds(requested, decision.predicted)
             lease = LeaseRecord(
-                decision.batch, decision.attempt, decision.tests, runner, now, now + timeout
+                decision.batch,
+                decision.attempt,
+                decision.tests,
+                runner,
+                now,
+                now + timeout,
+                new_secret(),
             )
-            key = f"{slug}/lease/{lease.id}"
-            if self.store.put_record(QUEUE_NAMESPACE, key, lease.to_bytes(), overwrite=False):
-                self._remember(f"{QUEUE_NAMESPACE}/{key}", lease)
+            key = f"{slug}/lease/{lease.name}"
+            data = lease.to_bytes()
+            if self.store.put_record(QUEUE_NAMESPACE, key, data, overwrite=False):
+                self._remember(f"{QUEUE_NAMESPACE}/{key}", lease, len(data))
                 return lease, decision
         raise RpcError(grpc.StatusCode.ABORTED, "too many runners raced for a lease; retry")
 
@@ -341,35 +443,44 @@ class SplitService(split_grpc.SplitServicer):
         self, request: split_pb2.CompleteRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> split_pb2.CompleteResponse:
         _check_suite(request.suite)
-        slug = _checked(lambda: run_slug(request.suite, request.run_key))
-        if parse_lease_id(request.lease_id) is None:
-            raise _invalid(f"lease id {request.lease_id[:40]!r} is not valid")
+        slug = _checked(lambda: run_slug(request.suite, request.run_key, _owner()))
+        parsed = parse_lease_id(request.lease_id)
+        if parsed is None:
+            raise _invalid("the lease id is not one this server hands out")
         results: dict[str, Sample] = {}
         for t in request.results:
             if not t.seconds >= 0 or t.seconds == float("inf"):
                 raise _invalid(f"result of {t.test_id!r}: seconds must be >= 0")
             results[t.test_id] = Sample(t.seconds, t.failed)
         completed, remaining = await self.backend.run(
-            self._complete, request.suite, slug, request.lease_id, request.runner, results
+            self._complete, request.suite, slug, parsed, request.runner, results
         )
         return split_pb2.CompleteResponse(completed=completed, remaining=remaining)
 
     def _complete(
-        self, suite: str, slug: str, lease_name: str, runner: str, results: dict[str, Sample]
+        self,
+        suite: str,
+        slug: str,
+        lease_id: tuple[str, str],
+        runner: str,
+        results: dict[str, Sample],
     ) -> tuple[int, int]:
+        lease_name, secret = lease_id
         lease = self._read(QUEUE_NAMESPACE, f"{slug}/lease/{lease_name}", LeaseRecord.from_bytes)
-        if lease is None:
+        if lease is None or not lease.matches(secret):
+            # The same answer for a wrong secret: nothing tells a guesser it was close.
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"no lease {lease_name} in this run")
         foreign = sorted(set(results) - set(lease.tests))
         if foreign:
             raise _invalid(
                 f"{len(foreign)} results are not tests of lease {lease_name}, e.g. {foreign[0]!r}"
             )
-        completion = Completion(lease.id, runner[:_MAX_RUNNER_CHARS], results)
-        key = f"{slug}/done/{lease.id}-{uuid.uuid4().hex[:12]}"
+        completion = Completion(lease.name, runner[:_MAX_RUNNER_CHARS], results)
+        key = f"{slug}/done/{lease.name}-{uuid.uuid4().hex[:12]}"
         if results:
-            self.store.put_record(QUEUE_NAMESPACE, key, completion.to_bytes(), overwrite=False)
-            self._remember(f"{QUEUE_NAMESPACE}/{key}", completion)
+            data = completion.to_bytes()
+            self.store.put_record(QUEUE_NAMESPACE, key, data, overwrite=False)
+            self._remember(f"{QUEUE_NAMESPACE}/{key}", completion, len(data))
         plan, _, done = self._state(slug)
         completed = completed_results(done)
         total = len(plan.all_tests())
@@ -392,7 +503,8 @@ class SplitService(split_grpc.SplitServicer):
         self, request: split_pb2.QueueStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> split_pb2.QueueStatusResponse:
         _check_suite(request.suite)
-        slug = _checked(lambda: run_slug(request.suite, request.run_key))
+        owner = request.owner or _owner()
+        slug = _checked(lambda: run_slug(request.suite, request.run_key, owner))
         plan, leases, done = await self.backend.run(self._state, slug)
         completed = completed_results(done)
         now = time.time()

@@ -8,6 +8,10 @@ worker threads. A store holds two kinds of things:
   differ from what was verified on the way in.
 - Records: small values under a (namespace, key) name, e.g. action results
   ("ac"), layer keys ("layers"), timing history ("timings"), pinned split plans.
+
+A store with a size bound counts blobs and records of every namespace toward it and
+evicts the least recently used of them, whatever their kind: no kind of write can
+grow a bounded store past its bound.
 """
 
 from __future__ import annotations
@@ -27,10 +31,6 @@ from slipstream.core.records import MAX_RECORD_KEY_CHARS
 X = TypeVar("X")
 Y = TypeVar("Y")
 
-# Records in these namespaces count toward the size bound and may be evicted;
-# the others (layer keys, timings, plans) are small and kept. "ccache" holds the
-# HTTP endpoint's ccache keys (cache_server.services.http_ccache), whose contents are CAS blobs.
-EVICTABLE_NAMESPACES = frozenset({"ac", "ccache"})
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesystems
 

@@ -10,7 +10,7 @@ the payload. A blob becomes visible only whole (written to tmp/, then renamed
 into place), so a crash or a dropped client never leaves a readable partial
 blob, and corruption on disk is caught on read and treated as a missing blob.
 
-CAS blobs and action results share one size bound with LRU eviction. Reading
+CAS blobs and records of every namespace share one size bound with LRU eviction. Reading
 or finding an entry refreshes it; the order survives a restart through the
 files' modification times, which are bumped on access (at most once a minute
 per entry, to keep hot paths free of syscalls).
@@ -40,7 +40,6 @@ from typing import BinaryIO
 import xxhash
 
 from slipstream.cache_server.storage.base import (
-    EVICTABLE_NAMESPACES,
     BlobWriter,
     Chunk,
     DiskFull,
@@ -232,10 +231,9 @@ class DiskStore(Store):
         for shard in cas.iterdir():
             if shard.is_dir():
                 found.extend(self._scan(shard, f"cas/{shard.name}/"))
-        for namespace in EVICTABLE_NAMESPACES:
-            ns_dir = self.root / "records" / namespace
+        for ns_dir in (self.root / "records").iterdir():
             if ns_dir.is_dir():
-                found.extend(self._scan(ns_dir, f"records/{namespace}/"))
+                found.extend(self._scan(ns_dir, f"records/{ns_dir.name}/"))
         found.sort()
         for mtime, rel, size in found:
             self._lru[rel] = (size, mtime)
@@ -305,6 +303,8 @@ class DiskStore(Store):
 
     def _admit(self, rel: str, size: int) -> None:
         """Index a file just renamed into place, evicting older entries if needed."""
+        if not self._indexed and self.max_size is None:
+            return  # nothing to evict; the index, if it is ever built, finds the file
         self._ensure_index()
         with self._lock:
             old = self._lru.pop(rel, None)
@@ -331,7 +331,7 @@ class DiskStore(Store):
         if self.max_size is not None and size + _HEADER.size > self.max_size:
             raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
 
-    def _install(self, tmp_path: str, rel: str, size: int, evictable: bool) -> None:
+    def _install(self, tmp_path: str, rel: str, size: int) -> None:
         """Rename a finished temp file (size bytes on disk) into place: the blob appears whole."""
         final = os.path.join(self.root, rel)
         try:
@@ -339,8 +339,7 @@ class DiskStore(Store):
         except FileNotFoundError:  # first file of its shard or namespace
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(tmp_path, final)
-        if evictable:
-            self._admit(rel, size)
+        self._admit(rel, size)
 
     def _new_tmp(self) -> str:
         # pid first (see _clear_tmp), then a counter unique within this process.
@@ -498,7 +497,7 @@ class DiskStore(Store):
         try:
             with _space_checked(self.root, f"store blob {blob}"):
                 size = self._write_file(tmp_path, data)
-                self._install(tmp_path, self._blob_rel(blob), size, evictable=True)
+                self._install(tmp_path, self._blob_rel(blob), size)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
@@ -514,30 +513,26 @@ class DiskStore(Store):
         data = self._read_checked(rel)
         if data is None:
             return None
-        if namespace in EVICTABLE_NAMESPACES:
-            self._touch(rel)
+        if self._indexed or self.max_size is not None:
+            self._touch(rel)  # a store opened only to read records need not index
         return bytes(data)
 
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
         rel = self._record_rel(namespace, key)
-        evictable = namespace in EVICTABLE_NAMESPACES
-        if evictable:
-            self._check_fits(len(value))
+        self._check_fits(len(value))
         tmp_path = self._new_tmp()
         try:
             with _space_checked(self.root, f"store a {namespace} record"):
-                return self._put_record_file(tmp_path, rel, value, evictable, overwrite)
+                return self._put_record_file(tmp_path, rel, value, overwrite)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
 
-    def _put_record_file(
-        self, tmp_path: str, rel: str, value: bytes, evictable: bool, overwrite: bool
-    ) -> bool:
+    def _put_record_file(self, tmp_path: str, rel: str, value: bytes, overwrite: bool) -> bool:
         """Write value to tmp_path and put it in place at rel (the caller removes tmp_path)."""
         size = self._write_file(tmp_path, value)
         if overwrite:
-            self._install(tmp_path, rel, size, evictable)
+            self._install(tmp_path, rel, size)
             return True
         final = self.root / rel
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -545,8 +540,7 @@ class DiskStore(Store):
             os.link(tmp_path, final)  # atomic create-if-absent
         except FileExistsError:
             return False
-        if evictable:
-            self._admit(rel, size)
+        self._admit(rel, size)
         return True
 
     def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
@@ -619,7 +613,7 @@ class _DiskBlobWriter(BlobWriter):
                 file.close()
                 if self.blob != EMPTY_BLOB:
                     size = _HEADER.size + self.blob.size
-                    self._store._install(self._path, self._store._blob_rel(self.blob), size, True)
+                    self._store._install(self._path, self._store._blob_rel(self.blob), size)
         finally:
             self.abort()
 

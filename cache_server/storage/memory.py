@@ -1,8 +1,7 @@
 """A store in RAM (`--storage memory://`): the disk store's semantics, nothing kept at exit.
 
-Blobs are immutable `bytes`, handed out without copying. CAS blobs and records
-of EVICTABLE_NAMESPACES share one LRU and one size bound, counted in payload
-bytes; other records (layer keys, timings, split state) are kept outside it.
+Blobs are immutable `bytes`, handed out without copying. CAS blobs and records of
+every namespace share one LRU and one size bound, counted in payload bytes.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from slipstream.cache_server.storage.base import (
-    EVICTABLE_NAMESPACES,
     BlobWriter,
     Chunk,
     RecordInfo,
@@ -25,7 +23,7 @@ from slipstream.cache_server.storage.base import (
 )
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError, verify
 
-# An LRU key: a blob's hash, or (namespace, key) of an evictable record.
+# An LRU key: a blob's hash, or (namespace, key) of a record.
 _Key = str | tuple[str, str]
 
 
@@ -170,23 +168,19 @@ class MemoryStore(Store):
             record = self._records.get(namespace, {}).get(key)
             if record is None:
                 return None
-            if namespace in EVICTABLE_NAMESPACES:
-                self._lru.move_to_end((namespace, key))
+            self._lru.move_to_end((namespace, key))
             return record[0]
 
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
         encode_record_key(namespace, key)
-        evictable = namespace in EVICTABLE_NAMESPACES
-        if evictable:
-            self._check_fits(len(value))
+        self._check_fits(len(value))
         record = (bytes(value), time.time())
         with self._lock:
             records = self._records.setdefault(namespace, {})
             if not overwrite and key in records:
                 return False
             records[key] = record
-            if evictable:
-                self._admit_locked((namespace, key), record[0])
+            self._admit_locked((namespace, key), record[0])
             return True
 
     def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:

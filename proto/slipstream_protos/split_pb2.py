@@ -24,47 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dslipstream/protos/split.proto\x12\x13slipstream.split.v1\">\n\nTestTiming\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x08\"z\n\x14UploadTimingsRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tjunit_xml\x18\x03 \x01(\x0c\x12\x30\n\x07timings\x18\x04 \x03(\x0b\x32\x1f.slipstream.split.v1.TestTiming\"7\n\x15UploadTimingsResponse\x12\x0f\n\x07reports\x18\x01 \x01(\x05\x12\r\n\x05tests\x18\x02 \x01(\x05\"\xe7\x01\n\x0fGetShardRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x10\n\x08test_ids\x18\x05 \x03(\t\x12\x13\n\x0bgranularity\x18\x06 \x01(\t\x12@\n\x06groups\x18\x07 \x03(\x0b\x32\x30.slipstream.split.v1.GetShardRequest.GroupsEntry\x1a-\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8e\x01\n\x10GetShardResponse\x12\x10\n\x08test_ids\x18\x01 \x03(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x19\n\x11predicted_seconds\x18\x03 \x01(\x01\x12\x10\n\x08makespan\x18\x04 \x01(\x01\x12\x14\n\x0c\x66rom_history\x18\x05 \x01(\x08\x12\x12\n\npinned_now\x18\x06 \x01(\x08\"\xe9\x01\n\x10JoinQueueRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x10\n\x08test_ids\x18\x05 \x03(\t\x12\x13\n\x0bgranularity\x18\x06 \x01(\t\x12\x41\n\x06groups\x18\x07 \x03(\x0b\x32\x31.slipstream.split.v1.JoinQueueRequest.GroupsEntry\x1a-\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Z\n\x11JoinQueueResponse\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x05\x12\r\n\x05tests\x18\x03 \x01(\x05\x12\x12\n\npinned_now\x18\x04 \x01(\x08\"U\n\x0cLeaseRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\x0e\n\x06runner\x18\x03 \x01(\t\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"\xa2\x01\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08test_ids\x18\x02 \x03(\t\x12\x19\n\x11predicted_seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x13\n\x0bretry_after\x18\x06 \x01(\x01\x12\x11\n\tabandoned\x18\x07 \x03(\t\"\x85\x01\n\x0f\x43ompleteRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x0e\n\x06runner\x18\x04 \x01(\t\x12\x30\n\x07results\x18\x05 \x03(\x0b\x32\x1f.slipstream.split.v1.TestTiming\"8\n\x10\x43ompleteResponse\x12\x11\n\tcompleted\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\"4\n\x12QueueStatusRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\"\xc0\x01\n\x13QueueStatusResponse\x12\r\n\x05tests\x18\x01 \x01(\x05\x12\x11\n\tcompleted\x18\x02 \x01(\x05\x12\x0e\n\x06leased\x18\x03 \x01(\x05\x12\x0f\n\x07pending\x18\x04 \x01(\x05\x12\x0e\n\x06leases\x18\x05 \x01(\x05\x12\x11\n\tplan_hash\x18\x06 \x01(\t\x12\x30\n\x07results\x18\x07 \x03(\x0b\x32\x1f.slipstream.split.v1.TestTiming\x12\x11\n\tabandoned\x18\x08 \x03(\t2\xb1\x04\n\x05Split\x12h\n\rUploadTimings\x12).slipstream.split.v1.UploadTimingsRequest\x1a*.slipstream.split.v1.UploadTimingsResponse(\x01\x12W\n\x08GetShard\x12$.slipstream.split.v1.GetShardRequest\x1a%.slipstream.split.v1.GetShardResponse\x12Z\n\tJoinQueue\x12%.slipstream.split.v1.JoinQueueRequest\x1a&.slipstream.split.v1.JoinQueueResponse\x12N\n\x05Lease\x12!.slipstream.split.v1.LeaseRequest\x1a\".slipstream.split.v1.LeaseResponse\x12W\n\x08\x43omplete\x12$.slipstream.split.v1.CompleteRequest\x1a%.slipstream.split.v1.CompleteResponse\x12`\n\x0bQueueStatus\x12\'.slipstream.split.v1.QueueStatusRequest\x1a(.slipstream.split.v1.QueueStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dslipstream/protos/split.proto\x12\x13slipstream.split.v1\">\n\nTestTiming\x12\x0f\n\x07test_id\x18\x01 \x01(\t\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x08\"z\n\x14UploadTimingsRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x11\n\tjunit_xml\x18\x03 \x01(\x0c\x12\x30\n\x07timings\x18\x04 \x03(\x0b\x32\x1f.slipstream.split.v1.TestTiming\"7\n\x15UploadTimingsResponse\x12\x0f\n\x07reports\x18\x01 \x01(\x05\x12\r\n\x05tests\x18\x02 \x01(\x05\"\xd7\x01\n\x07RunSpec\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\r\n\x05total\x18\x03 \x01(\x05\x12\r\n\x05index\x18\x04 \x01(\x05\x12\x10\n\x08test_ids\x18\x05 \x03(\t\x12\x13\n\x0bgranularity\x18\x06 \x01(\t\x12\x38\n\x06groups\x18\x07 \x03(\x0b\x32(.slipstream.split.v1.RunSpec.GroupsEntry\x1a-\n\x0bGroupsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x0fGetShardRequest\x12)\n\x03run\x18\x08 \x01(\x0b\x32\x1c.slipstream.split.v1.RunSpecJ\x04\x08\x01\x10\x08\"\x8e\x01\n\x10GetShardResponse\x12\x10\n\x08test_ids\x18\x01 \x03(\t\x12\x11\n\tplan_hash\x18\x02 \x01(\t\x12\x19\n\x11predicted_seconds\x18\x03 \x01(\x01\x12\x10\n\x08makespan\x18\x04 \x01(\x01\x12\x14\n\x0c\x66rom_history\x18\x05 \x01(\x08\x12\x12\n\npinned_now\x18\x06 \x01(\x08\"C\n\x10JoinQueueRequest\x12)\n\x03run\x18\x08 \x01(\x0b\x32\x1c.slipstream.split.v1.RunSpecJ\x04\x08\x01\x10\x08\"Z\n\x11JoinQueueResponse\x12\x11\n\tplan_hash\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61tches\x18\x02 \x01(\x05\x12\r\n\x05tests\x18\x03 \x01(\x05\x12\x12\n\npinned_now\x18\x04 \x01(\x08\"U\n\x0cLeaseRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\x0e\n\x06runner\x18\x03 \x01(\t\x12\x15\n\rlease_seconds\x18\x04 \x01(\x01\"\xa2\x01\n\rLeaseResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x10\n\x08test_ids\x18\x02 \x03(\t\x12\x19\n\x11predicted_seconds\x18\x03 \x01(\x01\x12\x18\n\x10\x64\x65\x61\x64line_seconds\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x13\n\x0bretry_after\x18\x06 \x01(\x01\x12\x11\n\tabandoned\x18\x07 \x03(\t\"\x85\x01\n\x0f\x43ompleteRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x0e\n\x06runner\x18\x04 \x01(\t\x12\x30\n\x07results\x18\x05 \x03(\x0b\x32\x1f.slipstream.split.v1.TestTiming\"8\n\x10\x43ompleteResponse\x12\x11\n\tcompleted\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\"C\n\x12QueueStatusRequest\x12\r\n\x05suite\x18\x01 \x01(\t\x12\x0f\n\x07run_key\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\"\xc0\x01\n\x13QueueStatusResponse\x12\r\n\x05tests\x18\x01 \x01(\x05\x12\x11\n\tcompleted\x18\x02 \x01(\x05\x12\x0e\n\x06leased\x18\x03 \x01(\x05\x12\x0f\n\x07pending\x18\x04 \x01(\x05\x12\x0e\n\x06leases\x18\x05 \x01(\x05\x12\x11\n\tplan_hash\x18\x06 \x01(\t\x12\x30\n\x07results\x18\x07 \x03(\x0b\x32\x1f.slipstream.split.v1.TestTiming\x12\x11\n\tabandoned\x18\x08 \x03(\t2\xb1\x04\n\x05Split\x12h\n\rUploadTimings\x12).slipstream.split.v1.UploadTimingsRequest\x1a*.slipstream.split.v1.UploadTimingsResponse(\x01\x12W\n\x08GetShard\x12$.slipstream.split.v1.GetShardRequest\x1a%.slipstream.split.v1.GetShardResponse\x12Z\n\tJoinQueue\x12%.slipstream.split.v1.JoinQueueRequest\x1a&.slipstream.split.v1.JoinQueueResponse\x12N\n\x05Lease\x12!.slipstream.split.v1.LeaseRequest\x1a\".slipstream.split.v1.LeaseResponse\x12W\n\x08\x43omplete\x12$.slipstream.split.v1.CompleteRequest\x1a%.slipstream.split.v1.CompleteResponse\x12`\n\x0bQueueStatus\x12\'.slipstream.split.v1.QueueStatusRequest\x1a(.slipstream.split.v1.QueueStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slipstream.protos.split_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSHARDREQUEST_GROUPSENTRY']._loaded_options = None
-  _globals['_GETSHARDREQUEST_GROUPSENTRY']._serialized_options = b'8\001'
-  _globals['_JOINQUEUEREQUEST_GROUPSENTRY']._loaded_options = None
-  _globals['_JOINQUEUEREQUEST_GROUPSENTRY']._serialized_options = b'8\001'
+  _globals['_RUNSPEC_GROUPSENTRY']._loaded_options = None
+  _globals['_RUNSPEC_GROUPSENTRY']._serialized_options = b'8\001'
   _globals['_TESTTIMING']._serialized_start=54
   _globals['_TESTTIMING']._serialized_end=116
   _globals['_UPLOADTIMINGSREQUEST']._serialized_start=118
   _globals['_UPLOADTIMINGSREQUEST']._serialized_end=240
   _globals['_UPLOADTIMINGSRESPONSE']._serialized_start=242
   _globals['_UPLOADTIMINGSRESPONSE']._serialized_end=297
-  _globals['_GETSHARDREQUEST']._serialized_start=300
-  _globals['_GETSHARDREQUEST']._serialized_end=531
-  _globals['_GETSHARDREQUEST_GROUPSENTRY']._serialized_start=486
-  _globals['_GETSHARDREQUEST_GROUPSENTRY']._serialized_end=531
-  _globals['_GETSHARDRESPONSE']._serialized_start=534
-  _globals['_GETSHARDRESPONSE']._serialized_end=676
-  _globals['_JOINQUEUEREQUEST']._serialized_start=679
-  _globals['_JOINQUEUEREQUEST']._serialized_end=912
-  _globals['_JOINQUEUEREQUEST_GROUPSENTRY']._serialized_start=486
-  _globals['_JOINQUEUEREQUEST_GROUPSENTRY']._serialized_end=531
-  _globals['_JOINQUEUERESPONSE']._serialized_start=914
-  _globals['_JOINQUEUERESPONSE']._serialized_end=1004
-  _globals['_LEASEREQUEST']._serialized_start=1006
-  _globals['_LEASEREQUEST']._serialized_end=1091
-  _globals['_LEASERESPONSE']._serialized_start=1094
-  _globals['_LEASERESPONSE']._serialized_end=1256
-  _globals['_COMPLETEREQUEST']._serialized_start=1259
-  _globals['_COMPLETEREQUEST']._serialized_end=1392
-  _globals['_COMPLETERESPONSE']._serialized_start=1394
-  _globals['_COMPLETERESPONSE']._serialized_end=1450
-  _globals['_QUEUESTATUSREQUEST']._serialized_start=1452
-  _globals['_QUEUESTATUSREQUEST']._serialized_end=1504
-  _globals['_QUEUESTATUSRESPONSE']._serialized_start=1507
-  _globals['_QUEUESTATUSRESPONSE']._serialized_end=1699
-  _globals['_SPLIT']._serialized_start=1702
-  _globals['_SPLIT']._serialized_end=2263
+  _globals['_RUNSPEC']._serialized_start=300
+  _globals['_RUNSPEC']._serialized_end=515
+  _globals['_RUNSPEC_GROUPSENTRY']._serialized_start=470
+  _globals['_RUNSPEC_GROUPSENTRY']._serialized_end=515
+  _globals['_GETSHARDREQUEST']._serialized_start=517
+  _globals['_GETSHARDREQUEST']._serialized_end=583
+  _globals['_GETSHARDRESPONSE']._serialized_start=586
+  _globals['_GETSHARDRESPONSE']._serialized_end=728
+  _globals['_JOINQUEUEREQUEST']._serialized_start=730
+  _globals['_JOINQUEUEREQUEST']._serialized_end=797
+  _globals['_JOINQUEUERESPONSE']._serialized_start=799
+  _globals['_JOINQUEUERESPONSE']._serialized_end=889
+  _globals['_LEASEREQUEST']._serialized_start=891
+  _globals['_LEASEREQUEST']._serialized_end=976
+  _globals['_LEASERESPONSE']._serialized_start=979
+  _globals['_LEASERESPONSE']._serialized_end=1141
+  _globals['_COMPLETEREQUEST']._serialized_start=1144
+  _globals['_COMPLETEREQUEST']._serialized_end=1277
+  _globals['_COMPLETERESPONSE']._serialized_start=1279
+  _globals['_COMPLETERESPONSE']._serialized_end=1335
+  _globals['_QUEUESTATUSREQUEST']._serialized_start=1337
+  _globals['_QUEUESTATUSREQUEST']._serialized_end=1404
+  _globals['_QUEUESTATUSRESPONSE']._serialized_start=1407
+  _globals['_QUEUESTATUSRESPONSE']._serialized_end=1599
+  _globals['_SPLIT']._serialized_start=1602
+  _globals['_SPLIT']._serialized_end=2163
 # @@protoc_insertion_point(module_scope)

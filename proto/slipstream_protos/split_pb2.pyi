@@ -84,7 +84,9 @@ class UploadTimingsResponse(google.protobuf.message.Message):
 global___UploadTimingsResponse = UploadTimingsResponse
 
 @typing.final
-class GetShardRequest(google.protobuf.message.Message):
+class RunSpec(google.protobuf.message.Message):
+    """What a runner says about its run: the same in GetShard and JoinQueue."""
+
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
     @typing.final
@@ -113,6 +115,9 @@ class GetShardRequest(google.protobuf.message.Message):
     suite: builtins.str
     run_key: builtins.str
     total: builtins.int
+    """The number of runners; in queue mode it sizes the batches (the first caller's
+    value holds).
+    """
     index: builtins.int
     granularity: builtins.str
     """"auto" (default), "test", "class" or "file"; used by the caller that pins."""
@@ -136,6 +141,23 @@ class GetShardRequest(google.protobuf.message.Message):
         groups: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
     ) -> None: ...
     def ClearField(self, field_name: typing.Literal["granularity", b"granularity", "groups", b"groups", "index", b"index", "run_key", b"run_key", "suite", b"suite", "test_ids", b"test_ids", "total", b"total"]) -> None: ...
+
+global___RunSpec = RunSpec
+
+@typing.final
+class GetShardRequest(google.protobuf.message.Message):
+    DESCRIPTOR: google.protobuf.descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: builtins.int
+    @property
+    def run(self) -> global___RunSpec: ...
+    def __init__(
+        self,
+        *,
+        run: global___RunSpec | None = ...,
+    ) -> None: ...
+    def HasField(self, field_name: typing.Literal["run", b"run"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["run", b"run"]) -> None: ...
 
 global___GetShardRequest = GetShardRequest
 
@@ -176,51 +198,16 @@ global___GetShardResponse = GetShardResponse
 class JoinQueueRequest(google.protobuf.message.Message):
     DESCRIPTOR: google.protobuf.descriptor.Descriptor
 
-    @typing.final
-    class GroupsEntry(google.protobuf.message.Message):
-        DESCRIPTOR: google.protobuf.descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: builtins.int
-        VALUE_FIELD_NUMBER: builtins.int
-        key: builtins.str
-        value: builtins.str
-        def __init__(
-            self,
-            *,
-            key: builtins.str = ...,
-            value: builtins.str = ...,
-        ) -> None: ...
-        def ClearField(self, field_name: typing.Literal["key", b"key", "value", b"value"]) -> None: ...
-
-    SUITE_FIELD_NUMBER: builtins.int
-    RUN_KEY_FIELD_NUMBER: builtins.int
-    TOTAL_FIELD_NUMBER: builtins.int
-    INDEX_FIELD_NUMBER: builtins.int
-    TEST_IDS_FIELD_NUMBER: builtins.int
-    GRANULARITY_FIELD_NUMBER: builtins.int
-    GROUPS_FIELD_NUMBER: builtins.int
-    suite: builtins.str
-    run_key: builtins.str
-    total: builtins.int
-    """The number of runners, for batch sizing; the first caller's value holds."""
-    index: builtins.int
-    granularity: builtins.str
+    RUN_FIELD_NUMBER: builtins.int
     @property
-    def test_ids(self) -> google.protobuf.internal.containers.RepeatedScalarFieldContainer[builtins.str]: ...
-    @property
-    def groups(self) -> google.protobuf.internal.containers.ScalarMap[builtins.str, builtins.str]: ...
+    def run(self) -> global___RunSpec: ...
     def __init__(
         self,
         *,
-        suite: builtins.str = ...,
-        run_key: builtins.str = ...,
-        total: builtins.int = ...,
-        index: builtins.int = ...,
-        test_ids: collections.abc.Iterable[builtins.str] | None = ...,
-        granularity: builtins.str = ...,
-        groups: collections.abc.Mapping[builtins.str, builtins.str] | None = ...,
+        run: global___RunSpec | None = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["granularity", b"granularity", "groups", b"groups", "index", b"index", "run_key", b"run_key", "suite", b"suite", "test_ids", b"test_ids", "total", b"total"]) -> None: ...
+    def HasField(self, field_name: typing.Literal["run", b"run"]) -> builtins.bool: ...
+    def ClearField(self, field_name: typing.Literal["run", b"run"]) -> None: ...
 
 global___JoinQueueRequest = JoinQueueRequest
 
@@ -370,15 +357,19 @@ class QueueStatusRequest(google.protobuf.message.Message):
 
     SUITE_FIELD_NUMBER: builtins.int
     RUN_KEY_FIELD_NUMBER: builtins.int
+    OWNER_FIELD_NUMBER: builtins.int
     suite: builtins.str
     run_key: builtins.str
+    owner: builtins.str
+    """The token name the run belongs to (runs are kept per token); empty: the caller's."""
     def __init__(
         self,
         *,
         suite: builtins.str = ...,
         run_key: builtins.str = ...,
+        owner: builtins.str = ...,
     ) -> None: ...
-    def ClearField(self, field_name: typing.Literal["run_key", b"run_key", "suite", b"suite"]) -> None: ...
+    def ClearField(self, field_name: typing.Literal["owner", b"owner", "run_key", b"run_key", "suite", b"suite"]) -> None: ...
 
 global___QueueStatusRequest = QueueStatusRequest
 

@@ -81,7 +81,10 @@ class SplitServicer(object):
     def GetShard(self, request, context):
         """This runner's shard of the plan pinned for (suite, run_key, total). The
         first caller's plan is pinned; later callers (other jobs, retries, other
-        replicas) get the same split. FAILED_PRECONDITION when test_ids differ
+        replicas) get the same split. Runs are kept per caller (token name): a
+        run's runners must all use the same token. RESOURCE_EXHAUSTED for more
+        test ids than a run may hold; DEADLINE_EXCEEDED when planning outlasts the
+        call's deadline. FAILED_PRECONDITION when test_ids differ
         from the pinned plan's tests.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -91,8 +94,9 @@ class SplitServicer(object):
     def JoinQueue(self, request, context):
         """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
         GetShard); Lease hands out the next batch, longest work first; Complete
-        reports finished tests. A lease not completed by its deadline goes back
-        to the queue.
+        reports finished tests, naming the lease by the id Lease handed out (it
+        holds a secret). A lease not completed by its deadline goes back to the
+        queue. Queues, like plans, belong to the token that made them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,10 @@ class SplitStub:
     ]
     """This runner's shard of the plan pinned for (suite, run_key, total). The
     first caller's plan is pinned; later callers (other jobs, retries, other
-    replicas) get the same split. FAILED_PRECONDITION when test_ids differ
+    replicas) get the same split. Runs are kept per caller (token name): a
+    run's runners must all use the same token. RESOURCE_EXHAUSTED for more
+    test ids than a run may hold; DEADLINE_EXCEEDED when planning outlasts the
+    call's deadline. FAILED_PRECONDITION when test_ids differ
     from the pinned plan's tests.
     """
 
@@ -49,8 +52,9 @@ class SplitStub:
     ]
     """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
     GetShard); Lease hands out the next batch, longest work first; Complete
-    reports finished tests. A lease not completed by its deadline goes back
-    to the queue.
+    reports finished tests, naming the lease by the id Lease handed out (it
+    holds a secret). A lease not completed by its deadline goes back to the
+    queue. Queues, like plans, belong to the token that made them.
     """
 
     Lease: grpc.UnaryUnaryMultiCallable[
@@ -84,7 +88,10 @@ class SplitAsyncStub:
     ]
     """This runner's shard of the plan pinned for (suite, run_key, total). The
     first caller's plan is pinned; later callers (other jobs, retries, other
-    replicas) get the same split. FAILED_PRECONDITION when test_ids differ
+    replicas) get the same split. Runs are kept per caller (token name): a
+    run's runners must all use the same token. RESOURCE_EXHAUSTED for more
+    test ids than a run may hold; DEADLINE_EXCEEDED when planning outlasts the
+    call's deadline. FAILED_PRECONDITION when test_ids differ
     from the pinned plan's tests.
     """
 
@@ -94,8 +101,9 @@ class SplitAsyncStub:
     ]
     """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
     GetShard); Lease hands out the next batch, longest work first; Complete
-    reports finished tests. A lease not completed by its deadline goes back
-    to the queue.
+    reports finished tests, naming the lease by the id Lease handed out (it
+    holds a secret). A lease not completed by its deadline goes back to the
+    queue. Queues, like plans, belong to the token that made them.
     """
 
     Lease: grpc.aio.UnaryUnaryMultiCallable[
@@ -133,7 +141,10 @@ class SplitServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[slipstream.protos.split_pb2.GetShardResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.GetShardResponse]]:
         """This runner's shard of the plan pinned for (suite, run_key, total). The
         first caller's plan is pinned; later callers (other jobs, retries, other
-        replicas) get the same split. FAILED_PRECONDITION when test_ids differ
+        replicas) get the same split. Runs are kept per caller (token name): a
+        run's runners must all use the same token. RESOURCE_EXHAUSTED for more
+        test ids than a run may hold; DEADLINE_EXCEEDED when planning outlasts the
+        call's deadline. FAILED_PRECONDITION when test_ids differ
         from the pinned plan's tests.
         """
 
@@ -145,8 +156,9 @@ class SplitServicer(metaclass=abc.ABCMeta):
     ) -> typing.Union[slipstream.protos.split_pb2.JoinQueueResponse, collections.abc.Awaitable[slipstream.protos.split_pb2.JoinQueueResponse]]:
         """Queue mode. JoinQueue pins the run's queue (the same check of test_ids as
         GetShard); Lease hands out the next batch, longest work first; Complete
-        reports finished tests. A lease not completed by its deadline goes back
-        to the queue.
+        reports finished tests, naming the lease by the id Lease handed out (it
+        holds a secret). A lease not completed by its deadline goes back to the
+        queue. Queues, like plans, belong to the token that made them.
         """
 
     @abc.abstractmethod

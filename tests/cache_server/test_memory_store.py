@@ -250,21 +250,21 @@ def test_what_can_never_fit_is_refused() -> None:
     assert store.find_missing([exact]) == []  # a refusal evicts nothing
     assert store.get_record("ac", "big") is None
     assert store.stats().evictions == 1
-    assert store.put_record("layers", "big", big)  # not bounded: kept outside the LRU
+    with pytest.raises(StoreFull):  # every namespace is bounded
+        store.put_record("timings", "big", big)
 
 
-def test_records_outside_the_evictable_namespaces_are_kept() -> None:
-    store = MemoryStore(100)
-    for i in range(5):
-        store.put_record("split", f"suite/lease/{i}", b"s" * 60)
-        store.put_record("timings", f"suite/{i}", b"t" * 60)
-    assert store.stats().bytes_used == 0
-    blobs = [_put(store, bytes([i]) * 40) for i in range(5)]
-    assert store.find_missing(blobs) == blobs[:3]
-    assert len(store.list_records("split", "suite/lease/")) == 5
-    assert all(store.get_record("timings", f"suite/{i}") == b"t" * 60 for i in range(5))
+@pytest.mark.parametrize("namespace", ["timings", "splitplans", "splitqueue", "layers"])
+def test_records_of_every_namespace_share_the_bound_and_the_lru(namespace: str) -> None:
+    store = MemoryStore(200)
+    for i in range(3):
+        store.put_record(namespace, f"suite/{i}", b"r" * 60)
+    assert store.get_record(namespace, "suite/0") == b"r" * 60  # now the newest
+    blob = _put(store, b"b" * 50)  # 230 bytes: the least recently used record goes
+    assert [r.key for r in store.list_records(namespace)] == ["suite/0", "suite/2"]
+    assert store.find_missing([blob]) == []
     stats = store.stats()
-    assert (stats.blobs, stats.bytes_used) == (2, 80)
+    assert (stats.bytes_used, stats.evictions) == (170, 1)
 
 
 def test_describe_says_bound_and_that_contents_are_lost() -> None:
@@ -278,6 +278,7 @@ def test_describe_says_bound_and_that_contents_are_lost() -> None:
 
 def test_threads_share_one_consistent_store() -> None:
     store = MemoryStore(50_000)
+    unbounded = MemoryStore()
     payloads = [os.urandom(1000 + i) for i in range(120)]
     claims: list[tuple[str, int]] = []
     errors: list[BaseException] = []
@@ -300,7 +301,10 @@ def test_threads_share_one_consistent_store() -> None:
                 chunks = store.read_blob(blob, 100, 333)
                 assert chunks is None or b"".join(chunks) == data[100:]
                 store.find_missing([BlobId.of(p) for p in payloads[: i + 1]])
-                if store.put_record("split", f"claim/{i}", str(n).encode(), overwrite=False):
+                # Records of every kind are under the bound, so a claim there may be
+                # evicted and made again: the once-only claims go to an unbounded store.
+                store.put_record("split", f"claim/{i}", str(n).encode(), overwrite=False)
+                if unbounded.put_record("split", f"claim/{i}", str(n).encode(), overwrite=False):
                     claims.append((f"claim/{i}", n))
                 store.put_record("ac", f"r/{n}/{i}", data[:50])
         except BaseException as exc:
@@ -320,11 +324,11 @@ def test_threads_share_one_consistent_store() -> None:
     # Each claim went to exactly one thread, and the record holds that thread's value.
     assert sorted(key for key, _ in claims) == sorted(f"claim/{i}" for i in range(120))
     for key, n in claims:
-        assert store.get_record("split", key) == str(n).encode()
+        assert unbounded.get_record("split", key) == str(n).encode()
     # The byte count matches what is actually held, within the bound.
     stats = store.stats()
     held = [p for p in payloads if store.get_blob(BlobId.of(p)) is not None]
-    results = store.list_records("ac")
+    results = store.list_records("ac") + store.list_records("split")
     assert stats.bytes_used == sum(map(len, held)) + sum(r.size for r in results)
     assert stats.blobs == len(held) + len(results)
     assert stats.bytes_used <= 50_000
@@ -483,8 +487,8 @@ def test_records_and_blobs_leave_the_cycle_collector_alone() -> None:
         store.put_blob(BlobId.of(b"blob %d" % i), b"blob %d" % i)
     gc.collect()
     held: list[object] = [r for records in store._records.values() for r in records.values()]
-    held += [*store._lru, *store._lru.values()]  # 3 action results and 3 blobs
-    assert len(held) == 6 + 12
+    held += [*store._lru, *store._lru.values()]  # 6 records and 3 blobs
+    assert len(held) == 6 + 18
     assert not [h for h in held if gc.is_tracked(h)]
     assert store.get_record("ac", "action-1") == b"result 1"
     assert [(r.key, r.size) for r in store.list_records("layers")] == [

@@ -20,6 +20,7 @@ from slipstream.splitter.pinning import (
     make_plan,
     mismatch,
     plan_key,
+    run_slug,
 )
 from slipstream.splitter.queue import (
     DEFAULT_FACTOR,
@@ -63,14 +64,19 @@ def test_plan_record_round_trips_and_mismatch_names_the_difference():
 
 
 def test_plan_keys_and_request_checks():
-    assert plan_key("s", "run 1", 3) != plan_key("s", "run 2", 3) != plan_key("s", "run 1", 4)
-    assert len(plan_key("s", "x" * 500, 3)) < 100
+    def key(run_key: str, total: int, owner: str = "ci-main") -> str:
+        return plan_key(run_slug("s", run_key, owner), total)
+
+    assert key("run 1", 3) != key("run 2", 3) != key("run 1", 4)
+    # A run belongs to its caller: another token's run of the same key is another run.
+    assert key("run 1", 3) != key("run 1", 3, owner="ci-pr")
+    assert len(key("x" * 500, 3)) < 100
     for total, index, gran in ((0, 0, ""), (3, 3, ""), (3, -1, ""), (3, 0, "module")):
         with pytest.raises(ValueError):
             check_request(total, index, gran)
     assert check_request(3, 2, "") == "auto"
     with pytest.raises(ValueError):
-        plan_key("s", "", 3)
+        run_slug("s", "", "ci-main")
 
 
 @pytest.mark.parametrize("with_timings", [False, True])

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from slipstream.cache_server.storage.disk import DiskStore
-from slipstream.client.split_client import SplitClient, SplitRefused
+from slipstream.client.split_client import RunSpec, SplitClient, SplitRefused
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter import history
@@ -41,7 +41,7 @@ def test_plan_is_pinned_per_run_key_and_agreed_by_concurrent_first_callers(clien
         answers = list(
             pool.map(
                 lambda i: (client if i % 2 else other).get_shard(
-                    "suite", "run-1", i, 8, list(reversed(TESTS)) if i % 3 else TESTS
+                    RunSpec("suite", "run-1", i, 8, list(reversed(TESTS)) if i % 3 else TESTS)
                 ),
                 range(8),
             )
@@ -52,19 +52,19 @@ def test_plan_is_pinned_per_run_key_and_agreed_by_concurrent_first_callers(clien
     # New timings arrive mid-run: the run (and a retried job) keeps its plan...
     times = {t: 10.0 if t.endswith("_0") else 0.1 for t in TESTS}
     assert client.upload_timings("suite", "r0", [junit_report(times)]) == (1, len(TESTS))
-    again = client.get_shard("suite", "run-1", 3, 8, TESTS)
+    again = client.get_shard(RunSpec("suite", "run-1", 3, 8, TESTS))
     assert again.plan_hash == answers[3].plan_hash and again.tests == answers[3].tests
     # ...while a new run plans from them: the six 10 s tests on six different shards.
-    fresh = [client.get_shard("suite", "run-2", i, 8, TESTS) for i in range(8)]
+    fresh = [client.get_shard(RunSpec("suite", "run-2", i, 8, TESTS)) for i in range(8)]
     assert fresh[0].from_history and fresh[0].plan_hash != answers[0].plan_hash
     slow = [sum(t.endswith("_0") for t in a.tests) for a in fresh]
     assert sorted(slow) == [0, 0, 1, 1, 1, 1, 1, 1]
 
 
 def test_runners_that_collected_other_tests_are_told_clearly(client):
-    client.get_shard("suite", "run-x", 0, 2, TESTS)
+    client.get_shard(RunSpec("suite", "run-x", 0, 2, TESTS))
     with pytest.raises(SplitRefused) as err:
-        client.get_shard("suite", "run-x", 1, 2, [*TESTS[3:], "tests/test_new.py::test_n"])
+        client.get_shard(RunSpec("suite", "run-x", 1, 2, [*TESTS[3:], "tests/test_new.py::test_n"]))
     message = str(err.value)
     assert "FAILED_PRECONDITION" not in message  # the details, in one line
     assert "3 planned but not collected here (e.g. tests/test_a.py::test_0" in message
@@ -75,11 +75,30 @@ def test_runners_that_collected_other_tests_are_told_clearly(client):
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        (split_pb2.GetShardRequest(suite="s", run_key="k", total=0), "total must be"),
-        (split_pb2.GetShardRequest(suite="s", run_key="k", total=2, index=2), "index must be"),
-        (split_pb2.GetShardRequest(suite="s/../x", run_key="k", total=1), "suite name"),
-        (split_pb2.GetShardRequest(suite="s", run_key="", total=1), "run key"),
-        (split_pb2.GetShardRequest(suite="s", run_key="k", total=1, granularity="x"), "gran"),
+        (
+            split_pb2.GetShardRequest(run=split_pb2.RunSpec(suite="s", run_key="k", total=0)),
+            "total must be",
+        ),
+        (
+            split_pb2.GetShardRequest(
+                run=split_pb2.RunSpec(suite="s", run_key="k", total=2, index=2)
+            ),
+            "index must be",
+        ),
+        (
+            split_pb2.GetShardRequest(run=split_pb2.RunSpec(suite="s/../x", run_key="k", total=1)),
+            "suite name",
+        ),
+        (
+            split_pb2.GetShardRequest(run=split_pb2.RunSpec(suite="s", run_key="", total=1)),
+            "run key",
+        ),
+        (
+            split_pb2.GetShardRequest(
+                run=split_pb2.RunSpec(suite="s", run_key="k", total=1, granularity="x")
+            ),
+            "gran",
+        ),
     ],
 )
 def test_bad_requests_are_invalid_argument(channel, request_, message):
@@ -118,13 +137,13 @@ def test_bad_uploads_and_queue_calls_get_the_right_status(channel):
 
 
 def test_queue_leases_expire_back_and_completions_count_once(client, server):
-    info = client.join_queue("q", "run-q", 0, 2, TESTS)
+    info = client.join_queue(RunSpec("q", "run-q", 0, 2, TESTS))
     assert info.tests == len(TESTS) and info.batches >= 2
     with pytest.raises(SplitRefused, match="not planned"):
-        client.join_queue("q", "run-q", 1, 2, [*TESTS, "tests/x.py::test_y"])
+        client.join_queue(RunSpec("q", "run-q", 1, 2, [*TESTS, "tests/x.py::test_y"]))
     # Runner A leases the first batch with a 1 s lease and dies.
     dead = client.lease("q", "run-q", "A", lease_seconds=1.0)
-    assert dead.lease_id == "000000.000" and dead.tests
+    assert dead.lease_id.startswith("000000.000.") and dead.tests
     # Runner B drains the rest; then the dead lease's tests come back to it.
     ran: list[str] = []
     leased_again = None
@@ -137,7 +156,7 @@ def test_queue_leases_expire_back_and_completions_count_once(client, server):
             time.sleep(lease.retry_after)
             continue
         assert not set(lease.tests) & set(ran)  # completed tests are never leased again
-        if lease.lease_id.endswith(".001"):
+        if lease.lease_id.startswith("000000.001."):
             leased_again = lease
         results = {t: Sample(0.5, t.endswith("_1")) for t in lease.tests}
         client.complete("q", "run-q", lease.lease_id, "B", results)
@@ -167,11 +186,13 @@ def test_two_replicas_on_one_store_answer_the_same(tmp_path):
         clients = [SplitClient(r.address).open() for r in replicas]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             answers = list(
-                pool.map(lambda i: clients[i % 2].get_shard("s", "run", i, 4, TESTS), range(4))
+                pool.map(
+                    lambda i: clients[i % 2].get_shard(RunSpec("s", "run", i, 4, TESTS)), range(4)
+                )
             )
         assert len({a.plan_hash for a in answers}) == 1
         assert sorted(t for a in answers for t in a.tests) == sorted(TESTS)
-        clients[0].join_queue("s", "run", 0, 2, TESTS)
+        clients[0].join_queue(RunSpec("s", "run", 0, 2, TESTS))
         first = clients[1].lease("s", "run", "r1")
         second = clients[0].lease("s", "run", "r0")
         assert first.lease_id != second.lease_id
