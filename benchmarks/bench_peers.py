@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
+from benchmarks.bench_split_peers import cache_dir
 from slipstream.cache_server.storage.disk import filesystem_type
 from tests.s3.moto import AWS_ENV, make_buckets, moto_client, moto_server
 from tests.server_process import ServerProcess, free_port
@@ -64,11 +65,6 @@ S3_SIZES = Sizes(small_blobs=1000, find_calls=2, stream_mib=64, clients=4, mixed
 
 class PeerUnavailable(RuntimeError):
     """The peer could not be set up or started; the message says exactly why."""
-
-
-def cache_dir() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
-    return pathlib.Path(base) / "slipstream-bench"
 
 
 def find_python313() -> str | None:

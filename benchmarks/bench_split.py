@@ -169,12 +169,12 @@ _SAMPLE_FILES = {
         import time
         import pytest
 
-        class TestMid:
-            @pytest.fixture(scope="class")
-            def resource(self):
-                time.sleep(0.15)
-                return 1
+        @pytest.fixture(scope="class")
+        def resource():
+            time.sleep(0.15)
+            return 1
 
+        class TestMid:
             @pytest.mark.parametrize("i", range(4))
             def test_mid(self, resource, i):
                 time.sleep(0.05)
@@ -252,6 +252,8 @@ def make_sample_project(root: pathlib.Path) -> None:
 
 _PREDICTED = re.compile(r"slipstream split: shard \d+: wall .*\(predicted ([\d.]+)s\)")
 _HASH = re.compile(r"plan ([0-9a-f]{16})")
+# Slipstream's own warning lines ("slipstream split: warning: ..."), not pytest's summary.
+_SLIPSTREAM_WARNING = re.compile(r"^slipstream [a-z ]+: warning: .*$", re.MULTILINE)
 
 
 @dataclass
@@ -262,6 +264,11 @@ class ShardRun:
     plan_hash: str | None
     output: str
     returncode: int
+
+    @property
+    def slipstream_warnings(self) -> list[str]:
+        """The warning lines Slipstream printed (whatever warnings pytest itself shows)."""
+        return _SLIPSTREAM_WARNING.findall(self.output)
 
 
 def run_pytest(root: pathlib.Path, *args: str) -> tuple[float, subprocess.CompletedProcess[str]]:

@@ -59,6 +59,9 @@ _SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|des
 
 
 def cache_dir() -> pathlib.Path:
+    """$SLIPSTREAM_BENCH_CACHE, else ~/.cache/slipstream-bench (or under $XDG_CACHE_HOME)."""
+    if os.environ.get("SLIPSTREAM_BENCH_CACHE"):
+        return pathlib.Path(os.environ["SLIPSTREAM_BENCH_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
     return pathlib.Path(base) / "slipstream-bench"
 

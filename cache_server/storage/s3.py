@@ -62,6 +62,11 @@ WHOLE_READ_LIMIT = 8 << 20  # read_blob fetches and verifies smaller blobs whole
 # (and S3-compatible stores such as moto pay per range), and a body cut short is
 # resumed from where it stopped anyway.
 READ_WINDOW = 256 << 20
+# How long CompleteMultipartUpload may take to answer. S3 assembles the parts before it
+# answers, which "could take several minutes" for a large object (AWS's documentation);
+# with the ordinary read timeout a large Complete timed out and was retried while the first
+# was still assembling, and moto answers such a retry with a 500 until the retries run out.
+COMPLETE_TIMEOUT = 600.0
 _BODY_ATTEMPTS = 4  # body reads cut mid-way are resumed this often (botocore does not)
 _MISSING_CODES = frozenset({"404", "NoSuchKey", "NotFound"})
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,254}")
@@ -151,9 +156,22 @@ class S3Store(Store):
             region_name=config.region,
             config=boto_config,
         )
+        # Only for CompleteMultipartUpload (COMPLETE_TIMEOUT).
+        self.complete_client: S3Client = session.client(
+            "s3",
+            endpoint_url=config.endpoint_url,
+            region_name=config.region,
+            config=boto_config.merge(
+                botocore.config.Config(
+                    read_timeout=max(config.timeout, COMPLETE_TIMEOUT),
+                    max_pool_connections=config.request_threads,
+                )
+            ),
+        )
         self._counts: collections.Counter[str] = collections.Counter()
         self._counts_lock = threading.Lock()
-        self.client.meta.events.register("before-send.s3", self._count_request)
+        for client in (self.client, self.complete_client):
+            client.meta.events.register("before-send.s3", self._count_request)
         self._pool = FairPool(config.request_threads, "s3-request")
         self._hash_pool = ThreadPoolExecutor(4, thread_name_prefix="s3-hash")
 
@@ -521,6 +539,7 @@ class S3Store(Store):
         self._pool.close()
         self._hash_pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+        self.complete_client.close()
 
 
 class S3BlobWriter(BlobWriter):
@@ -601,7 +620,7 @@ class S3BlobWriter(BlobWriter):
         try:
             store._call(
                 "complete an upload",
-                store.client.complete_multipart_upload,
+                store.complete_client.complete_multipart_upload,
                 Key=self._key,
                 UploadId=self._upload_id,
                 MultipartUpload={"Parts": self._parts},

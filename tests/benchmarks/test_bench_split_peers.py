@@ -7,6 +7,7 @@ import json
 import pathlib
 
 from benchmarks import bench_split_peers
+from tests.suite_cache import suite_cache_dir
 
 
 def test_split_peers_smoke(tmp_path: pathlib.Path) -> None:
@@ -32,3 +33,8 @@ def test_every_splitter_partitions_the_tests() -> None:
     for name, split in bench_split_peers.splitters().items():
         shards = split(tests, [], 4)
         assert sorted(t for s in shards for t in s) == sorted(tests), name
+
+
+def test_the_benchmark_tests_keep_their_peers_in_the_suite_cache() -> None:
+    # One place to remove (README), not a second one in ~/.cache/slipstream-bench.
+    assert bench_split_peers.cache_dir() == suite_cache_dir() / "bench"

@@ -37,6 +37,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from tests.suite_cache import suite_cache_dir
+
 PANTS_VERSION = "2.17.1"
 # `[pex-cli].default_version` of Pants 2.17.1 (pants/backend/python/util_rules/pex_cli.py);
 # version_constraints there are ">=2.1.135,<3.0".
@@ -145,11 +147,6 @@ def find_python39() -> str | None:
     return None
 
 
-def cache_root() -> pathlib.Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
-    return pathlib.Path(base, "slipstream-tests")
-
-
 @dataclass(frozen=True)
 class PantsInstall:
     venv: pathlib.Path
@@ -203,7 +200,7 @@ def _run_checked(argv: Sequence[str], timeout: float = 900) -> None:
 
 def ensure_pants(python39: str, root: pathlib.Path | None = None) -> PantsInstall:
     """Make (or reuse, if complete) the Pants venv and the pex PEX under `root`."""
-    root = root or cache_root()
+    root = root or suite_cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     venv = root / f"pants-{PANTS_VERSION}-venv"
     pex_pex = venv / f"pex-{PEX_VERSION}.pex"

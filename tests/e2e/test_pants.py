@@ -7,8 +7,8 @@ local state (lmdb store, named caches, workdir, dist) is wiped and it is built
 again with `--no-local-cache`: every process that reaches the remote cache must be
 a hit, none may run to completion locally, and dist/ must be byte-identical.
 
-Pants runs from its own Python 3.9 venv (made on first use under
-~/.cache/slipstream-tests, reused after); the test is skipped only when no Python
+Pants runs from its own Python 3.9 venv (made on first use in the suite's cache,
+tests/suite_cache.py, reused after); the test is skipped only when no Python
 3.9 can be found.
 """
 

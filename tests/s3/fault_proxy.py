@@ -4,7 +4,8 @@ For a chosen share of requests it answers 500 InternalError or 503 SlowDown,
 stalls past the client's read timeout, forwards the request but drops the
 response (the request took effect, the client never hears), or sends the
 response headers and only half of the body. With `down` set, it cuts every
-connection at once, like an unreachable S3.
+connection at once, like an unreachable S3. `complete_delay` holds every answer to
+CompleteMultipartUpload that long, like S3 assembling a large object.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ class FaultProxy:
         self.only_methods: frozenset[str] | None = None  # e.g. {"PUT"}; None: all
         self.injected: Counter[str] = Counter()
         self.requests: Counter[str] = Counter()  # by HTTP method, faults included
+        self.complete_delay = 0.0
+        self.completes = 0  # CompleteMultipartUpload requests forwarded
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         proxy = self
@@ -99,6 +102,10 @@ class FaultProxy:
             headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_HEADERS}
             upstream.request(h.command, h.path, body=body, headers=headers)
             response = upstream.getresponse()
+            if h.command == "POST" and "uploadId=" in h.path:
+                with self._lock:
+                    self.completes += 1
+                time.sleep(self.complete_delay)
             if fault == "drop":
                 response.read()
                 _cut(h)

@@ -102,3 +102,20 @@ def test_large_streamed_read_survives_cut_connections(
         assert b"".join(chunks) == data[offset:]
     assert proxy.injected[fault] > 0
     store.close()
+
+
+def test_a_slow_complete_is_waited_for_not_sent_again(
+    make_store: StoreFactory, proxy: FaultProxy
+) -> None:
+    # S3 answers CompleteMultipartUpload only once the object is assembled (minutes, for a
+    # large one). A Complete sent again while the first still assembles races it: moto
+    # answers such a one with 500 (a closed part file, a KeyError) until the retries run out.
+    store = make_store(proxy.url, timeout=1.0)
+    proxy.complete_delay = 2.5
+    data = os.urandom(s3mod.PART_SIZE + 1)
+    blob = BlobId.of(data)
+    writer = store.open_writer(blob)
+    writer.write(data)
+    writer.commit()
+    assert proxy.completes == 1
+    assert store.get_blob(blob) == data
