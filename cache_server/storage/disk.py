@@ -80,7 +80,7 @@ IN_PLACE_FILES = 64
 _MOUNTS_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes " " as "\040"
 # fsync calls of one batch in flight at once: the filesystem commits concurrent syncs
 # together (ext4 and xfs group commit), where serial ones cost a journal commit each.
-SYNC_THREADS = 16
+SYNC_THREADS = 32
 _sync_pool: ThreadPoolExecutor | None = None
 _sync_pool_lock = threading.Lock()
 
