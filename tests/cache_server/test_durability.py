@@ -200,9 +200,10 @@ def _acknowledged_writes(api: Reapi) -> list[str]:
 @pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
 def test_the_server_syncs_before_it_answers(fsync: bool, disk_path: pathlib.Path) -> None:
     storage = disk_path / "store"
-    args = [] if fsync else ["--no-fsync"]
+    env = {} if fsync else {"SLIPSTREAM_NO_FSYNC": "true"}  # the setting, as --no-fsync
     log = disk_path / "strace.log"
-    with running(ServerProcess(storage, args)) as server:
+    with running(ServerProcess(storage, env=env)) as server:
+        assert ("not synced" in "".join(server.output)) is not fsync
         tracer = _traced(server, log)
         try:
             with grpc.insecure_channel(server.address) as channel:
