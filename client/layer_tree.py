@@ -228,10 +228,16 @@ def decode_tree(
         parsed[blob] = parse_directory(blob, data)
         frontier.extend(child_directories(parsed[blob]))
     measure_tree(root, parsed, limits)
+    # A subtree named many times is decoded once per depth (all that the checks below
+    # depend on) and shared: memory grows with the distinct subtrees, not the repeats.
+    decoded: dict[tuple[BlobId, int], DirNode] = {}
 
     def decode(blob: BlobId, path: tuple[str, ...]) -> DirNode:
+        known = decoded.get((blob, len(path)))
+        if known is not None:
+            return known
         directory = parsed[blob]
-        node = DirNode()
+        node = decoded[blob, len(path)] = DirNode()
         where = "/".join(path) or "the root directory"
         for f in directory.files:
             try:

@@ -157,6 +157,8 @@ def test_limits_count_repeats_before_expanding() -> None:
     with pytest.raises(UnsafeTree, match="more than 1,000 bytes of files"):
         decode_tree(root, blobs_, limits=TreeLimits(entries=10**9, file_bytes=1000))
     root, blobs_ = _bomb(levels=2, fan_out=10, files=10)  # 1,000 files, 110 directories
-    assert len(decode_tree(root, blobs_, limits=TreeLimits(entries=1110)).entries) == 10
+    tree = decode_tree(root, blobs_, limits=TreeLimits(entries=1110))
+    assert len(tree.entries) == 10
+    assert tree.entries["d0"] is tree.entries["d9"]  # repeats share one decoded node
     with pytest.raises(UnsafeTree, match="entries"):
         decode_tree(root, blobs_, limits=TreeLimits(entries=1109))
