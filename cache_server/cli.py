@@ -62,6 +62,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--max-size", metavar="SIZE", help="size bound with LRU eviction, e.g. 10G")
     p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="acknowledge disk writes before they reach the device: faster, but a power cut "
+        "or VM crash can lose acknowledged blobs and results (for throwaway caches)",
+    )
+    p.add_argument(
         "--read-only-ac",
         action="store_true",
         help="refuse UpdateActionResult (clients may still upload CAS blobs)",
@@ -110,6 +116,7 @@ def run_serve(args: argparse.Namespace) -> int:
         ops=settings.ops_config(args),
         http_listen=http,
         upload_idle_timeout=upload_idle_timeout,
+        fsync=not args.no_fsync,
     )
     _configure_s3(args, config)
     for flag, directory in (("--storage", config.storage), ("--cache-dir", config.cache_dir)):

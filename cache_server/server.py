@@ -65,6 +65,7 @@ class ServerConfig:
     ops: OpsConfig = field(default_factory=OpsConfig)  # auth, TLS, limits, metrics, audit
     http_listen: str | None = None  # also serve the HTTP cache (Bazel, ccache) here
     upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT  # seconds
+    fsync: bool = True  # writes durable on disk before they are acknowledged
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -75,7 +76,9 @@ def open_store(config: ServerConfig) -> Store:
 
         return MemoryStore(config.max_size)
     if config.s3 is None:
-        return DiskStore(config.storage or default_storage_dir(), config.max_size)
+        return DiskStore(
+            config.storage or default_storage_dir(), config.max_size, sync=config.fsync
+        )
     # Imported here: boto3 takes a while to import and the disk store does not need it.
     from slipstream.cache_server.storage.existence_cache import ExistenceCache
     from slipstream.cache_server.storage.s3 import S3Store
@@ -87,7 +90,9 @@ def open_store(config: ServerConfig) -> Store:
         shared = ExistenceCache(s3, config.s3.known_present_entries, config.s3.known_present_ttl)
         if config.cache_dir is None:
             return shared
-        return TieredStore(DiskStore(config.cache_dir, config.cache_size), shared)
+        return TieredStore(
+            DiskStore(config.cache_dir, config.cache_size, sync=config.fsync), shared
+        )
     except BaseException:
         s3.close()
         raise

@@ -12,8 +12,14 @@ messages; the server maps the key to the root digest.
 
 Restoring never writes outside the target: every directory is opened relative
 to its parent with O_NOFOLLOW, files are written to a temporary name and
-renamed into place (which replaces a symlink rather than following it), and a
-symlink or file found where a directory belongs is removed, not followed.
+renamed into place (which replaces a symlink or a hard link rather than
+writing through it), a symlink or file found where a directory belongs is
+removed, not followed, and a file already in place is only ever chmod-ed when
+it has no other name (st_nlink 1): a link restore did not create is replaced.
+
+Files keep their permission bits (rwx for user, group and other; not setuid,
+setgid or sticky), in the FileNode's unix_mode. A tree is measured against
+TreeLimits (entries, depth, bytes) while it is read, before anything is written.
 """
 
 from __future__ import annotations
@@ -41,12 +47,13 @@ from slipstream.client.cas_client import (
     rpc_error,
 )
 from slipstream.client.layer_tree import (
+    PERMISSION_BITS,
     DirNode,
     Entry,
     FileNode,
     IncompleteTree,
     SymlinkNode,
-    UnsafeTree,
+    TreeLimits,
     child_directories,
     count,
     decode_tree,
@@ -174,7 +181,7 @@ def hash_file(path: Path) -> BlobId:
 def scan(paths: Sequence[Path], base: Path, workers: int = 4) -> Scan:
     """Read the trees at paths (relative to base) and hash their files in parallel."""
     result = Scan()
-    pending: list[tuple[DirNode, str, Path, bool]] = []
+    pending: list[tuple[DirNode, str, Path, int]] = []
 
     def place(parts: tuple[str, ...]) -> tuple[DirNode, str]:
         node = result.root
@@ -193,7 +200,7 @@ def scan(paths: Sequence[Path], base: Path, workers: int = 4) -> Scan:
         if stat.S_ISLNK(st.st_mode):
             node.entries[name] = SymlinkNode(os.readlink(path))
         elif stat.S_ISREG(st.st_mode):
-            pending.append((node, name, path, bool(st.st_mode & 0o111)))
+            pending.append((node, name, path, st.st_mode & PERMISSION_BITS))
         elif stat.S_ISDIR(st.st_mode):
             child = node.entries.get(name)
             if not isinstance(child, DirNode):
@@ -217,8 +224,8 @@ def scan(paths: Sequence[Path], base: Path, workers: int = 4) -> Scan:
             visit(node, name, base.joinpath(*parts))
     with ThreadPoolExecutor(workers) as pool:
         digests = list(pool.map(lambda item: hash_file(item[2]), pending))
-    for (node, name, path, executable), blob in zip(pending, digests, strict=True):
-        node.entries[name] = FileNode(blob, executable)
+    for (node, name, path, mode), blob in zip(pending, digests, strict=True):
+        node.entries[name] = FileNode(blob, mode)
         result.sources.setdefault(blob, path)
     return result
 
@@ -259,7 +266,13 @@ def open_tree_dir(root_fd: int, parts: Sequence[str]) -> int:
 
 
 def _same_file(dir_fd: int, name: str, node: FileNode) -> bool | None:
-    """True if name holds node's content (mode fixed if needed); None if absent."""
+    """True if name already holds node's content and mode; None if absent; False if
+    it must be written (replaced by a new file renamed over it).
+
+    The mode is fixed in place only on a file with no other name: a hard link
+    (st_nlink > 1) may be another file's name, outside the target, and is
+    replaced instead; a symlink is never opened (O_NOFOLLOW).
+    """
     try:
         st = os.lstat(name, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -268,21 +281,27 @@ def _same_file(dir_fd: int, name: str, node: FileNode) -> bool | None:
         raise LayerError(f"a directory is in the way of file {name!r}")
     if not stat.S_ISREG(st.st_mode) or st.st_size != node.blob.size:
         return False
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
+    except OSError:  # gone, swapped for a link, or unreadable: written anew
+        return False
     with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)  # the file opened, which the name may no longer be
+        if not stat.S_ISREG(st.st_mode) or st.st_size != node.blob.size:
+            return False
         sha = hashlib.sha256()
         while chunk := f.read(READ_CHUNK):
             sha.update(chunk)
         if sha.hexdigest() != node.blob.hash:
             return False
-        mode = _file_mode(node)
-        if stat.S_IMODE(os.fstat(fd).st_mode) != mode:
-            os.fchmod(fd, mode)
+        if stat.S_IMODE(st.st_mode) == node.mode:
+            return True
+        if st.st_nlink != 1:
+            return False
+        os.fchmod(fd, node.mode)
     return True
-
-
-def _file_mode(node: FileNode) -> int:
-    return 0o755 if node.executable else 0o644
 
 
 def _place_symlink(dir_fd: int, name: str, target: str) -> None:
@@ -351,10 +370,10 @@ def _write_file(
             with os.fdopen(fd, "wb", closefd=False) as f:
                 for chunk in chunks:
                     f.write(chunk)
-            os.fchmod(fd, _file_mode(node))
+            os.fchmod(fd, node.mode)
         finally:
             os.close(fd)
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dir_fd)
@@ -388,10 +407,12 @@ class LayerClient:
         workers: int = 8,
         compress: bool = True,
         strict_symlinks: bool = False,
+        limits: TreeLimits | None = None,
     ) -> None:
         self.cas = CasClient(channel, workers=workers, compress=compress)
         self.workers = workers
         self.strict_symlinks = strict_symlinks
+        self.limits = limits or TreeLimits()
         self._stub = layers_grpc.LayersStub(channel)
 
     def __enter__(self) -> LayerClient:
@@ -481,19 +502,36 @@ class LayerClient:
 
     # ---- restore ----
     def fetch_tree(self, root: BlobId) -> DirNode:
-        """Download and check the Directory messages of a tree."""
+        """Download and check the Directory messages of a tree, within self.limits.
+
+        Counted as they arrive: the bytes to download before each level is asked
+        for, the levels, and the entries each distinct Directory holds (every one
+        appears at least once in the tree); decode_tree then counts the repeats.
+        """
+        limits = self.limits
         blobs: dict[BlobId, bytes] = {}
         frontier = {root}
+        levels = tree_bytes = entries = 0
         while frontier:
+            if levels > limits.depth:
+                raise limits.refuse_depth()
+            tree_bytes += sum(b.size for b in frontier)
+            if tree_bytes > limits.tree_bytes:
+                raise limits.refuse_tree_bytes()
             got = self.cas.read_blobs(frontier)
             blobs.update(got)
             frontier = set()
             for blob, data in got.items():
-                frontier.update(child_directories(parse_directory(blob, data)))
+                directory = parse_directory(blob, data)
+                entries += (
+                    len(directory.files) + len(directory.symlinks) + len(directory.directories)
+                )
+                if entries > limits.entries:
+                    raise limits.refuse_entries()
+                frontier.update(child_directories(directory))
             frontier -= blobs.keys()
-            if len(blobs) > 1_000_000:
-                raise UnsafeTree("tree has more than a million directories")
-        return decode_tree(root, blobs, strict_symlinks=self.strict_symlinks)
+            levels += 1
+        return decode_tree(root, blobs, strict_symlinks=self.strict_symlinks, limits=limits)
 
     def restore(
         self,

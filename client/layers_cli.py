@@ -20,7 +20,13 @@ from rich.progress import (
 )
 
 from slipstream.client.cas_client import CasError, connect_ready
-from slipstream.client.layer_tree import IncompleteTree, UnsafeTree
+from slipstream.client.layer_tree import (
+    DEFAULT_LIMITS,
+    MAX_DEPTH_LIMIT,
+    IncompleteTree,
+    TreeLimits,
+    UnsafeTree,
+)
 from slipstream.client.layers import (
     LayerClient,
     LayerError,
@@ -33,6 +39,7 @@ from slipstream.core.addresses import DEFAULT_LISTEN, server_address
 from slipstream.core.errors import UsageError
 from slipstream.core.helptext import ParagraphFormatter
 from slipstream.core.records import MAX_RECORD_KEY_CHARS
+from slipstream.core.sizes import parse_size
 
 CONNECT_TIMEOUT = 10.0
 EXIT_OK = 0
@@ -62,7 +69,9 @@ exit status:
   1   error: server unreachable, file unreadable, upload failed
   2   bad usage
 Paths are stored relative to the working directory and restored at the same
-place under --into. The server is --server, else $SLIPSTREAM_SERVER, else {DEFAULT_LISTEN}.
+place under --into. Files keep their permission bits (rwx for user, group and
+other; setuid, setgid and sticky are dropped); directories are restored 0755
+(less the umask). The server is --server, else $SLIPSTREAM_SERVER, else {DEFAULT_LISTEN}.
 """
 
 
@@ -115,6 +124,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--strict-symlinks",
         action="store_true",
         help="refuse symlinks that are absolute or point outside the tree",
+    )
+    limits = restore.add_argument_group(
+        "limits (a tree over one is refused before anything is written)"
+    )
+    limits.add_argument(
+        "--max-entries",
+        type=int,
+        default=DEFAULT_LIMITS.entries,
+        metavar="N",
+        help="files, symlinks and directories, repeated subtrees counted each time "
+        f"(default {DEFAULT_LIMITS.entries:,})",
+    )
+    limits.add_argument(
+        "--max-depth",
+        type=int,
+        default=DEFAULT_LIMITS.depth,
+        metavar="N",
+        help=f"directory levels (default {DEFAULT_LIMITS.depth}, at most {MAX_DEPTH_LIMIT})",
+    )
+    limits.add_argument(
+        "--max-bytes",
+        default=f"{DEFAULT_LIMITS.file_bytes >> 30}G",
+        metavar="SIZE",
+        help=f"file content written, e.g. 20G (default {DEFAULT_LIMITS.file_bytes >> 30}G)",
+    )
+    limits.add_argument(
+        "--max-tree-bytes",
+        default=f"{DEFAULT_LIMITS.tree_bytes >> 20}M",
+        metavar="SIZE",
+        help="Directory messages downloaded to describe the tree "
+        f"(default {DEFAULT_LIMITS.tree_bytes >> 20}M)",
     )
     restore.set_defaults(handler=run_restore)
 
@@ -240,8 +280,25 @@ def save_summary(r: SaveResult, seconds: float) -> str:
     )
 
 
+def _limits(args: argparse.Namespace) -> TreeLimits:
+    if args.max_entries < 1:
+        raise UsageError("--max-entries must be at least 1")
+    if not 1 <= args.max_depth <= MAX_DEPTH_LIMIT:
+        raise UsageError(f"--max-depth must be 1 to {MAX_DEPTH_LIMIT}")
+    sizes = {}
+    for flag in ("--max-bytes", "--max-tree-bytes"):
+        try:
+            sizes[flag] = parse_size(getattr(args, flag[2:].replace("-", "_")))
+        except ValueError as exc:
+            raise UsageError(f"{flag}: {exc}") from None
+    return TreeLimits(
+        args.max_entries, args.max_depth, sizes["--max-bytes"], sizes["--max-tree-bytes"]
+    )
+
+
 def run_restore(args: argparse.Namespace) -> int:
     _check_key(args.key, "--key")
+    limits = _limits(args)
     for prefix in args.restore_key:
         _check_key(prefix, "--restore-key")
     if args.into.exists() and not args.into.is_dir():
@@ -251,7 +308,7 @@ def run_restore(args: argparse.Namespace) -> int:
         with (
             _connect(args) as channel,
             LayerClient(
-                channel, workers=args.workers, strict_symlinks=args.strict_symlinks
+                channel, workers=args.workers, strict_symlinks=args.strict_symlinks, limits=limits
             ) as client,
             _progress() as progress,
         ):

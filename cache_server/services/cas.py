@@ -19,7 +19,7 @@ from slipstream.cache_server.services.common import (
     instance_ok,
     status_of,
 )
-from slipstream.cache_server.storage.base import StoreFull, StoreUnavailable
+from slipstream.cache_server.storage.base import StoreUnavailable
 from slipstream.cache_server.wire import (
     BatchReadResponseEncoder,
     EncodedBatchRead,
@@ -109,23 +109,17 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         return response
 
     def _store_batch(self, items: list[tuple[BlobId, bytes, int]]) -> list[status_pb2.Status]:
-        store = self.backend.store
-
-        def store_one(item: tuple[BlobId, bytes, int]) -> status_pb2.Status:
+        def unpack(item: tuple[BlobId, bytes, int]) -> tuple[BlobId, bytes]:
             blob, payload, compressor = item
-            try:
-                if compressor == re_pb2.Compressor.ZSTD:
-                    data = decompress_exact(payload, blob.size)
-                elif compressor == re_pb2.Compressor.IDENTITY:
-                    data = payload
-                else:
-                    raise DigestError(f"compressor {compressor} is not supported")
-                store.put_blob(blob, data)  # verifies hash and size
-                return _OK
-            except (DigestError, StoreFull, StoreUnavailable) as exc:
-                return _rpc_status(exc)
+            if compressor == re_pb2.Compressor.ZSTD:
+                return blob, decompress_exact(payload, blob.size)
+            if compressor == re_pb2.Compressor.IDENTITY:
+                return blob, payload
+            raise DigestError(f"compressor {compressor} is not supported")
 
-        return store.map_blobs(store_one, items)
+        # The store verifies hash and size, and makes the batch durable at once.
+        refused = self.backend.store.put_blobs(items, unpack)
+        return [_OK if error is None else _rpc_status(error) for error in refused]
 
     @grpc_errors
     async def BatchReadBlobs(  # type: ignore[override]  # answers encoded (add_to_server)

@@ -58,6 +58,9 @@ class StoreUnavailable(Exception):
     """The backing store cannot be reached right now (e.g. S3 is down)."""
 
 
+BlobRefused = DigestError | StoreFull | StoreUnavailable  # what refuses one blob of a batch
+
+
 class RecordKeyError(ValueError):
     """A record namespace or key the store cannot hold."""
 
@@ -223,6 +226,25 @@ class Store(abc.ABC):
         the calls in parallel; a local one runs them in turn.
         """
         return [fn(item) for item in items]
+
+    def put_blobs(
+        self, items: Sequence[X], unpack: Callable[[X], tuple[BlobId, bytes]]
+    ) -> list[BlobRefused | None]:
+        """put_blob of the blob each item unpacks to, through map_blobs. Per item: None
+        once stored, else the error that refused it (unpack may raise DigestError).
+
+        Batch writes come here, so that a store can make a whole batch durable at once
+        rather than blob by blob; each blob is stored and durable before this returns.
+        """
+
+        def one(item: X) -> BlobRefused | None:
+            try:
+                self.put_blob(*unpack(item))
+            except (DigestError, StoreFull, StoreUnavailable) as exc:
+                return exc
+            return None
+
+        return self.map_blobs(one, items)
 
     def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
         """get_blob of each blob, in order, through map_blobs. A blob the store could

@@ -13,9 +13,9 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
-from slipstream.cache_server.storage.base import BlobWriter, Chunk, Store
+from slipstream.cache_server.storage.base import BlobRefused, BlobWriter, Chunk, Store, X
 from slipstream.cache_server.storage.wrapper import StoreWrapper
 from slipstream.core.digests import EMPTY_BLOB, BlobId, verify
 
@@ -110,6 +110,12 @@ class ExistenceCache(StoreWrapper):
             return
         self.inner.put_blob(blob, data)
         self.known.add(blob)
+
+    def put_blobs(
+        self, items: Sequence[X], unpack: Callable[[X], tuple[BlobId, bytes]]
+    ) -> list[BlobRefused | None]:
+        """Each blob through put_blob above, in inner's map_blobs (parallel on S3)."""
+        return Store.put_blobs(self, items, unpack)
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
         return _RememberingWriter(self.inner.open_writer(blob), self.known)

@@ -5,6 +5,12 @@ Writes are acknowledged only once the shared store holds them; the disk copy
 follows and its failure (full, broken) never fails the write. Records go
 straight to the shared store, so every replica sees the same values.
 
+Write-through copies on the disk are synced as the disk store syncs its writes
+(before the write is acknowledged; see storage/disk.py); copies filled on a
+read are not, since the shared store holds them and a copy lost to a power cut
+is only fetched again (every file carries a checksum, so a torn one reads as
+missing).
+
 There is no write-behind mode: acknowledging before the shared store has a
 blob would lose it if this machine went away, and other replicas would not
 see it in the meantime.
@@ -16,6 +22,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 
 from slipstream.cache_server.storage.base import (
+    BlobRefused,
     BlobWriter,
     Chunk,
     RecordInfo,
@@ -59,9 +66,13 @@ class TieredStore(Store):
             self._fill(blob, data)
         return data
 
-    def _fill(self, blob: BlobId, data: bytes) -> None:
+    def _fill(self, blob: BlobId, data: bytes, *, written: bool = False) -> None:
+        """Copy a blob to the disk, synced if it is a write (not a read) going through."""
         try:
-            self.fast.put_blob(blob, data)
+            if written:
+                self.fast.put_blob(blob, data)
+            else:
+                self.fast.fill_blob(blob, data)
         except (OSError, StoreFull, DigestError) as exc:
             log.warning("disk cache not filled with %s: %s", blob, exc)
 
@@ -75,7 +86,7 @@ class TieredStore(Store):
         if chunks is None or offset != 0 or blob == EMPTY_BLOB:
             return chunks
         try:
-            writer = self.fast.open_writer(blob)
+            writer = self.fast.open_fill_writer(blob)
         except (OSError, StoreFull) as exc:
             log.info("disk cache not filled with %s: %s", blob, exc)
             return chunks
@@ -83,7 +94,30 @@ class TieredStore(Store):
 
     def put_blob(self, blob: BlobId, data: bytes) -> None:
         self.shared.put_blob(blob, data)
-        self._fill(blob, data)
+        self._fill(blob, data, written=True)
+
+    def put_blobs(
+        self, items: Sequence[X], unpack: Callable[[X], tuple[BlobId, bytes]]
+    ) -> list[BlobRefused | None]:
+        """The shared store takes the batch; the disk then copies, as one synced batch,
+        the blobs it stored."""
+        unpacked: list[tuple[BlobId, bytes] | None] = [None] * len(items)
+
+        def keep(numbered: tuple[int, X]) -> tuple[BlobId, bytes]:
+            unpacked[numbered[0]] = found = unpack(numbered[1])
+            return found
+
+        refused = self.shared.put_blobs(list(enumerate(items)), keep)
+        stored = [pair for pair, error in zip(unpacked, refused, strict=True) if not error and pair]
+        try:
+            copies = self.fast.put_blobs(stored, lambda pair: pair)
+        except OSError as exc:
+            log.warning("disk cache not filled with a batch of %d blobs: %s", len(stored), exc)
+        else:
+            for (blob, _), error in zip(stored, copies, strict=True):
+                if error is not None:
+                    log.warning("disk cache not filled with %s: %s", blob, error)
+        return refused
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
         shared = self.shared.open_writer(blob)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 
 from slipstream.cache_server.storage.base import (
+    BlobRefused,
     BlobWriter,
     Chunk,
     RecordInfo,
@@ -50,6 +51,13 @@ class StoreWrapper(Store):
 
     def put_blob(self, blob: BlobId, data: bytes) -> None:
         self.inner.put_blob(blob, data)
+
+    def put_blobs(
+        self, items: Sequence[X], unpack: Callable[[X], tuple[BlobId, bytes]]
+    ) -> list[BlobRefused | None]:
+        # inner's, which may make a batch durable at once; a wrapper that changes
+        # put_blob must change this too (Store.put_blobs goes through put_blob).
+        return self.inner.put_blobs(items, unpack)
 
     def open_writer(self, blob: BlobId) -> BlobWriter:
         return self.inner.open_writer(blob)

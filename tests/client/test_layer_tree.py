@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,6 +13,7 @@ from slipstream.client.layer_tree import (
     FileNode,
     IncompleteTree,
     SymlinkNode,
+    TreeLimits,
     UnsafeTree,
     check_name,
     decode_tree,
@@ -25,7 +28,7 @@ names = st.text(
 ).filter(lambda n: n not in (".", ".."))
 blobs = st.binary(max_size=16).map(BlobId.of)
 leaves = st.one_of(
-    st.builds(FileNode, blobs, st.booleans()),
+    st.builds(FileNode, blobs, st.integers(0, 0o777)),
     st.builds(
         SymlinkNode,
         st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]), min_size=1),
@@ -109,3 +112,53 @@ def test_strict_symlinks() -> None:
     assert decode_tree(root, blobs_).entries["python"] == SymlinkNode("/usr/bin/python3")
     with pytest.raises(UnsafeTree, match="points outside"):
         decode_tree(root, blobs_, strict_symlinks=True)
+
+
+def test_modes_come_from_unix_mode_else_the_executable_bit() -> None:
+    d = re_pb2.Directory()
+    d.files.add(name="a", digest=BlobId.of(b"").to_proto(), is_executable=True)
+    d.files.add(name="b", digest=BlobId.of(b"").to_proto())
+    special = d.files.add(name="c", digest=BlobId.of(b"").to_proto(), is_executable=True)
+    special.node_properties.unix_mode.value = 0o104750  # a regular file, setuid
+    root, blobs_ = _raw(d)
+    tree = decode_tree(root, blobs_)
+    assert {n: e.mode for n, e in tree.entries.items() if isinstance(e, FileNode)} == {
+        "a": 0o755,
+        "b": 0o644,
+        "c": 0o750,  # setuid dropped, rwx kept
+    }
+
+
+def _bomb(levels: int, fan_out: int, files: int) -> tuple[BlobId, dict[BlobId, bytes]]:
+    """A few Directory messages naming each other fan_out times: files * fan_out**levels
+    files in all."""
+    d = re_pb2.Directory()
+    for i in range(files):
+        d.files.add(name=f"f{i}", digest=BlobId.of(b"x").to_proto())
+    root, blobs_ = _raw(d)
+    for _ in range(levels):
+        d = re_pb2.Directory()
+        for i in range(fan_out):
+            d.directories.add(name=f"d{i}", digest=root.to_proto())
+        root, more = _raw(d)
+        blobs_.update(more)
+    return root, blobs_
+
+
+def test_limits_count_repeats_before_expanding() -> None:
+    root, blobs_ = _bomb(levels=6, fan_out=10, files=10)  # 10 million files, 7 messages
+    started = time.monotonic()
+    with pytest.raises(UnsafeTree, match="more than 1,000,000 entries"):
+        decode_tree(root, blobs_)
+    assert time.monotonic() - started < 1.0
+    small = TreeLimits(entries=1_000_000_000, depth=5)
+    with pytest.raises(UnsafeTree, match="deeper than 5 levels"):
+        decode_tree(root, blobs_, limits=small)
+    with pytest.raises(UnsafeTree, match="more than 1,000 bytes of files"):
+        decode_tree(root, blobs_, limits=TreeLimits(entries=10**9, file_bytes=1000))
+    root, blobs_ = _bomb(levels=2, fan_out=10, files=10)  # 1,000 files, 110 directories
+    tree = decode_tree(root, blobs_, limits=TreeLimits(entries=1110))
+    assert len(tree.entries) == 10
+    assert tree.entries["d0"] is tree.entries["d9"]  # repeats share one decoded node
+    with pytest.raises(UnsafeTree, match="entries"):
+        decode_tree(root, blobs_, limits=TreeLimits(entries=1109))

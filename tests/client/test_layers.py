@@ -21,7 +21,7 @@ from slipstream.protos import remote_execution_pb2 as re_pb2
 
 
 def snapshot(root: pathlib.Path) -> dict[str, tuple[object, ...]]:
-    """Everything restore must keep: kind, content, executable bit, link target."""
+    """Everything restore must keep: kind, content, permission bits, link target."""
     found: dict[str, tuple[object, ...]] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -34,7 +34,7 @@ def snapshot(root: pathlib.Path) -> dict[str, tuple[object, ...]]:
                 found[rel] = ("dir",)
             else:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()
-                found[rel] = ("file", digest, bool(st.st_mode & 0o100))
+                found[rel] = ("file", digest, oct(stat.S_IMODE(st.st_mode)))
     return found
 
 
@@ -155,10 +155,11 @@ def _dir(
     files: dict[str, bytes] | None = None,
     symlinks: dict[str, str] | None = None,
     dirs: dict[str, re_pb2.Directory] | None = None,
+    executable: bool = False,
 ) -> re_pb2.Directory:
     d = re_pb2.Directory()
     for name, data in (files or {}).items():
-        d.files.add(name=name, digest=BlobId.of(data).to_proto())
+        d.files.add(name=name, digest=BlobId.of(data).to_proto(), is_executable=executable)
     for name, target in (symlinks or {}).items():
         d.symlinks.add(name=name, target=target)
     for name, sub in (dirs or {}).items():
@@ -264,3 +265,85 @@ def test_layer_with_evicted_blobs_is_passed_over(tmp_path: pathlib.Path) -> None
             assert (tmp_path / "out" / "f").read_bytes() == b"old layer " * 1000
     finally:
         server.stop()
+
+
+def test_permission_bits_round_trip(channel: grpc.Channel, tmp_path: pathlib.Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    modes = {"private": 0o600, "group": 0o640, "tool": 0o755, "own-tool": 0o700, "suid": 0o4750}
+    for name, mode in modes.items():
+        (src / name).write_text(name)
+        (src / name).chmod(mode)
+    (src / "same-content").write_text("private")  # one blob, two modes
+    (src / "same-content").chmod(0o644)
+    old_umask = os.umask(0o077)  # restore sets modes exactly, whatever the umask
+    try:
+        with LayerClient(channel) as layers:
+            layers.save([pathlib.Path(".")], "modes", base=src)
+            layers.restore("modes", into=tmp_path / "out")
+            got = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+            assert got == {**modes, "suid": 0o750, "same-content": 0o644}  # setuid dropped
+            # The right content under the wrong mode is fixed in place, not rewritten.
+            (tmp_path / "out" / "private").chmod(0o666)
+            again = layers.restore("modes", into=tmp_path / "out")
+            assert again.written_files == 0
+            assert stat.S_IMODE((tmp_path / "out" / "private").stat().st_mode) == 0o600
+    finally:
+        os.umask(old_umask)
+
+
+def _outside_file(tmp_path: pathlib.Path, content: bytes) -> pathlib.Path:
+    outside = tmp_path / "outside"
+    outside.mkdir(exist_ok=True)
+    secret = outside / "secret"
+    secret.write_bytes(content)
+    secret.chmod(0o600)
+    return secret
+
+
+@pytest.mark.parametrize("content", [EVIL, b"other content"])
+def test_planted_hard_links_are_replaced_not_changed(
+    content: bytes, channel: grpc.Channel, tmp_path: pathlib.Path
+) -> None:
+    secret = _outside_file(tmp_path, content)
+    target = tmp_path / "target"
+    (target / "d").mkdir(parents=True)
+    os.link(secret, target / "secret")  # where the tree has an executable file
+    os.link(secret, target / "d" / "secret")
+    sub = _dir(files={"secret": EVIL}, executable=True)
+    _put_raw_tree(channel, "hard", [sub, _dir(files={"secret": EVIL}, dirs={"d": sub})])
+    _put_raw_tree(channel, "hard-x", [_dir(files={"secret": EVIL}, executable=True)])
+    with LayerClient(channel) as layers:
+        layers.restore("hard", into=target)
+        layers.restore("hard-x", into=target)
+    assert secret.read_bytes() == content
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.stat().st_nlink == 1
+    for restored in (target / "secret", target / "d" / "secret"):
+        st = restored.lstat()
+        assert (restored.read_bytes(), stat.S_IMODE(st.st_mode), st.st_nlink) == (EVIL, 0o755, 1)
+
+
+def test_planted_symlinks_with_matching_content_are_not_followed(
+    channel: grpc.Channel, tmp_path: pathlib.Path
+) -> None:
+    secret = _outside_file(tmp_path, EVIL)
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "secret").symlink_to(secret)  # a file component
+    (target / "d").symlink_to(secret.parent)  # a directory component
+    sub = _dir(files={"secret": EVIL}, executable=True)
+    _put_raw_tree(channel, "soft", [sub, _dir(files={"secret": EVIL}, dirs={"d": sub})])
+    before = snapshot(secret.parent)
+    with LayerClient(channel) as layers:
+        layers.restore("soft", into=target)
+    assert snapshot(secret.parent) == before == {"secret": ("file", _sha(EVIL), "0o600")}
+    assert not (target / "d").is_symlink() and not (target / "secret").is_symlink()
+    assert snapshot(target) == {
+        "d": ("dir",),
+        "d/secret": ("file", _sha(EVIL), "0o755"),
+        "secret": ("file", _sha(EVIL), "0o644"),
+    }
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

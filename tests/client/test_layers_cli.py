@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import pathlib
+import subprocess
+import sys
+import time
 
 import grpc
 import pytest
 
 from benchmarks import bench_layers
 from slipstream.cli import main
+from slipstream.client.cas_client import CasClient
+from slipstream.core.digests import BlobId
 from tests.server_process import ServerProcess, free_port
 
 
@@ -62,6 +67,9 @@ def test_save_restore_and_exit_codes(
         (["cache", "save", "--key", "k", "--server", "nohost", "deps"], "is not HOST:PORT"),
         (["cache", "restore", "--key", "k", "--restore-key", ""], "--restore-key must be"),
         (["cache", "restore", "--key", "k", "--into", "deps/bin/tool"], "is not a directory"),
+        (["cache", "restore", "--key", "k", "--max-entries", "0"], "--max-entries must be"),
+        (["cache", "restore", "--key", "k", "--max-depth", "600"], "--max-depth must be 1 to"),
+        (["cache", "restore", "--key", "k", "--max-bytes", "lots"], "--max-bytes: 'lots' is not"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(
@@ -100,3 +108,56 @@ def test_benchmark_smoke(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[s
     assert bench_layers.main(["--smoke", "--json", str(tmp_path / "b.json")]) == 0
     out = capsys.readouterr().out
     assert "first_save" in out and (tmp_path / "b.json").exists()
+
+
+def _rss(pid: int) -> int:
+    """Resident bytes of a running process, from /proc (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+BOMB_RSS_CAP = 400 << 20  # the client is killed above this: before the limits it took 1.7 GiB
+
+
+def test_tree_bomb_is_refused_early_in_little_memory(
+    server: ServerProcess, channel: grpc.Channel, workdir: pathlib.Path
+) -> None:
+    from slipstream.protos import remote_execution_pb2 as re_pb2
+    from tests.client.test_layer_tree import _bomb
+    from tests.client.test_layers import _put_raw_tree
+
+    root, blobs = _bomb(levels=6, fan_out=10, files=10)  # 10 million files
+    assert sum(map(len, blobs.values())) < 8192
+    ordered = sorted(blobs.values(), key=lambda data: BlobId.of(data) == root)
+    with CasClient(channel) as cas:
+        cas.upload({BlobId.of(b"x"): b"x"})  # the one file content, named 10 million times
+    _put_raw_tree(channel, "bomb", [re_pb2.Directory.FromString(d) for d in ordered])
+    argv = ["cache", "restore", "--server", server.address, "--key", "bomb", "--into", "out"]
+    started = time.monotonic()
+    client = subprocess.Popen(
+        [sys.executable, "-m", "slipstream.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = 0
+    while client.poll() is None:
+        peak = max(peak, _rss(client.pid))
+        if peak > BOMB_RSS_CAP or time.monotonic() - started > 30:
+            client.kill()
+            client.wait()
+            pytest.fail(f"client at {peak >> 20} MiB after {time.monotonic() - started:.0f}s")
+        time.sleep(0.02)
+    elapsed = time.monotonic() - started
+    _, err = client.communicate()
+    print(f"tree bomb refused in {elapsed:.1f}s, client peak RSS {peak >> 20} MiB")
+    assert client.returncode == 1 and err.count("\n") == 1, err
+    assert "unsafe tree: tree has more than 1,000,000 entries" in err
+    assert peak < 200 << 20 and elapsed < 20
+    assert not (workdir / "out").exists()

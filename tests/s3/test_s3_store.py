@@ -243,3 +243,21 @@ def test_tier_reads_fill_disk_and_writes_go_through(
     assert tier.put_record("ac", "k", b"v") and other.get_record("ac", "k") == b"v"
     tier.close()
     other.close()
+
+
+def test_a_batch_goes_to_s3_then_to_the_disk_tier_in_one(
+    make_store: StoreFactory, tmp_path: pathlib.Path
+) -> None:
+    s3 = make_store()
+    tier = TieredStore(DiskStore(tmp_path / "disk", 64 << 20), s3)
+    blobs = [os.urandom(500) for _ in range(20)]
+    wrong = (BlobId.of(b"claimed"), b"other bytes")
+    refused = tier.put_blobs([(BlobId.of(b), b) for b in blobs] + [wrong], lambda pair: pair)
+    assert refused[:-1] == [None] * 20 and isinstance(refused[-1], DigestError)
+    ids = [BlobId.of(b) for b in blobs]
+    assert tier.fast.find_missing(ids) == []  # the disk copies
+    before = s3.request_counts()
+    assert s3.find_missing([*ids, wrong[0]]) == [wrong[0]]
+    assert delta(before, s3.request_counts()) == {"HeadObject": 1}  # the stored ones are known
+    assert make_store().get_blob(ids[7]) == blobs[7]  # in S3 for other replicas
+    tier.close()
