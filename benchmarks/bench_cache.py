@@ -37,8 +37,8 @@ from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import bytestream_pb2_grpc as bs_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import remote_execution_pb2_grpc as re_grpc
-from tests.reapi import write_requests
-from tests.server_process import ServerProcess
+from tests.support.reapi import write_requests
+from tests.support.server_process import ServerProcess
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

@@ -27,7 +27,7 @@ from benchmarks.bench_cache import (
     server_benchmark_parser,
 )
 from slipstream.cache_server.storage.disk import filesystem_type
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 SIZES = Sizes(small_blobs=1_000, batch=500, stream_mib=32)
 SMOKE = Sizes(small_blobs=100, batch=50, stream_mib=2)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from benchmarks.bench_cache import Row, report, server_benchmark_parser
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 _HTTP_LINE = "serving the HTTP cache"
 _KEY_ALPHABET = "0123456789abcdefghijklmnopqrstuv"

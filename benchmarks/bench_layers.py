@@ -29,7 +29,7 @@ import zstandard
 from slipstream.client.cas_client import CasClient, connect
 from slipstream.client.layers import LayerClient
 from slipstream.core.digests import BlobId
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 TREE = ".venv"
 

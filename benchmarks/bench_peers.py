@@ -52,8 +52,8 @@ import grpc
 from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
 from benchmarks.bench_split_peers import cache_dir
 from slipstream.cache_server.storage.disk import filesystem_type
-from tests.s3.moto import AWS_ENV, make_buckets, moto_client, moto_server
-from tests.server_process import ServerProcess, free_port
+from tests.support.moto import AWS_ENV, make_buckets, moto_client, moto_server
+from tests.support.server_process import ServerProcess, free_port
 
 HERE = pathlib.Path(__file__).parent
 KINDS = ("memory", "disk", "s3")

@@ -45,7 +45,7 @@ from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 from slipstream.splitter import history
 from slipstream.splitter.algorithm import split_tests
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 HERE = pathlib.Path(__file__).parent
 DATA = HERE / "data"

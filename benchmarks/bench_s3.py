@@ -19,10 +19,9 @@ import tempfile
 from dataclasses import asdict
 
 from benchmarks.bench_cache import SMOKE, Sizes, print_rows, run_workload
-from tests.s3.conftest import server_args
-from tests.s3.fault_proxy import FaultProxy
-from tests.s3.moto import AWS_ENV, make_buckets, moto_server
-from tests.server_process import ServerProcess
+from tests.support.fault_proxy import FaultProxy
+from tests.support.moto import AWS_ENV, make_buckets, moto_server, server_args
+from tests.support.server_process import ServerProcess
 
 
 def _run_mode(mode: str, url: str, proxy: FaultProxy, sizes: Sizes) -> dict[str, object]:

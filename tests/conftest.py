@@ -12,7 +12,7 @@ import pytest
 
 from slipstream.cache_server.storage.disk import RAM_FILESYSTEMS, filesystem_type
 from tests.e2e.bazel_harness import Bazel, write_workspace
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 32 << 20),

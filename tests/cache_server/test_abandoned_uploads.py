@@ -16,8 +16,8 @@ import grpc
 
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import bytestream_pb2_grpc as bs_grpc
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess, running
 
 IDLE = 2.0  # seconds: --upload-idle-timeout of these servers
 

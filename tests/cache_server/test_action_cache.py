@@ -6,8 +6,8 @@ import grpc
 import pytest
 
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess
 
 ACTION = digest(b"an action")
 

@@ -12,8 +12,8 @@ import zstandard
 
 from slipstream.cache_server.services.bytestream import FEED_AHEAD
 from slipstream.protos import bytestream_pb2 as bs_pb2
-from tests.reapi import Reapi, digest, rpc_error, write_requests
-from tests.server_process import ServerProcess
+from tests.support.reapi import Reapi, digest, rpc_error, write_requests
+from tests.support.server_process import ServerProcess
 
 
 @pytest.fixture

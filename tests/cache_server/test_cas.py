@@ -12,8 +12,8 @@ import zstandard
 
 from slipstream.cache_server.services.common import MAX_BATCH_TOTAL_SIZE
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess
 
 EMPTY = digest(b"")
 

@@ -12,8 +12,8 @@ import zstandard
 
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, rpc_error
-from tests.server_process import ServerProcess
+from tests.support.reapi import Reapi, rpc_error
+from tests.support.server_process import ServerProcess
 
 BOMB_EXPANDS_TO = 256 << 20
 # Well under the bomb's size, well over what the server needs for the call.

@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -17,8 +17,8 @@ from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from tests.http.helpers import HttpClient, http_server, http_url
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess, running
 
 
 @pytest.fixture

@@ -23,8 +23,8 @@ from slipstream.cache_server.storage.disk import (
 from slipstream.core.digests import EMPTY_BLOB, BlobId
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess
 
 
 def _blob_path(storage: pathlib.Path, d: re_pb2.Digest) -> pathlib.Path:

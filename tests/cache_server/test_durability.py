@@ -18,8 +18,8 @@ from slipstream.cache_server.storage.memory import MemoryStore
 from slipstream.cache_server.storage.tiered import TieredStore
 from slipstream.core.digests import BlobId
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest
+from tests.support.server_process import ServerProcess, running
 
 Event = tuple[str, ...]
 

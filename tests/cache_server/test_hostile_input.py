@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from slipstream.protos import layers_pb2
 from slipstream.protos import layers_pb2_grpc as layers_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, rpc_error
-from tests.server_process import ServerProcess, free_port, running
+from tests.support.reapi import Reapi, rpc_error
+from tests.support.server_process import ServerProcess, free_port, running
 
 MAX_SIZE = (1 << 63) - 1
 GARBAGE = b"\xff\xff\xff\xff\x0f garbage \x00\x01"

@@ -23,8 +23,8 @@ from slipstream.cli import main
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest, rpc_error
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess, running
 
 
 def _put(store: MemoryStore, data: bytes) -> BlobId:

@@ -15,7 +15,7 @@ from slipstream.cache_server.resource_names import (
 from slipstream.core.digests import BlobId, DigestError
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest
+from tests.support.reapi import Reapi, digest
 
 SETTINGS = settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -9,7 +9,7 @@ import pytest
 
 from slipstream.cache_server.services.layers import MAX_RESTORE_PREFIXES
 from slipstream.protos import layers_pb2, layers_pb2_grpc
-from tests.reapi import digest
+from tests.support.reapi import digest
 
 LAYERS = 200
 EMPTY = digest(b"")  # the empty Directory: a complete tree of nothing

@@ -241,8 +241,8 @@ def test_incomplete_tree_is_refused_by_the_server(channel: grpc.Channel) -> None
 
 
 def test_layer_with_evicted_blobs_is_passed_over(tmp_path: pathlib.Path) -> None:
-    from tests.reapi import Reapi
-    from tests.server_process import ServerProcess
+    from tests.support.reapi import Reapi
+    from tests.support.server_process import ServerProcess
 
     server = ServerProcess(tmp_path / "store", ["--max-size", "300K"]).start()
     try:

@@ -14,7 +14,7 @@ from benchmarks import bench_layers
 from slipstream.cli import main
 from slipstream.client.cas_client import CasClient
 from slipstream.core.digests import BlobId
-from tests.server_process import ServerProcess, free_port
+from tests.support.server_process import ServerProcess, free_port
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

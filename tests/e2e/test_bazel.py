@@ -19,7 +19,7 @@ import pytest
 
 from slipstream.protos import bytestream_pb2, bytestream_pb2_grpc
 from tests.e2e.bazel_harness import BIG_OUTPUT_BYTES, Bazel, BuildResult
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.bazel
 

@@ -33,7 +33,7 @@ from tests.e2e.pants_harness import (
     find_python39,
     write_project,
 )
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 # A multi-segment instance name, so the resource names Pants sends have one too.
 INSTANCE = "e2e/pants"

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from tests.ops.helpers import output_line
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 
 def http_server(storage: pathlib.Path, extra_args: Sequence[str] = ()) -> ServerProcess:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.e2e.bazel_harness import Bazel, BuildResult
 from tests.http.helpers import http_server, http_url
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 pytestmark = pytest.mark.bazel
 

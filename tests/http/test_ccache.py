@@ -19,7 +19,7 @@ import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 CCACHE = shutil.which("ccache")
 GCC = shutil.which("gcc")

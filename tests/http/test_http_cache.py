@@ -33,8 +33,8 @@ from tests.ops.helpers import (
     scrape,
     write_token_file,
 )
-from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest
+from tests.support.server_process import ServerProcess, running
 
 # Three ccache keys as ccache 4.7.5 sends them (subdirs layout, flat, bazel).
 CC_KEY = "cba9tkltbj1opij2hi4enmkuqlfnoit9g"

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from slipstream.cache_server.auth import hash_token
 from slipstream.client.cas_client import HeaderInterceptor, bearer
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ def make_pki(root: pathlib.Path) -> Pki:
 
 def code_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     """(code, details) of a call that must fail."""
-    from tests.reapi import rpc_error
+    from tests.support.reapi import rpc_error
 
     failure = rpc_error(call)
     return failure.code(), failure.details()

@@ -19,8 +19,8 @@ from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import layers_pb2, layers_pb2_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import Token, channel_for, write_token_file
-from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest
+from tests.support.server_process import ServerProcess, running
 
 READER = Token("reader", "tok-reader-3f1c9a", ("read",))
 BUILDER = Token("builder", "tok-builder-77ab02", ("read", "cas-write"))

@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.bazel_harness import Bazel, BuildResult, Processes
 from tests.ops.helpers import Token, metrics_url, scrape, write_token_file
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 pytestmark = pytest.mark.bazel
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 from tests.ops.helpers import Token, make_pki, write_token_file
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 TRUSTED = Token("layers-writer", "tok-client-creds-5521", ("read", "cas-write", "ac-write"))
 

@@ -19,8 +19,8 @@ from tests.ops.helpers import (
     output_line,
     write_token_file,
 )
-from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest
+from tests.support.server_process import ServerProcess, running
 
 READER = Token("reader", "tok-config-reader-1", ("read",))
 

@@ -16,8 +16,8 @@ from slipstream.protos import layers_pb2, layers_pb2_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import Token, channel_for, code_of, metrics_url, scrape
 from tests.ops.helpers import write_token_file as _write_tokens
-from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess, running
+from tests.support.reapi import Reapi, digest
+from tests.support.server_process import ServerProcess, running
 
 BUILDER = Token("builder", "tok-builder-c0ffee11", ("read", "cas-write"))
 TRUSTED = Token("trusted", "tok-trusted-deadbeef22", ("read", "cas-write", "ac-write"))

@@ -10,8 +10,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.reapi import Reapi, digest
-from tests.server_process import ServerProcess, free_port, running
+from tests.support.reapi import Reapi, digest
+from tests.support.server_process import ServerProcess, free_port, running
 
 
 def serve_exit(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:

@@ -13,9 +13,10 @@ from slipstream.cache_server.storage.memory import MemoryStore
 from slipstream.cache_server.storage.tiered import TieredStore
 from slipstream.core.digests import BlobId
 from tests.ops.helpers import channel_for, metrics_url, scrape
-from tests.reapi import Reapi
-from tests.s3.conftest import aws_env, bucket, moto_url, server_args  # noqa: F401 (fixtures)
-from tests.server_process import ServerProcess, running
+from tests.s3.conftest import aws_env, bucket, moto_url  # noqa: F401 (fixtures)
+from tests.support.moto import server_args
+from tests.support.reapi import Reapi
+from tests.support.server_process import ServerProcess, running
 
 
 def test_s3_requests_are_counted(bucket: str, moto_url: str) -> None:  # noqa: F811

@@ -18,7 +18,7 @@ from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from tests.ops.helpers import Token, channel_for, code_of
 from tests.ops.helpers import write_token_file as _write_tokens
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 TRUSTED = Token("ci-main", "tok-main-5eed1234", ("read", "cas-write", "ac-write"))
 PULL_REQUEST = Token("ci-pr", "tok-pr-0badc0de", ("read", "cas-write"))

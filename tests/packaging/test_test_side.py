@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SHARDS = 3

@@ -13,8 +13,8 @@ import pytest
 from slipstream.cache_server.storage.base import Store
 from slipstream.cache_server.storage.existence_cache import ExistenceCache
 from slipstream.cache_server.storage.s3 import S3Config, S3Store
-from tests.s3.fault_proxy import FaultProxy
-from tests.s3.moto import AWS_ENV, moto_server
+from tests.support.fault_proxy import FaultProxy
+from tests.support.moto import AWS_ENV, moto_server
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -94,16 +94,3 @@ def store(make_store: StoreFactory) -> Iterator[Store]:
         yield s
     finally:
         s.close()
-
-
-def server_args(endpoint: str, *extra: str) -> list[str]:
-    """Flags for a `slipstream serve` over the fixture's S3 endpoint."""
-    return [
-        "--s3-endpoint",
-        endpoint,
-        "--s3-region",
-        "us-east-1",
-        "--s3-addressing",
-        "path",
-        *extra,
-    ]

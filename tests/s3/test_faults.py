@@ -12,7 +12,7 @@ from slipstream.cache_server.storage import s3 as s3mod
 from slipstream.cache_server.storage.base import StoreUnavailable
 from slipstream.core.digests import BlobId
 from tests.s3.conftest import StoreFactory, s3_client
-from tests.s3.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy
 
 
 def test_faulty_s3_loses_nothing_acknowledged(

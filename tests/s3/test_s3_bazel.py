@@ -11,8 +11,8 @@ import pathlib
 import pytest
 
 from tests.e2e.bazel_harness import Bazel
-from tests.s3.conftest import server_args
-from tests.server_process import ServerProcess
+from tests.support.moto import server_args
+from tests.support.server_process import ServerProcess
 
 pytestmark = pytest.mark.bazel
 

@@ -17,10 +17,11 @@ import pytest
 from slipstream.cache_server.storage.s3 import S3Config, S3Store
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.reapi import Reapi, digest, rpc_error
-from tests.s3.conftest import s3_client, server_args
-from tests.s3.fault_proxy import FaultProxy
-from tests.server_process import ServerProcess, free_port
+from tests.s3.conftest import s3_client
+from tests.support.fault_proxy import FaultProxy
+from tests.support.moto import server_args
+from tests.support.reapi import Reapi, digest, rpc_error
+from tests.support.server_process import ServerProcess, free_port
 
 # 1 GiB is the figure (see benchmarks); 256 MiB keeps this run short.
 MEMORY_BLOB = int(os.environ.get("SLIPSTREAM_S3_MEMORY_BLOB", 256 << 20))

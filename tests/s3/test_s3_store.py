@@ -15,7 +15,7 @@ from slipstream.cache_server.storage.s3 import parse_s3_url, windows
 from slipstream.cache_server.storage.tiered import TieredStore
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
 from tests.s3.conftest import StoreFactory, s3_client
-from tests.s3.fault_proxy import FaultProxy
+from tests.support.fault_proxy import FaultProxy
 
 
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:

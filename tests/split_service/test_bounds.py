@@ -18,7 +18,7 @@ import pytest
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter.pinning import MAX_RUN_TESTS
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 # ~1 MB of test ids over 10,000 shards: the request that took a server past 4 GiB.
 MANY_SHARDS = 10_000

@@ -16,8 +16,8 @@ import pytest
 
 from benchmarks.bench_split import make_sample_project, run_pytest, run_shard
 from slipstream.client.split_client import SplitClient
-from tests.server_process import ServerProcess, free_port
 from tests.splitter.test_plugin import collected_ids, junit_ids
+from tests.support.server_process import ServerProcess, free_port
 
 TOTAL = 3
 HANG = """

@@ -11,7 +11,7 @@ import pytest
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from tests.ops.helpers import metrics_url, scrape
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 
 BOUND = 2 << 20
 

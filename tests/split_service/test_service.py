@@ -15,7 +15,7 @@ from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter import history
 from slipstream.splitter.history import Sample
-from tests.server_process import ServerProcess
+from tests.support.server_process import ServerProcess
 
 TESTS = [f"tests/test_{f}.py::test_{i}" for f in "abcdef" for i in range(5)]
 

@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from tests.server_process import free_port
+from tests.support.server_process import free_port
 
 # Dummy credentials, found through boto3's standard chain (the environment).
 AWS_ENV = {
@@ -80,3 +80,16 @@ def make_buckets(endpoint: str, *names: str) -> None:
     client = moto_client(endpoint)
     for name in names:
         client.create_bucket(Bucket=name)
+
+
+def server_args(endpoint: str, *extra: str) -> list[str]:
+    """Flags for a `slipstream serve` over the fixture's S3 endpoint."""
+    return [
+        "--s3-endpoint",
+        endpoint,
+        "--s3-region",
+        "us-east-1",
+        "--s3-addressing",
+        "path",
+        *extra,
+    ]
