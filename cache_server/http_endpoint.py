@@ -38,11 +38,26 @@ from slipstream.cache_server.operations import Operations
 from slipstream.cache_server.services.common import Backend, HttpError, RpcError, http_status_of
 from slipstream.cache_server.services.http_bazel import BazelHttpCache
 from slipstream.cache_server.services.http_ccache import CcacheStorage
-from slipstream.cache_server.services.http_common import SEGMENT, HttpFrontEnd, Target, text
+from slipstream.cache_server.services.http_common import (
+    SEGMENT,
+    HttpFrontEnd,
+    Lookups,
+    Target,
+    text,
+)
+from slipstream.cache_server.services.http_nx import NxCache
+from slipstream.cache_server.services.http_sccache import SccacheWebdav
+from slipstream.cache_server.services.http_turborepo import TurborepoCache
 
 log = logging.getLogger("cache_server")
 
-FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (CcacheStorage, BazelHttpCache)
+FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (
+    CcacheStorage,
+    TurborepoCache,
+    NxCache,
+    SccacheWebdav,
+    BazelHttpCache,
+)
 
 # What a refused or failed HTTP request counts as in the hooks (access log, audit).
 _GRPC_CODE = {
@@ -53,6 +68,7 @@ _GRPC_CODE = {
     405: grpc.StatusCode.UNIMPLEMENTED,
     409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
     416: grpc.StatusCode.OUT_OF_RANGE,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -170,6 +186,9 @@ class HttpEndpoint:
             raise HttpError(400, "the path must start with /")
         segments = path[1:].split("/")
         shown = path[:120]
+        front_end = self.by_prefix.get(segments[0])
+        if front_end is not None and front_end.trailing_slash and segments[-1] == "":
+            segments.pop()  # a WebDAV collection: /sccache/NAME/ is /sccache/NAME
         for seg in segments:
             if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg):
                 raise HttpError(
@@ -177,12 +196,12 @@ class HttpEndpoint:
                     f"path {shown!r} is not valid: segments are letters, digits and _.~- "
                     "(no empty, '.' or '..' segments, no percent-encoding)",
                 )
-        front_end = self.by_prefix.get(segments[0])
+        query = request.rel_url.query
         if front_end is not None:
-            target = front_end.parse(segments[1:], shown)
+            target = front_end.parse_request(segments[1:], shown, query)
         elif self.default is not None:
             front_end = self.default
-            target = front_end.parse(segments, shown)
+            target = front_end.parse_request(segments, shown, query)
         else:
             raise HttpError(404, f"nothing is served at {shown!r}")
         if (target.route, request.method) not in front_end.scopes:
@@ -206,7 +225,7 @@ class HttpEndpoint:
         CURRENT.set(call)
         run = CallRun(self.ops.hooks, call)
         call.notes["http.route"] = "invalid"
-        hit: bool | None = None
+        hit: Lookups = None
         response: web.StreamResponse
         failure: BaseException | None = None
         try:

@@ -28,9 +28,10 @@ X = TypeVar("X")
 Y = TypeVar("Y")
 
 # Records in these namespaces count toward the size bound and may be evicted;
-# the others (layer keys, timings, plans) are small and kept. "ccache" holds the
-# HTTP endpoint's ccache keys (cache_server.services.http_ccache), whose contents are CAS blobs.
-EVICTABLE_NAMESPACES = frozenset({"ac", "ccache"})
+# the others (layer keys, timings, plans, sccache's collections) are small and kept.
+# "ccache", "turborepo", "nx" and "sccache" hold the HTTP endpoint's keys of those
+# tools (cache_server.services.http_*), whose contents are CAS blobs.
+EVICTABLE_NAMESPACES = frozenset({"ac", "ccache", "turborepo", "nx", "sccache"})
 _NAMESPACE = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 _MAX_ENCODED_KEY = 240  # below the 255-byte file name limit of common filesystems
 
