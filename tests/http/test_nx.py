@@ -11,65 +11,17 @@ token reads and uploads nothing.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import re
-import subprocess
 
 import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
 from tests.server_process import ServerProcess, running
-from tests.tools.js_tools import PACKAGES, clone, js_tools, outputs, write_monorepo
+from tests.tools.js_tools import NX_JSON, PACKAGES, Nx, clone, js_tools, outputs, write_monorepo
 
 WRITER = Token("ci-nx", "tok-nx-writer-e5f6", ("read", "cas-write", "ac-write"))
 READER = Token("dev-nx", "tok-nx-reader-a7b8", ("read",))
-NX_JSON = {
-    "targetDefaults": {
-        "build": {"dependsOn": ["^build"], "outputs": ["{projectRoot}/dist"], "cache": True}
-    }
-}
-
-
-STATIC = ("--output-style=static",)
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-class Nx:
-    """`nx run-many -t build` as one CI runner: its own clone and local cache directory."""
-
-    def __init__(self, repo: pathlib.Path, url: str, token: str) -> None:
-        self.repo = repo
-        # The clone's own node_modules links nx in, so nothing nx writes there is shared.
-        (repo / "node_modules").mkdir()
-        (repo / "node_modules" / "nx").symlink_to(js_tools() / "nx")
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("NX_")},
-            "NX_SELF_HOSTED_REMOTE_CACHE_SERVER": url,
-            "NX_SELF_HOSTED_REMOTE_CACHE_ACCESS_TOKEN": token,
-            "NX_CACHE_DIRECTORY": str(repo.parent / f"{repo.name}-nx-cache"),
-            "NX_DAEMON": "false",
-            "NX_NO_CLOUD": "true",
-            "NX_TUI": "false",
-            "CI": "true",
-            "NO_COLOR": "1",
-        }
-
-    def build(self) -> tuple[str, set[str]]:
-        """Run the build; (nx's output, the projects nx says came from the remote cache)."""
-        proc = subprocess.run(
-            ["node", "node_modules/nx/dist/bin/nx.js", "run-many", "-t", "build", *STATIC],
-            cwd=self.repo,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        out = ANSI.sub("", proc.stdout + proc.stderr)
-        assert proc.returncode == 0, out
-        assert "Successfully ran target build for 3 projects" in out, out
-        return out, set(re.findall(r"nx run (\w+):build\s+\[remote cache\]", out))
 
 
 @pytest.fixture

@@ -11,61 +11,17 @@ nothing; signed artifacts verify; a read-only token reads and uploads nothing.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import re
-import subprocess
 
 import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
 from tests.server_process import ServerProcess, running
-from tests.tools.js_tools import clone, git, js_tools, outputs, write_monorepo
+from tests.tools.js_tools import TURBO_JSON, Turbo, clone, git, js_tools, outputs, write_monorepo
 
 WRITER = Token("ci-turbo", "tok-turbo-writer-a1b2", ("read", "cas-write", "ac-write"))
 READER = Token("dev-turbo", "tok-turbo-reader-c3d4", ("read",))
-TURBO_JSON = {
-    "$schema": "https://turbo.build/schema.json",
-    "tasks": {"build": {"dependsOn": ["^build"], "outputs": ["dist/**"]}},
-}
-
-
-class Turbo:
-    """`turbo run build` as one CI runner: its own clone and local cache directory."""
-
-    def __init__(self, repo: pathlib.Path, url: str, token: str, team: str) -> None:
-        self.repo = repo
-        self.binary = js_tools() / ".bin" / "turbo"
-        self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith("TURBO_")},
-            "TURBO_API": url,
-            "TURBO_TOKEN": token,
-            "TURBO_TEAM": team,
-            "TURBO_CACHE_DIR": str(repo.parent / f"{repo.name}-turbo-cache"),
-            "TURBO_TELEMETRY_DISABLED": "1",
-            "DO_NOT_TRACK": "1",
-            "TURBO_NO_UPDATE_NOTIFIER": "1",
-            "TURBO_UI": "false",
-            "TURBO_DAEMON": "false",
-            "TURBO_PRINT_VERSION_DISABLED": "1",
-        }
-
-    def build(self, **env: str) -> tuple[str, int]:
-        """Run the build; (turbo's output, how many tasks it says came from the cache)."""
-        proc = subprocess.run(
-            [str(self.binary), "run", "build"],
-            cwd=self.repo,
-            env={**self.env, **env},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out
-        m = re.search(r"Cached:\s+(\d+) cached, (\d+) total", out)
-        assert m is not None and m.group(2) == "3", out
-        return out, int(m.group(1))
 
 
 @pytest.fixture

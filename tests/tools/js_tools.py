@@ -1,4 +1,5 @@
-"""The pinned JavaScript build tools (turbo, nx) the end-to-end tests drive, and a monorepo.
+"""The pinned JavaScript build tools (turbo, nx) the end-to-end tests drive, a monorepo for
+them, and a CI runner of each (`Turbo`, `Nx`).
 
 tests/tools/install_js_tools.sh installs them into a cache directory ($SLIPSTREAM_JS_TOOLS,
 else ~/.cache/slipstream/js-tools); .ci/setup runs it, and so does `js_tools()` when they
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 
@@ -121,3 +123,93 @@ def outputs(repo: pathlib.Path) -> dict[str, bytes]:
     }
     assert len(found) == 2 * len(PACKAGES), sorted(found)
     return found
+
+
+TURBO_JSON = {
+    "$schema": "https://turbo.build/schema.json",
+    "tasks": {"build": {"dependsOn": ["^build"], "outputs": ["dist/**"]}},
+}
+
+
+class Turbo:
+    """`turbo run build` as one CI runner: its own clone and local cache directory."""
+
+    def __init__(self, repo: pathlib.Path, url: str, token: str, team: str) -> None:
+        self.repo = repo
+        self.binary = js_tools() / ".bin" / "turbo"
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("TURBO_")},
+            "TURBO_API": url,
+            "TURBO_TOKEN": token,
+            "TURBO_TEAM": team,
+            "TURBO_CACHE_DIR": str(repo.parent / f"{repo.name}-turbo-cache"),
+            "TURBO_TELEMETRY_DISABLED": "1",
+            "DO_NOT_TRACK": "1",
+            "TURBO_NO_UPDATE_NOTIFIER": "1",
+            "TURBO_UI": "false",
+            "TURBO_DAEMON": "false",
+            "TURBO_PRINT_VERSION_DISABLED": "1",
+        }
+
+    def build(self, **env: str) -> tuple[str, int]:
+        """Run the build; (turbo's output, how many tasks it says came from the cache)."""
+        proc = subprocess.run(
+            [str(self.binary), "run", "build"],
+            cwd=self.repo,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out
+        m = re.search(r"Cached:\s+(\d+) cached, (\d+) total", out)
+        assert m is not None and m.group(2) == "3", out
+        return out, int(m.group(1))
+
+
+NX_JSON = {
+    "targetDefaults": {
+        "build": {"dependsOn": ["^build"], "outputs": ["{projectRoot}/dist"], "cache": True}
+    }
+}
+
+
+STATIC = ("--output-style=static",)
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class Nx:
+    """`nx run-many -t build` as one CI runner: its own clone and local cache directory."""
+
+    def __init__(self, repo: pathlib.Path, url: str, token: str) -> None:
+        self.repo = repo
+        # The clone's own node_modules links nx in, so nothing nx writes there is shared.
+        (repo / "node_modules").mkdir()
+        (repo / "node_modules" / "nx").symlink_to(js_tools() / "nx")
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("NX_")},
+            "NX_SELF_HOSTED_REMOTE_CACHE_SERVER": url,
+            "NX_SELF_HOSTED_REMOTE_CACHE_ACCESS_TOKEN": token,
+            "NX_CACHE_DIRECTORY": str(repo.parent / f"{repo.name}-nx-cache"),
+            "NX_DAEMON": "false",
+            "NX_NO_CLOUD": "true",
+            "NX_TUI": "false",
+            "CI": "true",
+            "NO_COLOR": "1",
+        }
+
+    def build(self) -> tuple[str, set[str]]:
+        """Run the build; (nx's output, the projects nx says came from the remote cache)."""
+        proc = subprocess.run(
+            ["node", "node_modules/nx/dist/bin/nx.js", "run-many", "-t", "build", *STATIC],
+            cwd=self.repo,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        out = ANSI.sub("", proc.stdout + proc.stderr)
+        assert proc.returncode == 0, out
+        assert "Successfully ran target build for 3 projects" in out, out
+        return out, set(re.findall(r"nx run (\w+):build\s+\[remote cache\]", out))
