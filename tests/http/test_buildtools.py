@@ -322,3 +322,21 @@ def test_read_only_ac_refuses_every_write(tmp_path: pathlib.Path) -> None:
             reply = client.request(method, path, b"x" if method == "PUT" else None)
             assert reply.status == 403 and "--read-only-ac" in reply.text, path
         assert client.get("/v8/artifacts/abcd").status == 404
+
+
+def test_entries_obey_the_size_bound_and_an_evicted_one_is_a_miss(tmp_path: pathlib.Path) -> None:
+    server = http_server(tmp_path / "store", ["--max-size", "1M"])
+    entries = {i: os.urandom(100_000) for i in range(24)}  # 2.4 MB through a 1 MB store
+    with running(server), HttpClient(http_url(server)) as client:
+        for i, data in entries.items():
+            assert client.put(f"/v8/artifacts/{i:08x}", data).status == 202
+            assert client.put(f"/v1/cache/{i}", data[:50_000]).status == 200
+        present = [i for i in entries if client.head(f"/v8/artifacts/{i:08x}").status == 200]
+        assert 0 not in present and 23 in present, present
+        body = json.dumps({"hashes": [f"{i:08x}" for i in entries]}).encode()
+        answer = json.loads(client.request("POST", "/v8/artifacts", body).body)
+        assert [i for i in entries if "size" in answer[f"{i:08x}"]] == present
+        assert client.get("/v1/cache/0").status == 404
+        # An Nx hash whose entry was evicted may be stored again (no 409).
+        assert client.put("/v1/cache/0", b"again").status == 200
+        assert client.get("/v1/cache/0").body == b"again"
