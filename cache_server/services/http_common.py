@@ -238,6 +238,25 @@ class KeyedBlobs:
         opened = open_blob(self.store, found[0])
         return None if opened is None else (opened, found[1])
 
+    async def find_on(self, backend: Backend, key: str) -> tuple[BlobId, dict[str, str]] | None:
+        """find(key), in place where the store works from memory (see Backend.run_store)."""
+        return await backend.run_store(self.find, key, entries=2)
+
+    async def open_on(
+        self, backend: Backend, key: str
+    ) -> tuple[tuple[BlobId, bytes | Iterator[Chunk]], dict[str, str]] | None:
+        """open_with_metadata(key) for a request: where the store works from memory, in
+        place (a large entry's hashing on a worker thread); elsewhere one worker trip."""
+        if not self.store.works_in_memory:
+            return await backend.run(self.open_with_metadata, key)
+        found = await self.find_on(backend, key)
+        if found is None:
+            return None
+        blob, metadata = found
+        verified = blob.size if blob.size <= CHUNK else 0  # a chunked read checks as it goes
+        opened = await backend.run_store(open_blob, self.store, blob, gil_free_bytes=verified)
+        return None if opened is None else (opened, metadata)
+
     def point(
         self,
         key: str,
@@ -303,8 +322,10 @@ class KeyedBlobs:
             data = await request.read()
             if len(data) != length:
                 raise HttpError(400, f"the body ended at {len(data):,} of {length:,} bytes")
-            return await backend.run(
-                functools.partial(self.put_bytes, key, data, metadata, overwrite=overwrite)
+            return await backend.run_store(
+                functools.partial(self.put_bytes, key, data, metadata, overwrite=overwrite),
+                gil_free_bytes=2 * len(data),  # hashed, then verified by the store
+                entries=3,
             )
         blob, spooled = await spool(backend, request, limit)
         try:

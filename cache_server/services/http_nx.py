@@ -70,7 +70,7 @@ class NxCache(HttpFrontEnd):
             if request.content_length is None:
                 raise HttpError(400, "a PUT needs a Content-Length header", close=True)
             check_length(request, limits.max_blob_size, "a task output")
-            if await self.backend.run(self.entries.lookup, target.key) is not None:
+            if await self.entries.find_on(self.backend, target.key) is not None:
                 raise HttpError(409, f"{target.key} is stored already; entries are not overwritten")
             stored = await self.entries.put_body(
                 self.backend, request, target.key, limits.max_blob_size, overwrite=False
@@ -78,5 +78,8 @@ class NxCache(HttpFrontEnd):
             if not stored:  # another upload of the same hash got there first
                 raise HttpError(409, f"{target.key} is stored already; entries are not overwritten")
             return text(200, "stored"), None
-        opened = await self.backend.run(self.entries.open, target.key)
-        return await blob_response(self.backend, request, opened, f"no Nx entry {target.key}")
+        opened = await self.entries.open_on(self.backend, target.key)
+        missing = f"no Nx entry {target.key}"
+        return await blob_response(
+            self.backend, request, None if opened is None else opened[0], missing
+        )

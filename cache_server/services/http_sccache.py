@@ -107,10 +107,12 @@ class SccacheWebdav(HttpFrontEnd):
         if not path:
             return text(404, missing), None
         if method == "HEAD":
-            blob = await self.backend.run(self.entries.lookup, path)
-            return await head_response(request, blob.size if blob else None, missing)
-        opened = await self.backend.run(self.entries.open, path)
-        return await blob_response(self.backend, request, opened, missing)
+            found = await self.entries.find_on(self.backend, path)
+            return await head_response(request, found[0].size if found else None, missing)
+        opened = await self.entries.open_on(self.backend, path)
+        return await blob_response(
+            self.backend, request, None if opened is None else opened[0], missing
+        )
 
     # ---- collections ----
     def _is_collection(self, path: str) -> bool:

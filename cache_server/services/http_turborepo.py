@@ -121,11 +121,11 @@ class TurborepoCache(HttpFrontEnd):
             return await self._put(request, key, limits.max_blob_size), None
         missing = f"no Turborepo artifact {target.key}"
         if method == "HEAD":
-            found = await self.backend.run(self.artifacts.find, key)
+            found = await self.artifacts.find_on(self.backend, key)
             if found is None:
                 return await head_response(request, None, missing)
             return await head_response(request, found[0].size, missing, _headers(found[1]))
-        opened = await self.backend.run(self.artifacts.open_with_metadata, key)
+        opened = await self.artifacts.open_on(self.backend, key)
         if opened is None:
             return await blob_response(self.backend, request, None, missing)
         return await blob_response(self.backend, request, opened[0], missing, _headers(opened[1]))

@@ -340,3 +340,23 @@ def test_entries_obey_the_size_bound_and_an_evicted_one_is_a_miss(tmp_path: path
         # An Nx hash whose entry was evicted may be stored again (no 409).
         assert client.put("/v1/cache/0", b"again").status == 200
         assert client.get("/v1/cache/0").body == b"again"
+
+
+def test_a_store_in_memory_serves_entries_in_place(tmp_path: pathlib.Path) -> None:
+    # memory:// works from memory: small steps run on the event loop (Backend.run_store).
+    server = ServerProcess("memory://", ["--http-listen", "127.0.0.1:0"])
+    small, large = os.urandom(3000), os.urandom(3 << 20)
+    with running(server), HttpClient(http_url(server)) as client:
+        for path, ok in (
+            ("/v8/artifacts/abc{}", 202),
+            ("/v1/cache/12{}", 200),
+            ("/sccache/mem/x{}", 201),
+        ):
+            for n, data in enumerate((small, large)):
+                entry = path.format(n)
+                assert client.get(entry).status == 404
+                assert client.put(entry, data, **{"x-artifact-duration": "7"}).status == ok
+                assert client.get(entry).body == data
+                if not entry.startswith("/v1"):  # Nx's API has no HEAD
+                    assert client.head(entry).headers["Content-Length"] == str(len(data))
+        assert client.get("/v8/artifacts/abc1").headers["x-artifact-duration"] == "7"
