@@ -251,7 +251,7 @@ class HttpEndpoint:
         except Exception as exc:
             failure = exc
         if failure is not None:
-            response = self._refusal(call, failure)
+            response = self._refusal(call, failure, self.front_end_of(request))
         call.notes["http.status"] = response.status
         call.notes["http.hit"] = hit
         if failure is None:
@@ -262,12 +262,21 @@ class HttpEndpoint:
             run.end_with(_GRPC_CODE.get(response.status, grpc.StatusCode.INTERNAL), call.details)
         return response
 
-    def _refusal(self, call: Call, exc: BaseException) -> web.StreamResponse:
+    def front_end_of(self, request: web.Request) -> HttpFrontEnd | None:
+        """The front end a request's path belongs to (its answers' form), valid or not."""
+        first = request.raw_path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
+        return self.by_prefix.get(first, self.default)
+
+    def _refusal(
+        self, call: Call, exc: BaseException, front_end: HttpFrontEnd | None
+    ) -> web.StreamResponse:
         status, message = http_status_of(exc)
         if status == 500:
             log.error("internal error serving %s: %r", call.method, exc, exc_info=exc)
         call.details = message
-        response = text(status, message)
+        response = (
+            text(status, message) if front_end is None else front_end.refusal(status, message)
+        )
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="slipstream"'
         if isinstance(exc, _MethodNotAllowed):

@@ -82,6 +82,11 @@ class HttpFrontEnd(abc.ABC):
         """Audit-log fields for a write taken on trust ("event" among them), else None."""
         return None
 
+    def refusal(self, status: int, message: str) -> web.Response:
+        """The answer to a refused or failed request: one line of text, unless the
+        protocol's clients expect errors in another form."""
+        return text(status, message)
+
     def methods(self, route: str) -> tuple[str, ...]:
         return tuple(method for (r, method) in self.scopes if r == route)
 

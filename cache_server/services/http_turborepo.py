@@ -53,10 +53,21 @@ _TAG = re.compile(r"[A-Za-z0-9+/=_-]{1,600}")
 MAX_QUERY_HASHES = 1000
 MAX_JSON_BODY = 1 << 20
 _WRITE = (AC_WRITE, CAS_WRITE)
+_ERROR_CODES = {
+    401: "not_authorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    429: "rate_limited",
+    503: "unavailable",
+}
 
 
 def _json(data: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, text=json.dumps(data), content_type="application/json")
+    return web.Response(
+        status=status, text=json.dumps(data) + "\n", content_type="application/json"
+    )
 
 
 class TurborepoCache(HttpFrontEnd):
@@ -96,6 +107,13 @@ class TurborepoCache(HttpFrontEnd):
         raise HttpError(
             404, f"path {shown!r} is not a Turborepo remote cache path (/v8/artifacts/...)"
         )
+
+    def refusal(self, status: int, message: str) -> web.Response:
+        # turbo reads an error as Vercel's API sends it, {"error": {"code", "message"}}
+        # (and a 403 whose code is not remote_caching_* as "not this one", going on).
+        code = _ERROR_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+        line = " ".join(message.split())[:500]
+        return _json({"error": {"code": code, "message": line}}, status=status)
 
     @staticmethod
     def key(team: str, hash_: str) -> str:

@@ -100,6 +100,8 @@ def test_a_read_only_token_reads_and_uploads_nothing(
         (two / "packages/c/src/index.js").write_text("module.exports.c = () => 'changed';\n")
         out, cached = Turbo(two, url, READER.value, "team_web").build()
         assert cached == 2, out
+        # turbo reads the 403 (Vercel's JSON error form) as "don't upload", and says so.
+        assert "skipping uploads for this run" in out and "unable to parse" not in out, out
     puts = [
         json.loads(line)
         for line in (tmp_path / "audit.jsonl").read_text().splitlines()
