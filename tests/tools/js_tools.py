@@ -147,7 +147,6 @@ class Turbo:
             "DO_NOT_TRACK": "1",
             "TURBO_NO_UPDATE_NOTIFIER": "1",
             "TURBO_UI": "false",
-            "TURBO_DAEMON": "false",
             "TURBO_PRINT_VERSION_DISABLED": "1",
         }
 
