@@ -109,11 +109,25 @@ def test_turborepo_teams_are_namespaces(writer: HttpClient, reader: HttpClient) 
     assert reader.get("/v8/artifacts/aaaa0001?teamId=team_a&slug=team_b").body == data
 
 
-def test_turborepo_events_are_counted(server: ServerProcess, reader: HttpClient) -> None:
-    def counted(result: str) -> float:
+def test_lookups_and_turborepo_events_are_counted(
+    server: ServerProcess, writer: HttpClient, reader: HttpClient
+) -> None:
+    def counted(result: str, service: str = "turborepo_events") -> float:
         samples = scrape(metrics_url(server))
-        labels = (("result", result), ("service", "turborepo_events"))
+        labels = (("result", result), ("service", service))
         return samples.get(("slipstream_cache_lookups_total", labels), 0.0)
+
+    # Each tool's GETs are lookups of its own kind.
+    for service, path in (
+        ("turborepo", "/v8/artifacts/feed0001"),
+        ("nx", "/v1/cache/880001"),
+        ("sccache", "/sccache/proj/counted"),
+    ):
+        hits, misses = counted("hit", service), counted("miss", service)
+        assert reader.get(path).status == 404
+        assert writer.put(path, b"counted").status in (200, 201, 202)
+        assert reader.get(path).status == 200
+        assert (counted("hit", service), counted("miss", service)) == (hits + 1, misses + 1)
 
     hits, misses = counted("hit"), counted("miss")
     events = [
