@@ -376,3 +376,14 @@ def test_a_store_in_memory_serves_entries_in_place(tmp_path: pathlib.Path) -> No
                 if not entry.startswith("/v1"):  # Nx's API has no HEAD
                     assert client.head(entry).headers["Content-Length"] == str(len(data))
         assert client.get("/v8/artifacts/abc1").headers["x-artifact-duration"] == "7"
+        # A large body cut short (spooled, not read whole): nothing stored.
+        url = urllib.parse.urlsplit(http_url(server))
+        for path in ("/v8/artifacts/c0700001", "/v1/cache/991", "/sccache/mem/cut"):
+            with socket.create_connection((url.hostname, url.port), timeout=10) as s:
+                head = f"PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(large)}\r\n\r\n"
+                s.sendall(head.encode() + large[: 2 << 20])
+                s.shutdown(socket.SHUT_WR)
+                answer = s.recv(4096)
+            assert not answer or answer.startswith(b"HTTP/1.1 400"), answer
+            assert client.get(path).status == 404, path
+        assert client.head(f"/cas/{sha256(large[: 2 << 20])}").status == 404
