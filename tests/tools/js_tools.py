@@ -8,6 +8,7 @@ are missing. A test skips, saying why, only where npm cannot reach its registry.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 import pathlib
@@ -33,14 +34,19 @@ def _install() -> str | None:
     """None once the tools are installed; else why not (npm cannot reach its registry)."""
     if shutil.which("node") is None or shutil.which("npm") is None:
         return "node and npm are not installed"
-    proc = subprocess.run(
-        ["bash", str(INSTALL), str(tools_dir())], capture_output=True, text=True, timeout=600
-    )
+    tools_dir().parent.mkdir(parents=True, exist_ok=True)
+    with open(tools_dir().parent / ".js-tools.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers at once: one installs, all wait
+        proc = subprocess.run(
+            ["bash", str(INSTALL), str(tools_dir())], capture_output=True, text=True, timeout=600
+        )
     if proc.returncode == 0:
         return None
     ping = subprocess.run(["npm", "ping"], capture_output=True, text=True, timeout=120)
     if ping.returncode != 0:
-        return f"npm cannot reach its registry: {(ping.stderr or ping.stdout).strip()[-300:]}"
+        said = (ping.stderr + ping.stdout).splitlines()
+        reason = next((line for line in said if "Error:" in line), said[-1] if said else "")
+        return f"npm cannot reach its registry ({reason.removeprefix('npm error').strip()})"
     raise AssertionError(f"installing the JavaScript tools failed:\n{proc.stderr[-3000:]}")
 
 
