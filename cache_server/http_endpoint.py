@@ -39,7 +39,6 @@ from slipstream.cache_server.services.common import Backend, HttpError, RpcError
 from slipstream.cache_server.services.http_bazel import BazelHttpCache
 from slipstream.cache_server.services.http_ccache import CcacheStorage
 from slipstream.cache_server.services.http_common import (
-    SEGMENT,
     HttpFrontEnd,
     Lookups,
     Target,
@@ -179,35 +178,31 @@ class HttpEndpoint:
             await self.runner.cleanup()
             self.runner = None
 
-    def route(self, request: web.Request) -> tuple[HttpFrontEnd, Target]:
-        """The front end and target a request names; HttpError 400 or 405 if none."""
+    def front_end_of(self, request: web.Request) -> tuple[HttpFrontEnd, list[str], str]:
+        """The front end a request's path goes to, the path's segments it parses (after
+        its prefix, if any), and the path as shown in messages; HttpError 400 or 404."""
         path = request.raw_path.split("?", 1)[0]
         if not path.startswith("/"):
             raise HttpError(400, "the path must start with /")
         segments = path[1:].split("/")
         shown = path[:120]
         front_end = self.by_prefix.get(segments[0])
-        if front_end is not None and front_end.trailing_slash and segments[-1] == "":
-            segments.pop()  # a WebDAV collection: /sccache/NAME/ is /sccache/NAME
-        for seg in segments:
-            if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg):
-                raise HttpError(
-                    400,
-                    f"path {shown!r} is not valid: segments are letters, digits and _.~- "
-                    "(no empty, '.' or '..' segments, no percent-encoding)",
-                )
-        query = request.rel_url.query
         if front_end is not None:
-            target = front_end.parse_request(segments[1:], shown, query)
-        elif self.default is not None:
-            front_end = self.default
-            target = front_end.parse_request(segments, shown, query)
-        else:
-            raise HttpError(404, f"nothing is served at {shown!r}")
+            return front_end, segments[1:], shown
+        if self.default is not None:
+            return self.default, segments, shown
+        raise HttpError(404, f"nothing is served at {shown!r}")
+
+    def route(
+        self, request: web.Request, front_end: HttpFrontEnd, segments: list[str], shown: str
+    ) -> Target:
+        """The target a request names; HttpError 400 or 405 if none."""
+        checked = front_end.check_segments(segments, shown)
+        target = front_end.parse_request(checked, shown, request.rel_url.query)
         if (target.route, request.method) not in front_end.scopes:
             allowed = front_end.methods(target.route)
             raise _MethodNotAllowed(request.method, target.route, allowed)
-        return front_end, target
+        return target
 
     # ---- one request, through the pipeline ----
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -228,8 +223,10 @@ class HttpEndpoint:
         hit: Lookups = None
         response: web.StreamResponse
         failure: BaseException | None = None
+        front_end: HttpFrontEnd | None = None
         try:
-            front_end, target = self.route(request)
+            front_end, segments, shown = self.front_end_of(request)
+            target = self.route(request, front_end, segments, shown)
             call.method = http_method(target.route, verb)
             call.label = f"{verb} on {target.route}"
             call.notes["http.route"] = target.route
@@ -251,7 +248,7 @@ class HttpEndpoint:
         except Exception as exc:
             failure = exc
         if failure is not None:
-            response = self._refusal(call, failure, self.front_end_of(request))
+            response = self._refusal(call, request, front_end, failure)
         call.notes["http.status"] = response.status
         call.notes["http.hit"] = hit
         if failure is None:
@@ -262,21 +259,22 @@ class HttpEndpoint:
             run.end_with(_GRPC_CODE.get(response.status, grpc.StatusCode.INTERNAL), call.details)
         return response
 
-    def front_end_of(self, request: web.Request) -> HttpFrontEnd | None:
-        """The front end a request's path belongs to (its answers' form), valid or not."""
-        first = request.raw_path.lstrip("/").split("/", 1)[0].split("?", 1)[0]
-        return self.by_prefix.get(first, self.default)
-
     def _refusal(
-        self, call: Call, exc: BaseException, front_end: HttpFrontEnd | None
+        self,
+        call: Call,
+        request: web.Request,
+        front_end: HttpFrontEnd | None,
+        exc: BaseException,
     ) -> web.StreamResponse:
         status, message = http_status_of(exc)
         if status == 500:
             log.error("internal error serving %s: %r", call.method, exc, exc_info=exc)
         call.details = message
-        response = (
-            text(status, message) if front_end is None else front_end.refusal(status, message)
-        )
+        code = exc.code if isinstance(exc, HttpError) else None
+        if front_end is None:
+            response = text(status, message)
+        else:
+            response = front_end.refusal(request, status, message, code)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="slipstream"'
         if isinstance(exc, _MethodNotAllowed):

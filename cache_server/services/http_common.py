@@ -52,8 +52,6 @@ class HttpFrontEnd(abc.ABC):
     prefix: ClassVar[str | None] = None
     # (route, HTTP method) -> the scopes a caller needs for it, all of them.
     scopes: ClassVar[Mapping[tuple[str, str], tuple[str, ...]]] = {}
-    # Whether a path may end in "/" (a WebDAV collection); the slash is dropped.
-    trailing_slash: ClassVar[bool] = False
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
@@ -82,9 +80,24 @@ class HttpFrontEnd(abc.ABC):
         """Audit-log fields for a write taken on trust ("event" among them), else None."""
         return None
 
-    def refusal(self, status: int, message: str) -> web.Response:
-        """The answer to a refused or failed request: one line of text, unless the
-        protocol's clients expect errors in another form."""
+    def check_segments(self, segments: list[str], shown: str) -> list[str]:
+        """The path's segments (after the prefix, if any) once checked; HttpError 400 if
+        one is not letters, digits and _.~- (no empty, "." or ".." segment, no
+        percent-encoding). A front end whose paths hold other characters narrows this."""
+        for seg in segments:
+            if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg):
+                raise HttpError(
+                    400,
+                    f"path {shown!r} is not valid: segments are letters, digits and _.~- "
+                    "(no empty, '.' or '..' segments, no percent-encoding)",
+                )
+        return segments
+
+    def refusal(
+        self, request: web.Request, status: int, message: str, code: str | None
+    ) -> web.Response:
+        """The response refusing a request (code: HttpError.code, if any); one line of text
+        unless the protocol has its own error format."""
         return text(status, message)
 
     def methods(self, route: str) -> tuple[str, ...]:

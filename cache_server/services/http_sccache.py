@@ -52,7 +52,6 @@ _READERS = ("GET", "HEAD", "PROPFIND")
 
 class SccacheWebdav(HttpFrontEnd):
     prefix = SCCACHE_PREFIX
-    trailing_slash = True
     scopes = {
         **{(ROUTE, method): (READ,) for method in _READERS},
         **{(ROUTE, method): _WRITE for method in ("PUT", "DELETE", "MKCOL")},
@@ -61,6 +60,11 @@ class SccacheWebdav(HttpFrontEnd):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.entries = KeyedBlobs(self.store, SCCACHE_NAMESPACE)
+
+    def check_segments(self, segments: list[str], shown: str) -> list[str]:
+        if segments and segments[-1] == "":  # a collection: /sccache/NAME/ is /sccache/NAME
+            segments = segments[:-1]
+        return super().check_segments(segments, shown)
 
     def parse(self, segments: list[str], shown: str) -> Target:
         if len(segments) > MAX_DEPTH:

@@ -108,10 +108,13 @@ class TurborepoCache(HttpFrontEnd):
             404, f"path {shown!r} is not a Turborepo remote cache path (/v8/artifacts/...)"
         )
 
-    def refusal(self, status: int, message: str) -> web.Response:
+    def refusal(
+        self, request: web.Request, status: int, message: str, code: str | None
+    ) -> web.Response:
         # turbo reads an error as Vercel's API sends it, {"error": {"code", "message"}}
         # (and a 403 whose code is not remote_caching_* as "not this one", going on).
-        code = _ERROR_CODES.get(status, "bad_request" if status < 500 else "internal_error")
+        if code is None:
+            code = _ERROR_CODES.get(status, "bad_request" if status < 500 else "internal_error")
         line = " ".join(message.split())[:500]
         return _json({"error": {"code": code, "message": line}}, status=status)
 
