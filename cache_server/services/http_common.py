@@ -189,6 +189,7 @@ async def stream(
     request: web.Request,
     blob: BlobId,
     chunks: Iterator[Chunk],
+    *,
     headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """A 200 response streaming a blob's chunks from the store (with these headers too)."""
@@ -399,7 +400,7 @@ async def blob_response(
             body=content, content_type="application/octet-stream", headers=headers
         )
         return response, True
-    return await stream(backend, request, blob, content, headers), True
+    return await stream(backend, request, blob, content, headers=headers), True
 
 
 async def head_response(
