@@ -38,11 +38,25 @@ from slipstream.cache_server.operations import Operations
 from slipstream.cache_server.services.common import Backend, HttpError, RpcError, http_status_of
 from slipstream.cache_server.services.http_bazel import BazelHttpCache
 from slipstream.cache_server.services.http_ccache import CcacheStorage
-from slipstream.cache_server.services.http_common import SEGMENT, HttpFrontEnd, Target, text
+from slipstream.cache_server.services.http_common import (
+    HttpFrontEnd,
+    Lookups,
+    Target,
+    text,
+)
+from slipstream.cache_server.services.http_nx import NxCache
+from slipstream.cache_server.services.http_sccache import SccacheWebdav
+from slipstream.cache_server.services.http_turborepo import TurborepoCache
 
 log = logging.getLogger("cache_server")
 
-FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (CcacheStorage, BazelHttpCache)
+FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (
+    CcacheStorage,
+    TurborepoCache,
+    NxCache,
+    SccacheWebdav,
+    BazelHttpCache,
+)
 
 # What a refused or failed HTTP request counts as in the hooks (access log, audit).
 _GRPC_CODE = {
@@ -53,6 +67,7 @@ _GRPC_CODE = {
     405: grpc.StatusCode.UNIMPLEMENTED,
     409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
     416: grpc.StatusCode.OUT_OF_RANGE,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -163,32 +178,31 @@ class HttpEndpoint:
             await self.runner.cleanup()
             self.runner = None
 
-    def route(self, request: web.Request) -> tuple[HttpFrontEnd, Target]:
-        """The front end and target a request names; HttpError 400 or 405 if none."""
+    def front_end_of(self, request: web.Request) -> tuple[HttpFrontEnd, list[str], str]:
+        """The front end a request's path goes to, the path's segments it parses (after
+        its prefix, if any), and the path as shown in messages; HttpError 400 or 404."""
         path = request.raw_path.split("?", 1)[0]
         if not path.startswith("/"):
             raise HttpError(400, "the path must start with /")
         segments = path[1:].split("/")
         shown = path[:120]
-        for seg in segments:
-            if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg):
-                raise HttpError(
-                    400,
-                    f"path {shown!r} is not valid: segments are letters, digits and _.~- "
-                    "(no empty, '.' or '..' segments, no percent-encoding)",
-                )
         front_end = self.by_prefix.get(segments[0])
         if front_end is not None:
-            target = front_end.parse(segments[1:], shown)
-        elif self.default is not None:
-            front_end = self.default
-            target = front_end.parse(segments, shown)
-        else:
-            raise HttpError(404, f"nothing is served at {shown!r}")
+            return front_end, segments[1:], shown
+        if self.default is not None:
+            return self.default, segments, shown
+        raise HttpError(404, f"nothing is served at {shown!r}")
+
+    def route(
+        self, request: web.Request, front_end: HttpFrontEnd, segments: list[str], shown: str
+    ) -> Target:
+        """The target a request names; HttpError 400 or 405 if none."""
+        checked = front_end.check_segments(segments, shown)
+        target = front_end.parse_request(checked, shown, request.rel_url.query)
         if (target.route, request.method) not in front_end.scopes:
             allowed = front_end.methods(target.route)
             raise _MethodNotAllowed(request.method, target.route, allowed)
-        return front_end, target
+        return target
 
     # ---- one request, through the pipeline ----
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -206,11 +220,13 @@ class HttpEndpoint:
         CURRENT.set(call)
         run = CallRun(self.ops.hooks, call)
         call.notes["http.route"] = "invalid"
-        hit: bool | None = None
+        hit: Lookups = None
         response: web.StreamResponse
         failure: BaseException | None = None
+        front_end: HttpFrontEnd | None = None
         try:
-            front_end, target = self.route(request)
+            front_end, segments, shown = self.front_end_of(request)
+            target = self.route(request, front_end, segments, shown)
             call.method = http_method(target.route, verb)
             call.label = f"{verb} on {target.route}"
             call.notes["http.route"] = target.route
@@ -232,7 +248,7 @@ class HttpEndpoint:
         except Exception as exc:
             failure = exc
         if failure is not None:
-            response = self._refusal(call, failure)
+            response = self._refusal(call, request, front_end, failure)
         call.notes["http.status"] = response.status
         call.notes["http.hit"] = hit
         if failure is None:
@@ -243,12 +259,22 @@ class HttpEndpoint:
             run.end_with(_GRPC_CODE.get(response.status, grpc.StatusCode.INTERNAL), call.details)
         return response
 
-    def _refusal(self, call: Call, exc: BaseException) -> web.StreamResponse:
+    def _refusal(
+        self,
+        call: Call,
+        request: web.Request,
+        front_end: HttpFrontEnd | None,
+        exc: BaseException,
+    ) -> web.StreamResponse:
         status, message = http_status_of(exc)
         if status == 500:
             log.error("internal error serving %s: %r", call.method, exc, exc_info=exc)
         call.details = message
-        response = text(status, message)
+        code = exc.code if isinstance(exc, HttpError) else None
+        if front_end is None:
+            response = text(status, message)
+        else:
+            response = front_end.refusal(request, status, message, code)
         if status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="slipstream"'
         if isinstance(exc, _MethodNotAllowed):

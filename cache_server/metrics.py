@@ -11,7 +11,8 @@ store by a collector that asks it at scrape time:
     slipstream_cache_lookups_total{service,result}        hit / miss, per blob or key:
         ac (GetActionResult), cas (FindMissingBlobs, BatchReadBlobs),
         bytestream (Read), layers (GetLayer); over HTTP (cache_server.http_endpoint):
-        http_ac, http_cas, ccache (GET and HEAD)
+        http_ac, http_cas, ccache, turborepo, nx, sccache (GET and HEAD);
+        turborepo_events: the hits and misses turbo reports (POST /v8/artifacts/events)
     slipstream_http_requests_total{route,method,code}     HTTP cache requests, by status
     slipstream_http_request_seconds{route,method}         their latency
     slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
@@ -226,9 +227,14 @@ class Metrics(Hook):
         status, hit = call.notes.get("http.status", 0), call.notes.get("http.hit")
         self._labels(self.http_requests, route, method, str(status)).inc()
         self._labels(self.http_latency, route, method).observe(time.monotonic() - call.started)
-        if hit is not None:
-            kind = route if route == "ccache" else f"http_{route}"
-            self._labels(self.lookups, kind, "hit" if hit else "miss").inc()
+        if hit is None:
+            return
+        kind = f"http_{route}" if route in ("ac", "cas") else route
+        hits, misses = hit if isinstance(hit, tuple) else (int(hit), int(not hit))
+        if hits:
+            self._labels(self.lookups, kind, "hit").inc(hits)
+        if misses:
+            self._labels(self.lookups, kind, "miss").inc(misses)
 
     def received(self, method: str, size: int) -> None:
         self._labels(self.received_bytes, *_split(method)).inc(size)

@@ -63,7 +63,7 @@ class ServerConfig:
     cache_dir: pathlib.Path | None = None  # a disk tier in front of S3
     cache_size: int | None = None
     ops: OpsConfig = field(default_factory=OpsConfig)  # auth, TLS, limits, metrics, audit
-    http_listen: str | None = None  # also serve the HTTP cache (Bazel, ccache) here
+    http_listen: str | None = None  # also serve the HTTP caches (Bazel, ccache, build tools) here
     upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT  # seconds
     fsync: bool = True  # writes durable on disk before they are acknowledged
 
@@ -266,7 +266,8 @@ async def serve(config: ServerConfig) -> None:
         print(f"slipstream: {line}", flush=True)
     if server.http_url is not None:
         print(
-            f"slipstream: serving the HTTP cache (Bazel, ccache) on {server.http_url}",
+            "slipstream: serving the HTTP cache (Bazel, ccache, Turborepo, Nx, sccache) "
+            f"on {server.http_url}",
             flush=True,
         )
     print(

@@ -78,13 +78,19 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 class HttpError(Exception):
-    """An HTTP answer: this status and a one-line message."""
+    """An HTTP answer: this status and a one-line message.
 
-    def __init__(self, status: int, message: str, *, close: bool = False) -> None:
+    code: the protocol's own name for the error where it has one (Turborepo's
+    "forbidden"), for the front end to put in its error body."""
+
+    def __init__(
+        self, status: int, message: str, *, close: bool = False, code: str | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.close = close  # the body was not read: do not keep the connection
+        self.code = code
 
 
 # The HTTP status of each gRPC status, for errors raised in the shared pipeline

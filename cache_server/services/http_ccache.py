@@ -96,7 +96,9 @@ class CcacheStorage(HttpFrontEnd):
             return text(200, "deleted"), None
         missing = f"no ccache entry {target.key}"
         if method == "HEAD":
-            blob = await self.backend.run(self.entries.lookup, target.key)
-            return await head_response(request, blob.size if blob else None, missing)
-        opened = await self.backend.run(self.entries.open, target.key)
-        return await blob_response(self.backend, request, opened, missing)
+            found = await self.entries.find_on(self.backend, target.key)
+            return await head_response(request, found[0].size if found else None, missing)
+        opened = await self.entries.open_on(self.backend, target.key)
+        return await blob_response(
+            self.backend, request, None if opened is None else opened[0], missing
+        )

@@ -11,7 +11,9 @@ the hooks of cache_server.calls), as it is for the gRPC services.
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
+import json
 import re
 import tempfile
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -28,6 +30,9 @@ CHUNK = 1 << 20  # bytes handed to or taken from the store at a time
 SPOOL_IN_MEMORY = 1 << 20  # a body whose hash is not known up front spills to a file past this
 SEGMENT = re.compile(r"[A-Za-z0-9_.~-]{1,100}")
 _POINTER = re.compile(rb"([0-9a-f]{64})/([0-9]{1,20})")
+# What serve() may report of a request's lookups: hit or miss for one entry, or
+# (hits, misses) for a request about many.
+Lookups = bool | tuple[int, int] | None
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,17 @@ class HttpFrontEnd(abc.ABC):
     def parse(self, segments: list[str], shown: str) -> Target:
         """The target of a path's segments (after the prefix, if any); HttpError 400 if none."""
 
+    def parse_request(self, segments: list[str], shown: str, query: Mapping[str, str]) -> Target:
+        """The target of a request: parse(), for front ends whose paths say it all; one
+        that names a namespace in the query string (Turborepo's ?teamId=) overrides this."""
+        return self.parse(segments, shown)
+
     @abc.abstractmethod
     async def serve(
         self, request: web.Request, target: Target, limits: Any
-    ) -> tuple[web.StreamResponse, bool | None]:
-        """Serve the request; the response, and for a lookup whether it was a hit.
+    ) -> tuple[web.StreamResponse, Lookups]:
+        """Serve the request; the response, and for a lookup whether it was a hit
+        (for a request about many entries: how many hits and misses).
 
         limits: the caller's (cache_server.auth.Limits). Raise HttpError, or a store
         error, for the pipeline to answer."""
@@ -68,6 +79,26 @@ class HttpFrontEnd(abc.ABC):
     def audit(self, method: str, target: Target) -> dict[str, object] | None:
         """Audit-log fields for a write taken on trust ("event" among them), else None."""
         return None
+
+    def check_segments(self, segments: list[str], shown: str) -> list[str]:
+        """The path's segments (after the prefix, if any) once checked; HttpError 400 if
+        one is not letters, digits and _.~- (no empty, "." or ".." segment, no
+        percent-encoding). A front end whose paths hold other characters narrows this."""
+        for seg in segments:
+            if seg in ("", ".", "..") or not SEGMENT.fullmatch(seg):
+                raise HttpError(
+                    400,
+                    f"path {shown!r} is not valid: segments are letters, digits and _.~- "
+                    "(no empty, '.' or '..' segments, no percent-encoding)",
+                )
+        return segments
+
+    def refusal(
+        self, request: web.Request, status: int, message: str, code: str | None
+    ) -> web.Response:
+        """The response refusing a request (code: HttpError.code, if any); one line of text
+        unless the protocol has its own error format."""
+        return text(status, message)
 
     def methods(self, route: str) -> tuple[str, ...]:
         return tuple(method for (r, method) in self.scopes if r == route)
@@ -78,9 +109,11 @@ def text(status: int, message: str) -> web.Response:
     return web.Response(status=status, text=" ".join(message.split())[:500] + "\n")
 
 
-async def head(request: web.Request, size: int) -> web.StreamResponse:
-    """The answer to HEAD of an entry of size bytes."""
-    response = web.StreamResponse(status=200)
+async def head(
+    request: web.Request, size: int, headers: Mapping[str, str] | None = None
+) -> web.StreamResponse:
+    """The answer to HEAD of an entry of size bytes (with these headers too)."""
+    response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "application/octet-stream"
     response.content_length = size
     await response.prepare(request)
@@ -152,10 +185,15 @@ def store_spooled(store: Store, blob: BlobId, spooled: IO[bytes]) -> None:
 
 
 async def stream(
-    backend: Backend, request: web.Request, blob: BlobId, chunks: Iterator[Chunk]
+    backend: Backend,
+    request: web.Request,
+    blob: BlobId,
+    chunks: Iterator[Chunk],
+    *,
+    headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
-    """A 200 response streaming a blob's chunks from the store."""
-    response = web.StreamResponse(status=200)
+    """A 200 response streaming a blob's chunks from the store (with these headers too)."""
+    response = web.StreamResponse(status=200, headers=headers)
     response.content_type = "application/octet-stream"
     response.content_length = blob.size
     try:
@@ -181,61 +219,160 @@ class KeyedBlobs:
     The protocols whose keys are taken on trust (ccache, and build tools' own caches)
     keep their entries this way: identical contents are stored once, both the key and
     the blob count toward the store's size bound and LRU, and a key whose blob was
-    evicted reads as missing (and is dropped).
+    evicted reads as missing (and is dropped). A key may carry a few metadata strings
+    (Turborepo's task duration and signature tag), kept in its record beside the pointer.
     """
 
     def __init__(self, store: Store, namespace: str) -> None:
         self.store = store
         self.namespace = namespace
 
-    def lookup(self, key: str) -> BlobId | None:
-        """The blob key names, if both are present (refreshes both)."""
+    def find(self, key: str) -> tuple[BlobId, dict[str, str]] | None:
+        """The blob key names and the key's metadata, if both are present (refreshes both)."""
         value = self.store.get_record(self.namespace, key)
-        m = _POINTER.fullmatch(value) if value is not None else None
-        blob = BlobId(m.group(1).decode(), int(m.group(2))) if m else None
-        if blob is None or self.store.find_missing([blob]):
+        found = _parse_pointer(value) if value is not None else None
+        if found is None or self.store.find_missing([found[0]]):
             if value is not None:  # a stale key: its blob was evicted
                 self.store.delete_record(self.namespace, key)
             return None
-        return blob
+        return found
+
+    def lookup(self, key: str) -> BlobId | None:
+        """The blob key names, if both are present (refreshes both)."""
+        found = self.find(key)
+        return None if found is None else found[0]
 
     def open(self, key: str) -> tuple[BlobId, bytes | Iterator[Chunk]] | None:
         """The entry's blob and content: whole if small, else chunks. One worker-thread trip."""
-        blob = self.lookup(key)
-        return None if blob is None else open_blob(self.store, blob)
+        opened = self.open_with_metadata(key)
+        return None if opened is None else opened[0]
 
-    def point(self, key: str, blob: BlobId) -> None:
-        self.store.put_record(self.namespace, key, f"{blob.hash}/{blob.size}".encode())
+    def open_with_metadata(
+        self, key: str
+    ) -> tuple[tuple[BlobId, bytes | Iterator[Chunk]], dict[str, str]] | None:
+        """open(), and the key's metadata."""
+        found = self.find(key)
+        if found is None:
+            return None
+        opened = open_blob(self.store, found[0])
+        return None if opened is None else (opened, found[1])
 
-    def put_bytes(self, key: str, data: bytes) -> None:
+    async def find_on(self, backend: Backend, key: str) -> tuple[BlobId, dict[str, str]] | None:
+        """find(key), in place where the store works from memory (see Backend.run_store)."""
+        return await backend.run_store(self.find, key, entries=2)
+
+    async def open_on(
+        self, backend: Backend, key: str
+    ) -> tuple[tuple[BlobId, bytes | Iterator[Chunk]], dict[str, str]] | None:
+        """open_with_metadata(key) for a request: where the store works from memory, in
+        place (a large entry's hashing on a worker thread); elsewhere one worker trip."""
+        if not self.store.works_in_memory:
+            return await backend.run(self.open_with_metadata, key)
+        found = await self.find_on(backend, key)
+        if found is None:
+            return None
+        blob, metadata = found
+        verified = blob.size if blob.size <= CHUNK else 0  # a chunked read checks as it goes
+        opened = await backend.run_store(open_blob, self.store, blob, gil_free_bytes=verified)
+        return None if opened is None else (opened, metadata)
+
+    def point(
+        self,
+        key: str,
+        blob: BlobId,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = True,
+    ) -> bool:
+        """Make key name blob; with overwrite=False, False if key names a present entry."""
+        value = f"{blob.hash}/{blob.size}".encode()
+        if metadata:
+            value += b"\n" + json.dumps(dict(metadata), sort_keys=True).encode()
+        if overwrite:
+            self.store.put_record(self.namespace, key, value)
+            return True
+        if self.lookup(key) is not None:  # drops a stale key, which a new entry may take
+            return False
+        return self.store.put_record(self.namespace, key, value, overwrite=False)
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = True,
+    ) -> bool:
         blob = BlobId.of(data)
         if self.store.find_missing([blob]):
             self.store.put_blob(blob, data)
-        self.point(key, blob)
+        return self.point(key, blob, metadata, overwrite=overwrite)
 
-    def put_spooled(self, key: str, blob: BlobId, spooled: IO[bytes]) -> None:
+    def put_spooled(
+        self,
+        key: str,
+        blob: BlobId,
+        spooled: IO[bytes],
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = True,
+    ) -> bool:
         store_spooled(self.store, blob, spooled)
-        self.point(key, blob)
+        return self.point(key, blob, metadata, overwrite=overwrite)
 
     def delete(self, key: str) -> None:
         self.store.delete_record(self.namespace, key)
 
     async def put_body(
-        self, backend: Backend, request: web.Request, key: str, limit: int | None
-    ) -> None:
-        """Store the request body under key: small bodies in one worker-thread trip."""
+        self,
+        backend: Backend,
+        request: web.Request,
+        key: str,
+        limit: int | None,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = True,
+    ) -> bool:
+        """Store the request body under key: small bodies in one worker-thread trip.
+
+        With overwrite=False, False (and the key untouched) if key names a present entry."""
         length = request.content_length
         if length is not None and length <= CHUNK:
             data = await request.read()
             if len(data) != length:
                 raise HttpError(400, f"the body ended at {len(data):,} of {length:,} bytes")
-            await backend.run(self.put_bytes, key, data)
-            return
+            return await backend.run_store(
+                functools.partial(self.put_bytes, key, data, metadata, overwrite=overwrite),
+                gil_free_bytes=2 * len(data),  # hashed, then verified by the store
+                entries=3,
+            )
         blob, spooled = await spool(backend, request, limit)
         try:
-            await backend.run(self.put_spooled, key, blob, spooled)
+            return await backend.run(
+                functools.partial(
+                    self.put_spooled, key, blob, spooled, metadata, overwrite=overwrite
+                )
+            )
         finally:
             spooled.close()
+
+
+def _parse_pointer(value: bytes) -> tuple[BlobId, dict[str, str]] | None:
+    """The blob and metadata a KeyedBlobs record holds; None if it holds neither."""
+    pointer, _, extra = value.partition(b"\n")
+    m = _POINTER.fullmatch(pointer)
+    if m is None:
+        return None
+    metadata: dict[str, str] = {}
+    if extra:
+        try:
+            loaded = json.loads(extra)
+        except ValueError:
+            return None
+        if not isinstance(loaded, dict):
+            return None
+        metadata = {str(k): str(v) for k, v in loaded.items()}
+    return BlobId(m.group(1).decode(), int(m.group(2))), metadata
 
 
 def open_blob(store: Store, blob: BlobId) -> tuple[BlobId, bytes | Iterator[Chunk]] | None:
@@ -251,20 +388,28 @@ async def blob_response(
     request: web.Request,
     opened: tuple[BlobId, bytes | Iterator[Chunk]] | None,
     missing: str,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[web.StreamResponse, bool]:
-    """The answer to GET of an opened entry (None: 404 saying missing), and whether it hit."""
+    """The answer to GET of an opened entry (None: 404 saying missing), and whether it hit;
+    headers: more headers for a hit's answer."""
     if opened is None:
         return text(404, missing), False
     blob, content = opened
     if isinstance(content, bytes):
-        return web.Response(body=content, content_type="application/octet-stream"), True
-    return await stream(backend, request, blob, content), True
+        response = web.Response(
+            body=content, content_type="application/octet-stream", headers=headers
+        )
+        return response, True
+    return await stream(backend, request, blob, content, headers=headers), True
 
 
 async def head_response(
-    request: web.Request, size: int | None, missing: str
+    request: web.Request,
+    size: int | None,
+    missing: str,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[web.StreamResponse, bool]:
     """The answer to HEAD of an entry of size bytes (None: 404 saying missing), and hit."""
     if size is None:
         return text(404, missing), False
-    return await head(request, size), True
+    return await head(request, size, headers), True

@@ -1,0 +1,82 @@
+"""End-to-end: the real nx (pinned by tests/tools/install_js_tools.sh) uses the HTTP endpoint
+as its self-hosted remote cache (NX_SELF_HOSTED_REMOTE_CACHE_SERVER and _ACCESS_TOKEN).
+
+A 3-package monorepo (c depends on b, b on a). Runner 1 builds with the remote cache on;
+runner 2, a fresh clone with its own empty local cache directory (NX_CACHE_DIRECTORY),
+gets every task from the remote cache (`[remote cache]` for each) and its restored
+outputs are byte-identical to runner 1's. The same after a server restart; a read-only
+token reads and uploads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from tests.http.helpers import http_server, http_url
+from tests.ops.helpers import Token, write_token_file
+from tests.server_process import ServerProcess, running
+from tests.tools.js_tools import NX_JSON, PACKAGES, Nx, clone, js_tools, outputs, write_monorepo
+
+WRITER = Token("ci-nx", "tok-nx-writer-e5f6", ("read", "cas-write", "ac-write"))
+READER = Token("dev-nx", "tok-nx-reader-a7b8", ("read",))
+
+
+@pytest.fixture
+def origin(tmp_path: pathlib.Path) -> pathlib.Path:
+    js_tools()  # skips, saying why, before anything else if nx cannot be had
+    repo = tmp_path / "origin"
+    write_monorepo(repo, {"nx.json": json.dumps(NX_JSON, indent=2) + "\n"})
+    return repo
+
+
+def serve(root: pathlib.Path) -> ServerProcess:
+    tokens = write_token_file(root / "tokens.toml", [WRITER, READER])
+    args = ["--token-file", str(tokens), "--audit-log", str(root / "audit.jsonl")]
+    return http_server(root / "store", args)
+
+
+def test_a_fresh_runner_gets_every_task_from_the_remote_cache(
+    origin: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    with running(serve(tmp_path)) as server:
+        url = http_url(server)
+        first, remote = Nx(clone(origin, tmp_path / "one"), url, WRITER.value).build()
+        assert remote == set() and "[local cache]" not in first, first
+        built = outputs(tmp_path / "one")
+
+        out, remote = Nx(clone(origin, tmp_path / "two"), url, READER.value).build()
+        assert remote == set(PACKAGES), out
+        assert outputs(tmp_path / "two") == built
+
+    # A restarted server (same store) still has everything.
+    with running(serve(tmp_path)) as server:
+        out, remote = Nx(clone(origin, tmp_path / "three"), http_url(server), READER.value).build()
+        assert remote == set(PACKAGES), out
+        assert outputs(tmp_path / "three") == built
+
+
+def test_a_read_only_token_reads_and_uploads_nothing(
+    origin: pathlib.Path, tmp_path: pathlib.Path
+) -> None:
+    with running(serve(tmp_path)) as server:
+        url = http_url(server)
+        Nx(clone(origin, tmp_path / "one"), url, WRITER.value).build()
+        # Runner 2 changes package c: a and b come from the remote cache, c is built, and
+        # its upload is refused (403), which nx reports and goes on.
+        two = clone(origin, tmp_path / "two")
+        (two / "packages/c/src/index.js").write_text("module.exports.c = () => 'changed';\n")
+        out, remote = Nx(two, url, READER.value).build()
+        assert remote == {"a", "b"}, out
+    puts = [
+        json.loads(line)
+        for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "nx_put"
+    ]
+    assert {(p["caller"], p["outcome"]) for p in puts} == {
+        (WRITER.name, "OK"),
+        (READER.name, "HTTP 403"),
+    }, puts
+    assert sum(p["caller"] == WRITER.name for p in puts) == 3
