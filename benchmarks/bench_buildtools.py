@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from benchmarks.bench_cache import Row, median_row, report, server_benchmark_parser
-from tests.server_process import ServerProcess, free_port
+from tests.support.server_process import ServerProcess, free_port
 from tests.tools.js_tools import INSTALL, tools_dir
 
 TOKEN = "bench-token"

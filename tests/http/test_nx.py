@@ -17,7 +17,7 @@ import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 from tests.tools.js_tools import NX_JSON, PACKAGES, Nx, clone, js_tools, outputs, write_monorepo
 
 WRITER = Token("ci-nx", "tok-nx-writer-e5f6", ("read", "cas-write", "ac-write"))

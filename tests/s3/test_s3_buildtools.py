@@ -11,8 +11,8 @@ import pytest
 
 from tests.http.helpers import http_url
 from tests.http.test_sccache import FILES, GCC, SCCACHE, Runner, c_count
-from tests.s3.conftest import server_args
-from tests.server_process import ServerProcess, running
+from tests.support.moto import server_args
+from tests.support.server_process import ServerProcess, running
 from tests.tools.js_tools import (
     NX_JSON,
     PACKAGES,
