@@ -13,7 +13,7 @@ Turborepo cache (npm; local-disk storage), each storing under --storage-dir
     small artifacts (artifacts/s over all of them)
 in --rounds rounds (3; the servers take turns), and prints each median rate beside the
 other's, with their ratio. The reference is installed by
-`tests/tools/install_js_tools.sh --bench` (this runs it when it is missing, except with
+`tests/support/install_js_tools.sh --bench` (this runs it when it is missing, except with
 --smoke); where it cannot be had, only Slipstream's rows are measured.
 """
 
@@ -33,8 +33,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from benchmarks.bench_cache import Row, median_row, report, server_benchmark_parser
+from tests.support.js_tools import INSTALL, tools_dir
 from tests.support.server_process import ServerProcess, free_port
-from tests.tools.js_tools import INSTALL, tools_dir
 
 TOKEN = "bench-token"
 _HTTP_LINE = "serving the HTTP cache"

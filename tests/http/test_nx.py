@@ -1,4 +1,4 @@
-"""End-to-end: the real nx (pinned by tests/tools/install_js_tools.sh) uses the HTTP endpoint
+"""End-to-end: the real nx (pinned by tests/support/install_js_tools.sh) uses the HTTP endpoint
 as its self-hosted remote cache (NX_SELF_HOSTED_REMOTE_CACHE_SERVER and _ACCESS_TOKEN).
 
 A 3-package monorepo (c depends on b, b on a). Runner 1 builds with the remote cache on;
@@ -17,8 +17,8 @@ import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
+from tests.support.js_tools import NX_JSON, PACKAGES, Nx, clone, js_tools, outputs, write_monorepo
 from tests.support.server_process import ServerProcess, running
-from tests.tools.js_tools import NX_JSON, PACKAGES, Nx, clone, js_tools, outputs, write_monorepo
 
 WRITER = Token("ci-nx", "tok-nx-writer-e5f6", ("read", "cas-write", "ac-write"))
 READER = Token("dev-nx", "tok-nx-reader-a7b8", ("read",))

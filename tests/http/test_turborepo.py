@@ -1,4 +1,4 @@
-"""End-to-end: the real turbo (pinned by tests/tools/install_js_tools.sh) uses the HTTP
+"""End-to-end: the real turbo (pinned by tests/support/install_js_tools.sh) uses the HTTP
 endpoint as its remote cache (TURBO_API, TURBO_TOKEN, TURBO_TEAM).
 
 A 3-package monorepo (c depends on b, b on a). Runner 1 builds with remote caching on;
@@ -17,8 +17,8 @@ import pytest
 
 from tests.http.helpers import http_server, http_url
 from tests.ops.helpers import Token, write_token_file
+from tests.support.js_tools import TURBO_JSON, Turbo, clone, git, js_tools, outputs, write_monorepo
 from tests.support.server_process import ServerProcess, running
-from tests.tools.js_tools import TURBO_JSON, Turbo, clone, git, js_tools, outputs, write_monorepo
 
 WRITER = Token("ci-turbo", "tok-turbo-writer-a1b2", ("read", "cas-write", "ac-write"))
 READER = Token("dev-turbo", "tok-turbo-reader-c3d4", ("read",))

@@ -11,9 +11,7 @@ import pytest
 
 from tests.http.helpers import http_url
 from tests.http.test_sccache import FILES, GCC, SCCACHE, Runner, c_count
-from tests.support.moto import server_args
-from tests.support.server_process import ServerProcess, running
-from tests.tools.js_tools import (
+from tests.support.js_tools import (
     NX_JSON,
     PACKAGES,
     TURBO_JSON,
@@ -24,6 +22,8 @@ from tests.tools.js_tools import (
     outputs,
     write_monorepo,
 )
+from tests.support.moto import server_args
+from tests.support.server_process import ServerProcess, running
 
 
 def replica(bucket: str, moto_url: str, *extra: str) -> ServerProcess:

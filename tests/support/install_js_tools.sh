@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Install the pinned JavaScript build tools the end-to-end tests drive (tests/tools/js_tools.py)
+# Install the pinned JavaScript build tools the end-to-end tests drive (tests/support/js_tools.py)
 # into a cache directory: turbo and nx. Idempotent: a finished install is kept.
-#   tests/tools/install_js_tools.sh [--bench] [DIR]
+#   tests/support/install_js_tools.sh [--bench] [DIR]
 #     DIR: $SLIPSTREAM_JS_TOOLS, else ~/.cache/slipstream/js-tools
 #     --bench: also the community's Turborepo cache server, turborepo-remote-cache, into
 #              DIR/bench (benchmarks/bench_buildtools.py runs beside it)

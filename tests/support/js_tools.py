@@ -1,7 +1,7 @@
 """The pinned JavaScript build tools (turbo, nx) the end-to-end tests drive, a monorepo for
 them, and a CI runner of each (`Turbo`, `Nx`).
 
-tests/tools/install_js_tools.sh installs them into a cache directory ($SLIPSTREAM_JS_TOOLS,
+tests/support/install_js_tools.sh installs them into a cache directory ($SLIPSTREAM_JS_TOOLS,
 else ~/.cache/slipstream/js-tools); .ci/setup runs it, and so does `js_tools()` when they
 are missing. A test skips, saying why, only where npm cannot reach its registry.
 """
