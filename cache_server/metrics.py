@@ -17,6 +17,7 @@ store by a collector that asks it at scrape time:
     slipstream_http_request_seconds{route,method}         their latency
     slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
     slipstream_store_evictions_total
+    slipstream_store_operations_total{operation}          calls made of the store (CountingStore)
     slipstream_s3_requests_total{operation}               from Store.request_counts()
     process_* / python_gc_* / python_info                 prometheus_client's own: memory,
         CPU, open files, collections per garbage-collector generation
@@ -118,6 +119,16 @@ class StoreCollector(Collector):
                 "Entries evicted to stay within the size bound",
                 value=stats.evictions,
             )
+        operations = self.store.operation_counts()
+        if operations:
+            calls = CounterMetricFamily(
+                "slipstream_store_operations",
+                "Calls made of the store, by operation",
+                labels=["operation"],
+            )
+            for operation, count in sorted(operations.items()):
+                calls.add_metric([operation], count)
+            yield calls
         counts = self.store.request_counts()
         if not counts:
             return

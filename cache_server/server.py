@@ -69,6 +69,15 @@ class ServerConfig:
 
 
 def open_store(config: ServerConfig) -> Store:
+    """The store config asks for, composed from its parts: a backend (memory, disk, S3),
+    for S3 the existence cache and the disk tier in front, and outermost the counting of
+    calls for the metrics."""
+    from slipstream.cache_server.storage.counting import CountingStore
+
+    return CountingStore(_open_backend(config))
+
+
+def _open_backend(config: ServerConfig) -> Store:
     from slipstream.cache_server.storage.disk import default_storage_dir
 
     if config.in_memory:

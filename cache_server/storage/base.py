@@ -268,5 +268,10 @@ class Store(abc.ABC):
         metrics); empty for a store with no remote backend."""
         return {}
 
+    def operation_counts(self) -> dict[str, int]:
+        """Calls made of this store so far, by operation, where it counts them (for
+        metrics: storage/counting.py); empty otherwise."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (threads, connections)."""

@@ -15,7 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 
-from slipstream.cache_server.storage.base import BlobRefused, BlobWriter, Chunk, Store, X
+from slipstream.cache_server.storage.base import (
+    BlobRefused,
+    BlobWriter,
+    Chunk,
+    Store,
+    StoreUnavailable,
+    X,
+)
 from slipstream.cache_server.storage.wrapper import StoreWrapper
 from slipstream.core.digests import EMPTY_BLOB, BlobId, verify
 
@@ -83,6 +90,15 @@ class ExistenceCache(StoreWrapper):
         else:
             self.known.add(blob)
         return data
+
+    def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
+        got = self.inner.get_blobs(blobs)
+        for blob, data in zip(blobs, got, strict=True):
+            if data is None:
+                self.known.discard(blob)
+            elif not isinstance(data, StoreUnavailable):
+                self.known.add(blob)
+        return got
 
     def read_blob(
         self, blob: BlobId, offset: int = 0, chunk_size: int = 1 << 20

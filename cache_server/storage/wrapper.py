@@ -16,6 +16,7 @@ from slipstream.cache_server.storage.base import (
     RecordInfo,
     Store,
     StoreStats,
+    StoreUnavailable,
     X,
     Y,
 )
@@ -59,6 +60,11 @@ class StoreWrapper(Store):
         # put_blob must change this too (Store.put_blobs goes through put_blob).
         return self.inner.put_blobs(items, unpack)
 
+    def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
+        # inner's, which may read a batch at once; a wrapper that changes get_blob must
+        # change this too.
+        return self.inner.get_blobs(blobs)
+
     def open_writer(self, blob: BlobId) -> BlobWriter:
         return self.inner.open_writer(blob)
 
@@ -82,6 +88,9 @@ class StoreWrapper(Store):
 
     def request_counts(self) -> dict[str, int]:
         return self.inner.request_counts()
+
+    def operation_counts(self) -> dict[str, int]:
+        return self.inner.operation_counts()
 
     def close(self) -> None:
         self.inner.close()

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import slipstream.cache_server.cli
 from slipstream.cache_server.server import ServerConfig, open_store
 from slipstream.cache_server.storage.base import RecordKeyError, StoreFull
+from slipstream.cache_server.storage.counting import CountingStore
 from slipstream.cache_server.storage.memory import MemoryStore
 from slipstream.cli import main
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
@@ -447,7 +448,8 @@ def test_memory_storage_from_flag_environment_or_file(
         (False, tmp_path / "disk", None),
     ]
     store = open_store(configs[0])
-    assert isinstance(store, MemoryStore) and store.max_size == 2048
+    assert isinstance(store, CountingStore)  # what the metrics read, around the backend
+    assert isinstance(store.inner, MemoryStore) and store.inner.max_size == 2048
     assert main(["serve", "--storage", "memory://somewhere"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "write just memory://" in err, err
