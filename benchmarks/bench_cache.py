@@ -424,6 +424,15 @@ def run_mixed(address: str, sizes: Sizes) -> Row:
     )
 
 
+RAM_DIRECTORY = pathlib.Path("/dev/shm")
+
+
+def default_storage_dir() -> pathlib.Path | None:
+    """The benchmarks' --storage-dir default: /dev/shm (a tmpfs, whose figures are steadier
+    than a shared disk's) if it is a directory here, else None (the system's temp dir)."""
+    return RAM_DIRECTORY if RAM_DIRECTORY.is_dir() else None
+
+
 def machine() -> dict[str, object]:
     return {
         "python": platform.python_version(),
@@ -445,7 +454,7 @@ def server_benchmark_parser(doc: str | None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--storage-dir",
         type=pathlib.Path,
-        default=pathlib.Path("/dev/shm") if pathlib.Path("/dev/shm").is_dir() else None,
+        default=default_storage_dir(),
         help="where the server's store goes (default /dev/shm, a tmpfs)",
     )
     return parser

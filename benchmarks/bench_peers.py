@@ -49,7 +49,16 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from benchmarks.bench_cache import SMOKE, Row, Sizes, Workload, machine, median_row, sha256_rate
+from benchmarks.bench_cache import (
+    SMOKE,
+    Row,
+    Sizes,
+    Workload,
+    default_storage_dir,
+    machine,
+    median_row,
+    sha256_rate,
+)
 from benchmarks.bench_split_peers import cache_dir
 from slipstream.cache_server.storage.disk import filesystem_type
 from tests.support.moto import AWS_ENV, make_buckets, moto_client, moto_server
@@ -486,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--storage-dir",
         type=pathlib.Path,
-        default=pathlib.Path("/dev/shm") if pathlib.Path("/dev/shm").is_dir() else None,
+        default=default_storage_dir(),
         help="where both disk stores go (default /dev/shm, a tmpfs)",
     )
     parser.add_argument(

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 
 import grpc
 
-from benchmarks.bench_cache import machine
+from benchmarks.bench_cache import default_storage_dir, machine
 from benchmarks.bench_split_peers import read_run
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import bytestream_pb2_grpc as bs_grpc
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--storage-dir",
         type=pathlib.Path,
-        default=pathlib.Path("/dev/shm") if pathlib.Path("/dev/shm").is_dir() else None,
+        default=default_storage_dir(),
     )
     parser.add_argument("--json", type=pathlib.Path, default=HERE / "pipeline_results.json")
     args = parser.parse_args(argv)

@@ -9,14 +9,16 @@ import pathlib
 
 import pytest
 
-from benchmarks import bench_peers
+from benchmarks import bench_cache, bench_peers
 
 
-def test_peer_benchmark_smoke(tmp_path: pathlib.Path) -> None:
+def test_peer_benchmark_smoke(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The disk stores go where the benchmarks' shared --storage-dir default points.
+    monkeypatch.setattr(bench_cache, "RAM_DIRECTORY", tmp_path)
     out = tmp_path / "peers.json"
-    argv = ["--smoke", "--json", str(out), "--storage-dir", str(tmp_path)]
-    assert bench_peers.main(argv) == 0
+    assert bench_peers.main(["--smoke", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
+    assert results["storage_dir"] == str(tmp_path)
     kinds = [run["kind"] for run in results["runs"]]
     assert {"memory", "disk"} <= set(kinds)
     for run in results["runs"]:
