@@ -57,8 +57,28 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--http-listen",
         metavar="HOST:PORT",
-        help="also serve a Bazel HTTP cache and ccache remote storage here "
+        help="also serve a Bazel HTTP cache, ccache remote storage and an OCI registry here "
         "(same store and tokens; port 0 picks a free one)",
+    )
+    p.add_argument(
+        "--registry-upstream",
+        action="append",
+        metavar="[PREFIX=]URL",
+        help="pull-through mirror: an image the registry at /v2/ lacks is fetched from the "
+        "registry at URL (repositories under PREFIX/ only, named there without it); repeatable",
+    )
+    p.add_argument(
+        "--registry-tag-ttl",
+        type=float,
+        metavar="SECONDS",
+        help="how long a tag fetched from an upstream is served before asking it again "
+        "(default 300)",
+    )
+    p.add_argument(
+        "--registry-upstream-auth-file",
+        metavar="FILE",
+        help='credentials for private upstreams: a Docker config.json (its "auths" by '
+        "registry host, as `docker login` writes them)",
     )
     p.add_argument("--max-size", metavar="SIZE", help="size bound with LRU eviction, e.g. 10G")
     p.add_argument(
@@ -76,8 +96,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--upload-idle-timeout",
         metavar="DURATION",
         default="60s",
-        help="drop a ByteStream upload that receives nothing this long, open or left for "
-        "a resume (default 60s)",
+        help="drop a ByteStream upload or an OCI upload session that receives nothing this "
+        "long, open or left for a resume (default 60s)",
     )
     p.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
     settings.add_arguments(p)
@@ -97,6 +117,29 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--upload-idle-timeout: {exc}") from None
     listen = settings.check_listen(args.listen, "--listen")
     http = settings.check_listen(args.http_listen, "--http-listen")
+    upstreams = tuple(args.registry_upstream or ())
+    if upstreams:
+        if http is None:
+            raise UsageError(
+                "--registry-upstream needs --http-listen (the registry is served there)"
+            )
+        from slipstream.cache_server.services.oci_upstream import parse_upstream, read_auth_file
+
+        for upstream in upstreams:
+            try:
+                parse_upstream(upstream)
+            except ValueError as exc:
+                raise UsageError(f"--registry-upstream {exc}") from None
+        if args.registry_upstream_auth_file:
+            try:
+                read_auth_file(args.registry_upstream_auth_file)
+            except ValueError as exc:
+                raise UsageError(f"--registry-upstream-auth-file {exc}") from None
+    elif args.registry_upstream_auth_file:
+        raise UsageError("--registry-upstream-auth-file needs --registry-upstream")
+    tag_ttl = 300.0 if args.registry_tag_ttl is None else args.registry_tag_ttl
+    if tag_ttl < 0:
+        raise UsageError("--registry-tag-ttl must not be negative")
     in_memory = (args.storage or "").startswith(MEMORY_URL)
     if in_memory and args.storage != MEMORY_URL:
         raise UsageError(f"--storage {args.storage!r}: write just {MEMORY_URL} for RAM storage")
@@ -117,6 +160,9 @@ def run_serve(args: argparse.Namespace) -> int:
         http_listen=http,
         upload_idle_timeout=upload_idle_timeout,
         fsync=not args.no_fsync,
+        registry_upstreams=upstreams,
+        registry_tag_ttl=tag_ttl,
+        registry_upstream_auth_file=args.registry_upstream_auth_file,
     )
     _configure_s3(args, config)
     for flag, directory in (("--storage", config.storage), ("--cache-dir", config.cache_dir)):

@@ -40,11 +40,13 @@ from slipstream.cache_server.services.http_bazel import BazelHttpCache
 from slipstream.cache_server.services.http_ccache import CcacheStorage
 from slipstream.cache_server.services.http_common import (
     HttpFrontEnd,
+    HttpOptions,
     Lookups,
     Target,
     text,
 )
 from slipstream.cache_server.services.http_nx import NxCache
+from slipstream.cache_server.services.http_oci import OciRegistry
 from slipstream.cache_server.services.http_sccache import SccacheWebdav
 from slipstream.cache_server.services.http_turborepo import TurborepoCache
 
@@ -55,6 +57,7 @@ FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (
     TurborepoCache,
     NxCache,
     SccacheWebdav,
+    OciRegistry,
     BazelHttpCache,
 )
 
@@ -70,6 +73,7 @@ _GRPC_CODE = {
     415: grpc.StatusCode.INVALID_ARGUMENT,
     416: grpc.StatusCode.OUT_OF_RANGE,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    502: grpc.StatusCode.UNAVAILABLE,  # an upstream registry is
     503: grpc.StatusCode.UNAVAILABLE,
     507: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
@@ -137,10 +141,12 @@ class HttpEndpoint:
         backend: Backend,
         ops: Operations,
         front_ends: Sequence[type[HttpFrontEnd]] = FRONT_ENDS,
+        options: HttpOptions | None = None,
     ) -> None:
         self.backend = backend
         self.ops = ops
-        built = [front_end(backend) for front_end in front_ends]
+        built = [front_end(backend, options) for front_end in front_ends]
+        self.front_ends = built
         self.by_prefix = {fe.prefix: fe for fe in built if fe.prefix is not None}
         self.default = next((fe for fe in built if fe.prefix is None), None)
         for fe in built:
@@ -177,6 +183,8 @@ class HttpEndpoint:
         if self.runner is not None:
             await self.runner.cleanup()
             self.runner = None
+        for front_end in self.front_ends:
+            await front_end.close()
 
     def front_end_of(self, request: web.Request) -> tuple[HttpFrontEnd, list[str], str]:
         """The front end a request's path goes to, the path's segments it parses (after
@@ -230,7 +238,7 @@ class HttpEndpoint:
             call.method = http_method(target.route, verb)
             call.label = f"{verb} on {target.route}"
             call.notes["http.route"] = target.route
-            call.notes["http.path"] = request.path[:200]  # checked: letters, digits, _.~-/
+            call.notes["http.path"] = request.path[:200]  # checked: no spaces, no percent-encoding
             audit = front_end.audit(verb, target)
             if audit is not None:
                 call.notes["audit"] = audit
@@ -251,6 +259,9 @@ class HttpEndpoint:
             response = self._refusal(call, request, front_end, failure)
         call.notes["http.status"] = response.status
         call.notes["http.hit"] = hit
+        call.notes["http.received"] = request.content.total_bytes
+        if verb != "HEAD":
+            call.notes["http.sent"] = response.content_length or 0
         if failure is None:
             run.end_with(grpc.StatusCode.OK, "")
         elif isinstance(failure, RpcError):
@@ -275,8 +286,9 @@ class HttpEndpoint:
             response = text(status, message)
         else:
             response = front_end.refusal(request, status, message, code)
-        if status == 401:
-            response.headers["WWW-Authenticate"] = 'Bearer realm="slipstream"'
+        if response.status == 401:
+            challenge = front_end.challenge(request) if front_end is not None else None
+            response.headers["WWW-Authenticate"] = challenge or 'Bearer realm="slipstream"'
         if isinstance(exc, _MethodNotAllowed):
             response.headers["Allow"] = ", ".join(exc.allowed)
         if status >= 400 and status not in (401, 403, 404, 405, 429, 503):

@@ -11,10 +11,12 @@ store by a collector that asks it at scrape time:
     slipstream_cache_lookups_total{service,result}        hit / miss, per blob or key:
         ac (GetActionResult), cas (FindMissingBlobs, BatchReadBlobs),
         bytestream (Read), layers (GetLayer); over HTTP (cache_server.http_endpoint):
-        http_ac, http_cas, ccache, turborepo, nx, sccache (GET and HEAD);
+        http_ac, http_cas, ccache, turborepo, nx, sccache, oci_blobs, oci_manifests (GET and HEAD);
         turborepo_events: the hits and misses turbo reports (POST /v8/artifacts/events)
     slipstream_http_requests_total{route,method,code}     HTTP cache requests, by status
     slipstream_http_request_seconds{route,method}         their latency
+    slipstream_http_received_bytes_total{route,method}    request body bytes
+    slipstream_http_sent_bytes_total{route,method}        response body bytes
     slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
     slipstream_store_evictions_total
     slipstream_store_operations_total{operation}          calls made of the store (CountingStore)
@@ -196,6 +198,18 @@ class Metrics(Hook):
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.http_received_bytes = Counter(
+            "slipstream_http_received_bytes",
+            "Request body bytes of HTTP requests",
+            ["route", "method"],
+            registry=r,
+        )
+        self.http_sent_bytes = Counter(
+            "slipstream_http_sent_bytes",
+            "Response body bytes of HTTP requests",
+            ["route", "method"],
+            registry=r,
+        )
         r.register(StoreCollector(store))
         self._http: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -238,6 +252,11 @@ class Metrics(Hook):
         status, hit = call.notes.get("http.status", 0), call.notes.get("http.hit")
         self._labels(self.http_requests, route, method, str(status)).inc()
         self._labels(self.http_latency, route, method).observe(time.monotonic() - call.started)
+        received, sent = call.notes.get("http.received", 0), call.notes.get("http.sent", 0)
+        if received:
+            self._labels(self.http_received_bytes, route, method).inc(received)
+        if sent:
+            self._labels(self.http_sent_bytes, route, method).inc(sent)
         if hit is None:
             return
         kind = f"http_{route}" if route in ("ac", "cas") else route

@@ -66,6 +66,9 @@ class ServerConfig:
     http_listen: str | None = None  # also serve the HTTP caches (Bazel, ccache, build tools) here
     upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT  # seconds
     fsync: bool = True  # writes durable on disk before they are acknowledged
+    registry_upstreams: tuple[str, ...] = ()  # the registry's pull-through mirror: [PREFIX=]URL
+    registry_tag_ttl: float = 300.0  # seconds a mirrored tag is served before asking again
+    registry_upstream_auth_file: str | None = None  # Docker config.json of upstream credentials
 
 
 def open_store(config: ServerConfig) -> Store:
@@ -154,10 +157,18 @@ class CacheServer:
         self.http: HttpEndpoint | None = None
         if config.http_listen is not None:
             from slipstream.cache_server.http_endpoint import (
+                FRONT_ENDS,
                 HttpEndpoint,  # aiohttp: only when asked for
             )
+            from slipstream.cache_server.services.http_common import HttpOptions
 
-            self.http = HttpEndpoint(self.backend, self.ops)
+            options = HttpOptions(
+                config.registry_upstreams,
+                config.registry_tag_ttl,
+                config.registry_upstream_auth_file,
+                config.upload_idle_timeout,
+            )
+            self.http = HttpEndpoint(self.backend, self.ops, FRONT_ENDS, options)
 
     async def start(self) -> None:
         self.port = self.ops.bind(self.server, self.config.listen)
@@ -275,8 +286,8 @@ async def serve(config: ServerConfig) -> None:
         print(f"slipstream: {line}", flush=True)
     if server.http_url is not None:
         print(
-            "slipstream: serving the HTTP cache (Bazel, ccache, Turborepo, Nx, sccache) "
-            f"on {server.http_url}",
+            "slipstream: serving the HTTP cache (Bazel, ccache, Turborepo, Nx, sccache, "
+            f"OCI registry) on {server.http_url}",
             flush=True,
         )
     print(

@@ -81,7 +81,8 @@ class HttpError(Exception):
     """An HTTP answer: this status and a one-line message.
 
     code: the protocol's own name for the error where it has one (Turborepo's
-    "forbidden"), for the front end to put in its error body."""
+    "forbidden", the OCI registry's "DIGEST_INVALID"), for the front end to put in its
+    error body."""
 
     def __init__(
         self, status: int, message: str, *, close: bool = False, code: str | None = None

@@ -25,7 +25,6 @@ from slipstream.cache_server.auth import AC_WRITE, CAS_WRITE, READ
 from slipstream.cache_server.services.action_cache import AC_NAMESPACE, action_key, referenced_blobs
 from slipstream.cache_server.services.common import MAX_BATCH_TOTAL_SIZE, HttpError
 from slipstream.cache_server.services.http_common import (
-    CHUNK,
     HttpFrontEnd,
     Target,
     blob_response,
@@ -33,11 +32,9 @@ from slipstream.cache_server.services.http_common import (
     check_length,
     head_response,
     open_blob,
-    spool,
-    store_spooled,
+    put_blob_body,
     text,
 )
-from slipstream.cache_server.storage.base import BlobWriter
 from slipstream.core.digests import BlobId, DigestError
 from slipstream.protos import remote_execution_pb2 as re_pb2
 
@@ -77,7 +74,7 @@ class BazelHttpCache(HttpFrontEnd):
         method = request.method
         if target.route == "cas":
             if method == "PUT":
-                await self._put_cas(request, target.key, limits.max_blob_size)
+                await put_blob_body(self.backend, request, target.key, limits.max_blob_size)
                 return text(200, "stored"), None
             missing = f"no cas entry {target.key}"
             if method == "HEAD":
@@ -120,37 +117,6 @@ class BazelHttpCache(HttpFrontEnd):
         return data
 
     # ---- writes ----
-    async def _put_cas(self, request: web.Request, sha256: str, limit: int | None) -> None:
-        check_length(request, limit, "a blob")
-        length = request.content_length
-        if length is not None and length <= CHUNK:  # small: one trip to a worker thread
-            data = await request.read()
-            if len(data) != length:
-                raise HttpError(400, f"the body ended at {len(data):,} of {length:,} bytes")
-            try:
-                await self.backend.run(self.store.put_blob, BlobId(sha256, len(data)), data)
-            except DigestError as exc:
-                raise HttpError(400, f"not stored: {exc}") from None
-            return
-        if length is None:  # chunked: hash it on the way in, then check
-            blob, spooled = await spool(self.backend, request, limit)
-            try:
-                if blob.hash != sha256:
-                    raise HttpError(400, f"the body hashes to {blob.hash}, not {sha256}")
-                await self.backend.run(store_spooled, self.store, blob, spooled)
-            finally:
-                spooled.close()
-            return
-        writer: BlobWriter = await self.backend.run(self.store.open_writer, BlobId(sha256, length))
-        try:
-            async for chunk in body(request, limit):
-                await self.backend.run(writer.write, chunk)
-            await self.backend.run(writer.commit)
-        except DigestError as exc:
-            raise HttpError(400, f"not stored: {exc}") from None
-        finally:
-            await self.backend.run(writer.abort)
-
     async def _put_ac(self, request: web.Request, key: str) -> None:
         check_length(request, MAX_BATCH_TOTAL_SIZE, "an action result")
         data = b"".join([c async for c in body(request, MAX_BATCH_TOTAL_SIZE)])

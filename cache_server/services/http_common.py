@@ -22,9 +22,10 @@ from typing import IO, Any, ClassVar
 
 from aiohttp import web
 
+from slipstream.cache_server.services.bytestream import UPLOAD_IDLE_TIMEOUT
 from slipstream.cache_server.services.common import Backend, HttpError
-from slipstream.cache_server.storage.base import Chunk, Store
-from slipstream.core.digests import BlobId
+from slipstream.cache_server.storage.base import BlobWriter, Chunk, Store
+from slipstream.core.digests import BlobId, DigestError
 
 CHUNK = 1 << 20  # bytes handed to or taken from the store at a time
 SPOOL_IN_MEMORY = 1 << 20  # a body whose hash is not known up front spills to a file past this
@@ -33,6 +34,16 @@ _POINTER = re.compile(rb"([0-9a-f]{64})/([0-9]{1,20})")
 # What serve() may report of a request's lookups: hit or miss for one entry, or
 # (hits, misses) for a request about many.
 Lookups = bool | tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """Settings of the HTTP front ends from the server's flags."""
+
+    registry_upstreams: tuple[str, ...] = ()  # --registry-upstream [PREFIX=]URL
+    registry_tag_ttl: float = 300.0  # --registry-tag-ttl SECONDS
+    registry_upstream_auth_file: str | None = None  # --registry-upstream-auth-file FILE
+    upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT  # an idle upload session is dropped
 
 
 @dataclass(frozen=True)
@@ -53,9 +64,13 @@ class HttpFrontEnd(abc.ABC):
     # (route, HTTP method) -> the scopes a caller needs for it, all of them.
     scopes: ClassVar[Mapping[tuple[str, str], tuple[str, ...]]] = {}
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, options: HttpOptions | None = None) -> None:
         self.backend = backend
         self.store: Store = backend.store
+        self.options = options or HttpOptions()
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the front end holds (connections), when the endpoint stops."""
 
     @abc.abstractmethod
     def parse(self, segments: list[str], shown: str) -> Target:
@@ -102,6 +117,10 @@ class HttpFrontEnd(abc.ABC):
 
     def methods(self, route: str) -> tuple[str, ...]:
         return tuple(method for (r, method) in self.scopes if r == route)
+
+    def challenge(self, request: web.Request) -> str:
+        """The WWW-Authenticate header of a 401 answer."""
+        return 'Bearer realm="slipstream"'
 
 
 def text(status: int, message: str) -> web.Response:
@@ -184,22 +203,74 @@ def store_spooled(store: Store, blob: BlobId, spooled: IO[bytes]) -> None:
         writer.abort()
 
 
+async def put_blob_body(
+    backend: Backend,
+    request: web.Request,
+    sha256: str,
+    limit: int | None,
+    *,
+    digest_code: str | None = None,
+) -> None:
+    """Store the request body as the CAS blob of hash sha256, verified before it is
+    visible: streamed into the store's writer when its length is known, else hashed
+    on the way into a spool. HttpError 400 (with digest_code) if it does not match."""
+    check_length(request, limit, "a blob")
+    length = request.content_length
+    store = backend.store
+    if length is not None and length <= CHUNK:  # small: one trip to a worker thread
+        data = await request.read()
+        if len(data) != length:
+            raise HttpError(400, f"the body ended at {len(data):,} of {length:,} bytes")
+        try:
+            await backend.run(store.put_blob, BlobId(sha256, len(data)), data)
+        except DigestError as exc:
+            raise HttpError(400, f"not stored: {exc}", code=digest_code) from None
+        return
+    if length is None:  # chunked: hash it on the way in, then check
+        blob, spooled = await spool(backend, request, limit)
+        try:
+            if blob.hash != sha256:
+                raise HttpError(
+                    400, f"the body hashes to {blob.hash}, not {sha256}", code=digest_code
+                )
+            await backend.run(store_spooled, store, blob, spooled)
+        finally:
+            spooled.close()
+        return
+    writer: BlobWriter = await backend.run(store.open_writer, BlobId(sha256, length))
+    try:
+        async for chunk in body(request, limit):
+            await backend.run(writer.write, chunk)
+        await backend.run(writer.commit)
+    except DigestError as exc:
+        raise HttpError(400, f"not stored: {exc}", code=digest_code) from None
+    finally:
+        await backend.run(writer.abort)
+
+
 async def stream(
     backend: Backend,
     request: web.Request,
     blob: BlobId,
     chunks: Iterator[Chunk],
     *,
+    length: int | None = None,
+    status: int = 200,
     headers: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
-    """A 200 response streaming a blob's chunks from the store (with these headers too)."""
-    response = web.StreamResponse(status=200, headers=headers)
+    """A response streaming a blob's chunks from the store (with these headers too): the
+    first length bytes of them (all of the blob if None), e.g. a 206 to a range request."""
+    response = web.StreamResponse(status=status, headers=headers)
     response.content_type = "application/octet-stream"
-    response.content_length = blob.size
+    left = blob.size if length is None else length
+    response.content_length = left
     try:
         await response.prepare(request)
-        while (chunk := await backend.next_chunk(chunks)) is not None:
+        while left > 0 and (chunk := await backend.next_chunk(chunks)) is not None:
+            if len(chunk) > left:
+                chunk = chunk[:left]
             await response.write(chunk)
+            left -= len(chunk)
     except ConnectionError:
         raise
     except Exception:

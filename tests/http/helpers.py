@@ -13,7 +13,7 @@ from tests.ops.helpers import output_line
 from tests.support.server_process import ServerProcess
 
 
-def http_server(storage: pathlib.Path, extra_args: Sequence[str] = ()) -> ServerProcess:
+def http_server(storage: pathlib.Path | str, extra_args: Sequence[str] = ()) -> ServerProcess:
     """A `slipstream serve` that also serves the HTTP cache, on a free port."""
     return ServerProcess(storage, ["--http-listen", "127.0.0.1:0", *extra_args])
 
