@@ -19,7 +19,6 @@ other's, with their ratio. The reference is installed by
 
 from __future__ import annotations
 
-import http.client
 import os
 import pathlib
 import shutil
@@ -28,11 +27,11 @@ import subprocess
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from benchmarks.bench_cache import Row, median_row, report, server_benchmark_parser
+from benchmarks.bench_http import KeepAliveConnection
 from tests.support.js_tools import INSTALL, tools_dir
 from tests.support.server_process import ServerProcess, free_port
 
@@ -56,37 +55,18 @@ class Client:
     """One keep-alive connection speaking Turborepo's artifact API."""
 
     def __init__(self, url: str) -> None:
-        parsed = urllib.parse.urlsplit(url)
-        assert parsed.hostname and parsed.port
-        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=300)
-        self.headers = {"Authorization": f"Bearer {TOKEN}"}
+        self.http = KeepAliveConnection(url, {"Authorization": f"Bearer {TOKEN}"}, timeout=300)
 
     def put(self, hash_: str, body: bytes | Iterator[bytes], length: int) -> None:
-        headers = {
-            **self.headers,
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(length),
-            "x-artifact-duration": "1200",
-        }
-        self.conn.request("PUT", f"/v8/artifacts/{hash_}?slug=bench", body=body, headers=headers)
-        resp = self.conn.getresponse()
-        resp.read()
-        if resp.status not in (200, 202):
-            raise RuntimeError(f"PUT {hash_}: HTTP {resp.status}")
+        headers = {"Content-Type": "application/octet-stream", "x-artifact-duration": "1200"}
+        path = f"/v8/artifacts/{hash_}?slug=bench"
+        self.http.put(path, body, length, headers, ok=(200, 202))
 
     def get(self, hash_: str) -> int:
-        self.conn.request("GET", f"/v8/artifacts/{hash_}?slug=bench", headers=self.headers)
-        resp = self.conn.getresponse()
-        if resp.status != 200:
-            resp.read()
-            raise RuntimeError(f"GET {hash_}: HTTP {resp.status}")
-        total = 0
-        while chunk := resp.read(1 << 20):
-            total += len(chunk)
-        return total
+        return self.http.get(f"/v8/artifacts/{hash_}?slug=bench")
 
     def close(self) -> None:
-        self.conn.close()
+        self.http.close()
 
 
 def _timed(fn: Callable[[], object]) -> float:

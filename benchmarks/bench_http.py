@@ -46,22 +46,35 @@ def _ccache_path(i: int) -> str:
     return f"/ccache/bench/{i % 256:02x}/{rest}"
 
 
-class _Connection:
-    def __init__(self, url: str) -> None:
+class KeepAliveConnection:
+    """One HTTP/1.1 connection for a benchmark's requests; headers go with every one."""
+
+    def __init__(
+        self, url: str, headers: dict[str, str] | None = None, timeout: float = 120
+    ) -> None:
         parsed = urllib.parse.urlsplit(url)
         assert parsed.hostname and parsed.port
-        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=120)
+        self.conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+        self.headers = dict(headers or {})
 
-    def put(self, path: str, body: bytes | Iterator[bytes], length: int) -> None:
-        self.conn.request("PUT", path, body=body, headers={"Content-Length": str(length)})
+    def put(
+        self,
+        path: str,
+        body: bytes | Iterator[bytes],
+        length: int,
+        headers: dict[str, str] | None = None,
+        ok: tuple[int, ...] = (200,),
+    ) -> None:
+        sent = {**self.headers, **(headers or {}), "Content-Length": str(length)}
+        self.conn.request("PUT", path, body=body, headers=sent)
         resp = self.conn.getresponse()
         resp.read()
-        if resp.status != 200:
+        if resp.status not in ok:
             raise RuntimeError(f"PUT {path}: HTTP {resp.status}")
 
     def get(self, path: str) -> int:
         """GET path, reading the body 1 MiB at a time; returns its length."""
-        self.conn.request("GET", path)
+        self.conn.request("GET", path, headers=self.headers)
         resp = self.conn.getresponse()
         if resp.status != 200:
             resp.read()
@@ -77,7 +90,7 @@ class _Connection:
 
 def run_http_workload(url: str, sizes: HttpSizes) -> list[Row]:
     """The HTTP workload against the cache endpoint at url; one row per operation."""
-    conn = _Connection(url)
+    conn = KeepAliveConnection(url)
     rows: list[Row] = []
     try:
         blobs = [os.urandom(sizes.small_size) for _ in range(sizes.small_blobs)]
