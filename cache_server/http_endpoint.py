@@ -49,10 +49,12 @@ from slipstream.cache_server.services.http_nx import NxCache
 from slipstream.cache_server.services.http_oci import OciRegistry
 from slipstream.cache_server.services.http_sccache import SccacheWebdav
 from slipstream.cache_server.services.http_turborepo import TurborepoCache
+from slipstream.cache_server.services.http_ui import LOGIN_ROUTE, UI_COOKIE, UiPages, login_token
 
 log = logging.getLogger("cache_server")
 
 FRONT_ENDS: tuple[type[HttpFrontEnd], ...] = (
+    UiPages,
     CcacheStorage,
     TurborepoCache,
     NxCache,
@@ -133,6 +135,16 @@ def _authorization(header: str | None) -> str | None:
     return f"Bearer {decoded.partition(':')[2]}"
 
 
+async def _ui_credential(request: web.Request, target: Target) -> str | None:
+    """For the web pages only, the token a browser holds instead of a header: the one its
+    login form posts (checked like any), else the UI's cookie; as auth reads it."""
+    if target.route == LOGIN_ROUTE:
+        token = await login_token(request)
+    else:
+        token = request.cookies.get(UI_COOKIE)
+    return None if not token else f"Bearer {token}"
+
+
 class HttpEndpoint:
     """The aiohttp application, its front ends and its listening site."""
 
@@ -150,6 +162,7 @@ class HttpEndpoint:
         self.by_prefix = {fe.prefix: fe for fe in built if fe.prefix is not None}
         self.default = next((fe for fe in built if fe.prefix is None), None)
         for fe in built:
+            fe.see_operations(ops)
             for (route, verb), scopes in fe.scopes.items():
                 register_method(http_method(route, verb), scopes)
         self.app = web.Application(handler_args={"max_field_size": 16384})
@@ -243,6 +256,8 @@ class HttpEndpoint:
             if audit is not None:
                 call.notes["audit"] = audit
             authorization = _authorization(request.headers.get("Authorization"))
+            if authorization is None and front_end.prefix == UiPages.prefix:
+                authorization = await _ui_credential(request, target)
             if authorization is not None:
                 call.headers = (("authorization", authorization),)
             run.begin()

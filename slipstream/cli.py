@@ -22,6 +22,7 @@ from slipstream.core.helptext import ParagraphFormatter
 # sets `handler` (a function of the parsed args returning an exit code).
 SUBCOMMAND_MODULES = (
     "slipstream.split_cli",
+    "slipstream.report_cli",
     "slipstream.client.layers_cli",
     "slipstream.client.shard_cli",
 )

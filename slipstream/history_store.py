@@ -50,6 +50,21 @@ def load_history(storage_dir: pathlib.Path | None, suite: str) -> tuple[list[Run
         store.close()
 
 
+def suites_in(storage_dir: pathlib.Path | None) -> list[str]:
+    """The suites the history at storage_dir holds runs of (none if it does not exist)."""
+    root = storage_dir or default_storage_dir()
+    if not os.path.isdir(root):
+        return []
+    store = DiskStore(root, create=False)
+    try:
+        keys = store.list_records(history.NAMESPACE)
+    except OSError as exc:
+        raise HistoryError(f"history store {root}: {exc.strerror or exc}") from None
+    finally:
+        store.close()
+    return sorted({info.key.partition("/")[0] for info in keys})
+
+
 def load_estimates(source: TimingSource, tests: Iterable[str]) -> tuple[Estimates, list[str]]:
     """Estimates for tests, and warning lines (unreadable files, no history, ...).
 

@@ -91,6 +91,10 @@ class HttpFrontEnd(abc.ABC):
         limits: the caller's (cache_server.auth.Limits). Raise HttpError, or a store
         error, for the pipeline to answer."""
 
+    def see_operations(self, ops: Any) -> None:  # noqa: B027 - optional hook
+        """Given the server's operations (cache_server.operations: metrics, audit log), for a
+        front end that shows them; most ignore it."""
+
     def audit(self, method: str, target: Target) -> dict[str, object] | None:
         """Audit-log fields for a write taken on trust ("event" among them), else None."""
         return None
