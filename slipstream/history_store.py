@@ -24,23 +24,31 @@ def open_store(storage_dir: pathlib.Path | None) -> Store:
     return DiskStore(storage_dir or default_storage_dir())
 
 
-def load_history(storage_dir: pathlib.Path | None, suite: str) -> tuple[list[Run], list[str]]:
-    """The runs of suite in the store at storage_dir, read without creating anything.
-
-    No runs when the directory does not exist; HistoryError when it is not a directory.
-    """
-    history.check_suite(suite)
+def _existing_root(storage_dir: pathlib.Path | None) -> pathlib.Path | None:
+    """The history's directory, None if it does not exist; HistoryError if not a directory."""
     root = storage_dir or default_storage_dir()
     try:
         is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except FileNotFoundError:
-        return [], []
+        return None
     except NotADirectoryError:
         raise HistoryError(f"history store {root}: a part of that path is a file") from None
     except OSError as exc:
         raise HistoryError(f"history store {root}: {exc.strerror or exc}") from None
     if not is_dir:
         raise HistoryError(f"history store {root} is not a directory")
+    return root
+
+
+def load_history(storage_dir: pathlib.Path | None, suite: str) -> tuple[list[Run], list[str]]:
+    """The runs of suite in the store at storage_dir, read without creating anything.
+
+    No runs when the directory does not exist; HistoryError when it is not a directory.
+    """
+    history.check_suite(suite)
+    root = _existing_root(storage_dir)
+    if root is None:
+        return [], []
     store = DiskStore(root, create=False)
     try:
         return history.load_runs(store, suite)
@@ -52,8 +60,8 @@ def load_history(storage_dir: pathlib.Path | None, suite: str) -> tuple[list[Run
 
 def suites_in(storage_dir: pathlib.Path | None) -> list[str]:
     """The suites the history at storage_dir holds runs of (none if it does not exist)."""
-    root = storage_dir or default_storage_dir()
-    if not os.path.isdir(root):
+    root = _existing_root(storage_dir)
+    if root is None:
         return []
     store = DiskStore(root, create=False)
     try:

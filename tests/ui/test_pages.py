@@ -1,0 +1,209 @@
+"""The pages without a browser: escaping (a property), the report command's inputs and
+errors, and the /ui/ routes' answers over a real socket."""
+
+from __future__ import annotations
+
+import html.parser
+import pathlib
+import subprocess
+import sys
+import urllib.parse
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slipstream.splitter import dashboard
+from slipstream.splitter.history import Run, Sample
+from tests.http.helpers import HttpClient, http_server, http_url
+from tests.support.server_process import ServerProcess, running
+from tests.ui import history_fixture as fx
+
+# Every element a page may hold: anything else (a <script>, an <img>) came from data.
+PAGE_TAGS = {
+    "html", "head", "meta", "link", "title", "style", "body", "header", "main", "section",
+    "div", "h1", "h2", "h3", "p", "a", "b", "span", "code", "table", "tr", "th", "td",
+    "svg", "rect", "line", "text", "form", "input", "button", "label",
+}  # fmt: skip
+
+
+# Text from JUnit files and clients: markup's characters often, anything else too.
+UNTRUSTED = st.one_of(
+    st.text(alphabet=st.sampled_from("<>&\"'/= scriptimgonerrora"), min_size=1, max_size=30),
+    st.sampled_from(["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>', "&amp;"]),
+    st.text(min_size=1, max_size=30),
+)
+
+
+class Parsed(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+        self.text: list[str] = []
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+        self.hrefs += [v or "" for k, v in attrs if k in ("href", "action")]
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(page: str) -> Parsed:
+    parsed = Parsed()
+    parsed.feed(page)
+    parsed.close()
+    return parsed
+
+
+@settings(max_examples=60, deadline=None)
+@given(UNTRUSTED, UNTRUSTED)
+def test_whatever_a_test_id_or_run_id_holds_it_is_shown_as_text(test: str, run_id: str) -> None:
+    uploads = [
+        Run(run_id, 1_000, {test: Sample(1.0, False), "t::ok": Sample(2.0, False)}),
+        Run(run_id, 2_000, {"t::other": Sample(0.5, True)}),
+        Run("next", 3_000, {test: Sample(1.5, True)}),
+    ]
+    links = dashboard.server_links()
+    runs = dashboard.runs_of(uploads)
+    pages = [
+        dashboard.report({"s": uploads}, dashboard.Targets()),
+        dashboard.overview_page({"s": uploads}, dashboard.Targets(), links),
+        dashboard.run_page("s", uploads, runs[0].key, links) or "",
+        dashboard.tests_page("s", uploads, links, query=test, test=test),
+    ]
+    for page in pages:
+        parsed = parse(page)
+        assert parsed.tags <= PAGE_TAGS
+        for href in parsed.hrefs:
+            assert href == "data:," or href.startswith(("/ui/", "#")), href
+    shown = "".join(parse(pages[3]).text)
+    assert test in shown  # as text, not markup
+    assert run_id in "".join(parse(pages[2]).text)
+
+
+def test_a_run_is_its_uploads_sharing_a_run_id_and_its_wall_the_slowest_shard() -> None:
+    uploads = [
+        Run("r1", 1, {"a": Sample(3.0, False)}, startup=1.0),
+        Run("r1", 2, {"b": Sample(10.0, False)}, file_costs={"f": 2.0}),
+        Run(None, 3, {"a": Sample(4.0, False)}),
+    ]
+    runs = dashboard.runs_of(uploads)
+    assert [len(r.shards) for r in runs] == [2, 1]
+    assert [s.wall for s in runs[0].shards] == [4.0, 12.0]
+    assert runs[0].wall == 12.0
+    assert runs[0].balance == pytest.approx(12.0 / 8.0)
+
+
+def test_flaky_means_failed_and_passed_in_recent_runs() -> None:
+    uploads = [
+        Run(f"r{i}", i, {"flaky": Sample(1.0, i % 2 == 0), "broken": Sample(1.0, True)})
+        for i in range(4)
+    ]
+    stats = dashboard.test_stats(dashboard.runs_of(uploads))
+    assert stats["flaky"].flaky and not stats["broken"].flaky
+
+
+def report(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "slipstream.cli", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_report_from_junit_files_takes_them_as_the_shards_of_one_run(
+    tmp_path: pathlib.Path,
+) -> None:
+    for shard, seconds in enumerate((3.0, 7.5)):
+        (tmp_path / f"shard{shard}.xml").write_text(
+            f'<testsuite><testcase classname="tests.test_{shard}" name="test_a" '
+            f'file="tests/test_{shard}.py" time="{seconds}"/></testsuite>'
+        )
+    out = tmp_path / "report.html"
+    done = report("--html", str(out), "--junit", str(tmp_path / "shard*.xml"))
+    assert done.returncode == 0, done.stderr
+    page = out.read_text()
+    assert page.count('class="shard-bar"') == 2
+    assert 'data-wall="7.500"' in page and 'data-wall="3.000"' in page
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--junit", "no-such-*.xml"], "no-such-"),
+        (["--test-target", "soon"], "is not a duration"),
+        (["--storage-dir", "{tmp}/file"], "is not a directory"),
+        (["--suite", "bad/name"], "suite name"),
+    ],
+)
+def test_report_refuses_bad_input_with_one_line(
+    tmp_path: pathlib.Path, args: list[str], message: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    done = report("--html", str(tmp_path / "out.html"), *args)
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and message in done.stderr
+    assert not (tmp_path / "out.html").exists()
+
+
+def test_report_cannot_write_says_so(tmp_path: pathlib.Path) -> None:
+    done = report("--html", str(tmp_path / "missing" / "out.html"), "--storage-dir", str(tmp_path))
+    assert done.returncode == 2 and "--html" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    storage = tmp_path_factory.mktemp("ui") / "store"
+    fx.write_history(storage)
+    server: ServerProcess
+    with running(http_server(storage)) as server:
+        yield http_url(server)
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/ui", 200),
+        ("/ui/", 200),
+        ("/ui/cache", 200),
+        (f"/ui/s/{fx.SUITE}/tests", 200),
+        (f"/ui/s/{fx.SUITE}/tests?test={urllib.parse.quote(fx.HOSTILE)}", 200),
+        (f"/ui/s/{fx.SUITE}/run/0123456789abcdef", 404),
+        ("/ui/s/nosuch/tests", 404),
+        ("/ui/s/..%2F..%2Fetc/tests", 400),
+        ("/ui/s/a/b/c/d/e", 404),
+        ("/ui/nothing", 404),
+    ],
+)
+def test_ui_routes_answer_html_with_a_no_script_policy(ui: str, path: str, status: int) -> None:
+    with HttpClient(ui) as http:
+        reply = http.get(path)
+    assert reply.status == status, reply.text
+    assert reply.headers["Content-Type"].startswith("text/html")
+    assert "script-src" not in reply.headers["Content-Security-Policy"]
+    assert reply.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    assert "<script" not in reply.text
+
+
+def test_ui_login_with_a_huge_form_is_refused_unread(ui: str) -> None:
+    with HttpClient(ui) as http:
+        reply = http.request(
+            "POST",
+            "/ui/login",
+            b"token=" + b"x" * 10_000,
+            {"Content-Type": "application/x-www-form-urlencoded"},
+        )
+    assert reply.status == 413
+    assert "Set-Cookie" not in reply.headers
+
+
+def test_ui_pages_are_read_only(ui: str) -> None:
+    with HttpClient(ui) as http:
+        reply = http.put("/ui/", b"x")
+    assert reply.status == 405
