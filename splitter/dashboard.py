@@ -25,6 +25,7 @@ from slipstream.splitter.history import Run, Sample
 # What a page shows of a long list, and how many recent runs it looks at.
 TOP = 50
 RECENT_RUNS = 30
+REPORT_RUNS = 10  # runs a report has a section for
 # The Content-Security-Policy every page is served with: no script, nothing fetched.
 CSP = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'"
 
@@ -145,14 +146,20 @@ def runs_of(uploads: Iterable[Run]) -> list[RunView]:
             by_id.setdefault(upload.run_id, []).append(upload)
     views: list[RunView] = []
     for run_id, shards in by_id.items():
-        merged = history.merge_runs(shards)[0]
+        tests: dict[str, Sample] = {}
+        for shard in shards:
+            if tests.keys().isdisjoint(shard.tests):
+                tests.update(shard.tests)  # the usual case: each test on one shard
+            else:
+                tests = dict(history.merge_runs(shards)[0].tests)
+                break
         views.append(
             RunView(
                 run_key(run_id, shards[0].created_ns),
                 run_id,
                 shards[0].created_ns,
                 tuple(shard_of(i, u) for i, u in enumerate(shards)),
-                merged.tests,
+                tests,
                 tuple(shards),
             )
         )
@@ -212,30 +219,44 @@ def predicted_walls(run: RunView, earlier: Sequence[Run]) -> list[float | None]:
 
 @dataclass(frozen=True, slots=True)
 class TestStats:
-    test: str
-    samples: tuple[Sample, ...]  # newest first
+    """A test's recent durations, figured once."""
 
-    @property
-    def median(self) -> float:
-        return statistics.median(s.seconds for s in self.samples)
+    test: str
+    runs: int  # how many recent runs timed it
+    failures: int
+    fastest: float
+    median: float
+    slowest: float
 
     @property
     def spread(self) -> float:
-        secs = [s.seconds for s in self.samples]
-        return max(secs) - min(secs)
+        return self.slowest - self.fastest
 
     @property
     def flaky(self) -> bool:
-        return any(s.failed for s in self.samples) and any(not s.failed for s in self.samples)
+        return 0 < self.failures < self.runs
 
 
 def test_stats(runs: Sequence[RunView], recent: int = RECENT_RUNS) -> dict[str, TestStats]:
-    """Each test's samples in the recent runs, newest first."""
-    samples: dict[str, list[Sample]] = {}
-    for run in reversed(runs[-recent:]):
+    """Each test's figures over the recent runs."""
+    seconds: dict[str, list[float]] = {}
+    failures: dict[str, int] = {}
+    for run in runs[-recent:]:
         for test, sample in run.tests.items():
-            samples.setdefault(test, []).append(sample)
-    return {t: TestStats(t, tuple(s)) for t, s in samples.items()}
+            got = seconds.get(test)
+            if got is None:
+                seconds[test] = [sample.seconds]
+            else:
+                got.append(sample.seconds)
+            if sample.failed:
+                failures[test] = failures.get(test, 0) + 1
+    stats = {}
+    for test, secs in seconds.items():
+        secs.sort()
+        stats[test] = TestStats(
+            test, len(secs), failures.get(test, 0), secs[0], statistics.median(secs), secs[-1]
+        )
+    return stats
 
 
 # ---- HTML ----
@@ -400,8 +421,11 @@ def overview_page(
     )
 
 
-def run_section(suite: str, runs: Sequence[RunView], key: str, links: Links) -> str | None:
-    """A run's section: its shards as a timeline, balance, slowest tests; None if unknown."""
+def run_section(
+    suite: str, runs: Sequence[RunView], key: str, links: Links, *, predict: bool = True
+) -> str | None:
+    """A run's section: its shards as a timeline (with the walls the history before it
+    predicted, unless not predict), balance, slowest tests; None if no run has that key."""
     index = next((i for i, r in enumerate(runs) if r.key == key), None)
     if index is None:
         return None
@@ -409,7 +433,7 @@ def run_section(suite: str, runs: Sequence[RunView], key: str, links: Links) -> 
     earlier = [
         u for r in runs[max(0, index - history.DEFAULT_LAST_RUNS) : index] for u in r.uploads
     ]
-    predicted = predicted_walls(run, earlier)
+    predicted = predicted_walls(run, earlier) if predict else [None for _ in run.shards]
     width, row, pad = 720, 26, 70
     top = max([s.wall for s in run.shards] + [p or 0.0 for p in predicted] + [1e-9]) * 1.05
     scale = (width - pad - 10) / top
@@ -519,20 +543,14 @@ def tests_section(
     stats = test_stats(runs)
     ranked = sorted(stats.values(), key=lambda s: (-s.median, s.test))
     slowest = [(s.test, duration(s.median)) for s in ranked[:TOP]]
-    variable = sorted(
-        (s for s in stats.values() if len(s.samples) > 1), key=lambda s: (-s.spread, s.test)
-    )
+    variable = sorted((s for s in stats.values() if s.runs > 1), key=lambda s: (-s.spread, s.test))
     spread = [
-        (
-            s.test,
-            f"{duration(min(x.seconds for x in s.samples))} to "
-            f"{duration(max(x.seconds for x in s.samples))}",
-        )
+        (s.test, f"{duration(s.fastest)} to {duration(s.slowest)}")
         for s in variable[:TOP]
         if s.spread > 0
     ]
     flaky = [
-        (s.test, f"failed {sum(x.failed for x in s.samples)} of {len(s.samples)}")
+        (s.test, f"failed {s.failures} of {s.runs}")
         for s in sorted(stats.values(), key=lambda s: s.test)
         if s.flaky
     ][:TOP]
@@ -627,8 +645,10 @@ def report(suites: Mapping[str, Sequence[Run]], targets: Targets) -> str:
     for suite, uploads in suites.items():
         runs = runs_of(uploads)
         sections.append(suite_overview(suite, uploads, targets, links, runs))
-        for run in runs[-RECENT_RUNS:]:
-            details.append(run_section(suite, runs, run.key, links) or "")
+        for run in runs[-REPORT_RUNS:]:
+            # The prediction costs a history estimate: the newest run's is the one read.
+            newest = run is runs[-1]
+            details.append(run_section(suite, runs, run.key, links, predict=newest) or "")
         if runs:
             details.append(tests_section(suite, runs, links))
     if not suites:
