@@ -1,5 +1,6 @@
-"""A recorded timing history for the page tests: runs of a sharded suite with a flaky
-test, a slow shard, and a test id holding markup, written into a real disk store."""
+"""A recorded timing history for the page tests, written into a real disk store: runs of
+a sharded suite with a flaky test, a slow shard and a test id holding markup, and two
+recorded runs of this repository's own suite; and the tokens of the tests with tokens on."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import pathlib
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.splitter import history
 from slipstream.splitter.history import Run, Sample
+from slipstream.splitter.sources import runs_from_junit
+from tests.ops.helpers import Token
 
 SUITE = "app"
 SECOND_SUITE = "lib"
+OWN_SUITE = "slipstream"  # this repository's suite, as two CI runs recorded it
+OWN_RUNS = [
+    pathlib.Path(__file__).parents[2] / "benchmarks" / f"split_own_run_{n}.xml" for n in (1, 2)
+]
+READER = Token("dashboard-reader", "reader-token-3f9a1c", ("read",))
+WRITER = Token("ci-writer", "writer-token-77b2e0", ("cas-write", "ac-write"))
 RUNS = 6
 SHARDS = 3
 FLAKY = "tests/test_net.py::test_retry_flaky"
@@ -58,5 +67,10 @@ def write_history(storage: pathlib.Path) -> None:
         for run in range(3):
             tests = {"lib/test_core.py::test_parse": Sample(0.2 + run * 0.1, False)}
             history.append_run(store, SECOND_SUITE, Run(None, BASE_NS + run * 10**9, tests))
+        own, warnings = runs_from_junit([str(p) for p in OWN_RUNS], None)
+        assert not warnings, warnings
+        for n, recorded in enumerate(own):
+            recorded.run_id, recorded.created_ns = f"own-{n + 1}", BASE_NS + n * 86400 * 10**9
+            history.append_run(store, OWN_SUITE, recorded)
     finally:
         store.close()

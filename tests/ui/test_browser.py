@@ -21,7 +21,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.http.helpers import HttpClient, http_server, http_url
-from tests.ops.helpers import Token, write_token_file
+from tests.ops.helpers import write_token_file
 from tests.support.server_process import ServerProcess, running
 from tests.ui import history_fixture as fx
 
@@ -34,8 +34,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--no-first-run",
 ]
-READER = Token("dashboard-reader", "reader-token-3f9a1c", ("read",))
-WRITER = Token("ci-writer", "writer-token-77b2e0", ("cas-write", "ac-write"))
 CCACHE_KEY = "/ccache/3b/" + "a" * 31
 
 
@@ -139,6 +137,8 @@ def test_every_page_reads_at_a_glance(
     assert app.locator("table.runs tr").count() == fx.RUNS + 1
     assert "shards meet" in app.inner_text()
     assert page.locator(f'section.suite[data-suite="{fx.SECOND_SUITE}"] rect.run-bar').count() == 3
+    own = page.locator(f'section.suite[data-suite="{fx.OWN_SUITE}"]')
+    assert own.locator("rect.run-bar").count() == len(fx.OWN_RUNS)
     lookups = page.locator("table.lookups").inner_text()
     assert re.search(r"ccache\s+1\s+1\s+50%", lookups), lookups
 
@@ -185,7 +185,7 @@ def test_every_page_reads_at_a_glance(
 def locked_server(tmp_path: pathlib.Path) -> Iterator[tuple[ServerProcess, str]]:
     storage = tmp_path / "store"
     fx.write_history(storage)
-    tokens = write_token_file(tmp_path / "tokens.toml", [READER, WRITER])
+    tokens = write_token_file(tmp_path / "tokens.toml", [fx.READER, fx.WRITER])
     with running(http_server(storage, ["--token-file", str(tokens)])) as server:
         yield server, http_url(server)
 
@@ -211,14 +211,14 @@ def test_with_tokens_a_browser_logs_in_once_with_a_read_token(
     page.screenshot(path=str(screenshots / "login.png"), full_page=True)
 
     # A token without `read` is refused, and not kept.
-    page.fill("input[name=token]", WRITER.value)
+    page.fill("input[name=token]", fx.WRITER.value)
     with page.expect_navigation() as refused:
         page.click("form button")
     assert refused.value.status == 403
     assert "read" in page.locator("p.refused").inner_text()
     assert context.cookies() == []
 
-    page.fill("input[name=token]", READER.value)
+    page.fill("input[name=token]", fx.READER.value)
     with page.expect_navigation():
         page.click("form button")
     assert page.url == f"{url}/ui/"
@@ -226,7 +226,7 @@ def test_with_tokens_a_browser_logs_in_once_with_a_read_token(
     (cookie,) = context.cookies()
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["path"] == "/ui"
     assert not cookie["secure"]  # no TLS here
-    assert READER.value not in page.content()
+    assert fx.READER.value not in page.content()
 
     # Once per browser: other pages open with the cookie alone.
     assert page.goto(f"{url}/ui/s/{fx.SUITE}/tests").status == 200

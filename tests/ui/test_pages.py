@@ -4,7 +4,9 @@ errors, and the /ui/ routes' answers over a real socket."""
 from __future__ import annotations
 
 import html.parser
+import http.client
 import pathlib
+import ssl
 import subprocess
 import sys
 import urllib.parse
@@ -17,6 +19,7 @@ from hypothesis import strategies as st
 from slipstream.splitter import dashboard
 from slipstream.splitter.history import Run, Sample
 from tests.http.helpers import HttpClient, http_server, http_url
+from tests.ops.helpers import make_pki, write_token_file
 from tests.support.server_process import ServerProcess, running
 from tests.ui import history_fixture as fx
 
@@ -207,3 +210,46 @@ def test_ui_pages_are_read_only(ui: str) -> None:
     with HttpClient(ui) as http:
         reply = http.put("/ui/", b"x")
     assert reply.status == 405
+
+
+def test_under_tls_the_cookie_is_secure_and_kept_only_for_a_read_token(
+    tmp_path: pathlib.Path,
+) -> None:
+    pki = make_pki(tmp_path / "pki")
+    tokens = write_token_file(tmp_path / "tokens.toml", [fx.READER, fx.WRITER])
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    server = ServerProcess(
+        tmp_path / "store",
+        ["--http-listen", "127.0.0.1:0", "--token-file", str(tokens), *args],
+        credentials=pki.channel_credentials(),
+    )
+    with running(server):
+        url = urllib.parse.urlsplit(http_url(server))
+        assert url.scheme == "https" and url.port is not None
+
+        def login(token: str) -> http.client.HTTPResponse:
+            context = ssl.create_default_context(cafile=str(pki.ca))
+            conn = http.client.HTTPSConnection("127.0.0.1", url.port, context=context, timeout=10)
+            body = urllib.parse.urlencode({"token": token})
+            conn.request(
+                "POST",
+                "/ui/login",
+                body=body,
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            )
+            reply = conn.getresponse()
+            reply.read()
+            conn.close()
+            return reply
+
+        refused = login(fx.WRITER.value)
+        assert refused.status == 403 and refused.getheader("Set-Cookie") is None
+        unknown = login("not-a-token")
+        assert unknown.status == 401 and unknown.getheader("Set-Cookie") is None
+        kept = login(fx.READER.value)
+        assert kept.status == 303 and kept.getheader("Location") == "/ui/"
+        cookie = kept.getheader("Set-Cookie") or ""
+        attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+        assert {"httponly", "secure", "samesite", "path"} <= attributes
+        assert "SameSite=Strict" in cookie and "Path=/ui" in cookie
+    assert fx.READER.value not in "".join(server.output)
