@@ -38,7 +38,7 @@ from slipstream.cache_server.auth import (
 )
 from slipstream.cache_server.logs import LEVELS, LOG_FORMATS
 from slipstream.core.errors import UsageError
-from slipstream.core.sizes import parse_size
+from slipstream.core.sizes import parse_duration, parse_size
 
 ENV_PREFIX = "SLIPSTREAM_"
 CONFIG_ENV = "SLIPSTREAM_CONFIG"
@@ -65,6 +65,8 @@ class OpsConfig:
     metrics_listen: str | None = None
     health_listen: str | None = None
     audit_log: str | None = None
+    # The pipeline's wall-time targets the /ui/ pages measure runs against: build, test, total.
+    ui_targets: tuple[float, float, float] = (600.0, 1200.0, 2700.0)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,6 +117,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     ops.add_argument(
         "--audit-log", metavar="FILE", help='append JSON lines of AC and layer writes ("-": stdout)'
+    )
+    ops.add_argument(
+        "--ui-targets",
+        metavar="BUILD,TEST,TOTAL",
+        help="wall-time targets of the pipeline's stages the /ui/ pages show runs against "
+        "(default 10m,20m,45m)",
     )
     ops.add_argument(
         "--log-format", choices=LOG_FORMATS, default="text", help="text (default) or json lines"
@@ -323,7 +331,21 @@ def ops_config(args: argparse.Namespace, environ: dict[str, str] | None = None) 
         metrics_listen=check_listen(args.metrics_listen, "--metrics-listen"),
         health_listen=check_listen(args.health_listen, "--health-listen"),
         audit_log=args.audit_log,
+        ui_targets=_ui_targets(args.ui_targets),
     )
+
+
+def _ui_targets(text: str | None) -> tuple[float, float, float]:
+    if text is None:
+        return OpsConfig.ui_targets
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        if len(parts) != 3:
+            raise ValueError("give three durations: BUILD,TEST,TOTAL (like 10m,20m,45m)")
+        build, test, total = (parse_duration(p) for p in parts)
+    except ValueError as exc:
+        raise UsageError(f"--ui-targets {text!r}: {exc}") from None
+    return build, test, total
 
 
 def check_log_level(level: str) -> str:

@@ -157,9 +157,13 @@ class UiPages(HttpFrontEnd):
 
     def _overview(self) -> str:
         suites = {s: history.load_runs(self.store, s)[0] for s in self._suites()}
-        return dashboard.overview_page(
-            suites, dashboard.Targets(), _LINKS, extra=self._cache_summary()
-        )
+        return dashboard.overview_page(suites, self._targets(), _LINKS, extra=self._cache_summary())
+
+    def _targets(self) -> dashboard.Targets:
+        if self.ops is None:
+            return dashboard.Targets()
+        build, test, total = self.ops.config.ui_targets
+        return dashboard.Targets(build, test, total)
 
     def _run(self, suite: str, key: str) -> str:
         page = dashboard.run_page(suite, self._uploads(suite), key, _LINKS)

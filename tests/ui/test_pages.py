@@ -165,8 +165,17 @@ def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     storage = tmp_path_factory.mktemp("ui") / "store"
     fx.write_history(storage)
     server: ServerProcess
-    with running(http_server(storage)) as server:
+    with running(http_server(storage, ["--ui-targets", "9m,2m,44m"])) as server:
         yield http_url(server)
+
+
+def test_the_overview_measures_runs_against_the_servers_targets(ui: str) -> None:
+    with HttpClient(ui) as http:
+        page = http.get("/ui/").text
+    targets = "".join(parse(page.split("<section class=targets>")[1].split("</section>")[0]).text)
+    assert "9m00s" in targets and "2m00s" in targets and "44m00s" in targets
+    # The fixture's runs take 2m18s (their slow shard): none is within 2m.
+    assert f"Runs within 2m00s<b>0 of {fx.RUNS}</b>" in page
 
 
 @pytest.mark.parametrize(
