@@ -509,12 +509,57 @@ def run_section(
     )
 
 
-def run_page(suite: str, uploads: Sequence[Run], key: str, links: Links) -> str | None:
-    """The page of one run; None if the suite has no run of that key."""
-    section = run_section(suite, runs_of(uploads), key, links)
-    if section is None:
+def run_of(runs: Sequence[RunView], key: str) -> RunView | None:
+    return next((r for r in runs if r.key == key), None)
+
+
+@dataclass(frozen=True, slots=True)
+class Pulled:
+    """One batch a runner of a queue-mode run pulled and finished."""
+
+    runner: str
+    batch: str  # the lease's name: batch.attempt
+    tests: int
+    seconds: float
+
+
+def queue_section(pulled: Sequence[Pulled]) -> str:
+    """The batches each runner of a queue-mode run pulled, in the order of the queue."""
+    by_runner: dict[str, list[Pulled]] = {}
+    for one in sorted(pulled, key=lambda p: (p.runner, p.batch)):
+        by_runner.setdefault(one.runner, []).append(one)
+    rows = "".join(
+        f'<tr class=runner><td><code>{esc(runner)}</code></td><td class="n">{len(batches)}</td>'
+        f'<td class="n">{sum(b.tests for b in batches)}</td>'
+        f'<td class="n">{esc(duration(math.fsum(b.seconds for b in batches)))}</td>'
+        f"<td>{esc(', '.join(b.batch for b in batches))}</td></tr>"
+        for runner, batches in by_runner.items()
+    )
+    return (
+        "<section class=queue><h2>Queue mode: the batches each runner pulled</h2>"
+        '<table><tr><th>runner</th><th class="n">batches</th><th class="n">tests</th>'
+        f'<th class="n">test time</th><th>batches (batch.attempt)</th></tr>{rows}</table>'
+        "</section>"
+    )
+
+
+def run_page(
+    suite: str,
+    uploads: Sequence[Run],
+    key: str,
+    links: Links,
+    *,
+    pulled: Callable[[RunView], Sequence[Pulled]] | None = None,
+) -> str | None:
+    """The page of one run (with, for a queue-mode run, what pulled(run) says its runners
+    pulled); None if the suite has no run of that key."""
+    runs = runs_of(uploads)
+    section = run_section(suite, runs, key, links)
+    run = run_of(runs, key)
+    if section is None or run is None:
         return None
-    return page(f"Run of {suite}", section, links)
+    batches = pulled(run) if pulled is not None else []
+    return page(f"Run of {suite}", section + (queue_section(batches) if batches else ""), links)
 
 
 def _test_table(

@@ -18,6 +18,7 @@ No page shows a token.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +30,7 @@ from slipstream.cache_server.services.common import HttpError
 from slipstream.cache_server.services.http_common import HttpFrontEnd, Target
 from slipstream.splitter import dashboard, history
 from slipstream.splitter.dashboard import esc
+from slipstream.splitter.queue import QUEUE_NAMESPACE, Completion, QueuePlan
 
 UI_PREFIX = "ui"
 UI_COOKIE = "slipstream_ui"
@@ -166,10 +168,48 @@ class UiPages(HttpFrontEnd):
         return dashboard.Targets(build, test, total)
 
     def _run(self, suite: str, key: str) -> str:
-        page = dashboard.run_page(suite, self._uploads(suite), key, _LINKS)
+        page = dashboard.run_page(
+            suite, self._uploads(suite), key, _LINKS, pulled=lambda run: self._pulled(suite, run)
+        )
         if page is None:
             raise HttpError(404, f"no run {key!r} of suite {suite!r}")
         return page
+
+    def _pulled(self, suite: str, run: dashboard.RunView) -> list[dashboard.Pulled]:
+        """What the runners of run pulled from its queue, if it ran in queue mode (the
+        queue whose run key is the run's id)."""
+        if run.run_id is None:
+            return []
+        for info in self.store.list_records(QUEUE_NAMESPACE, f"{suite}/"):
+            if not info.key.endswith("/queue"):
+                continue
+            data = self.store.get_record(QUEUE_NAMESPACE, info.key)
+            try:
+                plan = None if data is None else QueuePlan.from_bytes(data)
+            except ValueError:
+                continue
+            if plan is None or plan.run_key != run.run_id:
+                continue
+            slug = info.key[: -len("/queue")]
+            pulled = []
+            for done in self.store.list_records(QUEUE_NAMESPACE, f"{slug}/done/"):
+                raw = self.store.get_record(QUEUE_NAMESPACE, done.key)
+                try:
+                    completion = None if raw is None else Completion.from_bytes(raw)
+                except ValueError:
+                    continue
+                if completion is not None:
+                    seconds = math.fsum(s.seconds for s in completion.results.values())
+                    pulled.append(
+                        dashboard.Pulled(
+                            completion.runner,
+                            completion.lease,
+                            len(completion.results),
+                            seconds,
+                        )
+                    )
+            return pulled
+        return []
 
     def _tests(self, suite: str, query: str, test: str | None) -> str:
         return dashboard.tests_page(suite, self._uploads(suite), _LINKS, query=query, test=test)

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slipstream.client.split_client import RunSpec, SplitClient
 from slipstream.splitter import dashboard
 from slipstream.splitter.history import Run, Sample
 from tests.http.helpers import HttpClient, http_server, http_url
@@ -262,3 +263,38 @@ def test_under_tls_the_cookie_is_secure_and_kept_only_for_a_read_token(
         assert {"httponly", "secure", "samesite", "path"} <= attributes
         assert "SameSite=Strict" in cookie and "Path=/ui" in cookie
     assert fx.READER.value not in "".join(server.output)
+
+
+def test_a_queue_mode_run_shows_the_batches_each_runner_pulled(tmp_path: pathlib.Path) -> None:
+    storage = tmp_path / "store"
+    fx.write_history(storage)
+    newest = fx.RUNS - 1
+    tests = sorted(t for shard in range(fx.SHARDS) for t in fx.shard_tests(newest, shard))
+    runner = "runner-<b>2</b>"  # runner names come from clients too
+    with running(http_server(storage)) as server, SplitClient(server.address) as client:
+        client.join_queue(RunSpec(fx.SUITE, fx.run_id(newest), 0, 2, tests))
+        pulled: dict[str, int] = {}
+        for turn in range(100):
+            name = ("runner-1", runner)[turn % 2]
+            lease = client.lease(fx.SUITE, fx.run_id(newest), name, lease_seconds=30.0)
+            if lease.finished:
+                break
+            assert lease.lease_id, "a lease is always free: every taken one was completed"
+            results = {t: Sample(1.0, False) for t in lease.tests}
+            client.complete(fx.SUITE, fx.run_id(newest), lease.lease_id, name, results)
+            pulled[name] = pulled.get(name, 0) + 1
+        key = dashboard.run_key(fx.run_id(newest), 0)
+        with HttpClient(http_url(server)) as http:
+            page = http.get(f"/ui/s/{fx.SUITE}/run/{key}").text
+            older = http.get(f"/ui/s/{fx.SUITE}/run/{dashboard.run_key(fx.run_id(0), 0)}").text
+    assert set(pulled) == {"runner-1", runner}
+    queue = page.split("<section class=queue>")[1].split("</section>")[0]
+    rows = {
+        cells[0]: cells[1:]
+        for row in queue.split("<tr class=runner>")[1:]
+        for cells in [parse(row).text]
+    }
+    assert rows["runner-1"][0] == str(pulled["runner-1"])
+    assert rows[runner][0] == str(pulled[runner])  # the name shown as text
+    assert sum(int(r[1]) for r in rows.values()) == len(tests)
+    assert "<section class=queue>" not in older  # a run that did not use the queue
