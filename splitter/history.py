@@ -264,6 +264,10 @@ def estimate(
 # ---- the store (I/O) ----
 
 
+def valid_suite(suite: str) -> bool:
+    return _SUITE.fullmatch(suite) is not None
+
+
 def check_suite(suite: str) -> None:
     if not _SUITE.fullmatch(suite):
         raise HistoryError(f"suite name {suite!r} must be 1-64 of letters, digits, '.', '_', '-'")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +47,7 @@ def html_response(status: int, body: str) -> web.Response:
     response.headers["Content-Security-Policy"] = dashboard.CSP
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Referrer-Policy"] = "same-origin"  # and Origin on a login post
     return response
 
 
@@ -72,6 +73,17 @@ async def login_token(request: web.Request) -> str | None:
     if not isinstance(token, str) or not token.strip() or any(c.isspace() for c in token.strip()):
         return None
     return token.strip()
+
+
+def check_same_origin(request: web.Request) -> None:
+    """403 for a login posted by a page of another site (which could make a browser keep
+    someone else's token): browsers send Origin with every POST."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    parsed = urllib.parse.urlsplit(origin)
+    if parsed.netloc != request.host or parsed.scheme != request.scheme:
+        raise HttpError(403, "a login from another site's page is refused")
 
 
 class UiPages(HttpFrontEnd):
@@ -118,6 +130,7 @@ class UiPages(HttpFrontEnd):
         self, request: web.Request, target: Target, limits: Any
     ) -> tuple[web.StreamResponse, None]:
         if target.route == LOGIN_ROUTE:
+            check_same_origin(request)
             token = await login_token(request)
             response = web.HTTPSeeOther("/ui/")
             if token is not None:
@@ -146,7 +159,11 @@ class UiPages(HttpFrontEnd):
     # ---- pages (on a worker thread: they read the store) ----
     def _suites(self) -> list[str]:
         keys = self.store.list_records(history.NAMESPACE)
-        return sorted({info.key.partition("/")[0] for info in keys})
+        return sorted(
+            suite
+            for suite in {info.key.partition("/")[0] for info in keys}
+            if history.valid_suite(suite)
+        )
 
     def _uploads(self, suite: str) -> list[history.Run]:
         try:

@@ -298,3 +298,18 @@ def test_a_queue_mode_run_shows_the_batches_each_runner_pulled(tmp_path: pathlib
     assert rows[runner][0] == str(pulled[runner])  # the name shown as text
     assert sum(int(r[1]) for r in rows.values()) == len(tests)
     assert "<section class=queue>" not in older  # a run that did not use the queue
+
+
+def test_a_login_posted_from_another_sites_page_is_refused(ui: str) -> None:
+    with HttpClient(ui) as http:
+        reply = http.request(
+            "POST",
+            "/ui/login",
+            b"token=anything",
+            {
+                "Content-Type": "application/x-www-form-urlencoded",
+                "Origin": "https://evil.example",
+            },
+        )
+    assert reply.status == 403 and "another site" in reply.text
+    assert "Set-Cookie" not in reply.headers
