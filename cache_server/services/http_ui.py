@@ -297,7 +297,18 @@ class UiPages(HttpFrontEnd):
             + f"<td><code>{esc(json.dumps(_rest(record), sort_keys=True))}</code></td></tr>"
             for record in reversed(records)
         )
+        callers: dict[str, list[int]] = {}
+        for record in records:
+            counts = callers.setdefault(str(record.get("caller", "")), [0, 0])
+            counts[0 if record.get("outcome") == "OK" else 1] += 1
+        caller_rows = "".join(
+            f'<tr><td>{esc(name)}</td><td class="n">{ok}</td><td class="n">{refused}</td></tr>'
+            for name, (ok, refused) in sorted(callers.items(), key=lambda kv: -sum(kv[1]))
+        )
         return (
+            "<section class=callers><h2>Top writers in the recent audit log</h2><table><tr>"
+            '<th>caller (token name)</th><th class="n">writes</th><th class="n">refused</th></tr>'
+            f"{caller_rows}</table></section>"
             "<section class=audit><h2>Recent audit log</h2><table><tr><th>time</th><th>event</th>"
             f"<th>caller</th><th>outcome</th><th>protocol</th><th>details</th></tr>{rows}</table>"
             "</section>"

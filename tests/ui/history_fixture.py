@@ -23,6 +23,7 @@ WRITER = Token("ci-writer", "writer-token-77b2e0", ("cas-write", "ac-write"))
 RUNS = 6
 SHARDS = 3
 FLAKY = "tests/test_net.py::test_retry_flaky"
+VARIABLE = "tests/test_io.py::test_growing"
 HOSTILE = "tests/test_x.py::test_<script>alert('pwned')</script>"
 BASE_NS = 1_780_000_000 * 10**9
 STARTUP = 4.0
@@ -34,6 +35,8 @@ def shard_tests(run: int, shard: int) -> dict[str, Sample]:
         f"tests/test_s{shard}.py::test_{i}": Sample(2.0 + i + (30.0 if shard == 2 else 0.0), False)
         for i in range(4)
     }
+    if shard == 1:
+        tests[VARIABLE] = Sample(1.0 + 2.0 * run, False)  # slower every run
     if shard == 0:
         tests[FLAKY] = Sample(1.5, run % 2 == 1)  # fails in every other run
         tests[HOSTILE] = Sample(0.5, False)

@@ -159,6 +159,7 @@ def test_every_page_reads_at_a_glance(
     visit.clean()
     flaky = page.locator("div.flaky").inner_text()
     assert fx.FLAKY in flaky
+    assert page.locator("div.variable tr").first.inner_text().startswith(fx.VARIABLE)
     assert fx.HOSTILE in page.locator("div.slowest").inner_text()  # shown as text
     assert "tests/test_new.py::test_added_last" in page.locator("div.new").inner_text()
     assert "tests/test_old.py::test_removed_last" in page.locator("div.vanished").inner_text()
@@ -179,6 +180,8 @@ def test_every_page_reads_at_a_glance(
     visit.clean()
     audit = page.locator("section.audit").inner_text()
     assert "ccache_put" in audit
+    writers = page.locator("section.callers tr").nth(1).inner_text()
+    assert re.fullmatch(r"anonymous\s+1\s+0", writers.strip()), writers
 
 
 @pytest.fixture
