@@ -244,6 +244,27 @@ class UiPages(HttpFrontEnd):
                 got[0 if sample.labels["result"] == "hit" else 1] += sample.value
         return {k: (v[0], v[1]) for k, v in sorted(found.items())}
 
+    def _bytes(self) -> tuple[float, float]:
+        """Bytes served and taken in over gRPC and HTTP since the server started."""
+        if self.ops is None:
+            return 0.0, 0.0
+        m = self.ops.metrics
+        totals = []
+        for counters in (
+            (m.sent_bytes, m.http_sent_bytes),
+            (m.received_bytes, m.http_received_bytes),
+        ):
+            totals.append(
+                math.fsum(
+                    sample.value
+                    for counter in counters
+                    for metric in counter.collect()
+                    for sample in metric.samples
+                    if sample.name.endswith("_total")
+                )
+            )
+        return totals[0], totals[1]
+
     def _cache_summary(self) -> str:
         rows = (
             "".join(
@@ -262,8 +283,13 @@ class UiPages(HttpFrontEnd):
             if stats is not None
             else ""
         )
+        served, taken = self._bytes()
+        moved = (
+            f'<div class="kpi">Served<b class=served>{served:,.0f} bytes</b></div>'
+            f'<div class="kpi">Received<b>{taken:,.0f} bytes</b></div>'
+        )
         return (
-            f'<section class=cache><h2><a href="/ui/cache">Cache</a></h2>{store}'
+            f'<section class=cache><h2><a href="/ui/cache">Cache</a></h2>{store}{moved}'
             '<table class=lookups><tr><th>protocol</th><th class="n">hits</th>'
             '<th class="n">misses</th><th class="n">hit rate</th></tr>'
             f'{rows}</table><p class="muted">since the server started</p></section>'

@@ -141,6 +141,8 @@ def test_every_page_reads_at_a_glance(
     assert own.locator("rect.run-bar").count() == len(fx.OWN_RUNS)
     lookups = page.locator("table.lookups").inner_text()
     assert re.search(r"ccache\s+1\s+1\s+50%", lookups), lookups
+    served = page.locator("section.cache b.served").inner_text()
+    assert int(served.split()[0].replace(",", "")) >= len(b"object file")  # the ccache hit
 
     # The newest run, from its row in the overview.
     app.locator("table.runs tr").nth(1).locator("a").click()
