@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from slipstream.core.errors import UsageError
 from slipstream.history_store import load_estimates, load_history
 from slipstream.splitter import ci, history, junit
-from slipstream.splitter.algorithm import GRANULARITIES, Plan, split_tests
+from slipstream.splitter.algorithm import GRANULARITIES, Plan, fewest_shards, split_tests
 from slipstream.splitter.history import Estimates, HistoryError
 from slipstream.splitter.sources import TimingSource, runs_from_junit
 
@@ -180,20 +180,15 @@ def run_plan(args: argparse.Namespace) -> int:
         )
 
     total = math.fsum(estimates.tests.values()) + math.fsum(estimates.file_costs.values())
-    n = min(args.max_shards, max(1, math.ceil(total / per_shard)))
-    plans: dict[int, Plan] = {}
-    chosen = None
-    too_long = False
-    while n <= args.max_shards:
-        plan = plans[n] = predict(n)
-        if plan.makespan <= per_shard:
-            chosen = n
-            break
-        if plan.lower_bound - startup > total / n + 1e-9 and plan.lower_bound > per_shard:
-            too_long = True  # the longest unit alone exceeds the target
-            break
-        n += 1
-    last = min(n, args.max_shards)
+    search = fewest_shards(
+        estimates.tests,
+        per_shard,
+        args.by,
+        file_costs=estimates.file_costs,
+        startup=startup,
+        max_shards=args.max_shards,
+    )
+    plans, chosen, too_long, last = search.plans, search.chosen, search.too_long, search.last
     shown = range(max(1, last - 2), min(args.max_shards, last + 2) + 1)
     print(
         f"{len(tests)} tests, {total:.1f}s in all; "

@@ -661,3 +661,47 @@ def split_tests(
                 plan = by_test
     ratio = plan.makespan / bound if bound > 0 else 1.0
     return replace(plan, lower_bound=bound, ratio=ratio)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSearch:
+    """What `fewest_shards` found: the fewest shards meeting the target (None if none
+    up to the limit does), whether one unit alone is longer than it, the last count
+    tried, and the plans made on the way."""
+
+    chosen: int | None
+    too_long: bool
+    last: int
+    plans: Mapping[int, Plan]
+
+
+def fewest_shards(
+    times: Mapping[str, float],
+    per_shard: float,
+    granularity: Granularity = "auto",
+    *,
+    file_costs: Mapping[str, float] | None = None,
+    startup: float = 0.0,
+    max_shards: int = 256,
+    max_iterations: int = 200,
+) -> ShardSearch:
+    """The fewest shards whose predicted makespan is within per_shard seconds: from the
+    total over per_shard up, stopping early when a unit that cannot be split is longer."""
+    total = math.fsum(times.values()) + math.fsum((file_costs or {}).values())
+    n = min(max_shards, max(1, math.ceil(total / per_shard)))
+    plans: dict[int, Plan] = {}
+    while n <= max_shards:
+        plan = plans[n] = split_tests(
+            times,
+            n,
+            granularity,
+            file_costs=file_costs,
+            startup=startup,
+            max_iterations=max_iterations,
+        )
+        if plan.makespan <= per_shard:
+            return ShardSearch(n, False, n, plans)
+        if plan.lower_bound - startup > total / n + 1e-9 and plan.lower_bound > per_shard:
+            return ShardSearch(None, True, n, plans)  # the longest unit alone exceeds it
+        n += 1
+    return ShardSearch(None, False, max_shards, plans)

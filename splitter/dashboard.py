@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from urllib.parse import quote
 
 from slipstream.splitter import history
-from slipstream.splitter.algorithm import split_tests
+from slipstream.splitter.algorithm import fewest_shards
 from slipstream.splitter.history import Run, Sample
 
 # What a page shows of a long list, and how many recent runs it looks at.
@@ -177,31 +177,18 @@ def runs_of(uploads: Iterable[Run]) -> list[RunView]:
     return sorted(views, key=lambda v: (v.created_ns, v.key))
 
 
-def fewest_shards(runs: Sequence[RunView], target: float, *, max_shards: int = 256) -> int | None:
-    """What `slipstream plan --target` says: the fewest shards whose predicted slowest
-    shard meets target, from the recent runs; None if no number up to max_shards does."""
+def shards_for(runs: Sequence[RunView], target: float) -> int | None:
+    """What `slipstream plan --target` says from the recent runs: the fewest shards whose
+    predicted slowest shard meets target; None if no number does."""
     recent = runs[-history.DEFAULT_LAST_RUNS :]
     uploads = [u for r in recent for u in r.uploads]
     tests = sorted({t for run in recent for t in run.tests})
     if not tests:
         return None
     estimates = history.estimate(tests, uploads)
-    total = math.fsum(estimates.tests.values()) + math.fsum(estimates.file_costs.values())
-    n = max(1, math.ceil(total / target))
-    while n <= max_shards:
-        plan = split_tests(
-            estimates.tests,
-            n,
-            file_costs=estimates.file_costs,
-            startup=estimates.startup,
-            max_iterations=200,
-        )
-        if plan.makespan <= target:
-            return n
-        if plan.lower_bound > target and plan.lower_bound - estimates.startup > total / n:
-            return None  # one unit alone is longer than the target
-        n += 1
-    return None
+    return fewest_shards(
+        estimates.tests, target, file_costs=estimates.file_costs, startup=estimates.startup
+    ).chosen
 
 
 def predicted_walls(run: RunView, earlier: Sequence[Run]) -> list[float | None]:
@@ -363,7 +350,7 @@ def suite_overview(
     latest = runs[-1]
     met = sum(1 for r in runs[-RECENT_RUNS:] if r.wall <= targets.test)
     shown = min(len(runs), RECENT_RUNS)
-    n = fewest_shards(runs, targets.test)
+    n = shards_for(runs, targets.test)
     plan = (
         f"<b>{n}</b>shards meet {esc(duration(targets.test))} (slipstream plan)"
         if n is not None

@@ -17,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slipstream.client.split_client import RunSpec, SplitClient
+from slipstream.history_store import load_history
+from slipstream.split_cli import parse_duration
 from slipstream.splitter import dashboard
 from slipstream.splitter.history import Run, Sample
 from tests.http.helpers import HttpClient, http_server, http_url
@@ -313,3 +315,24 @@ def test_a_login_posted_from_another_sites_page_is_refused(ui: str) -> None:
         )
     assert reply.status == 403 and "another site" in reply.text
     assert "Set-Cookie" not in reply.headers
+
+
+@pytest.mark.parametrize("target", ["20m", "75s", "50s", "30s"])
+def test_the_overviews_shard_count_is_what_slipstream_plan_says(
+    tmp_path: pathlib.Path, target: str
+) -> None:
+    storage = tmp_path / "store"
+    fx.write_history(storage)
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "slipstream.cli", "plan", "--target", target),
+            *("--storage-dir", str(storage), "--suite", fx.SUITE),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    chosen = [line.split()[0] for line in done.stdout.splitlines() if "<- fewest" in line]
+    uploads, _ = load_history(storage, fx.SUITE)
+    shown = dashboard.shards_for(dashboard.runs_of(uploads), parse_duration(target))
+    assert shown == (int(chosen[0]) if chosen else None), done.stdout
