@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slipstream.cache_server.services.http_ui import UI_COOKIE
 from slipstream.client.split_client import RunSpec, SplitClient
 from slipstream.history_store import load_history
 from slipstream.split_cli import parse_duration
@@ -336,3 +337,30 @@ def test_the_overviews_shard_count_is_what_slipstream_plan_says(
     uploads, _ = load_history(storage, fx.SUITE)
     shown = dashboard.shards_for(dashboard.runs_of(uploads), parse_duration(target))
     assert shown == (int(chosen[0]) if chosen else None), done.stdout
+
+
+def test_with_tokens_the_cookie_opens_the_pages_and_nothing_else(tmp_path: pathlib.Path) -> None:
+    storage = tmp_path / "store"
+    fx.write_history(storage)
+    tokens = write_token_file(tmp_path / "tokens.toml", [fx.READER, fx.WRITER])
+    server = http_server(storage, ["--token-file", str(tokens)])
+    with running(server), HttpClient(http_url(server)) as http:
+
+        def get(path: str, token: str | None) -> tuple[int, str]:
+            cookie = {"Cookie": f"{UI_COOKIE}={token}"} if token else {}
+            reply = http.request("GET", path, headers=cookie)
+            return reply.status, reply.text
+
+        status, page = get("/ui/", None)
+        assert status == 401 and "<input type=password name=token" in page
+        assert get("/ui/", fx.READER.value)[0] == 200
+        status, page = get("/ui/", fx.WRITER.value)
+        assert status == 403 and "needs scope &#x27;read&#x27;" in page
+        assert fx.WRITER.value not in page
+        assert get("/ui/", "unknown")[0] == 401
+        assert get(CCACHE_PATH, fx.READER.value)[0] == 401  # the cookie is for the pages only
+        with HttpClient(http_url(server), fx.READER.value) as reader:
+            assert reader.get("/ui/cache").status == 200  # a header works too
+
+
+CCACHE_PATH = "/ccache/3b/" + "c" * 31
