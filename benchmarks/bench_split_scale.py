@@ -1,0 +1,173 @@
+"""The splitter at 100,000 tests: the CLI end to end, the split server's GetShard, and
+the pytest plugin's collection-time work beside pytest-split's.
+
+    python -m benchmarks.bench_split_scale [--smoke] [--tests N] [--shards N] [--json PATH]
+                                           [--record-hashes PATH] [--no-server] [--no-plugin]
+
+Inputs come from benchmarks/split_scale_suite.py (deterministic: seed 23): N test ids
+and JUnit reports of an earlier run (about 11 MB at 100,000 tests).
+
+- cli: ``slipstream split --total S --index 3 --junit run1.xml < ids.txt`` as a child
+  process, for ``--by auto`` and ``--by test``; wall time, and the child's peak RSS
+  (``resource.getrusage(RUSAGE_CHILDREN)``, one child per measurement process). Each plan
+  hash is checked against the recorded one (benchmarks/data/split_scale_hashes.json,
+  recorded before the speed-up of issue 23) when one is recorded for the size.
+- server: a ``slipstream serve`` process; one client uploads the JUnit timings, then
+  GetShard for shard 3 (the first call of a run makes its plan) and for shard 4 (the
+  plan already made); wall time per call and the server's RSS from /proc.
+- plugin: ``pytest --collect-only -q`` over a generated project of the same N tests
+  (bodies ``pass``), plain, with slipstream's ``--shard-total S --shard-index 3`` and
+  with pytest-split's ``--splits S --group 4`` (from its durations file made from the
+  same timings); the difference from the plain run is each plugin's own work.
+
+``--record-hashes PATH`` writes the plan hashes of every (timings, --by, --total)
+combination instead (see ``hash_cases``): how the hashes in the test data were made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from benchmarks.split_scale_suite import write_inputs
+
+HERE = pathlib.Path(__file__).parent
+REPO = HERE.parent
+HASHES = REPO / "tests" / "splitter" / "data" / "plan_hashes.json"
+TIMINGS = ("none", "run1", "run1+run2")
+BYS = ("auto", "test", "file")
+TOTALS = (8, 64)
+
+
+def hash_cases() -> list[tuple[str, str, int]]:
+    """Every (timings, --by, --total) whose plan hash is recorded."""
+    return [(t, by, n) for t in TIMINGS for by in BYS for n in TOTALS]
+
+
+def split_args(
+    directory: pathlib.Path, timings: str, by: str, total: int, index: int = 3
+) -> list[str]:
+    """``slipstream split`` arguments for a case over the inputs in directory."""
+    args = ["split", "--total", str(total), "--index", str(index), "--by", by]
+    if timings == "none":
+        args += ["--storage-dir", str(directory / "empty-history")]
+    for name in timings.split("+") if timings != "none" else []:
+        args += ["--junit", str(directory / f"{name}.xml")]
+    return args
+
+
+@dataclass
+class CliRun:
+    by: str
+    shards: int
+    seconds: float
+    peak_rss_mb: float
+    plan_hash: str
+    hash_recorded: str | None
+
+
+def run_cli(
+    directory: pathlib.Path, args: Sequence[str], python: str = sys.executable, cwd: str = ""
+) -> tuple[float, float, str]:
+    """(wall seconds, peak RSS MB, plan hash) of one ``slipstream split`` child process.
+
+    The peak RSS is measured in a fresh measuring process (RUSAGE_CHILDREN keeps the
+    largest child so far), so each figure is of this one run.
+    """
+    probe = (
+        "import json, resource, subprocess, sys, time\n"
+        "args, stdin = json.loads(sys.argv[1]), open(sys.argv[2], 'rb')\n"
+        "t = time.perf_counter()\n"
+        "p = subprocess.run(args, stdin=stdin, stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.PIPE, cwd=sys.argv[3] or None)\n"
+        "wall = time.perf_counter() - t\n"
+        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
+        "print(json.dumps([p.returncode, wall, rss, p.stderr.decode()]))\n"
+    )
+    cmd = [python, "-m", "slipstream.cli", *args]
+    out = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(cmd), str(directory / "ids.txt"), cwd],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    code, wall, rss, err = json.loads(out)
+    if code != 0:
+        raise RuntimeError(f"slipstream split failed ({code}): {err.strip()}")
+    return wall, rss, err.rsplit("plan ", 1)[1].strip()
+
+
+def record_hashes(directory: pathlib.Path, python: str, cwd: str) -> dict[str, str]:
+    return {
+        f"{t}/{by}/{n}": run_cli(directory, split_args(directory, t, by, n), python, cwd)[2]
+        for t, by, n in hash_cases()
+    }
+
+
+def prepare(directory: pathlib.Path, tests: int) -> None:
+    write_inputs(directory, tests)
+    (directory / "empty-history").mkdir(exist_ok=True)
+
+
+def recorded_hashes(tests: int) -> dict[str, str]:
+    if not HASHES.exists():
+        return {}
+    got: dict[str, str] = json.loads(HASHES.read_text()).get(str(tests), {})
+    return got
+
+
+def bench_cli(directory: pathlib.Path, tests: int, shards: int) -> list[CliRun]:
+    recorded = recorded_hashes(tests)
+    rows = []
+    for by in ("auto", "test"):
+        args = split_args(directory, "run1", by, shards)
+        wall, rss, got = run_cli(directory, args)
+        expected = recorded.get(f"run1/{by}/{shards}")
+        if expected is not None and got != expected:
+            raise AssertionError(f"--by {by}: plan {got}, recorded {expected}")
+        rows.append(CliRun(by, shards, round(wall, 3), round(rss, 1), got, expected))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="2,000 tests, 8 shards")
+    p.add_argument("--tests", type=int, default=100_000)
+    p.add_argument("--shards", type=int, default=64)
+    p.add_argument("--json", type=pathlib.Path, help="write the results here")
+    p.add_argument("--record-hashes", type=pathlib.Path, metavar="PATH")
+    p.add_argument("--python", default=sys.executable, help="for --record-hashes")
+    p.add_argument("--cwd", default="", help="for --record-hashes: the code to run")
+    p.add_argument("--no-server", action="store_true")
+    p.add_argument("--no-plugin", action="store_true")
+    args = p.parse_args(argv)
+    tests, shards = (2_000, 8) if args.smoke else (args.tests, args.shards)
+    with tempfile.TemporaryDirectory(prefix="split-scale-") as tmp:
+        directory = pathlib.Path(tmp)
+        prepare(directory, tests)
+        if args.record_hashes:
+            hashes = record_hashes(directory, args.python, args.cwd)
+            old = json.loads(args.record_hashes.read_text()) if args.record_hashes.exists() else {}
+            old[str(tests)] = hashes
+            args.record_hashes.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")
+            print(json.dumps(hashes, indent=1))
+            return 0
+        result: dict[str, object] = {"tests": tests, "shards": shards}
+        cli = bench_cli(directory, tests, shards)
+        result["cli"] = [asdict(r) for r in cli]
+        print(f"{'--by':<6} {'wall s':>7} {'peak RSS MB':>12}  plan")
+        for r in cli:
+            print(f"{r.by:<6} {r.seconds:>7.3f} {r.peak_rss_mb:>12.1f}  {r.plan_hash}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
