@@ -21,13 +21,17 @@ def _parts(test_id: str) -> list[str]:
 
 def file_of(test_id: str) -> str:
     """The file a test id belongs to (the id itself when it has no ``::``)."""
-    return _parts(test_id)[0]
+    base = test_id.partition("[")[0]  # as _parts, without its lists
+    cut = base.find("::")
+    return test_id if cut < 0 else base[:cut]
 
 
 def class_of(test_id: str) -> str | None:
     """``file::Class[::Inner]`` for a test in a class, else None."""
-    parts = _parts(test_id)
-    return "::".join(parts[:-1]) if len(parts) > 2 else None
+    base = test_id.partition("[")[0]
+    if base.count("::") < 2:  # non-overlapping, as split counts them
+        return None
+    return "::".join(base.split("::")[:-1])
 
 
 def directories_of(path: str) -> list[str]:
@@ -60,6 +64,18 @@ def junit_key(test_id: str) -> tuple[str, str] | None:
         return None
     classname = ".".join([_module_dotted(parts[0]), *parts[1:-1]])
     return classname, parts[-1]
+
+
+def _node_id_prefix(classname: str, file: str | None, name: str) -> str | None:
+    """What ``node_id`` puts before ``::name``, or None when the id is the name alone.
+
+    It does not depend on the name: ``name`` is only a stand-in to reuse ``node_id``.
+    """
+    whole = node_id(JUnitCase(classname, name, file, None, "passed", ""))
+    if whole == name and not classname and not file:
+        return None
+    assert whole.endswith("::" + name)
+    return whole[: -len(name) - 2]
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,24 +142,63 @@ def match_cases(
     of a file (candidate is a file path); else all cases of a class name (candidate is
     a classname, as Surefire/Gradle splits use). Candidates with no match are left out.
     """
+    cases = list(cases)
     by_key: dict[tuple[str, str], list[JUnitCase]] = {}
-    by_id: dict[str, list[JUnitCase]] = {}
-    by_file: dict[str, list[JUnitCase]] = {}
-    by_class: dict[str, list[JUnitCase]] = {}
     for case in cases:
-        by_key.setdefault((case.classname, case.name), []).append(case)
-        by_id.setdefault(node_id(case), []).append(case)
-        by_file.setdefault(case_file(case), []).append(case)
-        by_class.setdefault(case.classname, []).append(case)
+        key = (case.classname, case.name)
+        got = by_key.get(key)
+        if got is None:
+            by_key[key] = [case]
+        else:
+            got.append(case)
+    others: tuple[dict[str, list[JUnitCase]], ...] | None = None  # made at the first miss
+    dotted: dict[str, str] = {}
     out: dict[str, list[JUnitCase]] = {}
     for candidate in candidates:
-        key = junit_key(candidate)
-        found = (
-            (by_key.get(key) if key else None)
-            or by_id.get(candidate)
-            or by_file.get(normalize_path(candidate))
-            or by_class.get(candidate)
-        )
+        # junit_key(candidate), with each file's dotted module name made once
+        base, bracket, params = candidate.partition("[")
+        parts = base.split("::")
+        found = None
+        if len(parts) >= 2 and parts[0].endswith(".py"):
+            module = dotted.get(parts[0])
+            if module is None:
+                module = dotted[parts[0]] = _module_dotted(parts[0])
+            classname = module if len(parts) == 2 else ".".join([module, *parts[1:-1]])
+            found = by_key.get((classname, parts[-1] + bracket + params))
+        if not found:
+            if others is None:
+                others = _other_indexes(cases)
+            by_id, by_file, by_class = others
+            found = (
+                by_id.get(candidate)
+                or by_file.get(normalize_path(candidate))
+                or by_class.get(candidate)
+            )
         if found:
             out[candidate] = found
     return out
+
+
+def _other_indexes(
+    cases: list[JUnitCase],
+) -> tuple[dict[str, list[JUnitCase]], dict[str, list[JUnitCase]], dict[str, list[JUnitCase]]]:
+    """Cases by node id, by file and by classname; node ids made once per (classname, file)."""
+    by_id: dict[str, list[JUnitCase]] = {}
+    by_file: dict[str, list[JUnitCase]] = {}
+    by_class: dict[str, list[JUnitCase]] = {}
+    # (classname, file) -> (what the node id has before "::name", the normalized file)
+    scopes: dict[tuple[str, str | None], tuple[str | None, str | None]] = {}
+    for case in cases:
+        scope = (case.classname, case.file)
+        known = scopes.get(scope)
+        if known is None:
+            known = scopes[scope] = (
+                _node_id_prefix(case.classname, case.file, case.name),
+                normalize_path(case.file) if case.file else None,
+            )
+        prefix, file = known
+        test_id = case.name if prefix is None else f"{prefix}::{case.name}"
+        by_id.setdefault(test_id, []).append(case)
+        by_file.setdefault(file or file_of(test_id), []).append(case)
+        by_class.setdefault(case.classname, []).append(case)
+    return by_id, by_file, by_class

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slipstream.splitter.ids import (
     JUnitCase,
+    case_file,
     class_of,
     directories_of,
     file_of,
     junit_key,
     match_cases,
     node_id,
+    normalize_path,
 )
 
 
@@ -93,3 +95,75 @@ def test_match_cases_by_node_id_file_and_class():
     assert [c.time for c in matched["spec/user_spec.rb"]] == [3.0]
     assert sorted(c.name for c in matched["com.acme.UserTest"]) == ["testA", "testB"]
     assert "tests/test_new.py::test_unknown" not in matched
+
+
+# The look-ups of match_cases, file_of and class_of were made fast for 100,000 tests
+# (issue 23); these are the plain definitions they must agree with.
+_PIECE = st.text(alphabet="ab.A:/[]_-Tt", max_size=8)
+_ID = st.lists(
+    st.sampled_from(["tests/test_a.py", "t/b_test.py", "x", "::", ":::", ":", "[", "]", "TestK"])
+    | _PIECE,
+    max_size=6,
+).map("".join)
+
+
+def _plain_parts(test_id: str) -> list[str]:
+    base, bracket, params = test_id.partition("[")
+    parts = base.split("::")
+    parts[-1] += bracket + params
+    return parts
+
+
+def _plain_match_cases(cases: list[JUnitCase], candidates: list[str]) -> dict[str, list[JUnitCase]]:
+    by_key: dict[tuple[str, str], list[JUnitCase]] = {}
+    by_id: dict[str, list[JUnitCase]] = {}
+    by_file: dict[str, list[JUnitCase]] = {}
+    by_class: dict[str, list[JUnitCase]] = {}
+    for case in cases:
+        by_key.setdefault((case.classname, case.name), []).append(case)
+        by_id.setdefault(node_id(case), []).append(case)
+        by_file.setdefault(case_file(case), []).append(case)
+        by_class.setdefault(case.classname, []).append(case)
+    out: dict[str, list[JUnitCase]] = {}
+    for candidate in candidates:
+        key = junit_key(candidate)
+        found = (
+            (by_key.get(key) if key else None)
+            or by_id.get(candidate)
+            or by_file.get(normalize_path(candidate))
+            or by_class.get(candidate)
+        )
+        if found:
+            out[candidate] = found
+    return out
+
+
+@settings(max_examples=500)
+@given(_ID)
+def test_file_and_class_of_are_those_of_the_parts(test_id: str) -> None:
+    parts = _plain_parts(test_id)
+    assert file_of(test_id) == parts[0]
+    assert class_of(test_id) == ("::".join(parts[:-1]) if len(parts) > 2 else None)
+
+
+_CASES = st.lists(
+    st.builds(
+        JUnitCase,
+        classname=st.sampled_from(["", "tests.test_a", "tests.test_a.TestK", "t.b_test", "Foo"])
+        | _PIECE,
+        name=st.sampled_from(["test_x", "test_y[a::b]", "t[p]"]) | _PIECE,
+        file=st.sampled_from([None, "", "tests/test_a.py", "./t/b_test.py", "x\\y.rb"]),
+        time=st.just(1.0),
+        outcome=st.just("passed"),
+        source=st.just("r.xml"),
+    ),
+    max_size=8,
+)
+
+
+@given(_CASES, st.lists(_ID | st.sampled_from(["tests/test_a.py::test_x", "Foo"]), max_size=8))
+def test_match_cases_agrees_with_its_plain_definition(
+    cases: list[JUnitCase], candidates: list[str]
+) -> None:
+    candidates += [node_id(c) for c in cases] + [case_file(c) for c in cases]
+    assert match_cases(cases, candidates) == _plain_match_cases(cases, candidates)
