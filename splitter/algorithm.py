@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import math
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -65,10 +66,32 @@ def no_check() -> None:
 
 def _checking(items: Iterable[X], check: Check) -> Iterator[X]:
     """items, with check() called before every _CHECK_EVERY of them."""
-    for step, item in enumerate(items):
-        if step % _CHECK_EVERY == 0:
-            check()
-        yield item
+    it = iter(items)
+    while chunk := list(itertools.islice(it, _CHECK_EVERY)):
+        check()
+        yield from chunk
+
+
+def _grouped(
+    tests: Sequence[str], key: Callable[[str], str | None], check: Check
+) -> list[tuple[str, ...]]:
+    """The components of "same key" over sorted tests (None: alone), as the union-find
+    gives them (each sorted, the list sorted), without one."""
+    alone: list[tuple[str, ...]] = []
+    by_key: dict[str, list[str]] = {}
+    for t in _checking(tests, check):
+        k = key(t)
+        if k is None:
+            alone.append((t,))
+        else:
+            got = by_key.get(k)
+            if got is None:
+                by_key[k] = [t]
+            else:
+                got.append(t)
+    alone.extend(tuple(g) for g in by_key.values())
+    alone.sort()
+    return alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,6 +219,8 @@ def build_units(
     atoms: list[tuple[str, ...]]
     if granularity == "test" and not groups:
         atoms = [(t,) for t in tests]
+    elif not groups:  # one relation: grouping by its key gives its components
+        atoms = _grouped(tests, file_of_test.get if granularity == "file" else class_of, check)
     else:
         uf = _UnionFind(tests, check)
         if groups:
@@ -210,25 +235,36 @@ def build_units(
         return _auto_units(
             atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard, check
         )
-    atom_files = [{file_of_test[t] for t in a} for a in _checking(atoms, check)]
     if granularity == "file":
         return [
-            _unit(a, times, file_of_test, _files_cost(fs, fcosts))
-            for a, fs in _checking(zip(atoms, atom_files, strict=True), check)
+            _unit(a, times, file_of_test, _files_cost({file_of_test[t] for t in a}, fcosts))
+            for a in _checking(atoms, check)
         ]
+    # Single tests (most atoms) skip the sets: their one file is file_of_test's.
+    atom_files: list[set[str] | None] = []
     sharing: dict[str, int] = {}
-    for fs in atom_files:
+    for a in _checking(atoms, check):
+        if len(a) == 1:
+            f = file_of_test[a[0]]
+            sharing[f] = sharing.get(f, 0) + 1
+            atom_files.append(None)
+            continue
+        fs = {file_of_test[t] for t in a}
         for f in fs:
             sharing[f] = sharing.get(f, 0) + 1
-    return [
-        _unit(
-            a,
-            times,
-            file_of_test,
-            _files_cost(fs, {f: fcosts[f] / sharing[f] for f in fs if f in fcosts}),
-        )
-        for a, fs in _checking(zip(atoms, atom_files, strict=True), check)
-    ]
+        atom_files.append(fs)
+    units: list[Unit] = []
+    for a, maybe_fs in _checking(zip(atoms, atom_files, strict=True), check):
+        if maybe_fs is None:  # _unit and _files_cost of one test, inlined
+            t = a[0]
+            f = file_of_test[t]
+            seconds = times[t]
+            share = fcosts[f] / sharing[f] if f in fcosts else 0.0
+            units.append(Unit(a, (f,), seconds, seconds + share))
+            continue
+        share = _files_cost(maybe_fs, {f: fcosts[f] / sharing[f] for f in maybe_fs if f in fcosts})
+        units.append(_unit(a, times, file_of_test, share))
+    return units
 
 
 def _auto_units(
@@ -242,20 +278,26 @@ def _auto_units(
     check: Check,
 ) -> list[Unit]:
     # Whole files, merged where a group spans files.
-    uf = _UnionFind(file_of_test, check)
-    for step, atom in enumerate(atoms):
-        if step % _CHECK_EVERY == 0:
-            check()
-        for t in atom[1:]:
-            uf.union(atom[0], t)
-    uf.union_by(file_of_test, file_of_test)
-    wholes = uf.components()
+    root_of: Callable[[str], str]
+    if groups:
+        uf = _UnionFind(file_of_test, check)
+        for step, atom in enumerate(atoms):
+            if step % _CHECK_EVERY == 0:
+                check()
+            for t in atom[1:]:
+                uf.union(atom[0], t)
+        uf.union_by(file_of_test, file_of_test)
+        wholes = uf.components()
+        root_of = uf.find
+    else:  # atoms are classes, within a file: the wholes are the files
+        wholes = _grouped(list(file_of_test), file_of_test.get, check)
+        root_of = file_of_test.__getitem__
     total = math.fsum(times.values()) + _files_cost(set(file_of_test.values()), fcosts)
     target = total / n
     granule = target / granules_per_shard
     atoms_of: dict[str, list[tuple[str, ...]]] = {}
     for atom in atoms:
-        atoms_of.setdefault(uf.find(atom[0]), []).append(atom)
+        atoms_of.setdefault(root_of(atom[0]), []).append(atom)
     units: list[Unit] = []
     for whole in wholes:
         check()
@@ -266,7 +308,7 @@ def _auto_units(
         if tests_time + fcost <= limit or len(whole) == 1:
             units.append(_unit(whole, times, file_of_test, fcost))
             continue
-        pieces = atoms_of[whole[0]]
+        pieces = atoms_of[root_of(whole[0])]
         shard_room = max(target - fcost, tests_time / n)
         room = granule - fcost if cheap_to_cut and granule < target else shard_room
         if any(math.fsum(times[t] for t in p) > shard_room for p in pieces):
@@ -503,6 +545,28 @@ def lower_bound(
     return startup + max(total / n, longest)
 
 
+def _single_test_bound(
+    times: Mapping[str, float],
+    n: int,
+    file_costs: Mapping[str, float],
+    startup: float,
+    check: Check,
+) -> float:
+    """``lower_bound`` of the units of ``build_units(times, n, "test")`` (no groups: one
+    test each), without making them."""
+    if not times:
+        return 0.0
+    file_of_test = {t: file_of(t) for t in _checking(times, check)}
+    total = math.fsum(times.values()) + math.fsum(
+        file_costs.get(f, 0.0) for f in set(file_of_test.values())
+    )
+    # + 0.0: what fsum of the one file cost gives (-0.0 becomes 0.0)
+    longest = max(
+        times[t] + (file_costs.get(f, 0.0) + 0.0) for t, f in _checking(file_of_test.items(), check)
+    )
+    return startup + max(total / n, longest)
+
+
 def plan_hash(shards: Sequence[Sequence[str]]) -> str:
     """A short hash of which tests go to which shard; every runner prints it."""
     h = xxhash.xxh64()
@@ -634,9 +698,15 @@ def split_tests(
         return plan
     # Judge auto's plans against the bound of the finest split (single tests), not
     # against their own units: a plan of big units can sit on its own bound.
-    test_units = build_units(times, n, "test", file_costs=file_costs, groups=groups, check=check)
+    test_units: list[Unit] | None = None
+    if groups:
+        test_units = build_units(
+            times, n, "test", file_costs=file_costs, groups=groups, check=check
+        )
+        bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
+    else:
+        bound = _single_test_bound(times, n, file_costs or {}, startup, check)
     check()
-    bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
 
     def good_enough(candidate: Plan) -> bool:
         return candidate.makespan <= bound * (1 + _AUTO_GOOD_ENOUGH)
@@ -656,6 +726,8 @@ def split_tests(
         if finer.makespan < plan.makespan:
             plan = finer
         if not good_enough(plan):
+            if test_units is None:
+                test_units = build_units(times, n, "test", file_costs=file_costs, check=check)
             by_test = plan_of(test_units)
             if by_test.makespan < plan.makespan * (1 - _CUT_CLASSES_GAIN):
                 plan = by_test
