@@ -33,6 +33,10 @@ SERVER_SUBCOMMANDS = {
     "slipstream.cache_server.ops_cli": ("token", "make access tokens for the server"),
 }
 SERVER_EXTRA = "pip install 'slipstream[server]'"
+# Commands whose module is imported alone when the command line names them: each of a
+# matrix's runners calls `slipstream split` once, and the server's modules (gRPC,
+# protobuf) would cost it more than its split does.
+LIGHT_COMMANDS = {"split": "slipstream.split_cli", "plan": "slipstream.split_cli"}
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -57,10 +61,14 @@ class _Parser(argparse.ArgumentParser):
         return parsed, rest
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``command`` one of LIGHT_COMMANDS, only its module's."""
     parser = _Parser(prog="slipstream", description="Fast CI: build cache and test splitter.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     subparsers.required = True
+    if command in LIGHT_COMMANDS:
+        importlib.import_module(LIGHT_COMMANDS[command]).register(subparsers)
+        return parser
     for name, (command, summary) in SERVER_SUBCOMMANDS.items():
         try:
             module = importlib.import_module(name)
@@ -93,8 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # gRPC's C core logs its own copy of errors to stderr; the command reports
     # them itself, in one line. GRPC_VERBOSITY set by the user still wins.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(words[0] if words else None)
+    args = parser.parse_args(words)
     handler: Handler = args.handler
     try:
         return handler(args)

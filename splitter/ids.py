@@ -151,9 +151,9 @@ def match_cases(
             by_key[key] = [case]
         else:
             got.append(case)
-    others: tuple[dict[str, list[JUnitCase]], ...] | None = None  # made at the first miss
     dotted: dict[str, str] = {}
     out: dict[str, list[JUnitCase]] = {}
+    missed: list[str] = []  # in out as [] for now, which keeps the candidates' order
     for candidate in candidates:
         # junit_key(candidate), with each file's dotted module name made once
         base, bracket, params = candidate.partition("[")
@@ -165,24 +165,34 @@ def match_cases(
                 module = dotted[parts[0]] = _module_dotted(parts[0])
             classname = module if len(parts) == 2 else ".".join([module, *parts[1:-1]])
             found = by_key.get((classname, parts[-1] + bracket + params))
-        if not found:
-            if others is None:
-                others = _other_indexes(cases)
-            by_id, by_file, by_class = others
+        if found:
+            out[candidate] = found
+        elif candidate not in out:
+            out[candidate] = []
+            missed.append(candidate)
+    if missed:
+        by_id, by_file, by_class = _other_indexes(cases, missed)
+        for candidate in missed:
             found = (
                 by_id.get(candidate)
                 or by_file.get(normalize_path(candidate))
                 or by_class.get(candidate)
             )
-        if found:
-            out[candidate] = found
+            if found:
+                out[candidate] = found
+            else:
+                del out[candidate]
     return out
 
 
 def _other_indexes(
-    cases: list[JUnitCase],
+    cases: list[JUnitCase], candidates: list[str]
 ) -> tuple[dict[str, list[JUnitCase]], dict[str, list[JUnitCase]], dict[str, list[JUnitCase]]]:
-    """Cases by node id, by file and by classname; node ids made once per (classname, file)."""
+    """Cases by node id, by file and by classname, only under the keys the candidates
+    may look up (a small index for the few ids their (classname, name) misses); node
+    ids made once per (classname, file)."""
+    wanted = set(candidates)
+    wanted_files = {normalize_path(c) for c in candidates}
     by_id: dict[str, list[JUnitCase]] = {}
     by_file: dict[str, list[JUnitCase]] = {}
     by_class: dict[str, list[JUnitCase]] = {}
@@ -198,7 +208,11 @@ def _other_indexes(
             )
         prefix, file = known
         test_id = case.name if prefix is None else f"{prefix}::{case.name}"
-        by_id.setdefault(test_id, []).append(case)
-        by_file.setdefault(file or file_of(test_id), []).append(case)
-        by_class.setdefault(case.classname, []).append(case)
+        if test_id in wanted:
+            by_id.setdefault(test_id, []).append(case)
+        file = file or file_of(test_id)
+        if file in wanted_files:
+            by_file.setdefault(file, []).append(case)
+        if case.classname in wanted:
+            by_class.setdefault(case.classname, []).append(case)
     return by_id, by_file, by_class

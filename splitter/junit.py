@@ -98,6 +98,9 @@ class _Reader:
         self.case_attrs: dict[str, str] = {}
         self.case_tags: set[str] = set()
         self.case_group: str | None = None
+        # One string per distinct classname and file, however many cases share it.
+        self.classnames: dict[str, str] = {}
+        self.files: dict[str, str] = {}
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         stack = self.stack
@@ -161,10 +164,16 @@ class _Reader:
         else:
             outcome = "passed"  # flakyFailure/flakyError: passed on a rerun
         file = attrs.get("file") or suite_file
+        if file:
+            normalized = self.files.get(file)
+            if normalized is None:
+                normalized = self.files[file] = normalize_path(file)
+        classname = attrs.get("classname") or ""
+        classname = self.classnames.setdefault(classname, classname)
         return JUnitCase(
-            classname=attrs.get("classname") or "",
+            classname=classname,
             name=attrs.get("name") or "",
-            file=normalize_path(file) if file else None,
+            file=normalized if file else None,
             time=parse_time(attrs.get("time")),
             outcome=outcome,
             source=self.path,

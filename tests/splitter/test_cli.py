@@ -292,3 +292,34 @@ def test_plan_echoes_the_target_as_written(monkeypatch, capsys, tmp_path):
         code, out, err = run_cli(monkeypatch, capsys, args)
         assert code == 0, err
         assert out.splitlines()[0] == f"1 tests, 30.0s in all; {shown}"
+
+
+def test_split_imports_the_splitter_alone():
+    # Each of a matrix's runners starts `slipstream split` once: gRPC and the server's
+    # modules would cost it more than the split itself (issue 23).
+    import subprocess
+    import sys
+
+    probe = (
+        "import io, sys; sys.stdin = io.StringIO('tests/test_a.py::test_x\\n'); "
+        "from slipstream.cli import main; "
+        "code = main(['split', '--total', '2', '--index', '0', '--quiet', '--storage-dir', "
+        "sys.argv[1]]); "
+        "print(code, sorted(m for m in sys.modules if m.startswith(('grpc', 'slipstream.client'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(DATA)], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.splitlines()[-1] == "0 []"
+
+
+def test_the_light_parser_of_split_and_plan_is_the_full_ones():
+    from slipstream.cli import LIGHT_COMMANDS, build_parser
+
+    def sub_help(parser, command):
+        (action,) = [a for a in parser._actions if a.dest == "command"]
+        return action.choices[command].format_help()
+
+    full = build_parser()
+    for command in LIGHT_COMMANDS:
+        assert sub_help(build_parser(command), command) == sub_help(full, command)
