@@ -28,14 +28,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from benchmarks.split_scale_suite import write_inputs
+from benchmarks.bench_split_peers import cache_dir, load_pytest_split
+from benchmarks.split_scale_suite import make_suite, write_inputs
+from slipstream.splitter import junit
+from slipstream.splitter.ids import node_id
 
 HERE = pathlib.Path(__file__).parent
 REPO = HERE.parent
@@ -135,6 +140,145 @@ def bench_cli(directory: pathlib.Path, tests: int, shards: int) -> list[CliRun]:
     return rows
 
 
+@dataclass
+class ServerRun:
+    tests: int
+    shards: int
+    upload_seconds: float
+    first_get_shard_seconds: float  # makes and pins the plan
+    next_get_shard_seconds: float  # the pinned plan
+    server_rss_mb: float  # after the calls, from /proc
+    plan_hash: str
+
+
+def _rss_mb(pid: int) -> float:
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_server(directory: pathlib.Path, shards: int) -> ServerRun:
+    """Upload the JUnit timings to a ``slipstream serve``, then GetShard twice."""
+    from slipstream.client.split_client import RunSpec, SplitClient
+    from tests.support.server_process import ServerProcess
+
+    ids = (directory / "ids.txt").read_text().split()
+    server = ServerProcess(directory / "store").start()
+    try:
+        assert server.proc is not None
+        with SplitClient(server.address, call_timeout=300.0) as client:
+            started = time.perf_counter()
+            client.upload_timings("scale", "r1", [(directory / "run1.xml").read_bytes()])
+            upload = time.perf_counter() - started
+            started = time.perf_counter()
+            first = client.get_shard(RunSpec("scale", "run-1", 3, shards, ids))
+            first_s = time.perf_counter() - started
+            started = time.perf_counter()
+            second = client.get_shard(RunSpec("scale", "run-1", 4, shards, ids))
+            second_s = time.perf_counter() - started
+            assert first.plan_hash == second.plan_hash
+            rss = _rss_mb(server.proc.pid)
+    finally:
+        server.stop()
+    return ServerRun(
+        len(ids),
+        shards,
+        round(upload, 3),
+        round(first_s, 3),
+        round(second_s, 3),
+        round(rss, 1),
+        first.plan_hash,
+    )
+
+
+@dataclass
+class PluginRun:
+    plugin: str
+    seconds: float  # pytest --collect-only, whole process
+    own_seconds: float  # beyond the plain collection
+    selected: int
+
+
+def write_project(directory: pathlib.Path, tests: int) -> pathlib.Path:
+    """A pytest project whose node ids are the suite's (bodies ``pass``), and
+    pytest-split's durations file of run1.xml's timings."""
+    root = directory / "project"
+    files: dict[str, dict[str, list[str]]] = {}  # file -> class ("" for none) -> names
+    for test_id in make_suite(tests).ids:
+        base, bracket, params = test_id.partition("[")
+        parts = base.split("::")  # file, [class,] name
+        cls = parts[1] if len(parts) == 3 else ""
+        files.setdefault(parts[0], {}).setdefault(cls, []).append(parts[-1] + bracket + params)
+    for path, by_class in files.items():
+        lines = ["import pytest", ""]
+        for cls, names in by_class.items():
+            indent = "    " if cls else ""
+            if cls:
+                lines.append(f"class {cls}:")
+            for name in names:
+                base, _, param = name.partition("[")
+                if param:
+                    lines.append(
+                        f"{indent}@pytest.mark.parametrize('p', [0], ids=[{param[:-1]!r}])"
+                    )
+                    lines.append(f"{indent}def {base}({'self, ' if cls else ''}p): pass")
+                else:
+                    lines.append(f"{indent}def {base}({'self' if cls else ''}): pass")
+            lines.append("")
+        target = root / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("\n".join(lines))
+    (root / "pytest.ini").write_text("[pytest]\n")
+    report = junit.read_reports([directory / "run1.xml"])[0][0]
+    durations = {node_id(c): c.time or 0.0 for c in report.cases if c.outcome != "skipped"}
+    (directory / "durations.json").write_text(json.dumps(durations))
+    return root
+
+
+def bench_plugin(directory: pathlib.Path, tests: int, shards: int) -> list[PluginRun]:
+    """``pytest --collect-only -q``: plain, with slipstream's split, with pytest-split's."""
+    root = write_project(directory, tests)
+    load_pytest_split()
+    # pytest-split's entry point loads its plugin: on the path for its own run only.
+    with_split = dict(os.environ, PYTHONPATH=str(cache_dir() / "pytest-split"))
+    base = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    runs = {
+        "plain": [*base, "-p", "no:xdist"],
+        "slipstream": [
+            *base,
+            "-p",
+            "no:xdist",
+            f"--shard-total={shards}",
+            "--shard-index=3",
+            f"--shard-timings={directory / 'run1.xml'}",
+        ],
+        "pytest-split": [
+            *base,
+            "-p",
+            "no:xdist",
+            f"--splits={shards}",
+            "--group=4",
+            f"--durations-path={directory / 'durations.json'}",
+        ],
+    }
+    out: list[PluginRun] = []
+    plain = 0.0
+    for name, cmd in runs.items():
+        started = time.perf_counter()
+        env = with_split if name == "pytest-split" else None
+        done = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{name}: pytest exited {done.returncode}: {(done.stdout + done.stderr)[-2000:]}"
+            )
+        selected = sum(1 for line in done.stdout.splitlines() if "::" in line)
+        plain = seconds if name == "plain" else plain
+        out.append(PluginRun(name, round(seconds, 3), round(seconds - plain, 3), selected))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="2,000 tests, 8 shards")
@@ -146,8 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cwd", default="", help="for --record-hashes: the code to run")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--no-plugin", action="store_true")
+    p.add_argument("--plugin-tests", type=int, help="tests of the plugin part (default --tests)")
     args = p.parse_args(argv)
     tests, shards = (2_000, 8) if args.smoke else (args.tests, args.shards)
+    plugin_tests = 500 if args.smoke else args.plugin_tests or tests
     with tempfile.TemporaryDirectory(prefix="split-scale-") as tmp:
         directory = pathlib.Path(tmp)
         prepare(directory, tests)
@@ -164,6 +310,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'--by':<6} {'wall s':>7} {'peak RSS MB':>12}  plan")
         for r in cli:
             print(f"{r.by:<6} {r.seconds:>7.3f} {r.peak_rss_mb:>12.1f}  {r.plan_hash}")
+        if not args.no_server:
+            server = bench_server(directory, shards)
+            result["server"] = asdict(server)
+            print(
+                f"server: upload {server.upload_seconds:.3f}s, GetShard first (plans) "
+                f"{server.first_get_shard_seconds:.3f}s, "
+                f"next {server.next_get_shard_seconds:.3f}s, RSS {server.server_rss_mb:.0f} MB"
+            )
+        if not args.no_plugin:
+            plugin_dir = directory / "plugin"
+            prepare(plugin_dir, plugin_tests)
+            plugin = bench_plugin(plugin_dir, plugin_tests, shards)
+            result["plugin"] = {"tests": plugin_tests, "runs": [asdict(p) for p in plugin]}
+            print(f"pytest --collect-only over {plugin_tests} tests, {shards} shards:")
+            for run in plugin:
+                print(
+                    f"  {run.plugin:<13} {run.seconds:>7.3f}s  own {run.own_seconds:>6.3f}s  "
+                    f"{run.selected} selected"
+                )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
