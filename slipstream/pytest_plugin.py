@@ -161,7 +161,16 @@ class SlipstreamPlugin:
             raise pytest.UsageError(f"slipstream: {exc}") from None
         s.warnings.extend(warnings)
         recent = history.merge_runs(s.runs)[-s.source.last_runs :]
-        known = {t for run in recent for t in run.tests if (rootpath / file_of(t)).is_file()}
+        exists: dict[str, bool] = {}  # file -> is a file here: one stat each, not per test
+
+        def present(test: str) -> bool:
+            f = file_of(test)
+            got = exists.get(f)
+            if got is None:
+                got = exists[f] = (rootpath / f).is_file()
+            return got
+
+        known = {t for run in recent for t in run.tests if present(t)}
         if not known:
             s.warnings.append("no timings for this suite: splitting evenly by count")
             return

@@ -19,7 +19,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from slipstream.splitter.ids import JUnitCase, directories_of, file_of, match_cases, node_id
+from slipstream.splitter.ids import (
+    JUnitCase,
+    directories_of,
+    file_of,
+    match_cases,
+    node_id,
+    node_ids,
+)
 
 NAMESPACE = "timings"
 RECORD_VERSION = 1
@@ -131,9 +138,8 @@ def run_from_cases(
         for case in cases:
             if case.group:
                 run.groups[node_id(case)] = case.group
-        for case in timed:
+        for case, key in zip(timed, node_ids(timed), strict=True):
             assert case.time is not None
-            key = node_id(case)
             run.tests[key] = _merge_sample(
                 run.tests.get(key), Sample(case.time, case.outcome == "failed")
             )

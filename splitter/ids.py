@@ -185,6 +185,20 @@ def match_cases(
     return out
 
 
+def node_ids(cases: Iterable[JUnitCase]) -> list[str]:
+    """``node_id`` of each case, each (classname, file)'s part made once."""
+    prefixes: dict[tuple[str, str | None], str | None] = {}
+    out: list[str] = []
+    for case in cases:
+        scope = (case.classname, case.file)
+        if scope in prefixes:
+            prefix = prefixes[scope]
+        else:
+            prefix = prefixes[scope] = _node_id_prefix(case.classname, case.file, case.name)
+        out.append(case.name if prefix is None else f"{prefix}::{case.name}")
+    return out
+
+
 def _other_indexes(
     cases: list[JUnitCase], candidates: list[str]
 ) -> tuple[dict[str, list[JUnitCase]], dict[str, list[JUnitCase]], dict[str, list[JUnitCase]]]:

@@ -15,6 +15,7 @@ from slipstream.splitter.ids import (
     junit_key,
     match_cases,
     node_id,
+    node_ids,
     normalize_path,
 )
 
@@ -167,3 +168,4 @@ def test_match_cases_agrees_with_its_plain_definition(
 ) -> None:
     candidates += [node_id(c) for c in cases] + [case_file(c) for c in cases]
     assert match_cases(cases, candidates) == _plain_match_cases(cases, candidates)
+    assert node_ids(cases) == [node_id(c) for c in cases]
