@@ -254,13 +254,17 @@ def build_units(
             sharing[f] = sharing.get(f, 0) + 1
         atom_files.append(fs)
     units: list[Unit] = []
+    one_file: dict[str, tuple[str]] = {}  # one (f,) per file, shared by its tests' units
     for a, maybe_fs in _checking(zip(atoms, atom_files, strict=True), check):
         if maybe_fs is None:  # _unit and _files_cost of one test, inlined
             t = a[0]
             f = file_of_test[t]
             seconds = times[t]
             share = fcosts[f] / sharing[f] if f in fcosts else 0.0
-            units.append(Unit(a, (f,), seconds, seconds + share))
+            files = one_file.get(f)
+            if files is None:
+                files = one_file[f] = (f,)
+            units.append(Unit(a, files, seconds, seconds + share))
             continue
         share = _files_cost(maybe_fs, {f: fcosts[f] / sharing[f] for f in maybe_fs if f in fcosts})
         units.append(_unit(a, times, file_of_test, share))
