@@ -88,12 +88,13 @@ def http_method(route: str, verb: str) -> str:
 
 class _NoRequestText(logging.Filter):
     """aiohttp logs a request it cannot parse with the offending line, which may be an
-    Authorization header: keep the fact, drop the text."""
+    Authorization header: keep the fact and its kind, drop the text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info or record.args:
             kind = record.exc_info[0].__name__ if record.exc_info and record.exc_info[0] else ""
-            record.msg = f"HTTP request refused: it does not parse ({kind or 'malformed'})"
+            what = str(record.msg).split("%", 1)[0].strip() or "error"
+            record.msg = f"aiohttp: {what} ({kind or 'details'} withheld: may hold a token)"
             record.args = ()
             record.exc_info = None
             record.exc_text = None
