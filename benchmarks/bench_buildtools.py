@@ -33,10 +33,9 @@ from dataclasses import dataclass
 from benchmarks.bench_cache import Row, median_row, report, server_benchmark_parser
 from benchmarks.bench_http import KeepAliveConnection
 from tests.support.js_tools import INSTALL, tools_dir
-from tests.support.server_process import ServerProcess, free_port
+from tests.support.server_process import ServerProcess, free_port, http_url
 
 TOKEN = "bench-token"
-_HTTP_LINE = "serving the HTTP cache"
 
 
 @dataclass(frozen=True)
@@ -152,16 +151,6 @@ def _concurrent(label: str, tag: str, url: str, sizes: Sizes) -> Row:
     return Row(f"{label} {sizes.clients} clients PUT+GET", count, seconds, "artifacts/s")
 
 
-def _slipstream_url(server: ServerProcess, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(server.output):
-            if _HTTP_LINE in line:
-                return line.rsplit(" on ", 1)[1].strip()
-        time.sleep(0.02)
-    raise RuntimeError("the server did not say where it serves HTTP:\n" + "".join(server.output))
-
-
 def reference_cli(install: bool) -> pathlib.Path | None:
     """turborepo-remote-cache's CLI, installed if need be (and install); else None."""
     cli = tools_dir() / "bench" / "node_modules" / "turborepo-remote-cache" / "dist" / "cli.js"
@@ -240,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
         reference: Reference | None = None
         try:
-            targets = {"slipstream": _slipstream_url(server)}
+            targets = {"slipstream": http_url(server)}
             cli = reference_cli(install=not args.smoke)
             if cli is None:
                 print("turborepo-remote-cache is not installed (--smoke installs nothing, and")

@@ -25,9 +25,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from benchmarks.bench_cache import Row, report, server_benchmark_parser
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, http_url
 
-_HTTP_LINE = "serving the HTTP cache"
 _KEY_ALPHABET = "0123456789abcdefghijklmnopqrstuv"
 
 
@@ -155,16 +154,6 @@ def _since(start: float) -> float:
     return time.perf_counter() - start
 
 
-def _http_url(server: ServerProcess, timeout: float = 10.0) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(server.output):
-            if _HTTP_LINE in line:
-                return line.rsplit(" on ", 1)[1].strip()
-        time.sleep(0.02)
-    raise RuntimeError("the server did not say where it serves HTTP:\n" + "".join(server.output))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = server_benchmark_parser(__doc__)
     args = parser.parse_args(argv)
@@ -174,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             pathlib.Path(tmp) / "store", ["--http-listen", "127.0.0.1:0"]
         ).start()
         try:
-            rows = run_http_workload(_http_url(server), sizes)
+            rows = run_http_workload(http_url(server), sizes)
         finally:
             server.stop()
     report(args, sizes, rows)

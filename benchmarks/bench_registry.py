@@ -40,7 +40,7 @@ from tests.support.oci import (
     skopeo,
     write_image,
 )
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, http_url
 
 CONTAINERFILE = """FROM {registry}/base/busybox:v1
 RUN ["/bin/busybox", "sh", "-c", "/bin/busybox seq 1 200000 > /one.txt"]
@@ -57,8 +57,7 @@ def slipstream(root: pathlib.Path, s3: tuple[str, str] | None) -> Iterator[str]:
         args += ["--s3-endpoint", s3[0], "--s3-region", "us-east-1", "--s3-addressing", "path"]
     server = ServerProcess(storage, args, env=AWS_ENV).start()
     try:
-        line = next(x for x in server.output if "serving the HTTP cache" in x)
-        yield line.rsplit(" on ", 1)[1].strip().removeprefix("http://")
+        yield http_url(server).removeprefix("http://")
     finally:
         server.stop()
         server.kill()

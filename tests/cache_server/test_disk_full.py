@@ -16,9 +16,9 @@ import pytest
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
-from tests.http.helpers import HttpClient, http_server, http_url
+from tests.http.helpers import HttpClient, http_server
 from tests.support.reapi import Reapi, digest, rpc_error
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 
 @pytest.fixture

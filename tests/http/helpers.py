@@ -9,18 +9,12 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from tests.ops.helpers import output_line
 from tests.support.server_process import ServerProcess
 
 
 def http_server(storage: pathlib.Path | str, extra_args: Sequence[str] = ()) -> ServerProcess:
     """A `slipstream serve` that also serves the HTTP cache, on a free port."""
     return ServerProcess(storage, ["--http-listen", "127.0.0.1:0", *extra_args])
-
-
-def http_url(server: ServerProcess) -> str:
-    line = output_line(server, "serving the HTTP cache")
-    return line.rsplit(" on ", 1)[1].strip()
 
 
 def sha256(data: bytes) -> str:

@@ -15,8 +15,8 @@ import pathlib
 import pytest
 
 from tests.e2e.bazel_harness import Bazel, BuildResult
-from tests.http.helpers import http_server, http_url
-from tests.support.server_process import ServerProcess, running
+from tests.http.helpers import http_server
+from tests.support.server_process import ServerProcess, http_url, running
 
 pytestmark = pytest.mark.bazel
 

@@ -18,10 +18,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.http.helpers import HttpClient, Reply, http_server, http_url, sha256
+from tests.http.helpers import HttpClient, Reply, http_server, sha256
 from tests.ops.helpers import Token, channel_for, metrics_url, scrape, write_token_file
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 WRITER = Token("ci-tools", "tok-tools-writer-51aa", ("read", "cas-write", "ac-write"))
 READER = Token("dev-tools", "tok-tools-reader-62bb", ("read",))

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.http.helpers import http_server, http_url
+from tests.http.helpers import http_server
 from tests.ops.helpers import Token, write_token_file
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 CCACHE = shutil.which("ccache")
 GCC = shutil.which("gcc")

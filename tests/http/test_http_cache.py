@@ -24,7 +24,7 @@ import grpc
 import pytest
 
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.http.helpers import HttpClient, http_server, http_url, sha256
+from tests.http.helpers import HttpClient, http_server, sha256
 from tests.ops.helpers import (
     Token,
     channel_for,
@@ -34,7 +34,7 @@ from tests.ops.helpers import (
     write_token_file,
 )
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 # Three ccache keys as ccache 4.7.5 sends them (subdirs layout, flat, bazel).
 CC_KEY = "cba9tkltbj1opij2hi4enmkuqlfnoit9g"

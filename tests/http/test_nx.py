@@ -15,10 +15,10 @@ import pathlib
 
 import pytest
 
-from tests.http.helpers import http_server, http_url
+from tests.http.helpers import http_server
 from tests.ops.helpers import Token, write_token_file
 from tests.support.js_tools import NX_JSON, PACKAGES, Nx, clone, js_tools, outputs, write_monorepo
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 WRITER = Token("ci-nx", "tok-nx-writer-e5f6", ("read", "cas-write", "ac-write"))
 READER = Token("dev-nx", "tok-nx-reader-a7b8", ("read",))

@@ -12,11 +12,11 @@ import grpc
 import pytest
 
 from slipstream.protos import bytestream_pb2 as bs_pb2
-from tests.http.helpers import HttpClient, http_server, http_url, sha256
+from tests.http.helpers import HttpClient, http_server, sha256
 from tests.ops.helpers import Token, channel_for, code_of, write_token_file
 from tests.ops.test_limits import _open_write
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 SOLO = Token("solo", "tok-solo-7d1e", ("read", "cas-write"), (("max_streams", 1),))
 OTHER = Token("other", "tok-other-22f0", ("read", "cas-write"))

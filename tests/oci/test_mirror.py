@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import pytest
 
 from slipstream.cache_server.services.oci_upstream import AUTH_ENV
-from tests.http.helpers import HttpClient, http_server, http_url
+from tests.http.helpers import HttpClient, http_server
 from tests.ops.helpers import Token, write_token_file
 from tests.support.oci import (
     DOCKER_REGISTRY,
@@ -33,7 +33,7 @@ from tests.support.oci import (
     skopeo,
     write_image,
 )
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 pytestmark = pytest.mark.skipif(
     SKOPEO is None or DOCKER_REGISTRY is None,

@@ -20,10 +20,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.http.helpers import HttpClient, Reply, http_server, http_url
+from tests.http.helpers import HttpClient, Reply, http_server
 from tests.ops.helpers import Token, metrics_url, write_token_file
 from tests.support.oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 WRITER = Token("ci-main", "tok-oci-writer-1f2e", ("read", "cas-write", "ac-write"))
 PUSHER = Token("ci-pr", "tok-oci-pusher-3c4d", ("read", "cas-write"))

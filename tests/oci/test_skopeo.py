@@ -16,11 +16,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.http.helpers import HttpClient, http_server, http_url
+from tests.http.helpers import HttpClient, http_server
 from tests.ops.helpers import Token, channel_for, write_token_file
 from tests.support.oci import SKOPEO, Image, random_layers, sha256, skopeo, write_image
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 pytestmark = pytest.mark.skipif(
     SKOPEO is None, reason="needs skopeo (CI installs Debian's skopeo, see .ci/setup)"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import pathlib
-import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from slipstream.cache_server.auth import hash_token
 from slipstream.client.cas_client import HeaderInterceptor, bearer
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, output_line
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,6 @@ def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for s in family.samples:
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return samples
-
-
-def output_line(server: ServerProcess, text: str, timeout: float = 10.0) -> str:
-    """The first line of the server's output containing text, waiting for it to arrive."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for line in list(server.output):
-            if text in line:
-                return line
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {text!r} in server output:\n" + "".join(server.output))
-        time.sleep(0.02)
 
 
 def metrics_url(server: ServerProcess) -> str:

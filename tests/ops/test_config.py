@@ -12,15 +12,9 @@ import slipstream.cache_server.cli
 from slipstream.cache_server.config import apply_layers
 from slipstream.cli import build_parser, main
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.ops.helpers import (
-    Token,
-    channel_for,
-    make_pki,
-    output_line,
-    write_token_file,
-)
+from tests.ops.helpers import Token, channel_for, make_pki, write_token_file
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, output_line, running
 
 READER = Token("reader", "tok-config-reader-1", ("read",))
 

@@ -17,16 +17,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slipstream.protos import layers_pb2, layers_pb2_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
-from tests.ops.helpers import (
-    Pki,
-    Token,
-    channel_for,
-    make_pki,
-    output_line,
-    write_token_file,
-)
+from tests.ops.helpers import Pki, Token, channel_for, make_pki, write_token_file
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, output_line, running
 
 TRUSTED = Token("trusted", "tok-tls-trusted-81", ("read", "cas-write", "ac-write"))
 

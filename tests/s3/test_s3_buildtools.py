@@ -9,7 +9,6 @@ import pathlib
 
 import pytest
 
-from tests.http.helpers import http_url
 from tests.http.test_sccache import FILES, GCC, SCCACHE, Runner, c_count
 from tests.support.js_tools import (
     NX_JSON,
@@ -23,7 +22,7 @@ from tests.support.js_tools import (
     write_monorepo,
 )
 from tests.support.moto import server_args
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 
 
 def replica(bucket: str, moto_url: str, *extra: str) -> ServerProcess:

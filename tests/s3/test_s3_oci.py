@@ -9,10 +9,10 @@ import pathlib
 
 import pytest
 
-from tests.http.helpers import http_server, http_url
+from tests.http.helpers import http_server
 from tests.support.moto import server_args
 from tests.support.oci import SKOPEO, random_layers, sha256, skopeo, write_image
-from tests.support.server_process import running
+from tests.support.server_process import http_url, running
 
 pytestmark = pytest.mark.skipif(
     SKOPEO is None, reason="needs skopeo (CI installs Debian's skopeo, see .ci/setup)"

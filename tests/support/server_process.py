@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
@@ -118,3 +119,21 @@ def running(server: ServerProcess) -> Iterator[ServerProcess]:
             server.stop()
         finally:
             server.kill()
+
+
+def output_line(server: ServerProcess, text: str, timeout: float = 10.0) -> str:
+    """The first line of the server's output containing text, waiting for it to arrive."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for line in list(server.output):
+            if text in line:
+                return line
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {text!r} in server output:\n" + "".join(server.output))
+        time.sleep(0.02)
+
+
+def http_url(server: ServerProcess) -> str:
+    """The URL of the server's HTTP endpoint (`serve --http-listen`), as it says at start."""
+    line = output_line(server, "serving the HTTP cache")
+    return line.rsplit(" on ", 1)[1].strip()

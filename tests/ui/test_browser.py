@@ -20,9 +20,9 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.http.helpers import HttpClient, http_server, http_url
+from tests.http.helpers import HttpClient, http_server
 from tests.ops.helpers import write_token_file
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 from tests.ui import history_fixture as fx
 
 CHROMIUM = os.environ.get("SLIPSTREAM_CHROMIUM", "/usr/bin/chromium")

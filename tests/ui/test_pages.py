@@ -22,9 +22,9 @@ from slipstream.history_store import load_history
 from slipstream.split_cli import parse_duration
 from slipstream.splitter import dashboard
 from slipstream.splitter.history import Run, Sample
-from tests.http.helpers import HttpClient, http_server, http_url
+from tests.http.helpers import HttpClient, http_server
 from tests.ops.helpers import make_pki, write_token_file
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, http_url, running
 from tests.ui import history_fixture as fx
 
 # Every element a page may hold: anything else (a <script>, an <img>) came from data.
