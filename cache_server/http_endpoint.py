@@ -49,7 +49,7 @@ from slipstream.cache_server.services.http_nx import NxCache
 from slipstream.cache_server.services.http_oci import OciRegistry
 from slipstream.cache_server.services.http_sccache import SccacheWebdav
 from slipstream.cache_server.services.http_turborepo import TurborepoCache
-from slipstream.cache_server.services.http_ui import LOGIN_ROUTE, UI_COOKIE, UiPages, login_token
+from slipstream.cache_server.services.http_ui import UiPages
 
 log = logging.getLogger("cache_server")
 
@@ -134,16 +134,6 @@ def _authorization(header: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         raise HttpError(401, "the Basic authorization header does not decode") from None
     return f"Bearer {decoded.partition(':')[2]}"
-
-
-async def _ui_credential(request: web.Request, target: Target) -> str | None:
-    """For the web pages only, the token a browser holds instead of a header: the one its
-    login form posts (checked like any), else the UI's cookie; as auth reads it."""
-    if target.route == LOGIN_ROUTE:
-        token = await login_token(request)
-    else:
-        token = request.cookies.get(UI_COOKIE)
-    return None if not token else f"Bearer {token}"
 
 
 class HttpEndpoint:
@@ -257,8 +247,8 @@ class HttpEndpoint:
             if audit is not None:
                 call.notes["audit"] = audit
             authorization = _authorization(request.headers.get("Authorization"))
-            if authorization is None and front_end.prefix == UiPages.prefix:
-                authorization = await _ui_credential(request, target)
+            if authorization is None:
+                authorization = await front_end.credential(request, target)
             if authorization is not None:
                 call.headers = (("authorization", authorization),)
             run.begin()

@@ -126,6 +126,11 @@ class HttpFrontEnd(abc.ABC):
         """The WWW-Authenticate header of a 401 answer."""
         return 'Bearer realm="slipstream"'
 
+    async def credential(self, request: web.Request, target: Target) -> str | None:
+        """For a request with no Authorization header: a token the protocol carries some
+        other way (the web pages' cookie), as `Bearer TOKEN`; None for most."""
+        return None
+
 
 def text(status: int, message: str) -> web.Response:
     """A one-line plain-text response."""

@@ -94,6 +94,15 @@ class UiPages(HttpFrontEnd):
     }
     ops: Any = None  # the server's cache_server.operations.Operations, for metrics and audit
 
+    async def credential(self, request: web.Request, target: Target) -> str | None:
+        """The token a browser holds instead of a header: the one its login form posts
+        (checked like any), else the pages' cookie."""
+        if target.route == LOGIN_ROUTE:
+            token = await login_token(request)
+        else:
+            token = request.cookies.get(UI_COOKIE)
+        return None if not token else f"Bearer {token}"
+
     def see_operations(self, ops: Any) -> None:
         self.ops = ops
 
