@@ -107,7 +107,10 @@ class StoreCollector(Collector):
             stats = None
         if stats is not None:
             yield GaugeMetricFamily(
-                "slipstream_store_bytes", "Bytes held by the store", value=stats.bytes_used
+                "slipstream_store_bytes",
+                "Bytes the store's entries take as --max-size counts them"
+                " (on disk: whole blocks and directory entries)",
+                value=stats.bytes_used,
             )
             yield GaugeMetricFamily(
                 "slipstream_store_blobs", "Entries held by the store", value=stats.blobs

@@ -75,7 +75,7 @@ class RecordInfo:
 @dataclass(frozen=True, slots=True)
 class StoreStats:
     blobs: int
-    bytes_used: int
+    bytes_used: int  # what the bound counts: on disk, the space files take
     max_bytes: int | None
     evictions: int
 

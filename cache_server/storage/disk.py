@@ -16,7 +16,10 @@ directory after, so a power cut loses nothing the server said it stored. A
 batch syncs its files together, then each of their directories once. On a RAM
 filesystem there is nothing to sync to, and nothing is.
 
-CAS blobs and records of every namespace share one size bound with LRU eviction. Reading
+CAS blobs and records of every namespace share one size bound with LRU eviction. The
+bound counts the space entries take, not the bytes written: each file counts whole
+filesystem blocks (a 20-byte blob takes 4 KiB on ext4) plus DIRECTORY_ENTRY_BYTES for its
+name in its directory. Reading
 or finding an entry refreshes it; the order survives a restart through the
 files' modification times, which are bumped on access (at most once a minute
 per entry, to keep hot paths free of syscalls).
@@ -76,6 +79,9 @@ RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # Files one call may touch in place on a RAM filesystem: 6-25 us each on tmpfs here,
 # so at most ~1.5 ms that the event loop does nothing else.
 IN_PLACE_FILES = 64
+# What one more file's name costs its directory on ext4: an 8-byte entry header and the
+# 64-character name (72 bytes), in hash-indexed blocks that run about two-thirds full.
+DIRECTORY_ENTRY_BYTES = 112
 _MOUNTS_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes " " as "\040"
 # fsync calls of one batch in flight at once: the filesystem commits concurrent syncs
 # together (ext4 and xfs group commit), where serial ones cost a journal commit each.
@@ -130,13 +136,28 @@ def filesystem_type(path: pathlib.Path) -> str:
         return "unknown"
 
 
+def block_size_of(path: pathlib.Path) -> int:
+    """The filesystem's allocation unit under path (4096 if it cannot tell)."""
+    try:
+        return os.statvfs(path).f_frsize or 4096
+    except OSError:
+        return 4096
+
+
+def space_taken(size: int, block: int) -> int:
+    """What a file of size bytes takes on a filesystem of this block size: its whole
+    blocks, and its directory entry."""
+    return -(-size // block) * block + DIRECTORY_ENTRY_BYTES
+
+
 def default_storage_dir() -> pathlib.Path:
     """Where the server keeps its data when no --storage is given."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "slipstream"
 
 
-# An index entry: (bytes on disk, header included; last access time). A plain tuple
+# An index entry: (file size, header included; last access time); the bound counts
+# space_taken of the size. A plain tuple
 # of numbers, which CPython's cycle collector stops tracking after one collection:
 # an index of a million entries then costs full collections nothing, where a million
 # small objects cost each of them ~65 ms.
@@ -240,6 +261,7 @@ class DiskStore(Store):
             for sub in ("cas", "records", "tmp"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
         self.filesystem = filesystem_type(root)
+        self.block_size = block_size_of(root)
         self.works_in_memory = self.reads_in_memory = self.filesystem in RAM_FILESYSTEMS
         self.syncs = sync and self.filesystem not in RAM_FILESYSTEMS
         if create:
@@ -280,9 +302,10 @@ class DiskStore(Store):
             if ns_dir.is_dir():
                 found.extend(self._scan(ns_dir, f"records/{ns_dir.name}/"))
         found.sort()
+        block = self.block_size
         for mtime, rel, size in found:
             self._lru[rel] = (size, mtime)
-            self._bytes_used += size
+            self._bytes_used += space_taken(size, block)
         self._evict_locked(keep=None)
 
     @staticmethod
@@ -295,7 +318,7 @@ class DiskStore(Store):
     def describe(self) -> str:
         self._ensure_index()
         bound = f"up to {self.max_size:,} bytes" if self.max_size else "no size bound"
-        used = f"{len(self._lru):,} entries, {self._bytes_used:,} bytes"
+        used = f"{len(self._lru):,} entries taking {self._bytes_used:,} bytes"
         synced = "" if self.syncs or self.filesystem in RAM_FILESYSTEMS else "; not synced"
         return f"disk store at {self.root} on {self.filesystem} ({bound}; {used}{synced})"
 
@@ -345,7 +368,7 @@ class DiskStore(Store):
         with self._lock:
             entry = self._lru.pop(rel, None)
             if entry is not None:
-                self._bytes_used -= entry[0]
+                self._bytes_used -= space_taken(entry[0], self.block_size)
 
     def _admit(self, rel: str, size: int) -> None:
         """Index a file just renamed into place, evicting older entries if needed."""
@@ -355,9 +378,9 @@ class DiskStore(Store):
         with self._lock:
             old = self._lru.pop(rel, None)
             if old is not None:
-                self._bytes_used -= old[0]
+                self._bytes_used -= space_taken(old[0], self.block_size)
             self._lru[rel] = (size, time.time())
-            self._bytes_used += size
+            self._bytes_used += space_taken(size, self.block_size)
             self._evict_locked(keep=rel)
 
     def _evict_locked(self, keep: str | None) -> None:
@@ -368,14 +391,20 @@ class DiskStore(Store):
             if rel == keep:
                 break
             del self._lru[rel]
-            self._bytes_used -= size
+            self._bytes_used -= space_taken(size, self.block_size)
             self._evictions += 1
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.root / rel)
 
     def _check_fits(self, size: int) -> None:
-        if self.max_size is not None and size + _HEADER.size > self.max_size:
-            raise StoreFull(f"{size:,} bytes do not fit in a store bounded at {self.max_size:,}")
+        if self.max_size is None:
+            return
+        taken = space_taken(size + _HEADER.size, self.block_size)
+        if taken > self.max_size:
+            raise StoreFull(
+                f"{size:,} bytes take {taken:,} on disk and do not fit"
+                f" in a store bounded at {self.max_size:,}"
+            )
 
     def _install(self, tmp_path: str, rel: str, size: int, sync_dir: bool = True) -> str:
         """Rename a finished temp file (size bytes on disk) into place: the blob appears

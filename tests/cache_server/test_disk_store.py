@@ -78,6 +78,38 @@ def test_size_bound_evicts_least_recently_used(tmp_path: pathlib.Path) -> None:
         server.stop()
 
 
+def _space_on_disk(root: pathlib.Path) -> int:
+    """What du counts: the blocks of every file and directory under root."""
+    total = root.stat().st_blocks * 512
+    for path in root.rglob("*"):
+        total += path.lstat().st_blocks * 512
+    return total
+
+
+def test_size_bound_counts_the_space_small_blobs_take(tmp_path: pathlib.Path) -> None:
+    """A 20-byte blob takes a whole filesystem block and a directory entry: 2,000 of
+    them under a 1 MiB bound keep the store's space on disk within the bound (above
+    what the empty layout took, and the 256 shard directories' first blocks), where
+    counting bytes written let them take ~8 MB."""
+    storage = tmp_path / "s"
+    server = ServerProcess(storage, ["--max-size", "1M", "--no-fsync"]).start()
+    try:
+        layout = _space_on_disk(storage)
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            blobs = [b"small blob %09d" % i + b"." * 4 for i in range(2_000)]
+            digests = []
+            for start in range(0, len(blobs), 200):
+                digests += api.upload(*blobs[start : start + 200])
+            kept = len(digests) - len(api.missing(*digests))
+        shards = 256 * os.statvfs(storage).f_frsize
+        taken = _space_on_disk(storage) - layout - shards
+        assert taken <= 1 << 20, f"{taken:,} bytes on disk for a 1 MiB bound"
+        assert 200 <= kept <= 260  # 1 MiB / (4 KiB + 112): the bound holds what fits
+    finally:
+        server.stop()
+
+
 def test_eviction_makes_dependent_action_result_not_found(tmp_path: pathlib.Path) -> None:
     server = ServerProcess(tmp_path / "s", ["--max-size", "100K"]).start()
     try:
@@ -331,7 +363,7 @@ def test_index_costs_the_garbage_collector_nothing(tmp_path: pathlib.Path) -> No
 def test_get_blobs_reads_a_batch_in_order_and_refreshes_what_it_found(
     tmp_path: pathlib.Path,
 ) -> None:
-    store = DiskStore(tmp_path / "s", max_size=100_000)
+    store = DiskStore(tmp_path / "s", max_size=110_000)
     blobs = {}
     for i in range(3):
         data = bytes([i]) * 30_000
