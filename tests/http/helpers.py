@@ -9,12 +9,21 @@ import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from tests.ops.helpers import Token, write_token_file
 from tests.support.server_process import ServerProcess
 
 
 def http_server(storage: pathlib.Path | str, extra_args: Sequence[str] = ()) -> ServerProcess:
     """A `slipstream serve` that also serves the HTTP cache, on a free port."""
     return ServerProcess(storage, ["--http-listen", "127.0.0.1:0", *extra_args])
+
+
+def audited_http_server(root: pathlib.Path, tokens: Sequence[Token]) -> ServerProcess:
+    """http_server with its store at root/store, these tokens, and an audit log at
+    root/audit.jsonl."""
+    token_file = write_token_file(root / "tokens.toml", tokens)
+    args = ["--token-file", str(token_file), "--audit-log", str(root / "audit.jsonl")]
+    return http_server(root / "store", args)
 
 
 def sha256(data: bytes) -> str:

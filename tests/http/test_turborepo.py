@@ -15,9 +15,9 @@ import pathlib
 
 import pytest
 
-from tests.http.helpers import http_server
-from tests.ops.helpers import Token, write_token_file
-from tests.support.js_tools import TURBO_JSON, Turbo, clone, git, js_tools, outputs, write_monorepo
+from tests.http.helpers import audited_http_server
+from tests.ops.helpers import Token
+from tests.support.js_tools import TURBO_JSON, Turbo, clone, git, outputs, write_monorepo
 from tests.support.server_process import ServerProcess, http_url, running
 
 WRITER = Token("ci-turbo", "tok-turbo-writer-a1b2", ("read", "cas-write", "ac-write"))
@@ -26,16 +26,11 @@ READER = Token("dev-turbo", "tok-turbo-reader-c3d4", ("read",))
 
 @pytest.fixture
 def origin(tmp_path: pathlib.Path) -> pathlib.Path:
-    js_tools()  # skips, saying why, before anything else if turbo cannot be had
-    repo = tmp_path / "origin"
-    write_monorepo(repo, {"turbo.json": json.dumps(TURBO_JSON, indent=2) + "\n"})
-    return repo
+    return write_monorepo(tmp_path / "origin", {"turbo.json": TURBO_JSON})
 
 
 def serve(root: pathlib.Path) -> ServerProcess:
-    tokens = write_token_file(root / "tokens.toml", [WRITER, READER])
-    args = ["--token-file", str(tokens), "--audit-log", str(root / "audit.jsonl")]
-    return http_server(root / "store", args)
+    return audited_http_server(root, [WRITER, READER])
 
 
 def test_a_fresh_runner_gets_every_task_from_the_remote_cache(

@@ -4,7 +4,6 @@ second with a local disk tier in front of S3)."""
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import pytest
@@ -17,7 +16,6 @@ from tests.support.js_tools import (
     Nx,
     Turbo,
     clone,
-    js_tools,
     outputs,
     write_monorepo,
 )
@@ -33,12 +31,7 @@ def replica(bucket: str, moto_url: str, *extra: str) -> ServerProcess:
 def test_turbo_and_nx_through_two_replicas(
     bucket: str, moto_url: str, tmp_path: pathlib.Path
 ) -> None:
-    js_tools()  # skips, saying why, if turbo and nx cannot be had
-    origin = tmp_path / "origin"
-    write_monorepo(
-        origin,
-        {"turbo.json": json.dumps(TURBO_JSON) + "\n", "nx.json": json.dumps(NX_JSON) + "\n"},
-    )
+    origin = write_monorepo(tmp_path / "origin", {"turbo.json": TURBO_JSON, "nx.json": NX_JSON})
     tier = ["--cache-dir", str(tmp_path / "tier"), "--cache-size", "64M"]
     with (
         running(replica(bucket, moto_url)) as one,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
 import os
 import pathlib
 import re
@@ -77,15 +78,18 @@ console.log("built", path.basename(process.cwd()));
 """
 
 
-def write_monorepo(root: pathlib.Path, extra_files: dict[str, str]) -> None:
-    """A 3-package npm workspace (c -> b -> a) whose build writes dist/, committed to git."""
+def write_monorepo(root: pathlib.Path, configs: dict[str, object]) -> pathlib.Path:
+    """A 3-package npm workspace (c -> b -> a) whose build writes dist/, committed to git,
+    with configs (file name -> JSON value, e.g. turbo.json) at its root. Skips, saying
+    why, before anything else if turbo and nx cannot be had."""
+    js_tools()
     root.mkdir(parents=True)
     files = {
         "package.json": '{"name": "mono", "private": true, "packageManager": "npm@10.8.2",'
         ' "workspaces": ["packages/*"]}\n',
         "build.js": BUILD_JS,
         ".gitignore": "node_modules\ndist\n.turbo\n.nx\n",
-        **extra_files,
+        **{name: json.dumps(value, indent=2) + "\n" for name, value in configs.items()},
     }
     for name, deps in PACKAGES.items():
         dependencies = ", ".join(f'"{d}": "*"' for d in deps)
@@ -101,6 +105,7 @@ def write_monorepo(root: pathlib.Path, extra_files: dict[str, str]) -> None:
     git(root, "init", "-q", "-b", "main")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "the monorepo")
+    return root
 
 
 def git(cwd: pathlib.Path, *args: str) -> None:
