@@ -53,7 +53,7 @@ def generate(out_dir: pathlib.Path) -> None:
     sources = sorted(str(IMPORT_PATH / p.name) for p in PACKAGE.glob("*.proto"))
     args = ["protoc", f"-I{REPO}", f"-I{well_known}"]
     args += [f"--python_out={out_dir}", f"--grpc_python_out={out_dir}"]
-    args += [f"--mypy_out={out_dir}", f"--mypy_grpc_out={out_dir}"]
+    args += [f"--mypy_out=quiet:{out_dir}", f"--mypy_grpc_out=quiet:{out_dir}"]
     cwd = os.getcwd()
     os.chdir(REPO)
     try:
