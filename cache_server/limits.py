@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -23,7 +23,13 @@ from slipstream.cache_server.services.common import RpcError
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
 BATCH_UPDATE = f"{_CAS}BatchUpdateBlobs"
 BATCH_READ = f"{_CAS}BatchReadBlobs"
+K = TypeVar("K")
+
 BYTESTREAM_WRITE = "/google.bytestream.ByteStream/Write"
+QUERY_WRITE_STATUS = "/google.bytestream.ByteStream/QueryWriteStatus"
+# Calls that may take up an upload the caller left for a resume: admitted past the limit
+# by as many uploads as the caller holds, then refused unless they name one of them.
+_RESUMING = frozenset({BYTESTREAM_WRITE, QUERY_WRITE_STATUS})
 
 
 def _who(caller: Caller) -> str:
@@ -34,9 +40,26 @@ def _exhausted(message: str) -> RpcError:
     return RpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+def _over(caller: Caller, in_flight: int, limit: int) -> RpcError:
+    verb = "has" if caller.authenticated else "have"
+    return _exhausted(
+        f"{_who(caller)} {verb} {in_flight} calls in flight already; the limit is {limit}"
+    )
+
+
+def _take_one(counter: collections.Counter[K], name: K) -> None:
+    """One fewer of name, which leaves the counter at zero."""
+    counter[name] -= 1
+    if counter[name] <= 0:
+        del counter[name]
+
+
 class LimitEnforcer(Hook):
     def __init__(self) -> None:
         self.in_flight: collections.Counter[str] = collections.Counter()
+        # Uploads left for a resume (counted in in_flight too), by caller and by name.
+        self.held: collections.Counter[str] = collections.Counter()
+        self.held_names: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def begin(self, call: Call) -> None:
         caller = call.caller if isinstance(call.caller, Caller) else OPEN
@@ -44,42 +67,46 @@ class LimitEnforcer(Hook):
         if limit is None:
             return  # nothing to count against
         key = Authenticator.limit_key(call)
+        headroom = self.held[key] if call.method in _RESUMING else 0
+        if self.in_flight[key] >= limit + headroom:
+            raise _over(caller, self.in_flight[key], limit)
         if self.in_flight[key] >= limit:
-            verb = "has" if caller.authenticated else "have"
-            raise _exhausted(
-                f"{_who(caller)} {verb} {self.in_flight[key]} calls in flight already; "
-                f"the limit is {limit}"
-            )
+            call.notes["limits.resume_only"] = limit  # checked on its first message
         self.in_flight[key] += 1
         call.notes["limits.key"] = key
         call.notes[HOLD_STREAM] = functools.partial(self._hold, key)
 
-    def _hold(self, key: str) -> Callable[[], None]:
+    def _hold(self, key: str, resource: str) -> Callable[[], None]:
         """Count one more stream for key until the returned release is called (once
-        or more): an unfinished upload kept after its call ended."""
+        or more): an unfinished upload, named resource, kept after its call ended."""
         self.in_flight[key] += 1
+        self.held[key] += 1
+        self.held_names[key, resource] += 1
         released = False
 
         def release() -> None:
             nonlocal released
             if not released:
                 released = True
-                self.in_flight[key] -= 1
-                if self.in_flight[key] <= 0:
-                    del self.in_flight[key]
+                _take_one(self.in_flight, key)
+                _take_one(self.held, key)
+                _take_one(self.held_names, (key, resource))
 
         return release
 
     def end(self, call: Call) -> None:
         key = call.notes.pop("limits.key", None)
         if key is not None:
-            self.in_flight[key] -= 1
-            if self.in_flight[key] <= 0:
-                del self.in_flight[key]
+            _take_one(self.in_flight, key)
 
     def request(self, call: Call, message: Any) -> None:
         caller = call.caller if isinstance(call.caller, Caller) else OPEN
         limits = caller.limits
+        resume_limit = call.notes.pop("limits.resume_only", None)
+        if resume_limit is not None:  # admitted only to take up an upload it left
+            key = call.notes["limits.key"]
+            if not self.held_names[key, message.resource_name]:
+                raise _over(caller, self.in_flight[key] - 1, resume_limit)
         # Sizes are summed only under a limit: it means a pass over every digest.
         if call.method == BATCH_UPDATE:
             if limits.max_blob_size is not None or limits.max_batch_size is not None:

@@ -256,7 +256,7 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
                 return await self._receive(name, resource, upload, first, request_iterator)
         finally:
             if self._uploads.get(resource) is upload:  # kept for a resume
-                upload.release = _hold_stream()
+                upload.release = _hold_stream(resource)
                 upload.last_active = time.monotonic()
 
     def _idle_error(self) -> RpcError:
@@ -414,9 +414,9 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
         return bs_pb2.QueryWriteStatusResponse(committed_size=0, complete=False)
 
 
-def _hold_stream() -> Callable[[], None] | None:
-    """Count an upload left for a resume against its caller's stream limit, as the
-    call that wrote it counted; its release, None where no limit counts."""
+def _hold_stream(resource: str) -> Callable[[], None] | None:
+    """Count the upload named resource, left for a resume, against its caller's stream
+    limit, as the call that wrote it counted; its release, None where no limit counts."""
     call = current_call()
     hold = call.notes.get(HOLD_STREAM) if call is not None else None
-    return hold() if hold is not None else None
+    return hold(resource) if hold is not None else None

@@ -47,6 +47,7 @@ class Abandoned:
     def __init__(self, channel: grpc.Channel, count: int, sent: int, size: int) -> None:
         self.stop = threading.Event()
         self.names: list[str] = []
+        self.datas: list[bytes] = []
         stub = bs_grpc.ByteStreamStub(channel)
         self.calls = []
         for i in range(count):
@@ -54,6 +55,7 @@ class Abandoned:
             d = digest(data)
             name = f"uploads/abandoned-{i}-{os.getpid()}/blobs/{d.hash}/{d.size_bytes}"
             self.names.append(name)
+            self.datas.append(data)
             self.calls.append(stub.Write.future(self._requests(name, data[:sent])))
 
     def _requests(self, name: str, part: bytes) -> Iterator[bs_pb2.WriteRequest]:
@@ -139,6 +141,44 @@ def test_uploads_left_for_a_resume_count_against_max_streams(tmp_path: pathlib.P
         # After the timeout all three are dropped, and the caller's calls pass again.
         _wait_for(lambda: _passes(api), IDLE * 2 + 5)
         assert [_committed(channel, n) for n in uploads.names] == [0, 0, 0]
+
+
+def test_a_caller_at_its_limit_can_resume_the_uploads_it_left(tmp_path: pathlib.Path) -> None:
+    """Uploads left for a resume fill the caller's --max-streams: other calls are
+    refused, but asking about one of them and resuming it are not (they take up the
+    upload's own count), and the resumed blob is stored whole."""
+    server = ServerProcess(
+        tmp_path / "store", ["--upload-idle-timeout", "60s", "--max-streams", "2"]
+    )
+    with running(server):
+        channel = server.channel()
+        api = Reapi(channel)
+        uploads = Abandoned(channel, 2, sent=8, size=64)
+        time.sleep(1.0)
+        # The streams end unfinished: what they sent is kept for a resume.
+        uploads.stop.set()
+        assert uploads.answers(timeout=10) == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+        assert rpc_error(lambda: api.missing(digest(b"x"))).code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        other = digest(b"a new upload")
+        new_name = f"uploads/new/blobs/{other.hash}/{other.size_bytes}"
+        assert rpc_error(lambda: _committed(channel, new_name)).code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
+        refused = rpc_error(lambda: api.write(b"a new upload", upload_id="new"))
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+        assert "the limit is 2" in refused.details()
+
+        name, data = uploads.names[0], uploads.datas[0]
+        assert _committed(channel, name) == 8
+        stub = bs_grpc.ByteStreamStub(channel)
+        rest = bs_pb2.WriteRequest(
+            resource_name=name, write_offset=8, data=data[8:], finish_write=True
+        )
+        assert stub.Write(iter([rest])).committed_size == len(data)
+        # One upload left held: the caller has a call to spare again.
+        assert api.read(digest(data)) == data
 
 
 def _passes(api: Reapi) -> bool:
