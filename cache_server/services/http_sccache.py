@@ -133,7 +133,7 @@ class SccacheWebdav(HttpFrontEnd):
         prefix = f"{path}/" if path else ""
         members: dict[str, int | None] = {}
         for namespace in (SCCACHE_DIRS_NAMESPACE, SCCACHE_NAMESPACE):
-            for info in self.store.list_records(namespace, prefix)[: MAX_LISTED * 4]:
+            for info in self.store.list_records(namespace, prefix, MAX_LISTED * 4):
                 name, _, deeper = info.key[len(prefix) :].partition("/")
                 if deeper or not name:
                     members.setdefault(name, None)  # an implied collection level

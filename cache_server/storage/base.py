@@ -90,8 +90,9 @@ def encode_record_key(namespace: str, key: str) -> str:
         raise RecordKeyError(f"record namespace {namespace!r} is not valid")
     if not key or len(key) > MAX_RECORD_KEY_CHARS:
         raise RecordKeyError(f"record key must be 1 to {MAX_RECORD_KEY_CHARS} characters")
-    # "." is escaped too, so no key can become "." or ".." on disk.
     encoded = quote(key, safe="-_~")
+    if encoded.startswith("."):  # no key may become "." or ".." on disk
+        encoded = "%2E" + encoded[1:]
     if len(encoded) > _MAX_ENCODED_KEY:
         raise RecordKeyError(f"record key {key[:40]!r}... is too long once encoded")
     return encoded
@@ -212,8 +213,12 @@ class Store(abc.ABC):
         """Store a record; with overwrite=False, an existing record is kept and False returned."""
 
     @abc.abstractmethod
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
-        """The records whose key starts with prefix, in key order."""
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
+        """The records whose key starts with prefix, in key order. With a limit, at most
+        that many, and the store stops looking once it has them: which of more matching
+        records it returns is the store's choice."""
 
     @abc.abstractmethod
     def delete_record(self, namespace: str, key: str) -> None:

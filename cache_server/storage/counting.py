@@ -85,9 +85,11 @@ class CountingStore(StoreWrapper):
         self._count("put_record")
         return self.inner.put_record(namespace, key, value, overwrite=overwrite)
 
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
         self._count("list_records")
-        return self.inner.list_records(namespace, prefix)
+        return self.inner.list_records(namespace, prefix, limit)
 
     def delete_record(self, namespace: str, key: str) -> None:
         self._count("delete_record")

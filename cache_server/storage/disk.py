@@ -693,14 +693,18 @@ class DiskStore(Store):
         self._admit(rel, size)
         return True
 
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
         encoded_prefix = encode_record_key(namespace, prefix) if prefix else ""
         ns_dir = self.root / "records" / namespace
         if not ns_dir.is_dir():
             return []
-        found = []
+        found: list[RecordInfo] = []
         with os.scandir(ns_dir) as it:
             for item in it:
+                if limit is not None and len(found) >= limit:
+                    break
                 if item.name.startswith(encoded_prefix):
                     try:
                         st = item.stat(follow_symlinks=False)

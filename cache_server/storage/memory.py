@@ -7,6 +7,7 @@ every namespace share one LRU and one size bound, counted in payload bytes.
 from __future__ import annotations
 
 import collections
+import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -183,16 +184,19 @@ class MemoryStore(Store):
             self._admit_locked((namespace, key), record[0])
             return True
 
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
         if prefix:
             encode_record_key(namespace, prefix)
         with self._lock:
             records = self._records.get(namespace, {})
-            found = [
+            matching = (
                 RecordInfo(key, len(value), modified)
                 for key, (value, modified) in records.items()
                 if key.startswith(prefix)
-            ]
+            )
+            found = list(itertools.islice(matching, limit))
         found.sort(key=lambda r: r.key)
         return found
 

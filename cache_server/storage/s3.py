@@ -507,14 +507,21 @@ class S3Store(Store):
             raise self._unavailable("check a record", exc) from exc
         return head.get("Metadata", {}).get("sha256")
 
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
         encoded_prefix = encode_record_key(namespace, prefix) if prefix else ""
         base = f"{self.prefix}records/{namespace}/"
         encode_record_key(namespace, "x")  # validates the namespace
-        found = []
+        found: list[RecordInfo] = []
         paginator = self.client.get_paginator("list_objects_v2")
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=base + encoded_prefix):
+            pages = paginator.paginate(
+                Bucket=self.bucket,
+                Prefix=base + encoded_prefix,
+                PaginationConfig={} if limit is None else {"MaxItems": limit},
+            )
+            for page in pages:
                 for obj in page.get("Contents", []):
                     found.append(
                         RecordInfo(

@@ -134,8 +134,10 @@ class TieredStore(Store):
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
         return self.shared.put_record(namespace, key, value, overwrite=overwrite)
 
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
-        return self.shared.list_records(namespace, prefix)
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
+        return self.shared.list_records(namespace, prefix, limit)
 
     def delete_record(self, namespace: str, key: str) -> None:
         self.shared.delete_record(namespace, key)

@@ -74,8 +74,10 @@ class StoreWrapper(Store):
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
         return self.inner.put_record(namespace, key, value, overwrite=overwrite)
 
-    def list_records(self, namespace: str, prefix: str = "") -> list[RecordInfo]:
-        return self.inner.list_records(namespace, prefix)
+    def list_records(
+        self, namespace: str, prefix: str = "", limit: int | None = None
+    ) -> list[RecordInfo]:
+        return self.inner.list_records(namespace, prefix, limit)
 
     def delete_record(self, namespace: str, key: str) -> None:
         self.inner.delete_record(namespace, key)

@@ -173,6 +173,15 @@ def test_records(store: Store, make_store: StoreFactory) -> None:
         store.put_record("timings", key, key.encode())
     assert [r.key for r in store.list_records("timings", "a")] == ["a%x", "a.b", "a/10", "a/2"]
     assert [r.key for r in store.list_records("timings", "a/")] == ["a/10", "a/2"]
+    for key in (".", ".."):  # keys, not a directory and its parent
+        store.put_record("layers", key, key.encode())
+        assert store.get_record("layers", key) == key.encode()
+    assert [r.key for r in store.list_records("layers", ".")] == [".", ".."]
+    for key in (".", ".."):
+        store.delete_record("layers", key)
+    limited = [r.key for r in store.list_records("timings", "a", 3)]
+    assert len(limited) == 3 and limited == sorted(limited)
+    assert set(limited) <= {"a%x", "a.b", "a/10", "a/2"}
     info = store.list_records("timings", "b/")[0]
     assert info.size == 3 and info.modified > 0
     store.delete_record("timings", "b/1")
