@@ -65,6 +65,7 @@ class MemoryStore(Store):
         self._lru: collections.OrderedDict[_Key, _Payload] = collections.OrderedDict()
         self._records: dict[str, dict[str, _Record]] = {}  # every record, by namespace
         self._bytes_used = 0
+        self._uploading = 0  # bytes held by open writers: under the bound too
         self._evictions = 0
 
     def describe(self) -> str:
@@ -83,17 +84,38 @@ class MemoryStore(Store):
         self._drop_locked(key)
         self._lru[key] = data
         self._bytes_used += len(data)
+        self._evict_locked(keep=key)
+
+    def _evict_locked(self, keep: _Key | None) -> None:
+        """Evict the oldest entries (never keep) until the entries and the open
+        writers' bytes are within the bound, or nothing else is left to evict."""
         if self.max_size is None:
             return
-        while self._bytes_used > self.max_size:
+        while self._bytes_used + self._uploading > self.max_size and self._lru:
             oldest, payload = next(iter(self._lru.items()))
-            if oldest == key:
+            if oldest == keep:
                 break
             del self._lru[oldest]
             self._bytes_used -= len(payload)
             self._evictions += 1
             if isinstance(oldest, tuple):
                 del self._records[oldest[0]][oldest[1]]
+
+    def _hold_upload(self, size: int) -> None:
+        """Count size more bytes of an open writer against the bound, evicting to make
+        room; StoreFull if the open writers alone would pass it."""
+        with self._lock:
+            if self.max_size is not None and self._uploading + size > self.max_size:
+                raise StoreFull(
+                    f"uploads in progress hold {self._uploading:,} bytes of a store bounded"
+                    f" at {self.max_size:,}: no room for {size:,} more; retry later"
+                )
+            self._uploading += size
+            self._evict_locked(keep=None)
+
+    def _release_upload(self, size: int) -> None:
+        with self._lock:
+            self._uploading -= size
 
     def _lookup(self, sha256: str, size: int | None = None) -> _Payload | None:
         """A stored blob's payload, refreshed in the LRU; None if absent or (given
@@ -151,8 +173,11 @@ class MemoryStore(Store):
         self._check_fits(blob.size)
         self._install(blob, bytes(data))  # no copy when data is already bytes
 
-    def _install(self, blob: BlobId, data: _Payload) -> None:
+    def _install(self, blob: BlobId, data: _Payload, uploaded: int = 0) -> None:
+        """Store data as blob; uploaded, the bytes an open writer held for it, are
+        no longer counted as in progress."""
         with self._lock:
+            self._uploading -= uploaded
             if blob.hash in self._lru:
                 self._lru.move_to_end(blob.hash)  # same content: just refresh it
             else:
@@ -229,11 +254,18 @@ class _MemoryBlobWriter(BlobWriter):
         super().__init__(blob)
         self._store = store
         self._chunks: list[Chunk] | None = []
+        self._held = 0  # bytes counted against the store's bound while open
 
     def write(self, data: Chunk) -> None:
         if self._chunks is None:
             raise DigestError("write after the blob was committed or aborted")
-        self._take(data)
+        self._store._hold_upload(len(data))
+        try:
+            self._take(data)
+        except DigestError:
+            self._store._release_upload(len(data))
+            raise
+        self._held += len(data)
         if isinstance(data, memoryview) and not isinstance(data.obj, bytes):
             data = bytes(data)  # a view of a buffer its owner may change
         # A view of a received message is kept, not copied: fresh memory for a copy
@@ -254,9 +286,13 @@ class _MemoryBlobWriter(BlobWriter):
                     if len(parts) == 1 and isinstance(one, bytes)
                     else _Pieces(parts, self.blob.size)
                 )
-                self._store._install(self.blob, payload)
+                held, self._held = self._held, 0
+                self._store._install(self.blob, payload, uploaded=held)
         finally:
             self.abort()
 
     def abort(self) -> None:
         self._chunks = None
+        held, self._held = self._held, 0
+        if held:
+            self._store._release_upload(held)

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -23,6 +25,7 @@ from slipstream.cache_server.storage.memory import MemoryStore
 from slipstream.cli import main
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError
 from slipstream.protos import bytestream_pb2 as bs_pb2
+from slipstream.protos import bytestream_pb2_grpc as bs_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.support.reapi import Reapi, digest, rpc_error
 from tests.support.server_process import ServerProcess, running
@@ -255,6 +258,37 @@ def test_what_can_never_fit_is_refused() -> None:
         store.put_record("timings", "big", big)
 
 
+def test_open_writers_count_against_the_bound() -> None:
+    """What open writers hold is memory too: it evicts older entries, and writers may
+    not hold more than the bound between them (which once let many concurrent uploads
+    take memory without limit)."""
+    store = MemoryStore(1000)
+    old = [_put(store, bytes([i]) * 300) for i in range(3)]
+    one_data, two_data = b"\x11" * 600, b"\x22" * 600
+    one = store.open_writer(BlobId.of(one_data))
+    one.write(one_data[:400])  # 900 stored + 400 held: the oldest goes
+    assert store.find_missing(old) == old[:1]
+    two = store.open_writer(BlobId.of(two_data))
+    two.write(two_data[:500])
+    two.write(two_data[500:])  # 1,000 held: nothing stored is left
+    assert store.find_missing(old) == old
+    three_data = b"\x33" * 200
+    three = store.open_writer(BlobId.of(three_data))
+    with pytest.raises(StoreFull, match="uploads in progress"):
+        three.write(three_data)
+    one.abort()  # its 400 are free again
+    three.write(three_data)
+    three.commit()
+    two.commit()
+    assert store.stats().bytes_used == 800
+    assert store.get_blob(BlobId.of(two_data)) == two_data
+    with pytest.raises(DigestError):  # a refused write holds nothing
+        store.open_writer(BlobId.of(b"x")).write(b"too long")
+    big = store.open_writer(BlobId.of(b"\x44" * 200))
+    big.write(b"\x44" * 200)  # room for exactly what is stored and this
+    big.abort()
+
+
 @pytest.mark.parametrize("namespace", ["timings", "splitplans", "splitqueue", "layers"])
 def test_records_of_every_namespace_share_the_bound_and_the_lru(namespace: str) -> None:
     store = MemoryStore(200)
@@ -404,6 +438,41 @@ def test_server_on_memory_storage() -> None:
         assert api.missing(*digests, digest(streamed), later) == digests
         err = rpc_error(lambda: api.write(b"\5" * 200_000, upload_id="too-big"))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_uploads_in_progress_are_bounded_by_max_size() -> None:
+    """Unfinished ByteStream uploads on a memory store hold at most --max-size between
+    them: past that, a write is RESOURCE_EXHAUSTED, saying why, and the rest go on."""
+    server = ServerProcess("memory://", ["--max-size", "6M"])
+    with running(server), grpc.insecure_channel(server.address) as ch:
+        stub = bs_grpc.ByteStreamStub(ch)
+        release = threading.Event()
+        datas = [os.urandom(3 << 20) for _ in range(3)]
+
+        def requests(i: int) -> Iterator[bs_pb2.WriteRequest]:
+            d = digest(datas[i])
+            name = f"uploads/held-{i}/blobs/{d.hash}/{d.size_bytes}"
+            yield bs_pb2.WriteRequest(resource_name=name, data=datas[i][: 5 << 19])
+            release.wait(30)
+            yield bs_pb2.WriteRequest(
+                resource_name=name,
+                write_offset=5 << 19,
+                data=datas[i][5 << 19 :],
+                finish_write=True,
+            )
+
+        calls = []
+        for i in range(3):
+            calls.append(stub.Write.future(requests(i)))
+            time.sleep(0.5)  # in this order
+        release.set()  # the refusal comes with the next message
+        refused = calls[2].exception(timeout=10)
+        assert isinstance(refused, grpc.RpcError)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "uploads in progress hold" in (refused.details() or "")
+        assert [c.result(timeout=10).committed_size for c in calls[:2]] == [3 << 20] * 2
+        api = Reapi(ch)
+        assert api.read(digest(datas[1])) == datas[1]
 
 
 def test_s3_flags_with_memory_storage_are_a_usage_error() -> None:
