@@ -5,10 +5,10 @@ Every option of `slipstream serve` can also be set
   - in a TOML file (--config FILE, or $SLIPSTREAM_CONFIG): the option's name with
     underscores, e.g. `listen = "0.0.0.0:9380"`, `max_blob_size = "1G"`,
     `read_only_ac = true`; a table prefixes its keys, so `[s3] endpoint = ...` is
-    `s3_endpoint` and `[tls] cert = ...` is `tls_cert`;
+    `s3_endpoint` and `[tls] cert = ...` is `tls_cert`; a repeatable flag is an array;
   - in the environment: SLIPSTREAM_ and the name in capitals, e.g.
     SLIPSTREAM_LISTEN=0.0.0.0:9380, SLIPSTREAM_TOKEN_FILE=/etc/slipstream/tokens.toml,
-    SLIPSTREAM_READ_ONLY_AC=true.
+    SLIPSTREAM_READ_ONLY_AC=true; a repeatable flag's values as words.
 
 A flag on the command line wins over the environment, which wins over the file.
 Everything is checked before the server starts; a bad value stops it with one
@@ -26,7 +26,7 @@ import pathlib
 import ssl
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slipstream.cache_server.auth import (
@@ -138,6 +138,7 @@ class _Setting:
     convert: Callable[[str], Any] | None
     choices: tuple[Any, ...] | None
     boolean: bool
+    repeated: bool  # a flag given once per value: a TOML array, or words in the environment
 
 
 def layered(parser: argparse.ArgumentParser) -> None:
@@ -151,7 +152,8 @@ def layered(parser: argparse.ArgumentParser) -> None:
         if not action.option_strings or action.dest in ("help", "config"):
             continue
         boolean = isinstance(action, argparse._StoreTrueAction | argparse._StoreFalseAction)
-        if not boolean and not isinstance(action, argparse._StoreAction):
+        repeated = isinstance(action, argparse._AppendAction)
+        if not boolean and not repeated and not isinstance(action, argparse._StoreAction):
             continue
         settings[action.dest] = _Setting(
             action.dest,
@@ -160,6 +162,7 @@ def layered(parser: argparse.ArgumentParser) -> None:
             action.type if callable(action.type) else None,
             tuple(action.choices) if action.choices is not None else None,
             boolean,
+            repeated,
         )
         action.default = None
     parser.set_defaults(_layered_settings=settings)
@@ -178,6 +181,13 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _convert(setting: _Setting, value: Any, where: str) -> Any:
     """A value from the file (any TOML type) or the environment (a string), checked."""
+    if setting.repeated:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise UsageError(f"{where}: expected a list of strings, got {value!r}")
+        one = replace(setting, repeated=False)
+        return [_convert(one, item, where) for item in value] or None
     if setting.boolean:
         if isinstance(value, bool):
             return value
@@ -226,7 +236,8 @@ def apply_layers(args: argparse.Namespace, environ: dict[str, str] | None = None
             continue  # given on the command line
         env_name = ENV_PREFIX + dest.upper()
         if env.get(env_name, "") != "":
-            value = _convert(setting, env[env_name], env_name)
+            raw = env[env_name]  # a repeated flag's values: words
+            value = _convert(setting, raw.split() if setting.repeated else raw, env_name)
         elif dest in from_file:
             value = _convert(setting, from_file[dest], f"config file {path}: {dest}")
         else:

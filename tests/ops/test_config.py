@@ -149,6 +149,16 @@ def _cases(tmp: pathlib.Path) -> list[tuple[list[str], dict[str, str], str]]:
             {},
             f"--tls-cert {pki.server_key}: no PEM certificate in it",
         ),
+        (
+            ["--config", _write(tmp / "e.toml", "registry_upstream = 5\n")],
+            {},
+            f"config file {tmp / 'e.toml'}: registry_upstream: expected a list of strings, got 5",
+        ),
+        (
+            ["--config", _write(tmp / "f.toml", "registry_upstream = [true]\n")],
+            {},
+            f"config file {tmp / 'f.toml'}: registry_upstream: expected a string or number",
+        ),
         (["--max-blob-size", "huge"], {}, "--max-blob-size: 'huge' is not a size"),
         (["--log-level", "LOUD"], {}, "--log-level 'LOUD' is not one of DEBUG, INFO, WARNING"),
         (["--metrics-listen", "9090"], {}, "--metrics-listen '9090' is not HOST:PORT"),
@@ -158,6 +168,27 @@ def _cases(tmp: pathlib.Path) -> list[tuple[list[str], dict[str, str], str]]:
             f"--audit-log {tmp / 'no/such/dir/audit.jsonl'}: No such file or directory",
         ),
     ]
+
+
+def test_a_repeatable_flag_from_file_and_environment(tmp_path: pathlib.Path) -> None:
+    """--registry-upstream, given once per upstream on the command line, is a TOML array
+    (or one string) in the file and words in the environment; the layers' order holds."""
+    config = tmp_path / "slipstream.toml"
+    config.write_text(
+        'registry_upstream = ["hub=https://registry-1.docker.io", "http://127.0.0.1:5000"]\n'
+    )
+    file_only = {"SLIPSTREAM_CONFIG": str(config)}
+    assert _parse([], file_only).registry_upstream == [
+        "hub=https://registry-1.docker.io",
+        "http://127.0.0.1:5000",
+    ]
+    env = {**file_only, "SLIPSTREAM_REGISTRY_UPSTREAM": " ghcr=https://ghcr.io  http://m:5000 "}
+    assert _parse([], env).registry_upstream == ["ghcr=https://ghcr.io", "http://m:5000"]
+    flags = ["--registry-upstream", "http://flag:1"]
+    assert _parse(flags, env).registry_upstream == ["http://flag:1"]
+    config.write_text('registry_upstream = "http://one:5000"\n')
+    assert _parse([], file_only).registry_upstream == ["http://one:5000"]
+    assert _parse([], {}).registry_upstream is None
 
 
 def test_bad_settings_stop_the_server_with_one_line(
