@@ -18,11 +18,11 @@ filesystem there is nothing to sync to, and nothing is.
 
 CAS blobs and records of every namespace share one size bound with LRU eviction. The
 bound counts the space entries take, not the bytes written: each file counts whole
-filesystem blocks (a 20-byte blob takes 4 KiB on ext4) plus DIRECTORY_ENTRY_BYTES for its
-name in its directory. Reading
-or finding an entry refreshes it; the order survives a restart through the
-files' modification times, which are bumped on access (at most once a minute
-per entry, to keep hot paths free of syscalls).
+filesystem blocks (a 20-byte blob takes 4 KiB on ext4) plus DIRECTORY_ENTRY_BYTES
+(storage/disk_index.py) for its name in its directory. Reading or finding an entry
+refreshes it; the order survives a restart through the files' modification times,
+which are bumped on access (at most once a minute per entry, to keep hot paths free
+of syscalls).
 
 On a RAM filesystem (tmpfs), where no call waits on a device, small calls and the
 chunks of ByteStream reads are made in place on the event loop, as the memory
@@ -32,7 +32,6 @@ cost the mixed load ~20% of its calls and most of its tail latency.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import itertools
@@ -43,7 +42,7 @@ import re
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
@@ -64,13 +63,18 @@ from slipstream.cache_server.storage.base import (
     encode_record_key,
     no_space,
 )
+from slipstream.cache_server.storage.disk_index import (
+    DiskIndex,
+    LocalIndex,
+    block_size_of,
+    space_taken,
+)
 from slipstream.core.digests import EMPTY_BLOB, BlobId, DigestError, verify
 
 log = logging.getLogger(__name__)
 
 _MAGIC = b"SLS1"
 _HEADER = struct.Struct(">4s4xQ")  # magic, padding, xxh3-64 of the payload
-_TOUCH_INTERVAL = 60.0
 _ABANDONED_AFTER = 24 * 3600.0
 _READ_CHUNK = 1 << 20
 _ONE_READ_MAX = 64 << 20  # the largest size hint _read_checked_file reads in one go
@@ -79,9 +83,6 @@ RAM_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 # Files one call may touch in place on a RAM filesystem: 6-25 us each on tmpfs here,
 # so at most ~1.5 ms that the event loop does nothing else.
 IN_PLACE_FILES = 64
-# What one more file's name costs its directory on ext4: an 8-byte entry header and the
-# 64-character name (72 bytes), in hash-indexed blocks that run about two-thirds full.
-DIRECTORY_ENTRY_BYTES = 112
 _MOUNTS_ESCAPE = re.compile(r"\\([0-7]{3})")  # /proc/mounts writes " " as "\040"
 # fsync calls of one batch in flight at once: the filesystem commits concurrent syncs
 # together (ext4 and xfs group commit), where serial ones cost a journal commit each.
@@ -136,32 +137,10 @@ def filesystem_type(path: pathlib.Path) -> str:
         return "unknown"
 
 
-def block_size_of(path: pathlib.Path) -> int:
-    """The filesystem's allocation unit under path (4096 if it cannot tell)."""
-    try:
-        return os.statvfs(path).f_frsize or 4096
-    except OSError:
-        return 4096
-
-
-def space_taken(size: int, block: int) -> int:
-    """What a file of size bytes takes on a filesystem of this block size: its whole
-    blocks, and its directory entry."""
-    return -(-size // block) * block + DIRECTORY_ENTRY_BYTES
-
-
 def default_storage_dir() -> pathlib.Path:
     """Where the server keeps its data when no --storage is given."""
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return pathlib.Path(base) / "slipstream"
-
-
-# An index entry: (file size, header included; last access time); the bound counts
-# space_taken of the size. A plain tuple
-# of numbers, which CPython's cycle collector stops tracking after one collection:
-# an index of a million entries then costs full collections nothing, where a million
-# small objects cost each of them ~65 ms.
-_Entry = tuple[int, float]
 
 
 def _alive(pid: str) -> bool:
@@ -245,23 +224,23 @@ class DiskStore(Store):
         *,
         create: bool = True,
         sync: bool = True,
+        index: DiskIndex | None = None,
     ) -> None:
         """The store under root; create=False reads an existing directory as it is,
         making no directories and clearing no leftovers (a history read by the CLI).
-        With sync (the default), writes are durable before they return."""
+        With sync (the default), writes are durable before they return. index is what
+        knows the entries (storage/disk_index.py): by default this process's own."""
         self.root = root
         self.max_size = max_size
-        self._lock = threading.Lock()
-        self._lru: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
-        self._bytes_used = 0
-        self._evictions = 0
-        self._indexed = False
         self._tmp = root / "tmp"
         if create:
             for sub in ("cas", "records", "tmp"):
                 (root / sub).mkdir(parents=True, exist_ok=True)
         self.filesystem = filesystem_type(root)
         self.block_size = block_size_of(root)
+        self.index = LocalIndex(root, max_size, self.block_size) if index is None else index
+        if not self.index.in_memory:
+            self.finds_in_memory = False
         self.works_in_memory = self.reads_in_memory = self.filesystem in RAM_FILESYSTEMS
         self.syncs = sync and self.filesystem not in RAM_FILESYSTEMS
         if create:
@@ -283,42 +262,11 @@ class DiskStore(Store):
                 if not _alive(pid) or leftover.stat().st_mtime < cutoff:
                     leftover.unlink()
 
-    def _ensure_index(self) -> None:
-        """Build the LRU index on first use: record-only users never pay for the scan."""
-        if self._indexed:
-            return
-        with self._lock:
-            if not self._indexed:
-                self._load_index_locked()
-                self._indexed = True
-
-    def _load_index_locked(self) -> None:
-        found: list[tuple[float, str, int]] = []
-        cas = self.root / "cas"
-        for shard in cas.iterdir():
-            if shard.is_dir():
-                found.extend(self._scan(shard, f"cas/{shard.name}/"))
-        for ns_dir in (self.root / "records").iterdir():
-            if ns_dir.is_dir():
-                found.extend(self._scan(ns_dir, f"records/{ns_dir.name}/"))
-        found.sort()
-        block = self.block_size
-        for mtime, rel, size in found:
-            self._lru[rel] = (size, mtime)
-            self._bytes_used += space_taken(size, block)
-        self._evict_locked(keep=None)
-
-    @staticmethod
-    def _scan(directory: pathlib.Path, prefix: str) -> Iterator[tuple[float, str, int]]:
-        with os.scandir(directory) as it:
-            for item in it:
-                st = item.stat(follow_symlinks=False)
-                yield st.st_mtime, prefix + item.name, st.st_size
-
     def describe(self) -> str:
-        self._ensure_index()
+        self.index.load()
+        entries, used_bytes, _ = self.index.figures()
         bound = f"up to {self.max_size:,} bytes" if self.max_size else "no size bound"
-        used = f"{len(self._lru):,} entries taking {self._bytes_used:,} bytes"
+        used = f"{entries:,} entries taking {used_bytes:,} bytes"
         synced = "" if self.syncs or self.filesystem in RAM_FILESYSTEMS else "; not synced"
         return f"disk store at {self.root} on {self.filesystem} ({bound}; {used}{synced})"
 
@@ -330,71 +278,6 @@ class DiskStore(Store):
     @staticmethod
     def _record_rel(namespace: str, key: str) -> str:
         return f"records/{namespace}/{encode_record_key(namespace, key)}"
-
-    def _touch(self, rel: str) -> bool:
-        """Refresh an entry's place in the LRU; False if it is not indexed."""
-        return self._touch_many((rel,))[0]
-
-    def _touch_many(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:
-        """_touch for many entries under one lock and one clock read (finds carry
-        thousands); the access-time bumps, at most one a minute per entry, come after.
-        With sizes (on disk, header included), an entry of another size counts as
-        absent and is left as it is: a digest is its hash and its size."""
-        self._ensure_index()
-        now = time.time()
-        found: list[bool] = []
-        stale: list[str] = []
-        lru = self._lru
-        expected: Iterable[int | None] = itertools.repeat(None) if sizes is None else sizes
-        with self._lock:
-            for rel, want in zip(rels, expected, strict=False):  # expected may be endless
-                entry = lru.get(rel)
-                if entry is None or (want is not None and entry[0] != want):
-                    found.append(False)
-                    continue
-                found.append(True)
-                lru.move_to_end(rel)
-                size, mtime = entry
-                if now - mtime > _TOUCH_INTERVAL:
-                    lru[rel] = (size, now)
-                    stale.append(rel)
-        for rel in stale:
-            with contextlib.suppress(FileNotFoundError):
-                os.utime(os.path.join(self.root, rel), (now, now))
-        return found
-
-    def _forget(self, rel: str) -> None:
-        self._ensure_index()
-        with self._lock:
-            entry = self._lru.pop(rel, None)
-            if entry is not None:
-                self._bytes_used -= space_taken(entry[0], self.block_size)
-
-    def _admit(self, rel: str, size: int) -> None:
-        """Index a file just renamed into place, evicting older entries if needed."""
-        if not self._indexed and self.max_size is None:
-            return  # nothing to evict; the index, if it is ever built, finds the file
-        self._ensure_index()
-        with self._lock:
-            old = self._lru.pop(rel, None)
-            if old is not None:
-                self._bytes_used -= space_taken(old[0], self.block_size)
-            self._lru[rel] = (size, time.time())
-            self._bytes_used += space_taken(size, self.block_size)
-            self._evict_locked(keep=rel)
-
-    def _evict_locked(self, keep: str | None) -> None:
-        if self.max_size is None:
-            return
-        while self._bytes_used > self.max_size and self._lru:
-            rel, (size, _) = next(iter(self._lru.items()))
-            if rel == keep:
-                break
-            del self._lru[rel]
-            self._bytes_used -= space_taken(size, self.block_size)
-            self._evictions += 1
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.root / rel)
 
     def _check_fits(self, size: int) -> None:
         if self.max_size is None:
@@ -418,7 +301,7 @@ class DiskStore(Store):
             os.replace(tmp_path, final)
         if self.syncs and sync_dir:
             fsync_path(directory, directory=True)
-        self._admit(rel, size)
+        self.index.admit(rel, size)
         return directory
 
     def _make_dir(self, directory: str) -> None:
@@ -459,7 +342,7 @@ class DiskStore(Store):
             self._drop_corrupt(rel, exc)
             return None
         if data is None:
-            self._forget(rel)
+            self.index.forget(rel)
         return data
 
     def _read_blob_file(self, blob: BlobId) -> memoryview | None:
@@ -467,26 +350,22 @@ class DiskStore(Store):
         (the hash alone does not name it: that stored blob is kept as it is). The
         index tells the size, so a wrong one costs no read."""
         rel = self._blob_rel(blob)
-        if not self._indexed_as(rel, _HEADER.size + blob.size):
+        if not self.index.may_hold(rel, _HEADER.size + blob.size):
             return None
         data = self._read_checked(rel, blob.size)
         return data if data is not None and len(data) == blob.size else None
 
-    def _indexed_as(self, rel: str, size: int) -> bool:
-        """Whether the index holds rel with this size on disk."""
-        self._ensure_index()
-        entry = self._lru.get(rel)  # a dict read: atomic under the GIL
-        return entry is not None and entry[0] == size
-
     def _drop_corrupt(self, rel: str, exc: Exception) -> None:
         log.warning("dropping corrupt entry: %s", exc)
-        self._forget(rel)
+        self.index.forget(rel)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root / rel)
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
-        found = self._touch_many(map(self._blob_rel, blobs), [_HEADER.size + b.size for b in blobs])
+        found = self.index.present(
+            map(self._blob_rel, blobs), [_HEADER.size + b.size for b in blobs]
+        )
         return [b for b, ok in zip(blobs, found, strict=True) if not ok and b != EMPTY_BLOB]
 
     def find_blob(self, sha256: str) -> BlobId | None:
@@ -497,7 +376,7 @@ class DiskStore(Store):
             size = os.stat(self.root / rel).st_size - _HEADER.size
         except FileNotFoundError:
             return None
-        if size < 0 or not self._touch(rel):
+        if size < 0 or not self.index.present((rel,))[0]:
             return None
         return BlobId(sha256, size)
 
@@ -507,7 +386,7 @@ class DiskStore(Store):
         data = self._read_blob_file(blob)
         if data is None:
             return None
-        self._touch(self._blob_rel(blob))
+        self.index.touched((self._blob_rel(blob),))
         return bytes(data)
 
     def get_blobs(self, blobs: Sequence[BlobId]) -> list[Chunk | StoreUnavailable | None]:
@@ -523,7 +402,7 @@ class DiskStore(Store):
             if data is not None:
                 found.append(self._blob_rel(blob))
             datas.append(data)
-        self._touch_many(found)
+        self.index.touched(found)
         return datas
 
     def read_blob(
@@ -532,7 +411,7 @@ class DiskStore(Store):
         if blob == EMPTY_BLOB:
             return iter(())
         rel = self._blob_rel(blob)
-        if not self._indexed_as(rel, _HEADER.size + blob.size):
+        if not self.index.may_hold(rel, _HEADER.size + blob.size):
             return None
         if blob.size <= chunk_size:  # one read: checked before anything is returned
             data = self.get_blob(blob)
@@ -541,7 +420,7 @@ class DiskStore(Store):
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed by the generator
         except FileNotFoundError:
-            self._forget(rel)
+            self.index.forget(rel)
             return None
         try:
             expected = _check_header(path, f.read(_HEADER.size))
@@ -552,7 +431,7 @@ class DiskStore(Store):
         if os.fstat(f.fileno()).st_size != _HEADER.size + blob.size:
             f.close()  # the same hash under another size: not this digest
             return None
-        self._touch(rel)
+        self.index.touched((rel,))
         return self._verified_chunks(f, rel, blob, expected, offset, chunk_size)
 
     def _verified_chunks(
@@ -661,8 +540,7 @@ class DiskStore(Store):
         data = self._read_checked(rel)
         if data is None:
             return None
-        if self._indexed or self.max_size is not None:
-            self._touch(rel)  # a store opened only to read records need not index
+        self.index.touched((rel,))
         return bytes(data)
 
     def put_record(self, namespace: str, key: str, value: bytes, *, overwrite: bool = True) -> bool:
@@ -690,7 +568,7 @@ class DiskStore(Store):
             return False
         if self.syncs:
             fsync_path(str(final.parent), directory=True)
-        self._admit(rel, size)
+        self.index.admit(rel, size)
         return True
 
     def list_records(
@@ -720,7 +598,7 @@ class DiskStore(Store):
 
     def delete_record(self, namespace: str, key: str) -> None:
         rel = self._record_rel(namespace, key)
-        self._forget(rel)
+        self.index.forget(rel)
         try:
             os.unlink(self.root / rel)
         except FileNotFoundError:
@@ -729,9 +607,8 @@ class DiskStore(Store):
             fsync_path(str((self.root / rel).parent), directory=True)
 
     def stats(self) -> StoreStats:
-        self._ensure_index()
-        with self._lock:
-            return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
+        entries, used_bytes, evictions = self.index.figures()
+        return StoreStats(entries, used_bytes, self.max_size, evictions)
 
 
 class _DiskBlobWriter(BlobWriter):

@@ -20,6 +20,7 @@ from slipstream.cache_server.storage.disk import (
     filesystem_of,
     filesystem_type,
 )
+from slipstream.cache_server.storage.disk_index import LocalIndex
 from slipstream.core.digests import EMPTY_BLOB, BlobId
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
@@ -353,9 +354,11 @@ def test_index_costs_the_garbage_collector_nothing(tmp_path: pathlib.Path) -> No
     stored = BlobId.of(b"stored later")
     store.put_blob(stored, b"stored later")
     rel = DiskStore._blob_rel(scanned[0])
-    assert store._lru[rel][1] > an_hour_ago + 60  # refreshed by the find above
+    index = store.index
+    assert isinstance(index, LocalIndex)
+    assert index._lru[rel][1] > an_hour_ago + 60  # refreshed by the find above
     gc.collect()
-    entries = list(store._lru.values())
+    entries = list(index._lru.values())
     assert len(entries) == 4
     assert not any(gc.is_tracked(entry) for entry in entries)
 
