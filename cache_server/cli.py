@@ -99,6 +99,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="drop a ByteStream upload or an OCI upload session that receives nothing this "
         "long, open or left for a resume (default 60s)",
     )
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        default="1",
+        help="processes serving the same ports and store, one per core to use (default 1; "
+        "auto: one per core); a disk store's size bound and LRU hold across them",
+    )
     p.add_argument("--log-level", default="WARNING", help="Python logging level (default WARNING)")
     settings.add_arguments(p)
     settings.layered(p)  # after every option: the config file and SLIPSTREAM_* fill them in
@@ -149,7 +156,16 @@ def run_serve(args: argparse.Namespace) -> int:
             f"--storage {args.storage!r}: unknown scheme {scheme + sep!r} "
             "(a directory, s3://BUCKET[/PREFIX] or memory://)"
         )
-    setup_logging(settings.check_log_level(args.log_level), args.log_format)
+    from slipstream.cache_server.workers import parse_workers, run_workers
+
+    workers = parse_workers(str(args.workers))
+    if workers > 1 and in_memory:
+        raise UsageError(
+            f"--storage {MEMORY_URL} cannot be shared by --workers {workers} processes "
+            "(each would have its own memory): give a directory, or run one worker"
+        )
+    log_level = settings.check_log_level(args.log_level)
+    setup_logging(log_level, args.log_format)
     config = ServerConfig(
         listen=listen or DEFAULT_LISTEN,
         storage=pathlib.Path(args.storage) if args.storage and not in_memory else None,
@@ -163,12 +179,15 @@ def run_serve(args: argparse.Namespace) -> int:
         registry_upstreams=upstreams,
         registry_tag_ttl=tag_ttl,
         registry_upstream_auth_file=args.registry_upstream_auth_file,
+        workers=workers,
     )
     _configure_s3(args, config)
     for flag, directory in (("--storage", config.storage), ("--cache-dir", config.cache_dir)):
         if directory is not None:
             _check_directory(flag, directory)
     try:
+        if workers > 1:
+            return run_workers(config, log_level, args.log_format)
         asyncio.run(serve(config))
     except OSError as exc:
         raise UsageError(str(exc)) from None

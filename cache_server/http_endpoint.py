@@ -161,8 +161,9 @@ class HttpEndpoint:
         self.runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, listen: str) -> int:
-        """Listen on HOST:PORT (port 0 picks one); returns the port."""
+    async def start(self, listen: str, *, reuse_port: bool = False) -> int:
+        """Listen on HOST:PORT (port 0 picks one); returns the port. With reuse_port, the
+        port is shared with the other workers of the server (SO_REUSEPORT)."""
         host, _, port = listen.rpartition(":")
         tls = self.ops.config.tls
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
@@ -173,6 +174,7 @@ class HttpEndpoint:
             int(port),
             ssl_context=ssl_context(tls) if tls is not None else None,
             shutdown_timeout=5.0,
+            reuse_port=reuse_port or None,
         )
         try:
             await site.start()

@@ -44,6 +44,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # which worker, with `serve --workers N`
         }
         for key in ("request_id", "caller", "method", *_EXTRA_FIELDS):
             value = getattr(record, key, None)

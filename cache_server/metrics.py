@@ -29,10 +29,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -50,7 +49,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from slipstream.cache_server.calls import Call, Hook
-from slipstream.cache_server.storage.base import Store
+from slipstream.cache_server.storage.base import Store, StoreStats
 
 log = logging.getLogger("cache_server")
 
@@ -93,10 +92,20 @@ def _single(service: str, code: grpc.StatusCode) -> tuple[str, int, int] | None:
     return None
 
 
+class StoreFigures(Protocol):
+    """What StoreCollector reads: a Store, or the supervisor's accountant of its workers."""
+
+    def stats(self) -> StoreStats | None: ...
+
+    def operation_counts(self) -> dict[str, int]: ...
+
+    def request_counts(self) -> dict[str, int]: ...
+
+
 class StoreCollector(Collector):
     """Store size, evictions and S3 request counts, read when Prometheus scrapes."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: StoreFigures) -> None:
         self.store = store
 
     def collect(self) -> Iterator[Metric]:
@@ -181,7 +190,12 @@ class Metrics(Hook):
             ["service", "method"],
             registry=r,
         )
-        self.in_flight = Gauge("slipstream_grpc_in_flight", "Calls being served", registry=r)
+        self.in_flight = Gauge(
+            "slipstream_grpc_in_flight",
+            "Calls being served",
+            registry=r,
+            multiprocess_mode="livesum",  # with --workers: the sum over the live workers
+        )
         self.lookups = Counter(
             "slipstream_cache_lookups",
             "Cache lookups by result (per blob for batch calls)",
@@ -215,7 +229,6 @@ class Metrics(Hook):
         )
         r.register(StoreCollector(store))
         self._http: WSGIServer | None = None
-        self._thread: threading.Thread | None = None
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
     def _labels(self, metric: Any, *values: str) -> Any:
@@ -278,15 +291,35 @@ class Metrics(Hook):
     # ---- HTTP ----
     def serve(self, listen: str) -> str:
         """Serve /metrics on HOST:PORT (port 0 picks one); returns the URL."""
-        host, _, port = listen.rpartition(":")
-        host = host.strip("[]")
-        self._http, self._thread = start_http_server(int(port), host, registry=self.registry)
-        bound = self._http.server_port
-        shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{bound}/metrics"
+        self._http, url = serve_registry(self.registry, listen)
+        return url
 
     def close(self) -> None:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_registry(registry: CollectorRegistry, listen: str) -> tuple[WSGIServer, str]:
+    """Serve registry's /metrics on HOST:PORT (port 0 picks one) on a thread; returns the
+    server (to shut down) and the URL."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]")
+    server, _ = start_http_server(int(port), host, registry=registry)
+    shown = f"[{host}]" if ":" in host else host
+    return server, f"http://{shown}:{server.server_port}/metrics"
+
+
+def workers_registry(directory: str, store: StoreFigures) -> CollectorRegistry:
+    """The metrics of `serve --workers N`, served by the supervisor: the workers' call
+    metrics from prometheus_client's multiprocess files in directory (counters and
+    histograms summed, calls in flight summed over live workers), and the store-wide
+    figures of the accountant. Process metrics (memory, CPU) are the supervisor's own."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    ProcessCollector(registry=registry)
+    registry.register(StoreCollector(store))
+    return registry

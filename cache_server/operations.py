@@ -25,8 +25,10 @@ NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 
 class Operations:
-    def __init__(self, config: OpsConfig, store: Store) -> None:
+    def __init__(self, config: OpsConfig, store: Store, *, shares_ports: bool = False) -> None:
+        """shares_ports: the probe port is shared with the other workers of the server."""
         self.config = config
+        self.shares_ports = shares_ports
         self.auth = Authenticator(config.tokens, config.anonymous, config.limits)
         self.metrics = Metrics(store)
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
@@ -73,7 +75,8 @@ class Operations:
                 ) from None
         if self.config.health_listen:
             probe = grpc.aio.server(
-                interceptors=[RejectMalformed(FOREIGN_SERVICES)], options=[NO_REUSEPORT]
+                interceptors=[RejectMalformed(FOREIGN_SERVICES)],
+                options=[] if self.shares_ports else [NO_REUSEPORT],
             )
             health_pb2_grpc.add_HealthServicer_to_server(servicer, probe)
             try:

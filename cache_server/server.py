@@ -38,6 +38,7 @@ from slipstream.cache_server.services.layers import LayersService
 from slipstream.cache_server.services.split import SplitService
 from slipstream.cache_server.storage.base import Store
 from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.cache_server.storage.disk_index import DiskIndex
 from slipstream.core.addresses import DEFAULT_LISTEN
 from slipstream.protos import bytestream_pb2, remote_execution_pb2
 from slipstream.protos import layers_pb2_grpc as layers_grpc
@@ -69,18 +70,34 @@ class ServerConfig:
     registry_upstreams: tuple[str, ...] = ()  # the registry's pull-through mirror: [PREFIX=]URL
     registry_tag_ttl: float = 300.0  # seconds a mirrored tag is served before asking again
     registry_upstream_auth_file: str | None = None  # Docker config.json of upstream credentials
+    workers: int = 1  # processes serving the same ports and store (cache_server/workers.py)
 
 
-def open_store(config: ServerConfig) -> Store:
+def open_store(config: ServerConfig, disk_index: DiskIndex | None = None) -> Store:
     """The store config asks for, composed from its parts: a backend (memory, disk, S3),
     for S3 the existence cache and the disk tier in front, and outermost the counting of
-    calls for the metrics."""
+    calls for the metrics. disk_index, if given, is the index of its disk directory (a
+    worker's, shared with the others: storage/shared_index.py)."""
     from slipstream.cache_server.storage.counting import CountingStore
 
-    return CountingStore(_open_backend(config))
+    return CountingStore(_open_backend(config, disk_index))
 
 
-def _open_backend(config: ServerConfig) -> Store:
+def disk_directory(config: ServerConfig) -> tuple[pathlib.Path, int | None] | None:
+    """The directory of the disk store, or of the disk tier in front of S3, and its
+    size bound; None for a store with no directory."""
+    from slipstream.cache_server.storage.disk import default_storage_dir
+
+    if config.in_memory:
+        return None
+    if config.s3 is None:
+        return config.storage or default_storage_dir(), config.max_size
+    if config.cache_dir is None:
+        return None
+    return config.cache_dir, config.cache_size
+
+
+def _open_backend(config: ServerConfig, disk_index: DiskIndex | None) -> Store:
     from slipstream.cache_server.storage.disk import default_storage_dir
 
     if config.in_memory:
@@ -89,7 +106,10 @@ def _open_backend(config: ServerConfig) -> Store:
         return MemoryStore(config.max_size)
     if config.s3 is None:
         return DiskStore(
-            config.storage or default_storage_dir(), config.max_size, sync=config.fsync
+            config.storage or default_storage_dir(),
+            config.max_size,
+            sync=config.fsync,
+            index=disk_index,
         )
     # Imported here: boto3 takes a while to import and the disk store does not need it.
     from slipstream.cache_server.storage.existence_cache import ExistenceCache
@@ -103,7 +123,8 @@ def _open_backend(config: ServerConfig) -> Store:
         if config.cache_dir is None:
             return shared
         return TieredStore(
-            DiskStore(config.cache_dir, config.cache_size, sync=config.fsync), shared
+            DiskStore(config.cache_dir, config.cache_size, sync=config.fsync, index=disk_index),
+            shared,
         )
     except BaseException:
         s3.close()
@@ -126,7 +147,8 @@ class CacheServer:
         self.store = store
         self.executor = ThreadPoolExecutor(config.worker_threads, thread_name_prefix="store")
         self.backend = Backend(store, self.executor, update_enabled=config.update_enabled)
-        self.ops = Operations(config.ops, store)
+        shares_ports = config.workers > 1  # with the other workers: SO_REUSEPORT
+        self.ops = Operations(config.ops, store, shares_ports=shares_ports)
         covered = ("/build.bazel.", "/google.bytestream.", "/slipstream.")
         self.server = grpc.aio.server(
             interceptors=[
@@ -137,7 +159,7 @@ class CacheServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
-                NO_REUSEPORT,
+                *(() if shares_ports else (NO_REUSEPORT,)),
             ],
         )
         add_cas_to_server(CasService(self.backend), self.server)
@@ -175,7 +197,7 @@ class CacheServer:
         await self.server.start()
         await self.ops.start(self.health)
         if self.http is not None and self.config.http_listen is not None:
-            await self.http.start(self.config.http_listen)
+            await self.http.start(self.config.http_listen, reuse_port=self.config.workers > 1)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
@@ -253,13 +275,21 @@ def freeze_start_up_objects() -> None:
     gc.freeze()
 
 
-async def serve(config: ServerConfig) -> None:
-    """Run until SIGTERM or SIGINT, then shut down cleanly."""
-    keep_freed_memory()
-    store = open_store(config)
-    # Before serving: the disk store builds its index here, so finds answered on
-    # the event loop (Store.finds_in_memory) never wait for the scan.
-    description = store.describe()
+def start_up_lines(description: str, ops: list[str], server: CacheServer) -> list[str]:
+    """What `slipstream serve` says once it serves, in order: the gRPC line, which tells
+    waiting scripts (and tests) that the server is up, comes last."""
+    lines = [f"storing in the {description}", *ops]
+    if server.http_url is not None:
+        lines.append(
+            "serving the HTTP cache (Bazel, ccache, Turborepo, Nx, sccache, "
+            f"OCI registry) on {server.http_url}"
+        )
+    lines.append(f"serving the REAPI v2 cache on {server.address} ({server.ops.transport})")
+    return lines
+
+
+async def start_server(config: ServerConfig, store: Store) -> CacheServer:
+    """A CacheServer of store, listening; OSError saying why if it cannot."""
     server = CacheServer(config, store)
     try:
         await server.start()
@@ -272,6 +302,17 @@ async def serve(config: ServerConfig) -> None:
     except OSError:
         await server.stop(0)
         raise
+    return server
+
+
+async def serve(config: ServerConfig) -> None:
+    """Run until SIGTERM or SIGINT, then shut down cleanly."""
+    keep_freed_memory()
+    store = open_store(config)
+    # Before serving: the disk store builds its index here, so finds answered on
+    # the event loop (Store.finds_in_memory) never wait for the scan.
+    description = store.describe()
+    server = await start_server(config, store)
     freeze_start_up_objects()
     # Before the ready line: a script that stops the server as soon as it reads
     # that line must reach the handler, not the default action that kills it.
@@ -281,19 +322,8 @@ async def serve(config: ServerConfig) -> None:
         loop.add_signal_handler(sig, stopping.set)
     # Everything else is said before the gRPC line, which tells waiting
     # scripts (and tests) that the server is up.
-    print(f"slipstream: storing in the {description}", flush=True)
-    for line in server.ops.describe():
+    for line in start_up_lines(description, server.ops.describe(), server):
         print(f"slipstream: {line}", flush=True)
-    if server.http_url is not None:
-        print(
-            "slipstream: serving the HTTP cache (Bazel, ccache, Turborepo, Nx, sccache, "
-            f"OCI registry) on {server.http_url}",
-            flush=True,
-        )
-    print(
-        f"slipstream: serving the REAPI v2 cache on {server.address} ({server.ops.transport})",
-        flush=True,
-    )
     await stopping.wait()
     print("slipstream: shutting down", flush=True)
     await server.stop()

@@ -610,6 +610,9 @@ class DiskStore(Store):
         entries, used_bytes, evictions = self.index.figures()
         return StoreStats(entries, used_bytes, self.max_size, evictions)
 
+    def close(self) -> None:
+        self.index.close()
+
 
 class _DiskBlobWriter(BlobWriter):
     """Streams into a temp file, hashing as it goes; commit verifies and renames."""

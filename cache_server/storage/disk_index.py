@@ -88,6 +88,9 @@ class DiskIndex(abc.ABC):
     def figures(self) -> tuple[int, int, int]:
         """(entries, bytes they take on disk, evictions so far)."""
 
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Finish what is under way (a worker's reports)."""
+
 
 def scan_entries(root: pathlib.Path) -> list[tuple[float, str, int]]:
     """(mtime, path relative to root, size) of every blob and record under root."""

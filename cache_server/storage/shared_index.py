@@ -1,0 +1,290 @@
+"""One disk store directory served by several processes (`slipstream serve --workers N`).
+
+The supervisor keeps the one LocalIndex of the directory (storage/disk_index.py): it
+scans the directory at start, counts the bytes used, evicts past the size bound and
+counts evictions. It is the accountant. Each worker answers from the filesystem
+(SharedIndex): a find stats the blob's file, whose size tells its digest's size, and
+a read opens it. What a worker puts in place, reads or finds gone it reports to the
+accountant over a socket, in batches sent by a thread of its own (Reporter): no call
+waits for the accountant. The accountant publishes its figures (entries, bytes,
+evictions) in shared memory, where every worker's metrics and pages read them.
+
+What follows from reporting after the fact:
+- The bound holds once the reports are in (a few milliseconds): writes in flight
+  may take the directory past it for that long.
+- An entry read again within REFRESH_INTERVAL of its last report is not reported
+  again by that worker: its place in the LRU is as of a second ago at most.
+- An entry the accountant evicts while a worker writes it anew can lose the new
+  file; its admission then counts bytes that are not there until a read finds it
+  gone. An entry read that the accountant does not know (its admission lost with a
+  worker that died) is looked up on disk and admitted.
+
+The line to the supervisor also carries the workers' start-up messages and their
+call counts (for /metrics), as lines of text:
+
+    +REL SIZE   admitted: a file put in place, SIZE bytes on disk
+    =REL        touched: an entry read or found
+    -REL        forgotten: an entry found gone or removed
+    #JSON       the worker's store call counts so far ({"operations":..., "s3":...})
+    !TEXT       a message for the supervisor (ready, error)
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import itertools
+import json
+import logging
+import os
+import pathlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from slipstream.cache_server.storage.base import StoreStats
+from slipstream.cache_server.storage.disk_index import (
+    ADMITTED,
+    FORGOTTEN,
+    TOUCHED,
+    DiskIndex,
+    LocalIndex,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_DELAY = 0.002  # seconds a report waits for others to go with it
+REFRESH_INTERVAL = 1.0  # an entry read again sooner is not reported again
+COUNTS_INTERVAL = 1.0  # seconds between reports of a worker's call counts
+_RECENT_MAX = 200_000  # entries a worker remembers as reported, before it forgets them all
+
+# The accountant's figures in shared memory: a multiprocessing RawArray of three
+# 64-bit integers, written by the supervisor alone.
+Figures = Any
+ENTRIES, BYTES_USED, EVICTIONS = range(3)
+
+
+class Reporter:
+    """A worker's line to its supervisor: lines queued by any thread, sent in batches
+    by a thread of its own. on_lost runs (on that thread) when the supervisor is gone."""
+
+    def __init__(self, connection: socket.socket, on_lost: Callable[[], None]) -> None:
+        self._connection = connection
+        self._on_lost = on_lost
+        self._queue: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self.counts: Callable[[], dict[str, dict[str, int]]] | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="reports", daemon=True)
+        self._sender.start()
+        threading.Thread(target=self._watch, name="supervisor-watch", daemon=True).start()
+
+    def send(self, line: str) -> None:
+        """Queue one line (ending in a newline); never blocks."""
+        self._queue.append(line)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _send_loop(self) -> None:
+        sent_counts: dict[str, dict[str, int]] | None = None
+        next_counts = time.monotonic() + COUNTS_INTERVAL
+        while True:
+            woken = self._wake.wait(COUNTS_INTERVAL)
+            if woken and not self._closing:
+                time.sleep(REPORT_DELAY)
+            self._wake.clear()
+            parts = []
+            with contextlib.suppress(IndexError):
+                while True:
+                    parts.append(self._queue.popleft())
+            if self.counts is not None and (self._closing or time.monotonic() >= next_counts):
+                next_counts = time.monotonic() + COUNTS_INTERVAL
+                counts = self.counts()
+                if counts != sent_counts:
+                    parts.append(f"#{json.dumps(counts, separators=(',', ':'))}\n")
+                    sent_counts = counts
+            if parts:
+                try:
+                    self._connection.sendall("".join(parts).encode())
+                except OSError:
+                    return
+            if self._closing and not self._queue:
+                return
+
+    def _watch(self) -> None:
+        with contextlib.suppress(OSError):
+            while self._connection.recv(4096):
+                pass
+        if not self._closing:
+            self._on_lost()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is queued, then stop sending."""
+        self._closing = True
+        self._wake.set()
+        self._sender.join(timeout)
+
+
+class SharedIndex(DiskIndex):
+    """A worker's view of a directory that the supervisor's accountant keeps."""
+
+    in_memory = False
+
+    def __init__(self, root: pathlib.Path, reporter: Reporter, figures: Figures) -> None:
+        self.root = root
+        self._reporter = reporter
+        self._figures = figures
+        self._recent: dict[str, float] = {}
+
+    def load(self) -> None:
+        pass  # the accountant scanned the directory before the workers started
+
+    def present(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:
+        found: list[bool] = []
+        refreshed: list[str] = []
+        expected: Iterable[int | None] = itertools.repeat(None) if sizes is None else sizes
+        root = self.root
+        for rel, want in zip(rels, expected, strict=False):  # expected may be endless
+            try:
+                size = os.stat(os.path.join(root, rel)).st_size
+            except OSError:
+                found.append(False)
+                continue
+            held = want is None or size == want
+            found.append(held)
+            if held:
+                refreshed.append(rel)
+        self.touched(refreshed)
+        return found
+
+    def may_hold(self, rel: str, size: int) -> bool:
+        return True  # the file tells, when it is read: no stat call before
+
+    def touched(self, rels: Sequence[str]) -> None:
+        now = time.monotonic()
+        recent = self._recent
+        cutoff = now - REFRESH_INTERVAL
+        lines = []
+        for rel in rels:
+            if recent.get(rel, cutoff) > cutoff:
+                continue
+            recent[rel] = now
+            lines.append(f"{TOUCHED}{rel}\n")
+        if len(recent) > _RECENT_MAX:
+            recent.clear()
+        if lines:
+            self._reporter.send("".join(lines))
+
+    def admit(self, rel: str, size: int) -> None:
+        self._reporter.send(f"{ADMITTED}{rel} {size}\n")
+
+    def forget(self, rel: str) -> None:
+        self._recent.pop(rel, None)
+        self._reporter.send(f"{FORGOTTEN}{rel}\n")
+
+    def figures(self) -> tuple[int, int, int]:
+        figures = self._figures
+        return figures[ENTRIES], figures[BYTES_USED], figures[EVICTIONS]
+
+    def close(self) -> None:
+        self._reporter.close()
+
+
+def parse_reports(lines: Iterable[bytes]) -> list[tuple[str, str, int]]:
+    """The index reports among a worker's lines (see the module docstring)."""
+    reports = []
+    for line in lines:
+        kind = line[:1]
+        if kind == b"=":
+            reports.append((TOUCHED, line[1:].decode(), 0))
+        elif kind == b"+":
+            rel, _, size = line[1:].rpartition(b" ")
+            reports.append((ADMITTED, rel.decode(), int(size)))
+        elif kind == b"-":
+            reports.append((FORGOTTEN, line[1:].decode(), 0))
+    return reports
+
+
+class Accountant:
+    """The supervisor's side: reads every worker's line, applies what they report to
+    the one index (None for a store with no disk), publishes the figures."""
+
+    def __init__(self, index: LocalIndex | None, max_size: int | None, figures: Figures) -> None:
+        self.index = index
+        self.max_size = max_size
+        self._figures = figures
+        self._lock = threading.Lock()
+        self._counts: dict[int, dict[str, dict[str, int]]] = {}  # by worker
+        self._retired: dict[str, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self.publish()
+
+    def publish(self) -> None:
+        if self.index is not None:
+            entries, used, evictions = self.index.figures()
+            self._figures[ENTRIES] = entries
+            self._figures[BYTES_USED] = used
+            self._figures[EVICTIONS] = evictions
+
+    def follow(
+        self, worker: int, connection: socket.socket, on_message: Callable[[int, str], None]
+    ) -> threading.Thread:
+        """Read a worker's line until it closes, on a thread of its own; on_message
+        gets its ! messages."""
+        thread = threading.Thread(
+            target=self._read, args=(worker, connection, on_message), daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _read(
+        self, worker: int, connection: socket.socket, on_message: Callable[[int, str], None]
+    ) -> None:
+        pending = b""
+        while True:
+            try:
+                data = connection.recv(1 << 18)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            *lines, pending = (pending + data).split(b"\n")
+            reports = parse_reports(lines)
+            if reports and self.index is not None:
+                try:
+                    self.index.apply(reports)
+                except Exception:
+                    log.exception("applying a worker's reports failed")
+                self.publish()
+            for line in lines:
+                if line[:1] == b"#":
+                    with self._lock:
+                        self._counts[worker] = json.loads(line[1:])
+                elif line[:1] == b"!":
+                    on_message(worker, line[1:].decode(errors="replace"))
+        with self._lock:  # its counts stay in the totals
+            for kind, counts in self._counts.pop(worker, {}).items():
+                self._retired[kind].update(counts)
+
+    def _total(self, kind: str) -> dict[str, int]:
+        with self._lock:
+            total = collections.Counter(self._retired[kind])
+            for counts in self._counts.values():
+                total.update(counts.get(kind, {}))
+        return dict(total)
+
+    # ---- what the metrics ask of a store (metrics.StoreCollector) ----
+    def stats(self) -> StoreStats | None:
+        if self.index is None:
+            return None
+        entries, used, evictions = self.index.figures()
+        return StoreStats(entries, used, self.max_size, evictions)
+
+    def operation_counts(self) -> dict[str, int]:
+        return self._total("operations")
+
+    def request_counts(self) -> dict[str, int]:
+        return self._total("s3")

@@ -1,0 +1,248 @@
+"""`slipstream serve --workers N`: worker processes sharing the ports and one store,
+tested as real server processes over real sockets."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from slipstream.cache_server.storage.shared_index import REFRESH_INTERVAL
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from tests.ops.helpers import metrics_url, scrape
+from tests.support.reapi import Reapi
+from tests.support.server_process import ServerProcess, free_port, http_url, running
+
+CONNECTIONS = 12
+
+
+def _channels(server: ServerProcess, n: int = CONNECTIONS) -> list[grpc.Channel]:
+    """n channels with a connection each (gRPC shares one between alike channels)."""
+    return [
+        grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(n)
+    ]
+
+
+@contextlib.contextmanager
+def _opened(server: ServerProcess, n: int = CONNECTIONS) -> Iterator[list[Reapi]]:
+    channels = _channels(server, n)
+    try:
+        yield [Reapi(channel) for channel in channels]
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def _read(api: Reapi, digests: list[re_pb2.Digest]) -> list[bytes]:
+    """The blobs, by BatchReadBlobs; a missing one fails the test."""
+    response = api.cas.BatchReadBlobs(re_pb2.BatchReadBlobsRequest(digests=digests))
+    assert all(r.status.code == 0 for r in response.responses), response
+    return [r.data for r in response.responses]
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The worker processes the supervisor (pid) started (not multiprocessing's own
+    resource tracker beside them)."""
+    children = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                spawned = b"spawn_main" in (entry / "cmdline").read_bytes()
+                if spawned and int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                    children.append(int(entry.name))
+    return children
+
+
+def _answering_pids(server: ServerProcess) -> set[int]:
+    """The pids of the processes that logged calls (--log-format json, INFO)."""
+    pids = set()
+    for line in list(server.output):
+        if line.startswith("{"):
+            record = json.loads(line)
+            if record.get("logger") == "cache_server.access":
+                pids.add(int(record["pid"]))
+    return pids
+
+
+def _files(root: pathlib.Path) -> dict[str, int]:
+    """Every blob and record file under a disk store, with its size."""
+    return {
+        str(path.relative_to(root)): path.stat().st_size
+        for kind in ("cas", "records")
+        for path in (root / kind).rglob("*")
+        if path.is_file()
+    }
+
+
+def _serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "slipstream.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_a_blob_written_through_one_connection_is_found_and_read_through_all(
+    tmp_path: pathlib.Path,
+) -> None:
+    args = ["--workers", "2", "--log-level", "INFO", "--log-format", "json"]
+    args += ["--http-listen", "127.0.0.1:0"]
+    with running(ServerProcess(tmp_path / "store", args)) as server:
+        assert len(_workers_of(server.proc.pid)) == 2  # type: ignore[union-attr]
+        assert sum("serving the REAPI v2 cache" in line for line in server.output) == 1
+        with _opened(server) as apis:
+            blobs = [b"written through one connection %d" % i for i in range(3)]
+            digests = apis[0].upload(*blobs)
+            for api in apis * 3:
+                assert api.missing(*digests) == []
+                assert _read(api, digests) == blobs
+        url = http_url(server)
+        for blob, d in zip(blobs, digests, strict=True):
+            for _ in range(6):  # a connection each
+                with urllib.request.urlopen(f"{url}/cas/{d.hash}", timeout=10) as resp:
+                    assert resp.read() == blob
+        assert len(_answering_pids(server)) == 2, "connections were not spread over the workers"
+
+
+def test_workers_share_one_lru_bound(tmp_path: pathlib.Path) -> None:
+    """Far more written than the bound, through connections spread over both workers: the
+    files left stay within the bound, the blobs read all along stay, and /metrics tells
+    the store-wide figures and every worker's calls."""
+    bound = 200_000
+    size = 20_000
+    store = tmp_path / "store"
+    args = ["--workers", "2", "--max-size", str(bound), "--metrics-listen", "127.0.0.1:0"]
+    with running(ServerProcess(store, args)) as server, _opened(server) as apis:
+        hot = [b"hot %d " % i * (size // 6) for i in range(2)]
+        hot_digests = apis[0].upload(*hot)
+        written = sum(map(len, hot))
+        writes = 1
+        for round_ in range(6):
+            for i in range(5):  # half the bound a round
+                api = apis[(round_ * 5 + i) % len(apis)]
+                api.upload(os.urandom(size))
+                written += size
+                writes += 1
+            time.sleep(REFRESH_INTERVAL + 0.1)  # a worker reports an entry once a second
+            for api in apis[round_ % 3 :: 3]:
+                assert _read(api, hot_digests) == hot
+            time.sleep(0.1)  # the reads' reports reach the accountant
+        assert written > 3 * bound
+        deadline = time.monotonic() + 10
+        while sum(_files(store).values()) > bound and time.monotonic() < deadline:
+            time.sleep(0.05)
+        files = _files(store)
+        assert sum(files.values()) <= bound
+        for d in hot_digests:
+            assert f"cas/{d.hash[:2]}/{d.hash}" in files, "a blob read all along was evicted"
+        for api in apis:
+            assert api.missing(*hot_digests) == []
+
+        samples = scrape(metrics_url(server))
+        assert samples[("slipstream_store_bytes", ())] == sum(files.values())
+        assert samples[("slipstream_store_blobs", ())] == len(files)
+        assert samples[("slipstream_store_evictions_total", ())] >= writes - len(files)
+        update = (
+            ("code", "OK"),
+            ("method", "BatchUpdateBlobs"),
+            ("service", "build.bazel.remote.execution.v2.ContentAddressableStorage"),
+        )
+        assert samples[("slipstream_grpc_requests_total", update)] == writes
+        # The workers' store call counts come once a second.
+        put_blobs = ("slipstream_store_operations_total", (("operation", "put_blobs"),))
+        deadline = time.monotonic() + 5
+        while samples.get(put_blobs) != writes and time.monotonic() < deadline:
+            time.sleep(0.2)
+            samples = scrape(metrics_url(server))
+        assert samples.get(put_blobs) == writes
+
+
+def test_sigterm_stops_the_supervisor_and_every_worker(tmp_path: pathlib.Path) -> None:
+    server = ServerProcess(tmp_path / "store", ["--workers", "2"]).start()
+    try:
+        assert server.proc is not None
+        workers = _workers_of(server.proc.pid)
+        assert len(workers) == 2
+        started = time.monotonic()
+        assert server.stop() == 0
+        assert time.monotonic() - started < 10
+        assert not [pid for pid in workers if pathlib.Path(f"/proc/{pid}").exists()]
+        assert "slipstream: shutting down\n" in server.output
+    finally:
+        server.kill()
+
+
+def test_a_worker_dying_soon_after_start_stops_the_server(tmp_path: pathlib.Path) -> None:
+    """The choice for a worker that dies within RESTART_WITHIN seconds of its start
+    (most likely it cannot serve at all): the others stop and the supervisor exits 1."""
+    server = ServerProcess(tmp_path / "store", ["--workers", "2"]).start()
+    try:
+        assert server.proc is not None
+        first, second = _workers_of(server.proc.pid)
+        os.kill(first, signal.SIGKILL)
+        assert server.proc.wait(20) == 1
+        assert not pathlib.Path(f"/proc/{second}").exists()
+        assert any("exited with code -9" in line for line in server.output)
+    finally:
+        server.kill()
+
+
+def test_a_foreign_server_on_the_workers_port_is_refused(tmp_path: pathlib.Path) -> None:
+    with running(ServerProcess(tmp_path / "store", ["--workers", "2"])) as server:
+        for workers in ("1", "2"):
+            result = _serve(
+                "--listen",
+                server.address,
+                "--storage",
+                str(tmp_path / "other"),
+                "--workers",
+                workers,
+            )
+            assert result.returncode == 2, result
+            assert result.stderr.splitlines() == [
+                f"slipstream serve: error: cannot listen on {server.address}: "
+                "the port is in use or the host is not this machine's"
+            ]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", ""])
+def test_bad_workers_values_exit_2_with_one_line(tmp_path: pathlib.Path, value: str) -> None:
+    result = _serve(
+        "--listen", f"127.0.0.1:{free_port()}", "--storage", str(tmp_path), "--workers", value
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "--workers" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_memory_storage_with_workers_exits_2_with_one_line() -> None:
+    result = _serve("--listen", "127.0.0.1:0", "--storage", "memory://", "--workers", "2")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "slipstream serve: error: --storage memory:// cannot be shared by --workers 2 "
+        "processes (each would have its own memory): give a directory, or run one worker"
+    ]
+
+
+def test_one_worker_keeps_the_single_process_server(tmp_path: pathlib.Path) -> None:
+    """--workers 1 (the default) is the server as it was: one process, its own index."""
+    with running(ServerProcess(tmp_path / "store", ["--workers", "1"])) as server:
+        assert server.proc is not None
+        assert _workers_of(server.proc.pid) == []
+        api = Reapi(server.channel())
+        d = api.upload(b"one process")
+        assert api.missing(*d) == []
+        assert not any("worker processes" in line for line in server.output)
