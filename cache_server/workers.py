@@ -72,7 +72,7 @@ log = logging.getLogger("cache_server")
 
 START_TIMEOUT = 120.0  # seconds for every worker to serve
 STOP_TIMEOUT = 15.0  # seconds for the workers to stop once told (each drains for 5)
-RESTART_WITHIN = 10.0  # a worker dying sooner after its start stops the server
+RESTART_WITHIN = 5.0  # a worker dying sooner after its start stops the server
 _READY, _ERROR = "ready ", "error "
 _PORT_IN_USE = "the port is in use or the host is not this machine's"
 
@@ -184,6 +184,8 @@ class Supervisor:
             ready = self._wait_ready()
             if ready is None:
                 return 0  # stopped while starting
+            for worker in self.workers:  # their time to run counts from here
+                worker.started = time.monotonic()
             own = [f"{self.count} worker processes share the ports and the store"]
             if metrics_line:
                 own.append(metrics_line)

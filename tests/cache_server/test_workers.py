@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from slipstream.cache_server.storage.shared_index import REFRESH_INTERVAL
+from slipstream.cache_server.workers import RESTART_WITHIN
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import metrics_url, scrape
 from tests.support.reapi import Reapi
@@ -246,3 +247,44 @@ def test_one_worker_keeps_the_single_process_server(tmp_path: pathlib.Path) -> N
         d = api.upload(b"one process")
         assert api.missing(*d) == []
         assert not any("worker processes" in line for line in server.output)
+
+
+def test_every_worker_appends_whole_lines_to_the_one_audit_log(tmp_path: pathlib.Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    args = ["--workers", "2", "--audit-log", str(audit), "--log-level", "INFO"]
+    args += ["--log-format", "json"]
+    with running(ServerProcess(tmp_path / "store", args)) as server, _opened(server) as apis:
+        result = re_pb2.ActionResult(exit_code=0)
+        for i in range(40):
+            action = re_pb2.Digest(hash=f"{i:064x}", size_bytes=i + 1)
+            apis[i % len(apis)].ac.UpdateActionResult(
+                re_pb2.UpdateActionResultRequest(action_digest=action, action_result=result)
+            )
+        assert len(_answering_pids(server)) == 2
+    records = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert sorted(r["action_digest"] for r in records) == sorted(
+        f"{i:064x}/{i + 1}" for i in range(40)
+    )
+
+
+def test_a_worker_that_dies_later_is_replaced(tmp_path: pathlib.Path) -> None:
+    with running(ServerProcess(tmp_path / "store", ["--workers", "2"])) as server:
+        assert server.proc is not None
+        first, second = _workers_of(server.proc.pid)
+        time.sleep(RESTART_WITHIN + 0.5)
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            workers = _workers_of(server.proc.pid)
+            if len(workers) == 2 and first not in workers:
+                break
+            time.sleep(0.1)
+        assert second in workers and first not in workers and len(workers) == 2
+        assert any(
+            "exited with code -9" in line and "starting another" in line for line in server.output
+        )
+        with _opened(server, 8) as apis:  # both serve: the new one too
+            d = apis[0].upload(b"after a restart")
+            for api in apis:
+                assert api.missing(*d) == []
+        assert server.proc.poll() is None
