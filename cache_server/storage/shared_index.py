@@ -61,7 +61,9 @@ log = logging.getLogger(__name__)
 REPORT_DELAY = 0.002  # seconds a report waits for others to go with it
 REFRESH_INTERVAL = 1.0  # an entry read again sooner is not reported again
 COUNTS_INTERVAL = 1.0  # seconds between reports of a worker's call counts
-_RECENT_MAX = 200_000  # entries a worker remembers as reported, before it forgets them all
+# Entries a worker remembers as reported (~250 bytes each): past it, those older than
+# REFRESH_INTERVAL go, or all of them if half as many are newer.
+_RECENT_MAX = 50_000
 
 # The accountant's figures in shared memory: a multiprocessing RawArray of three
 # 64-bit integers, written by the supervisor alone.
@@ -194,7 +196,9 @@ class SharedIndex(DiskIndex):
             recent[rel] = (now, size)
             lines.append(f"{TOUCHED}{rel}\n")
         if len(recent) > _RECENT_MAX:
-            recent.clear()
+            self._recent = {rel: seen for rel, seen in recent.items() if seen[0] > cutoff}
+            if len(self._recent) > _RECENT_MAX // 2:
+                self._recent = {}
         if lines:
             self._reporter.send("".join(lines))
 
@@ -276,16 +280,17 @@ class Accountant:
             if not data:
                 break
             *lines, pending = (pending + data).split(b"\n")
-            reports = parse_reports(lines)
-            if reports and self.index is not None:
+            if self.index is not None:
                 try:
-                    self.index.apply(reports)
+                    reports = parse_reports(lines)
+                    if reports:
+                        self.index.apply(reports)
                 except Exception:
                     log.exception("applying a worker's reports failed")
                 self.publish()
             for line in lines:
                 if line[:1] == b"#":
-                    with self._lock:
+                    with self._lock, contextlib.suppress(ValueError):
                         self._counts[worker] = json.loads(line[1:])
                 elif line[:1] == b"!":
                     on_message(worker, line[1:].decode(errors="replace"))

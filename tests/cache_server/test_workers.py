@@ -16,13 +16,20 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slipstream.cache_server.storage.shared_index import REFRESH_INTERVAL
 from slipstream.cache_server.workers import RESTART_WITHIN
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import metrics_url, scrape
 from tests.support.reapi import Reapi
-from tests.support.server_process import ServerProcess, free_port, http_url, running
+from tests.support.server_process import (
+    ServerProcess,
+    free_port,
+    http_url,
+    output_line,
+    running,
+)
 
 CONNECTIONS = 12
 
@@ -100,7 +107,7 @@ def test_a_blob_written_through_one_connection_is_found_and_read_through_all(
     tmp_path: pathlib.Path,
 ) -> None:
     args = ["--workers", "2", "--log-level", "INFO", "--log-format", "json"]
-    args += ["--http-listen", "127.0.0.1:0"]
+    args += ["--http-listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"]
     with running(ServerProcess(tmp_path / "store", args)) as server:
         assert len(_workers_of(server.proc.pid)) == 2  # type: ignore[union-attr]
         assert sum("serving the REAPI v2 cache" in line for line in server.output) == 1
@@ -116,6 +123,11 @@ def test_a_blob_written_through_one_connection_is_found_and_read_through_all(
                 with urllib.request.urlopen(f"{url}/cas/{d.hash}", timeout=10) as resp:
                     assert resp.read() == blob
         assert len(_answering_pids(server)) == 2, "connections were not spread over the workers"
+        probe = output_line(server, "health checks").rsplit(" on ", 1)[1].strip()
+        for _ in range(4):
+            with grpc.insecure_channel(probe, options=[("grpc.use_local_subchannel_pool", 1)]) as c:
+                check = health_pb2_grpc.HealthStub(c).Check(health_pb2.HealthCheckRequest())
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def test_workers_share_one_lru_bound(tmp_path: pathlib.Path) -> None:

@@ -112,3 +112,17 @@ def test_mutual_tls(pki: Pki, tmp_path: pathlib.Path) -> None:
             assert _refused(ch) is grpc.StatusCode.UNAVAILABLE
         with grpc.insecure_channel(server.address) as ch:
             assert _refused(ch) is grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_with_workers(pki: Pki, tmp_path: pathlib.Path) -> None:
+    """Every worker serves TLS on the shared port."""
+    args = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+    args += ["--workers", "2"]
+    server = ServerProcess(tmp_path / "store", args, credentials=pki.channel_credentials())
+    with running(server):
+        assert "(TLS)" in "".join(server.output)
+        (d,) = Reapi(server.channel()).upload(b"over TLS, to one worker")
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        for _ in range(6):  # connections of their own, spread over the workers
+            with grpc.secure_channel(server.address, pki.channel_credentials(), options) as ch:
+                assert Reapi(ch).read(d) == b"over TLS, to one worker"
