@@ -33,8 +33,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
-import logging
 import multiprocessing
 import os
 import queue
@@ -67,8 +67,6 @@ from slipstream.cache_server.storage.shared_index import (
     SharedIndex,
 )
 from slipstream.core.errors import UsageError
-
-log = logging.getLogger("cache_server")
 
 START_TIMEOUT = 120.0  # seconds for every worker to serve
 STOP_TIMEOUT = 15.0  # seconds for the workers to stop once told (each drains for 5)
@@ -163,6 +161,8 @@ class Supervisor:
         self.workers: list[_Worker] = []
         self.metrics_dir: str | None = None
         self.accountant = Accountant(None, None, self.figures)
+        self.lines = itertools.count()  # the accountant's key of each worker started
+        self.numbers: dict[int, int] = {}  # each key's worker number
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -223,11 +223,15 @@ class Supervisor:
         )
         process.start()
         theirs.close()
-        self.accountant.follow(number, mine, self._message)
+        # The first ones' keys are their numbers; one started anew has a key of its own,
+        # so that what its predecessor said stays apart.
+        key = next(self.lines)
+        self.numbers[key] = number
+        self.accountant.follow(key, mine, self._message)
         return _Worker(number, process, mine, time.monotonic())
 
-    def _message(self, number: int, text: str) -> None:
-        self.messages.put((number, text))
+    def _message(self, key: int, text: str) -> None:
+        self.messages.put((self.numbers[key], text))
 
     def _wait_ready(self) -> list[str] | None:
         """The first worker's start-up lines once every worker serves; None if told to

@@ -260,8 +260,8 @@ class Accountant:
     def follow(
         self, worker: int, connection: socket.socket, on_message: Callable[[int, str], None]
     ) -> threading.Thread:
-        """Read a worker's line until it closes, on a thread of its own; on_message
-        gets its ! messages."""
+        """Read a worker's line until it closes (then close it), on a thread of its own;
+        on_message gets its ! messages."""
         thread = threading.Thread(
             target=self._read, args=(worker, connection, on_message), daemon=True
         )
@@ -294,6 +294,7 @@ class Accountant:
                         self._counts[worker] = json.loads(line[1:])
                 elif line[:1] == b"!":
                     on_message(worker, line[1:].decode(errors="replace"))
+        connection.close()
         with self._lock:  # its counts stay in the totals
             for kind, counts in self._counts.pop(worker, {}).items():
                 self._retired[kind].update(counts)
