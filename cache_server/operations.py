@@ -20,7 +20,8 @@ from slipstream.cache_server.services.common import FOREIGN_SERVICES, RejectMalf
 from slipstream.cache_server.storage.base import Store
 
 # gRPC binds with SO_REUSEPORT by default: a second server on a port another one
-# holds would start, and the kernel would split connections between the two.
+# holds would start, and the kernel would split connections between the two. The
+# workers of `serve --workers N` share their ports on purpose (cache_server/workers.py).
 NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 

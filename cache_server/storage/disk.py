@@ -16,6 +16,10 @@ directory after, so a power cut loses nothing the server said it stored. A
 batch syncs its files together, then each of their directories once. On a RAM
 filesystem there is nothing to sync to, and nothing is.
 
+What the store holds, its LRU order and its size bound are its index's
+(storage/disk_index.py): this process's own, or, for the workers of
+`serve --workers N`, one kept by their supervisor (storage/shared_index.py).
+
 CAS blobs and records of every namespace share one size bound with LRU eviction. The
 bound counts the space entries take, not the bytes written: each file counts whole
 filesystem blocks (a 20-byte blob takes 4 KiB on ext4) plus DIRECTORY_ENTRY_BYTES
@@ -212,7 +216,8 @@ class DiskStore(Store):
     """CAS and records on the local filesystem, bounded by max_size bytes."""
 
     # Finds read the in-memory index; the server loads it at start (describe()),
-    # and the only syscalls are the access-time bumps, once a minute per entry.
+    # and the only syscalls are the access-time bumps, once a minute per entry. Not
+    # so with a worker's shared index (storage/shared_index.py), which stats files.
     finds_in_memory = True
     # Where it works in place (on a RAM filesystem): each file costs syscalls.
     in_place_entries = IN_PLACE_FILES
