@@ -175,8 +175,8 @@ class Supervisor:
             directory = disk_directory(self.plan.config)
             if directory is not None:
                 root, bound = directory
-                index = LocalIndex(root, bound)
-                DiskStore(root, bound, sync=self.plan.config.fsync, index=index)  # makes the layout
+                index = DiskStore(root, bound, sync=self.plan.config.fsync).index  # the layout
+                assert isinstance(index, LocalIndex)
                 index.load()  # the scan, before any worker serves
                 self.accountant.index, self.accountant.max_size = index, bound
                 self.accountant.publish()

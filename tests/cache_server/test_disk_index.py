@@ -9,9 +9,16 @@ import tempfile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slipstream.cache_server.storage.disk_index import ADMITTED, FORGOTTEN, TOUCHED, LocalIndex
+from slipstream.cache_server.storage.disk_index import (
+    ADMITTED,
+    FORGOTTEN,
+    TOUCHED,
+    LocalIndex,
+    space_taken,
+)
 
-BOUND = 100
+BLOCK = 16  # a tiny filesystem block, so that the bound counts sizes and blocks
+BOUND = 600
 RELS = [f"cas/0{i}/blob{i}" for i in range(6)]
 
 reports = st.lists(
@@ -31,6 +38,9 @@ class Model:
         self.lru: dict[str, int] = {}  # insertion order is the LRU order, oldest first
         self.files: dict[str, int] = {}  # what is on disk
 
+    def taken(self) -> int:
+        return sum(space_taken(size, BLOCK) for size in self.lru.values())
+
     def report(self, kind: str, rel: str, size: int) -> None:
         if kind == FORGOTTEN:
             self.lru.pop(rel, None)
@@ -46,7 +56,7 @@ class Model:
             self.files[rel] = size
         self.lru.pop(rel, None)
         self.lru[rel] = size
-        while sum(self.lru.values()) > BOUND and next(iter(self.lru)) != rel:
+        while self.taken() > BOUND and next(iter(self.lru)) != rel:
             oldest = next(iter(self.lru))
             del self.lru[oldest]
             self.files.pop(oldest, None)
@@ -61,7 +71,7 @@ def test_reports_keep_the_lru_the_bound_and_the_files_in_step(
         root = pathlib.Path(tmp)
         for kind in ("cas", "records"):
             (root / kind).mkdir()
-        index = LocalIndex(root, BOUND)
+        index = LocalIndex(root, BOUND, BLOCK)
         model = Model()
         for kind, rel, size in reports:
             if kind == ADMITTED:  # the worker put the file in place, then reported it
@@ -71,7 +81,7 @@ def test_reports_keep_the_lru_the_bound_and_the_files_in_step(
             model.report(kind, rel, size)
             assert list(index._lru) == list(model.lru)
             entries, used, _ = index.figures()
-            assert (entries, used) == (len(model.lru), sum(model.lru.values()))
+            assert (entries, used) == (len(model.lru), model.taken())
             assert used <= BOUND or entries == 1
             on_disk = {str(p.relative_to(root)) for p in (root / "cas").rglob("blob*")}
             assert on_disk == set(model.files)

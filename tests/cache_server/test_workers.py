@@ -18,6 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from slipstream.cache_server.storage.disk_index import block_size_of, space_taken
 from slipstream.cache_server.storage.shared_index import REFRESH_INTERVAL
 from slipstream.cache_server.workers import RESTART_WITHIN
 from slipstream.protos import remote_execution_pb2 as re_pb2
@@ -94,6 +95,12 @@ def _files(root: pathlib.Path) -> dict[str, int]:
     }
 
 
+def _taken(root: pathlib.Path) -> int:
+    """The space a disk store's files take, as its size bound counts it."""
+    block = block_size_of(root)
+    return sum(space_taken(size, block) for size in _files(root).values())
+
+
 def _serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "slipstream.cli", "serve", *args],
@@ -155,17 +162,19 @@ def test_workers_share_one_lru_bound(tmp_path: pathlib.Path) -> None:
             time.sleep(0.1)  # the reads' reports reach the accountant
         assert written > 3 * bound
         deadline = time.monotonic() + 10
-        while sum(_files(store).values()) > bound and time.monotonic() < deadline:
+        while _taken(store) > bound and time.monotonic() < deadline:
             time.sleep(0.05)
         files = _files(store)
-        assert sum(files.values()) <= bound
+        block = block_size_of(store)
+        taken = sum(space_taken(size, block) for size in files.values())  # what the bound counts
+        assert sum(files.values()) <= taken <= bound
         for d in hot_digests:
             assert f"cas/{d.hash[:2]}/{d.hash}" in files, "a blob read all along was evicted"
         for api in apis:
             assert api.missing(*hot_digests) == []
 
         samples = scrape(metrics_url(server))
-        assert samples[("slipstream_store_bytes", ())] == sum(files.values())
+        assert samples[("slipstream_store_bytes", ())] == taken
         assert samples[("slipstream_store_blobs", ())] == len(files)
         assert samples[("slipstream_store_evictions_total", ())] >= writes - len(files)
         update = (
