@@ -309,3 +309,15 @@ def test_a_worker_that_dies_later_is_replaced(tmp_path: pathlib.Path) -> None:
             for api in apis:
                 assert api.missing(*d) == []
         assert server.proc.poll() is None
+
+
+def test_workers_come_from_the_environment_and_the_config_file(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "serve.toml"
+    config.write_text("workers = 2\n")
+    for server in (
+        ServerProcess(tmp_path / "a", env={"SLIPSTREAM_WORKERS": "2"}),
+        ServerProcess(tmp_path / "b", ["--config", str(config)]),
+    ):
+        with running(server):
+            assert server.proc is not None
+            assert len(_workers_of(server.proc.pid)) == 2
