@@ -244,6 +244,7 @@ class HttpEndpoint:
             call.method = http_method(target.route, verb)
             call.label = f"{verb} on {target.route}"
             call.notes["http.route"] = target.route
+            call.notes["http.instance"] = target.instance  # an instance, team or repository
             call.notes["http.path"] = request.path[:200]  # checked: no spaces, no percent-encoding
             audit = front_end.audit(verb, target)
             if audit is not None:

@@ -48,8 +48,18 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from slipstream.cache_server.auth import (
+    AC_WRITE,
+    CAS_WRITE,
+    METHOD_SCOPES,
+    READ,
+    UNLISTED_SCOPES,
+    Caller,
+)
 from slipstream.cache_server.calls import Call, Hook
+from slipstream.cache_server.resource_names import ResourceNameError, parse_read_name
 from slipstream.cache_server.storage.base import Store, StoreStats
+from slipstream.cache_server.usage import Usage
 
 log = logging.getLogger("cache_server")
 
@@ -100,6 +110,49 @@ class StoreFigures(Protocol):
     def operation_counts(self) -> dict[str, int]: ...
 
     def request_counts(self) -> dict[str, int]: ...
+
+
+def _instance(call: Call) -> str:
+    """The REAPI instance a lookup named ("" if none)."""
+    request = call.request
+    if request is None:
+        return ""
+    name = getattr(request, "instance_name", None)
+    if isinstance(name, str):
+        return name
+    resource = getattr(request, "resource_name", None)  # ByteStream Read
+    if isinstance(resource, str):
+        try:
+            return parse_read_name(resource).instance
+        except ResourceNameError:
+            return ""
+    return ""
+
+
+def _access(method: str) -> str:
+    """ "read", "write" or "other": what the scope a method needs says it does."""
+    scopes = METHOD_SCOPES.get(method, UNLISTED_SCOPES)
+    needed = (scopes,) if scopes is None or isinstance(scopes, str) else scopes
+    if CAS_WRITE in needed or AC_WRITE in needed:
+        return "write"
+    return "read" if READ in needed else "other"
+
+
+def caller_name(call: Call) -> str:
+    """Whom a call counts for in the callers' table: a token's name, "(anonymous)", or
+    "(no valid token)" for a call refused before it had a caller. Token names start with
+    a letter or digit, so the parenthesised ones are never a token's."""
+    caller = call.caller
+    if not isinstance(caller, Caller):
+        return NO_VALID_TOKEN
+    return caller.name if caller.authenticated else ANONYMOUS_ROW
+
+
+ANONYMOUS_ROW = "(anonymous)"
+NO_VALID_TOKEN = "(no valid token)"
+_REFUSED = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+# The pages' own routes (cache_server.services.http_ui): page views are not cache calls.
+_PAGE_ROUTES = frozenset({"ui", "ui-login"})
 
 
 class StoreCollector(Collector):
@@ -157,9 +210,11 @@ class StoreCollector(Collector):
 
 
 class Metrics(Hook):
-    """Counts calls, bytes, latency and cache hits; serves them over HTTP."""
+    """Counts calls, bytes, latency and cache hits; serves them over HTTP. Also keeps the
+    pages' figures (usage: hits over the last day, per instance and per caller)."""
 
     def __init__(self, store: Store) -> None:
+        self.usage = Usage()
         self.registry = CollectorRegistry()
         r = self.registry
         # The process itself: memory, CPU, open files, garbage collections.
@@ -249,21 +304,29 @@ class Metrics(Hook):
         if call.notes.pop("metrics.in_flight", False):
             self.in_flight.dec()
         if call.protocol == "http":
-            self._http_request(call)
-            return
-        service, method = _split(call.method)
-        self._labels(self.requests, service, method, call.code.name).inc()
-        self._labels(self.latency, service, method).observe(time.monotonic() - call.started)
-        found = _lookups(call)
+            found = self._http_request(call)
+            instance = call.notes.get("http.instance", "")
+        else:
+            service, method = _split(call.method)
+            self._labels(self.requests, service, method, call.code.name).inc()
+            self._labels(self.latency, service, method).observe(time.monotonic() - call.started)
+            found = _lookups(call)
+            instance = "" if found is None else _instance(call)
+        hits = misses = 0
         if found is not None:
             kind, hits, misses = found
             if hits:
                 self._labels(self.lookups, kind, "hit").inc(hits)
             if misses:
                 self._labels(self.lookups, kind, "miss").inc(misses)
+            self.usage.lookups(kind, instance, hits, misses)
+        if call.notes.get("http.route") not in _PAGE_ROUTES:
+            refused = call.code in _REFUSED
+            self.usage.call(caller_name(call), _access(call.method), hits, misses, refused)
 
-    def _http_request(self, call: Call) -> None:
-        """One HTTP request (route: ac, cas, ccache, ... or invalid); hit for lookups."""
+    def _http_request(self, call: Call) -> tuple[str, int, int] | None:
+        """One HTTP request (route: ac, cas, ccache, ... or invalid); (kind, hits, misses)
+        for lookups."""
         route, method = call.notes.get("http.route", "invalid"), call.method_name
         status, hit = call.notes.get("http.status", 0), call.notes.get("http.hit")
         self._labels(self.http_requests, route, method, str(status)).inc()
@@ -274,13 +337,10 @@ class Metrics(Hook):
         if sent:
             self._labels(self.http_sent_bytes, route, method).inc(sent)
         if hit is None:
-            return
+            return None
         kind = f"http_{route}" if route in ("ac", "cas") else route
         hits, misses = hit if isinstance(hit, tuple) else (int(hit), int(not hit))
-        if hits:
-            self._labels(self.lookups, kind, "hit").inc(hits)
-        if misses:
-            self._labels(self.lookups, kind, "miss").inc(misses)
+        return kind, hits, misses
 
     def received(self, method: str, size: int) -> None:
         self._labels(self.received_bytes, *_split(method)).inc(size)

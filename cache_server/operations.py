@@ -7,6 +7,10 @@ HTTP server, and a plaintext health-only gRPC port for probes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
@@ -18,6 +22,9 @@ from slipstream.cache_server.limits import LimitEnforcer
 from slipstream.cache_server.metrics import Metrics
 from slipstream.cache_server.services.common import FOREIGN_SERVICES, RejectMalformed
 from slipstream.cache_server.storage.base import Store
+from slipstream.cache_server.usage import SAVE_INTERVAL, SAVED_KEY, SAVED_NAMESPACE
+
+log = logging.getLogger("cache_server")
 
 # gRPC binds with SO_REUSEPORT by default: a second server on a port another one
 # holds would start, and the kernel would split connections between the two. The
@@ -30,6 +37,7 @@ class Operations:
         """shares_ports: the probe port is shared with the other workers of the server."""
         self.config = config
         self.shares_ports = shares_ports
+        self.store = store
         self.auth = Authenticator(config.tokens, config.anonymous, config.limits)
         self.metrics = Metrics(store)
         self.audit = AuditLog(config.audit_log) if config.audit_log else None
@@ -42,6 +50,7 @@ class Operations:
         self.metrics_url: str | None = None
         self.health_port: int | None = None
         self._health_server: grpc.aio.Server | None = None
+        self._saving: asyncio.Task[None] | None = None
 
     def interceptor(self, method_prefixes: tuple[str, ...]) -> CallWrapper:
         return CallWrapper(self.hooks, method_prefixes)
@@ -66,7 +75,10 @@ class Operations:
         return "mutual TLS" if tls.client_ca is not None else "TLS"
 
     async def start(self, servicer: health.aio.HealthServicer) -> None:
-        """Start the metrics HTTP server and the probe port, if configured."""
+        """Start the metrics HTTP server and the probe port, if configured, and take the
+        hit series the last run saved."""
+        await asyncio.to_thread(self.load_usage)
+        self._saving = asyncio.create_task(self._save_usage_every(SAVE_INTERVAL))
         if self.config.metrics_listen:
             try:
                 self.metrics_url = self.metrics.serve(self.config.metrics_listen)
@@ -91,11 +103,40 @@ class Operations:
             self._health_server = probe
 
     async def stop(self, grace: float) -> None:
+        if self._saving is not None:
+            self._saving.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._saving
+            self._saving = None
+            await asyncio.to_thread(self.save_usage)
         if self._health_server is not None:
             await self._health_server.stop(grace)
         self.metrics.close()
         if self.audit is not None:
             self.audit.close()
+
+    # ---- the pages' hit series, kept in the store across restarts ----
+    def load_usage(self) -> None:
+        try:
+            data = self.store.get_record(SAVED_NAMESPACE, SAVED_KEY)
+            if data is not None:
+                self.metrics.usage.load(data)
+        except Exception as exc:  # the pages then count from this start, and say so
+            log.warning("the saved hit series is not used: %s", exc)
+
+    def save_usage(self) -> None:
+        usage = self.metrics.usage
+        if not usage.hits.changed:
+            return
+        try:
+            self.store.put_record(SAVED_NAMESPACE, SAVED_KEY, usage.saved())
+        except Exception as exc:
+            log.warning("the hit series could not be saved: %s", exc)
+
+    async def _save_usage_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            await asyncio.to_thread(self.save_usage)
 
     def describe(self) -> list[str]:
         """Start-up lines about what is on (printed by `slipstream serve`)."""

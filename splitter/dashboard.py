@@ -281,6 +281,7 @@ svg text{font:11px system-ui,sans-serif;fill:#344054}.target{stroke:#b42318;stro
 .bar{fill:#3b82f6}.bar.late{fill:#ef4444}.pred{stroke:#111827;stroke-width:2}.startup{fill:#f59e0b}
 .files{fill:#a78bfa}svg{max-width:760px;display:block}
 .kpi{display:inline-block;margin-right:2em}.kpi b{font-size:1.4em;display:block}
+h3{font-size:1em;margin:.8em 0 .4em}svg.spark{display:inline-block}.spark .base{stroke:#dde1e6}
 """
 
 

@@ -359,8 +359,11 @@ def append_run(store: RecordStore, suite: str, run: Run) -> str:
     return key
 
 
+MAX_LOADED_RECORDS = 1000  # the newest uploads load_runs reads
+
+
 def load_runs(
-    store: RecordStore, suite: str, *, max_records: int = 1000
+    store: RecordStore, suite: str, *, max_records: int = MAX_LOADED_RECORDS
 ) -> tuple[list[Run], list[str]]:
     """The newest ``max_records`` uploads of a suite, and a warning per unreadable record."""
     check_suite(suite)

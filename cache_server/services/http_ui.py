@@ -3,7 +3,8 @@
     GET  /ui/                         overview: targets, each suite's runs, cache figures
     GET  /ui/s/SUITE/run/KEY          one run: its shards as a timeline, slowest tests
     GET  /ui/s/SUITE/tests[?q=&test=] a suite's slow, variable, flaky, new, vanished tests
-    GET  /ui/cache                    cache lookups per protocol, store, recent audit log
+    GET  /ui/cache                    hit rates over the last day, hits per instance, top
+                                      callers, largest entries, store, recent audit log
     POST /ui/login                    a token (form field `token`) becomes the UI's cookie
 
 Server-rendered HTML (slipstream.splitter.dashboard) with inline SVG: no script,
@@ -20,6 +21,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -27,8 +30,12 @@ from typing import Any
 from aiohttp import web
 
 from slipstream.cache_server.auth import READ
-from slipstream.cache_server.services.common import HttpError
-from slipstream.cache_server.services.http_common import HttpFrontEnd, Target
+from slipstream.cache_server.services import ui_cache
+from slipstream.cache_server.services.common import Backend, HttpError
+from slipstream.cache_server.services.http_common import HttpFrontEnd, HttpOptions, Target
+from slipstream.cache_server.services.ui_history import HistoryCache
+from slipstream.cache_server.storage.base import EntrySize
+from slipstream.cache_server.usage import Usage, day_figures
 from slipstream.splitter import dashboard, history
 from slipstream.splitter.dashboard import esc
 from slipstream.splitter.queue import QUEUE_NAMESPACE, Completion, QueuePlan
@@ -39,6 +46,8 @@ LOGIN_ROUTE = "ui-login"
 MAX_LOGIN_BODY = 4096
 AUDIT_TAIL_BYTES = 64 * 1024
 AUDIT_LINES = 50
+LARGEST_SHOWN = 20
+LARGEST_KEPT_SECONDS = 30.0  # the largest entries walk the store's whole index
 _LINKS = dashboard.server_links(f"/{UI_PREFIX}")
 
 
@@ -93,6 +102,12 @@ class UiPages(HttpFrontEnd):
         (LOGIN_ROUTE, "POST"): (READ,),
     }
     ops: Any = None  # the server's cache_server.operations.Operations, for metrics and audit
+
+    def __init__(self, backend: Backend, options: HttpOptions | None = None) -> None:
+        super().__init__(backend, options)
+        self.history = HistoryCache(self.store)
+        self._largest: tuple[float, list[EntrySize] | None] | None = None
+        self._largest_lock = threading.Lock()
 
     async def credential(self, request: web.Request, target: Target) -> str | None:
         """The token a browser holds instead of a header: the one its login form posts
@@ -176,7 +191,7 @@ class UiPages(HttpFrontEnd):
 
     def _uploads(self, suite: str) -> list[history.Run]:
         try:
-            runs, _ = history.load_runs(self.store, suite)
+            runs, _ = self.history.load_runs(suite)
         except history.HistoryError:
             raise HttpError(404, f"no suite {suite!r}") from None
         if not runs:
@@ -184,7 +199,7 @@ class UiPages(HttpFrontEnd):
         return runs
 
     def _overview(self) -> str:
-        suites = {s: history.load_runs(self.store, s)[0] for s in self._suites()}
+        suites = {s: self.history.load_runs(s)[0] for s in self._suites()}
         return dashboard.overview_page(suites, self._targets(), _LINKS, extra=self._cache_summary())
 
     def _targets(self) -> dashboard.Targets:
@@ -240,18 +255,8 @@ class UiPages(HttpFrontEnd):
     def _tests(self, suite: str, query: str, test: str | None) -> str:
         return dashboard.tests_page(suite, self._uploads(suite), _LINKS, query=query, test=test)
 
-    def _lookups(self) -> dict[str, tuple[float, float]]:
-        """Hits and misses per protocol since the server started."""
-        found: dict[str, list[float]] = {}
-        if self.ops is None:
-            return {}
-        for metric in self.ops.metrics.lookups.collect():
-            for sample in metric.samples:
-                if not sample.name.endswith("_total"):
-                    continue
-                got = found.setdefault(sample.labels["service"], [0.0, 0.0])
-                got[0 if sample.labels["result"] == "hit" else 1] += sample.value
-        return {k: (v[0], v[1]) for k, v in sorted(found.items())}
+    def _usage(self) -> Usage | None:
+        return None if self.ops is None else self.ops.metrics.usage  # type: ignore[no-any-return]
 
     def _bytes(self) -> tuple[float, float]:
         """Bytes served and taken in over gRPC and HTTP since the server started."""
@@ -275,43 +280,35 @@ class UiPages(HttpFrontEnd):
         return totals[0], totals[1]
 
     def _cache_summary(self) -> str:
-        rows = (
-            "".join(
-                f'<tr><td>{esc(service)}</td><td class="n">{hits:,.0f}</td>'
-                f'<td class="n">{misses:,.0f}</td>'
-                f'<td class="n">{(hits / (hits + misses) if hits + misses else 0):.0%}</td></tr>'
-                for service, (hits, misses) in self._lookups().items()
-            )
-            or '<tr><td class="muted" colspan=4>no lookups yet</td></tr>'
-        )
-        stats = self.store.stats()
-        store = (
-            f'<div class="kpi">Stored<b>{stats.bytes_used:,} bytes</b></div>'
-            f'<div class="kpi">Entries<b>{stats.blobs:,}</b></div>'
-            f'<div class="kpi">Evictions<b>{stats.evictions:,}</b></div>'
-            if stats is not None
-            else ""
-        )
-        served, taken = self._bytes()
-        moved = (
-            f'<div class="kpi">Served<b class=served>{served:,.0f} bytes</b></div>'
-            f'<div class="kpi">Received<b>{taken:,.0f} bytes</b></div>'
-        )
-        return (
-            f'<section class=cache><h2><a href="/ui/cache">Cache</a></h2>{store}{moved}'
-            '<table class=lookups><tr><th>protocol</th><th class="n">hits</th>'
-            '<th class="n">misses</th><th class="n">hit rate</th></tr>'
-            f'{rows}</table><p class="muted">since the server started</p></section>'
-        )
+        usage = self._usage()
+        if usage is None:
+            return ""
+        return ui_cache.day_section(day_figures(usage), self.store.stats(), *self._bytes())
+
+    def _largest_entries(self) -> tuple[float, list[EntrySize] | None]:
+        """The store's largest entries, as of a moment at most LARGEST_KEPT_SECONDS ago."""
+        with self._largest_lock:
+            now = time.time()
+            if self._largest is None or now - self._largest[0] > LARGEST_KEPT_SECONDS:
+                self._largest = (now, self.store.largest_entries(LARGEST_SHOWN))
+            return self._largest
 
     def _cache(self) -> str:
         operations = "".join(
             f'<tr><td>{esc(op)}</td><td class="n">{count:,}</td></tr>'
             for op, count in sorted(self.store.operation_counts().items())
         )
+        usage = self._usage()
+        per_name = (
+            ""
+            if usage is None
+            else ui_cache.instances_section(usage) + ui_cache.callers_section(usage)
+        )
+        kept, largest = self._largest_entries()
         return dashboard.page(
             "Slipstream cache",
-            f"<h1>Cache</h1>{self._cache_summary()}"
+            f"<h1>Cache</h1>{self._cache_summary()}{per_name}"
+            f"{ui_cache.largest_section(largest, kept)}"
             "<section><h2>Store operations</h2>"
             f"<table class=operations>{operations}</table></section>"
             f"{self._audit()}",
@@ -332,18 +329,7 @@ class UiPages(HttpFrontEnd):
             + f"<td><code>{esc(json.dumps(_rest(record), sort_keys=True))}</code></td></tr>"
             for record in reversed(records)
         )
-        callers: dict[str, list[int]] = {}
-        for record in records:
-            counts = callers.setdefault(str(record.get("caller", "")), [0, 0])
-            counts[0 if record.get("outcome") == "OK" else 1] += 1
-        caller_rows = "".join(
-            f'<tr><td>{esc(name)}</td><td class="n">{ok}</td><td class="n">{refused}</td></tr>'
-            for name, (ok, refused) in sorted(callers.items(), key=lambda kv: -sum(kv[1]))
-        )
         return (
-            "<section class=callers><h2>Top writers in the recent audit log</h2><table><tr>"
-            '<th>caller (token name)</th><th class="n">writes</th><th class="n">refused</th></tr>'
-            f"{caller_rows}</table></section>"
             "<section class=audit><h2>Recent audit log</h2><table><tr><th>time</th><th>event</th>"
             f"<th>caller</th><th>outcome</th><th>protocol</th><th>details</th></tr>{rows}</table>"
             "</section>"

@@ -73,6 +73,16 @@ class RecordInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class EntrySize:
+    """One stored entry and its size: a CAS blob (namespace "cas", name its hash) or a
+    record (its namespace and key)."""
+
+    namespace: str
+    name: str
+    size: int  # bytes of content
+
+
+@dataclass(frozen=True, slots=True)
 class StoreStats:
     blobs: int
     bytes_used: int  # what the bound counts: on disk, the space files take
@@ -266,6 +276,12 @@ class Store(abc.ABC):
 
     def stats(self) -> StoreStats | None:
         """Size figures for metrics, where the backend knows them cheaply."""
+        return None
+
+    def largest_entries(self, count: int) -> list[EntrySize] | None:
+        """The count largest entries, largest first, where the backend knows every
+        entry's size in memory; None where it does not (S3). It walks the whole index:
+        callers keep the answer for a while."""
         return None
 
     def request_counts(self) -> dict[str, int]:

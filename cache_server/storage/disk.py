@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import itertools
 import logging
 import os
@@ -57,6 +58,7 @@ from slipstream.cache_server.storage.base import (
     BlobWriter,
     Chunk,
     DiskFull,
+    EntrySize,
     RecordInfo,
     Store,
     StoreFull,
@@ -617,6 +619,21 @@ class DiskStore(Store):
 
     def close(self) -> None:
         self.index.close()
+
+    def largest_entries(self, count: int) -> list[EntrySize]:
+        self._ensure_index()
+        with self._lock:
+            entries = list(self._lru.items())  # one C-level copy: the walk runs unlocked
+        largest = heapq.nlargest(count, entries, key=lambda item: item[1][0])
+        found = []
+        for rel, (size, _) in largest:
+            top, namespace, name = rel.split("/", 2)  # cas/SHARD/HASH, records/NS/ENCODED
+            if top == "cas":
+                namespace = "cas"
+            else:
+                name = decode_record_key(name)
+            found.append(EntrySize(namespace, name, size - _HEADER.size))
+        return found
 
 
 class _DiskBlobWriter(BlobWriter):

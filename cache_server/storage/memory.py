@@ -7,6 +7,7 @@ every namespace share one LRU and one size bound, counted in payload bytes.
 from __future__ import annotations
 
 import collections
+import heapq
 import itertools
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from slipstream.cache_server.storage.base import (
     BlobWriter,
     Chunk,
+    EntrySize,
     RecordInfo,
     Store,
     StoreFull,
@@ -234,6 +236,15 @@ class MemoryStore(Store):
     def stats(self) -> StoreStats:
         with self._lock:
             return StoreStats(len(self._lru), self._bytes_used, self.max_size, self._evictions)
+
+    def largest_entries(self, count: int) -> list[EntrySize]:
+        with self._lock:
+            entries = [(key, len(payload)) for key, payload in self._lru.items()]
+        largest = heapq.nlargest(count, entries, key=lambda item: item[1])
+        return [
+            EntrySize(*key, size) if isinstance(key, tuple) else EntrySize("cas", key, size)
+            for key, size in largest
+        ]
 
 
 def _chunks(parts: tuple[Chunk, ...], offset: int, chunk_size: int) -> Iterator[Chunk]:

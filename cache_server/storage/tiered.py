@@ -25,6 +25,7 @@ from slipstream.cache_server.storage.base import (
     BlobRefused,
     BlobWriter,
     Chunk,
+    EntrySize,
     RecordInfo,
     Store,
     StoreFull,
@@ -144,6 +145,9 @@ class TieredStore(Store):
 
     def stats(self) -> StoreStats | None:
         return self.fast.stats()
+
+    def largest_entries(self, count: int) -> list[EntrySize] | None:
+        return self.fast.largest_entries(count)  # the local tier's: S3's are not known
 
     def request_counts(self) -> dict[str, int]:
         return self.shared.request_counts()

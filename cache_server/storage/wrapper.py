@@ -13,6 +13,7 @@ from slipstream.cache_server.storage.base import (
     BlobRefused,
     BlobWriter,
     Chunk,
+    EntrySize,
     RecordInfo,
     Store,
     StoreStats,
@@ -87,6 +88,9 @@ class StoreWrapper(Store):
 
     def stats(self) -> StoreStats | None:
         return self.inner.stats()
+
+    def largest_entries(self, count: int) -> list[EntrySize] | None:
+        return self.inner.largest_entries(count)
 
     def request_counts(self) -> dict[str, int]:
         return self.inner.request_counts()

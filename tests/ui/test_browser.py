@@ -18,10 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
+import grpc
 import pytest
 
+from slipstream.cache_server.services.http_ui import UI_COOKIE
+from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.http.helpers import HttpClient, http_server
-from tests.ops.helpers import write_token_file
+from tests.ops.helpers import channel_for, write_token_file
+from tests.support.reapi import Reapi, digest, rpc_error
 from tests.support.server_process import ServerProcess, http_url, running
 from tests.ui import history_fixture as fx
 
@@ -182,8 +186,9 @@ def test_every_page_reads_at_a_glance(
     visit.clean()
     audit = page.locator("section.audit").inner_text()
     assert "ccache_put" in audit
-    writers = page.locator("section.callers tr").nth(1).inner_text()
-    assert re.fullmatch(r"anonymous\s+1\s+0", writers.strip()), writers
+    # calls, reads, writes, hits, misses, refused: the ccache write, hit and miss
+    callers = page.locator("section.callers tr").nth(1)
+    assert cells(callers) == ["(anonymous)", "3", "2", "1", "1", "1", "0"]
 
 
 @pytest.fixture
@@ -274,3 +279,108 @@ def test_the_report_file_opens_with_no_network_request(
     page.locator(f'section.suite[data-suite="{fx.SUITE}"] table.runs a').first.click()
     assert visit.requests == [out.as_uri()]
     assert quote("#") not in page.url
+
+
+HOSTILE_INSTANCE = "ci/<script>alert('instance')</script>"
+BIG = b"B" * 300_000  # the largest entry
+SECOND = b"s" * 150_000
+SMALL = b"small blob"
+
+
+def usage_traffic(server: ServerProcess, url: str) -> None:
+    """The writer stores blobs over gRPC (one under a hostile instance name) and a ccache
+    entry; the read-only reader reads, hits and misses over gRPC and HTTP, and is refused
+    a write."""
+    with channel_for(server, fx.WRITER.value) as channel:
+        writer = Reapi(channel)
+        writer.upload(SMALL, SECOND, instance=HOSTILE_INSTANCE)
+        assert writer.write(BIG, instance=HOSTILE_INSTANCE).committed_size == len(BIG)
+    with HttpClient(url, fx.WRITER.value) as http:
+        assert http.put(CCACHE_KEY, b"object file").status == 200
+    with channel_for(server, fx.READER.value) as channel:
+        reader = Reapi(channel)
+        assert reader.read(digest(BIG), instance=HOSTILE_INSTANCE) == BIG  # a hit
+        absent = digest(b"never stored")
+        assert rpc_error(lambda: reader.read(absent, instance=HOSTILE_INSTANCE)).code() == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        found = reader.cas.FindMissingBlobs(
+            re_pb2.FindMissingBlobsRequest(
+                instance_name=HOSTILE_INSTANCE, blob_digests=[digest(SMALL), absent]
+            )
+        )
+        assert list(found.missing_blob_digests) == [absent]  # a hit and a miss
+        request = re_pb2.GetActionResultRequest(instance_name="linux", action_digest=absent)
+        assert rpc_error(lambda: reader.ac.GetActionResult(request)).code() == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        refused = rpc_error(lambda: reader.upload(b"not allowed"))
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    with HttpClient(url, fx.READER.value) as http:
+        assert http.get(CCACHE_KEY).status == 200
+        assert http.get("/ccache/3b/" + "b" * 31).status == 404
+
+
+def cells(row: Any) -> list[str]:
+    return [c.strip() for c in row.locator("td").all_inner_texts()]
+
+
+def test_the_cache_page_shows_the_days_hit_rates_who_used_the_cache_and_the_largest_entries(
+    browser: Any, locked_server: tuple[ServerProcess, str], screenshots: pathlib.Path
+) -> None:
+    server, url = locked_server
+    usage_traffic(server, url)
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.add_cookies(
+        [{"name": UI_COOKIE, "value": fx.READER.value, "domain": "127.0.0.1", "path": "/ui"}]
+    )
+    visit = Visit(context.new_page())
+    page = visit.page
+
+    # The hit rate per protocol: on the overview and the cache page alike.
+    for path, shot in (("/ui/", None), ("/ui/cache", screenshots / "cache-usage.png")):
+        assert visit.open(f"{url}{path}", shot).status == 200
+        visit.clean()
+        rates = {
+            row.get_attribute("data-kind"): cells(row)
+            for row in page.locator("table.lookups tr[data-kind]").all()
+        }
+        assert rates["bytestream"][:4] == ["REAPI ByteStream reads", "1", "1", "50%"]
+        assert rates["cas"][1:4] == ["1", "1", "50%"]
+        assert rates["ac"][1:4] == ["0", "1", "0%"]
+        assert rates["ccache"][1:4] == ["1", "1", "50%"]
+        for kind in rates:  # a bar for the bucket now, titled with its figures
+            chart = page.locator(f'table.lookups tr[data-kind="{kind}"] svg.spark rect')
+            assert chart.count() == 1
+        span = page.locator("section.cache h3 .span").inner_text()
+        assert "when this server started counting" in span  # a new server: less than a day
+
+    instances = {
+        (c[0], c[2]): c[3:]
+        for row in page.locator("section.instances tr[data-kind]").all()
+        for c in [cells(row)]
+    }
+    assert instances[("REAPI ByteStream reads", HOSTILE_INSTANCE)] == ["1", "1", "50%"]
+    assert instances[("REAPI CAS (finds, batch reads)", HOSTILE_INSTANCE)] == ["1", "1", "50%"]
+    assert instances[("REAPI action cache", "linux")] == ["0", "1", "0%"]
+    assert instances[("ccache", "(none)")] == ["1", "1", "50%"]
+    assert page.locator("script").count() == 0  # the instance name was text
+
+    callers = {
+        c[0]: c[1:] for row in page.locator("section.callers tr").all()[1:] for c in [cells(row)]
+    }
+    # calls, reads, writes, hits, misses, refused: the reader's 6 reads and refused write
+    assert callers[fx.READER.name] == ["7", "6", "1", "3", "4", "1"]
+    assert callers[fx.WRITER.name] == ["3", "0", "3", "0", "0", "0"]
+
+    largest = page.locator("section.largest tr").all()[1:]
+    assert [cells(row)[:2] for row in largest[:2]] == [
+        ["cas", digest(BIG).hash],
+        ["cas", digest(SECOND).hash],
+    ]
+    assert [row.locator("td").nth(2).get_attribute("data-size") for row in largest[:2]] == [
+        str(len(BIG)),
+        str(len(SECOND)),
+    ]
+    assert cells(largest[0])[2] == f"{len(BIG):,}"
+    context.close()

@@ -17,6 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from slipstream.cache_server.services.http_ui import UI_COOKIE
+from slipstream.cache_server.storage.disk import DiskStore
+from slipstream.cache_server.usage import SAVED_KEY, SAVED_NAMESPACE
 from slipstream.client.split_client import RunSpec, SplitClient
 from slipstream.history_store import load_history
 from slipstream.split_cli import parse_duration
@@ -24,7 +26,13 @@ from slipstream.splitter import dashboard
 from slipstream.splitter.history import Run, Sample
 from tests.http.helpers import HttpClient, http_server
 from tests.ops.helpers import make_pki, write_token_file
-from tests.support.server_process import ServerProcess, http_url, running
+from tests.support.server_process import (
+    ServerProcess,
+    free_port,
+    http_url,
+    output_line,
+    running,
+)
 from tests.ui import history_fixture as fx
 
 # Every element a page may hold: anything else (a <script>, an <img>) came from data.
@@ -377,3 +385,77 @@ def test_serve_refuses_bad_ui_targets_with_one_line(tmp_path: pathlib.Path, valu
     )
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--ui-targets" in done.stderr
+
+
+def store_operations(http: HttpClient) -> dict[str, int]:
+    """The cache page's table of calls made of the store."""
+    page = http.get("/ui/cache").text
+    table = page.split("<table class=operations>")[1].split("</table>")[0]
+    return {
+        cells[0]: int(cells[1].replace(",", ""))
+        for row in table.split("<tr>")[1:]
+        for cells in [parse(row).text]
+    }
+
+
+def test_a_page_view_of_an_unchanged_history_reads_no_record(tmp_path: pathlib.Path) -> None:
+    storage = tmp_path / "store"
+    fx.write_history(storage)
+    with running(http_server(storage)) as server, HttpClient(http_url(server)) as http:
+        assert http.get("/ui/").status == 200  # reads every upload once
+        read = store_operations(http)["get_record"]
+        for _ in range(3):
+            assert http.get("/ui/").status == 200
+            assert http.get(f"/ui/s/{fx.SUITE}/tests").status == 200
+            assert http.get(f"/ui/s/{fx.SECOND_SUITE}/tests").status == 200
+        assert store_operations(http)["get_record"] == read
+
+        with SplitClient(server.address) as client:
+            client.upload_timings(fx.SUITE, "ci-new", timings={"tests/t.py::t": Sample(1.0, False)})
+        read = store_operations(http)["get_record"]
+        page = http.get(f"/ui/s/{fx.SUITE}/tests?test=tests/t.py::t").text
+        assert "no recent runs timed it" not in page  # the new upload is shown
+        assert store_operations(http)["get_record"] == read + 1  # and only it was read
+
+
+def ccache_lookups(http: HttpClient) -> tuple[list[str], str]:
+    """The ccache row of the hit rates, and what the figures cover."""
+    page = http.get("/ui/cache").text
+    row = page.split('<tr data-kind="ccache">')[1].split("</tr>")[0]
+    span = page.split('<span class="span">')[1].split("</span>")[0]
+    return parse(row).text[:4], span
+
+
+def test_the_days_hit_rates_outlive_a_restart(tmp_path: pathlib.Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # the same after the restart
+    server = ServerProcess(tmp_path / "store", ["--http-listen", url.removeprefix("http://")])
+    with running(server):
+        with HttpClient(url) as http:
+            assert http.put(CCACHE_PATH, b"object").status == 200
+            assert http.get(CCACHE_PATH).status == 200
+            assert http.get("/ccache/3b/" + "d" * 31).status == 404
+            first, first_span = ccache_lookups(http)
+        assert first == ["ccache", "1", "1", "50%"]
+        server.restart()
+        with HttpClient(url) as http:
+            again, span = ccache_lookups(http)
+            assert http.get(CCACHE_PATH).status == 200
+            after, _ = ccache_lookups(http)
+    assert again == first and span == first_span  # counted since the first start
+    assert after == ["ccache", "2", "1", "67%"]
+
+
+def test_an_unreadable_saved_series_is_set_aside_and_the_server_counts_anew(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = DiskStore(tmp_path / "store")
+    store.put_record(SAVED_NAMESPACE, SAVED_KEY, b'{"version": 1, "kinds": "garbage"')
+    store.close()
+    server = http_server(tmp_path / "store")
+    with running(server), HttpClient(http_url(server)) as http:
+        assert http.get("/ccache/3b/" + "d" * 31).status == 404
+        row, span = ccache_lookups(http)
+        assert row == ["ccache", "0", "1", "0%"]
+        assert "when this server started counting" in span
+        line = output_line(server, "hit series")
+    assert "not used" in line and "unreadable" in line
