@@ -5,20 +5,21 @@ uploads it has not kept: a view of an unchanged history reads no record, and a n
 upload costs one read. An upload is written once under a new key (history.append_run),
 so its key and size name it; the modification time is not used, since the disk
 store moves it as the entry is used. Memory is bounded by the test results kept over
-all suites (about 200 bytes each): the suites viewed least recently go first, and a
-suite bigger than the whole budget keeps its newest uploads only.
+all suites (about 110 bytes each, test ids shared between uploads): each suite keeps
+its newest uploads within an equal share of the budget.
 """
 
 from __future__ import annotations
 
-import collections
+import sys
 import threading
+from collections.abc import Iterable
 
 from slipstream.cache_server.storage.base import Store
 from slipstream.splitter import history
 from slipstream.splitter.history import Run
 
-MAX_KEPT_RESULTS = 250_000  # test results (one test in one upload), over all suites
+MAX_KEPT_RESULTS = 400_000  # test results (one test in one upload), over all suites
 
 _Ident = tuple[str, int]  # a record's key and size
 
@@ -30,7 +31,7 @@ class HistoryCache:
         self.store = store
         self.max_results = max_results
         self._lock = threading.Lock()
-        self._suites: collections.OrderedDict[str, dict[_Ident, Run]] = collections.OrderedDict()
+        self._suites: dict[str, dict[_Ident, Run]] = {}  # each newest first
         self._results: dict[str, int] = {}
         self.records_read = 0  # records read and decoded, for the tests
 
@@ -61,26 +62,35 @@ class HistoryCache:
                 except ValueError as exc:
                     warnings.append(f"timing record {info.key}: {exc}; ignored")
                     continue
+                # One copy of each test id for all uploads: 40% of a kept result's memory.
+                run.tests = {sys.intern(test): sample for test, sample in run.tests.items()}
             runs.append((ident, run))
         self._keep(suite, runs)
         return [run for _, run in runs], warnings
 
     def _keep(self, suite: str, runs: list[tuple[_Ident, Run]]) -> None:
-        """Keep the newest of runs that fit the budget, then drop other suites' to fit."""
-        kept: dict[_Ident, Run] = {}
-        results = 0
-        for ident, run in reversed(runs):
-            if results + len(run.tests) > self.max_results:
-                break
-            kept[ident] = run
-            results += len(run.tests)
+        """Keep the newest of a suite's runs within an equal share of the budget, and trim
+        the other suites to that share (their oldest go). Equal shares rather than least
+        recently used: the overview reads every suite in turn, and suites that pushed each
+        other out would all be read in full on every view."""
         with self._lock:
             self._suites.pop(suite, None)
             self._results.pop(suite, None)
-            total = sum(self._results.values()) + results
-            while total > self.max_results and self._suites:
-                oldest, _ = self._suites.popitem(last=False)
-                total -= self._results.pop(oldest)
-            if kept:
-                self._suites[suite] = kept
-                self._results[suite] = results
+            share = self.max_results // (len(self._suites) + (1 if runs else 0) or 1)
+            for other, held in list(self._suites.items()):
+                if self._results[other] > share:
+                    self._suites[other], self._results[other] = _newest(held.items(), share)
+            if runs:
+                self._suites[suite], self._results[suite] = _newest(reversed(runs), share)
+
+
+def _newest(runs: Iterable[tuple[_Ident, Run]], limit: int) -> tuple[dict[_Ident, Run], int]:
+    """The runs, newest first, as long as their results stay within limit; and how many."""
+    kept: dict[_Ident, Run] = {}
+    results = 0
+    for ident, run in runs:
+        if results + len(run.tests) > limit:
+            break
+        kept[ident] = run
+        results += len(run.tests)
+    return kept, results

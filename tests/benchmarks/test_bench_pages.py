@@ -17,4 +17,7 @@ def test_bench_pages_smoke(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture
     rows = json.loads(out.read_text())["rows"]
     assert [r["page"] for r in rows] == ["overview", "run", "tests", "report"]
     assert all(r["seconds"] > 0 and r["bytes"] > 1000 for r in rows)
+    reads = json.loads(out.read_text())["reads"]
+    # The smoke history fits what the pages keep: the next view reads nothing.
+    assert [r["records_read"] for r in reads] == [10, 0]
     assert "report" in capsys.readouterr().out

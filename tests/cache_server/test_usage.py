@@ -122,9 +122,9 @@ def test_long_names_are_cut() -> None:
     assert kind == "ac" and name == capped("x" * 10_000) and len(name) == 100
 
 
-def _upload(store: MemoryStore, n: int, tests: int) -> None:
+def _upload(store: MemoryStore, n: int, tests: int, suite: str = "suite") -> None:
     results = {f"t{i}": Sample(1.0, False) for i in range(tests)}
-    history.append_run(store, "suite", Run(f"r{n}", 10**18 + n, results))
+    history.append_run(store, suite, Run(f"r{n}", 10**18 + n, results))
 
 
 def test_the_pages_read_each_upload_once_and_keep_a_bounded_number_of_results() -> None:
@@ -151,3 +151,19 @@ def test_the_pages_read_each_upload_once_and_keep_a_bounded_number_of_results() 
         _upload(store, n, tests=100)
     big.load_runs("suite")
     assert big.kept_results() <= 10_000
+
+
+def test_suites_read_in_turn_share_the_budget_rather_than_push_each_other_out() -> None:
+    store = MemoryStore()
+    for n in range(6):
+        _upload(store, n, tests=100, suite="a")
+        _upload(store, n, tests=100, suite="b")
+    cache = HistoryCache(store, max_results=800)
+    for suite in ("a", "b"):  # an overview: every suite in turn
+        cache.load_runs(suite)
+    assert cache.records_read == 12 and cache.kept_results() == 800
+    for suite in ("a", "b"):
+        runs, _ = cache.load_runs(suite)
+        assert [r.run_id for r in runs] == [f"r{n}" for n in range(6)]
+    assert cache.records_read == 12 + 4  # the 2 oldest of each, which their share left out
+    assert cache.kept_results() == 800
