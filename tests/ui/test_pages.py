@@ -24,7 +24,7 @@ from slipstream.history_store import load_history
 from slipstream.split_cli import parse_duration
 from slipstream.splitter import dashboard
 from slipstream.splitter.history import Run, Sample
-from tests.http.helpers import HttpClient, http_server
+from tests.http.helpers import HttpClient, http_server, sha256
 from tests.ops.helpers import make_pki, write_token_file
 from tests.support.server_process import (
     ServerProcess,
@@ -459,3 +459,30 @@ def test_an_unreadable_saved_series_is_set_aside_and_the_server_counts_anew(
         assert "when this server started counting" in span
         line = output_line(server, "hit series")
     assert "not used" in line and "unreadable" in line
+
+
+def test_hits_are_shown_per_instance_team_and_repository_with_the_rest_in_one_row(
+    tmp_path: pathlib.Path,
+) -> None:
+    absent = "0" * 64
+    server = http_server(tmp_path / "store")
+    with running(server), HttpClient(http_url(server)) as http:
+        assert http.put(f"/linux-x86/cas/{sha256(b'x')}", b"x").status == 200
+        for _ in range(2):  # twice each: more lookups than the many instances below
+            assert http.get(f"/linux-x86/ac/{absent}").status == 404  # a Bazel HTTP instance
+            assert http.get(f"/linux-x86/cas/{sha256(b'x')}").status == 200
+            assert http.get("/v8/artifacts/abc123?teamId=team_web").status == 404
+            assert http.get(f"/v2/acme/app/blobs/sha256:{absent}").status == 404
+        for n in range(23):
+            assert http.get(f"/many-{n:02d}/ac/{absent}").status == 404
+        page = http.get("/ui/cache").text
+    section = page.split("<section class=instances>")[1].split("</table>")[0]
+    rows = [parse(row.split(">", 1)[1]).text for row in section.split("<tr")[2:]]
+    shown = {tuple(cells[:3]): cells[3:] for cells in rows}
+    assert shown[("Bazel HTTP CAS", "instance", "linux-x86")] == ["2", "0", "100%"]
+    assert shown[("Bazel HTTP action cache", "instance", "linux-x86")] == ["0", "2", "0%"]
+    assert shown[("Turborepo", "team", "team_web")] == ["0", "2", "0%"]
+    assert shown[("OCI blobs", "repository", "acme/app")] == ["0", "2", "0%"]
+    # 27 names: the 20 with the most lookups (ties by name), then one row for the other 7
+    assert len(rows) == 21 and rows[-1] == ["(all others)", "0", "7", "0%"]
+    assert [cells[2] for cells in rows[4:-1]] == [f"many-{n:02d}" for n in range(16)]
