@@ -13,6 +13,7 @@ from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.cache_server.storage.existence_cache import ExistenceCache
 from slipstream.cache_server.storage.memory import MemoryStore
 from slipstream.cache_server.storage.tiered import TieredStore
+from slipstream.cache_server.storage.wrapper import StoreWrapper
 from slipstream.core.digests import BlobId
 
 
@@ -42,7 +43,7 @@ def test_the_largest_entries_come_with_their_sizes(tmp_path: pathlib.Path, kind:
         again.close()
 
 
-class _Remote(MemoryStore):
+class _Remote(StoreWrapper):
     """Stands in for S3: a store that keeps no sizes in memory (Store's default answer)."""
 
     def largest_entries(self, count: int) -> list[EntrySize] | None:
@@ -52,7 +53,7 @@ class _Remote(MemoryStore):
 def test_a_tiered_store_answers_with_its_disk_tier_and_a_remote_store_does_not_know(
     tmp_path: pathlib.Path,
 ) -> None:
-    remote = ExistenceCache(_Remote(), max_entries=10, ttl=60.0)
+    remote = ExistenceCache(_Remote(MemoryStore()), max_entries=10, ttl=60.0)
     assert remote.largest_entries(5) is None
     tiered = TieredStore(DiskStore(tmp_path / "disk"), remote)
     expected = [e for e in fill(tiered) if e.namespace == "cas"]  # records stay remote
