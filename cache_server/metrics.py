@@ -53,7 +53,6 @@ from slipstream.cache_server.auth import (
     CAS_WRITE,
     METHOD_SCOPES,
     READ,
-    UNLISTED_SCOPES,
     Caller,
 )
 from slipstream.cache_server.calls import Call, Hook
@@ -129,9 +128,12 @@ def _instance(call: Call) -> str:
     return ""
 
 
-def _access(method: str) -> str:
-    """ "read", "write" or "other": what the scope a method needs says it does."""
-    scopes = METHOD_SCOPES.get(method, UNLISTED_SCOPES)
+def access_of(method: str) -> str:
+    """ "read", "write" or "other": what the scope a method needs says it does (an
+    unlisted method, e.g. an HTTP request for no route, is "other")."""
+    if method not in METHOD_SCOPES:
+        return "other"
+    scopes = METHOD_SCOPES[method]
     needed = (scopes,) if scopes is None or isinstance(scopes, str) else scopes
     if CAS_WRITE in needed or AC_WRITE in needed:
         return "write"
@@ -322,7 +324,7 @@ class Metrics(Hook):
             self.usage.lookups(kind, instance, hits, misses)
         if call.notes.get("http.route") not in _PAGE_ROUTES:
             refused = call.code in _REFUSED
-            self.usage.call(caller_name(call), _access(call.method), hits, misses, refused)
+            self.usage.call(caller_name(call), access_of(call.method), hits, misses, refused)
 
     def _http_request(self, call: Call) -> tuple[str, int, int] | None:
         """One HTTP request (route: ac, cas, ccache, ... or invalid); (kind, hits, misses)

@@ -7,6 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slipstream.cache_server.http_endpoint import http_method
+from slipstream.cache_server.metrics import access_of
 from slipstream.cache_server.services.ui_history import HistoryCache
 from slipstream.cache_server.storage.memory import MemoryStore
 from slipstream.cache_server.usage import HitSeries, NameCounts, Usage, capped
@@ -167,3 +169,19 @@ def test_suites_read_in_turn_share_the_budget_rather_than_push_each_other_out() 
         assert [r.run_id for r in runs] == [f"r{n}" for n in range(6)]
     assert cache.records_read == 12 + 4  # the 2 oldest of each, which their share left out
     assert cache.kept_results() == 800
+
+
+@pytest.mark.parametrize(
+    ("method", "access"),
+    [
+        ("/build.bazel.remote.execution.v2.ActionCache/GetActionResult", "read"),
+        ("/build.bazel.remote.execution.v2.ActionCache/UpdateActionResult", "write"),
+        ("/google.bytestream.ByteStream/Write", "write"),
+        ("/build.bazel.remote.execution.v2.Capabilities/GetCapabilities", "other"),
+        (http_method("invalid", "GET"), "other"),  # a path no protocol serves
+    ],
+)
+def test_a_call_counts_as_a_read_or_a_write_by_the_scope_its_method_needs(
+    method: str, access: str
+) -> None:
+    assert access_of(method) == access
