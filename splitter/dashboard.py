@@ -282,6 +282,7 @@ svg text{font:11px system-ui,sans-serif;fill:#344054}.target{stroke:#b42318;stro
 .files{fill:#a78bfa}svg{max-width:760px;display:block}
 .kpi{display:inline-block;margin-right:2em}.kpi b{font-size:1.4em;display:block}
 h3{font-size:1em;margin:.8em 0 .4em}svg.spark{display:inline-block}.spark .base{stroke:#dde1e6}
+.worker{background:#fef3c7;padding:.3em .6em;border-radius:4px}
 """
 
 

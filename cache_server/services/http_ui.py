@@ -283,7 +283,12 @@ class UiPages(HttpFrontEnd):
         usage = self._usage()
         if usage is None:
             return ""
-        return ui_cache.day_section(day_figures(usage), self.store.stats(), *self._bytes())
+        return ui_cache.day_section(
+            day_figures(usage),
+            self.store.stats(),
+            *self._bytes(),
+            one_worker=bool(getattr(self.ops, "shares_ports", False)),
+        )
 
     def _largest_entries(self) -> tuple[float, list[EntrySize] | None]:
         """The store's largest entries, as of a moment at most LARGEST_KEPT_SECONDS ago."""

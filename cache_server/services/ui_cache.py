@@ -90,9 +90,24 @@ def spark(kind: str, buckets: Sequence[Bucket]) -> str:
     return "".join(parts)
 
 
-def day_section(figures: DayFigures, stats: StoreStats | None, served: float, taken: float) -> str:
+WORKER_NOTE = (
+    '<p class="worker">This page comes from one worker of <code>serve --workers N</code>: '
+    "lookups, bytes moved, instances and callers are the ones this worker served. "
+    "The store's figures are the whole server's.</p>"
+)
+
+
+def day_section(
+    figures: DayFigures,
+    stats: StoreStats | None,
+    served: float,
+    taken: float,
+    *,
+    one_worker: bool = False,
+) -> str:
     """The summary on the overview and the cache page: store size, bytes moved, and the
-    hit rate per protocol over the last day (or since counting started, if later)."""
+    hit rate per protocol over the last day (or since counting started, if later).
+    one_worker: the server is one of several workers, whose figures these are."""
     rows = (
         "".join(
             f'<tr data-kind="{esc(kind)}"><td>{esc(kind_label(kind))}</td>'
@@ -120,7 +135,8 @@ def day_section(figures: DayFigures, stats: StoreStats | None, served: float, ta
         else f"since {utc(figures.start)}, when this server started counting"
     )
     return (
-        f'<section class=cache><h2><a href="/ui/cache">Cache</a></h2>{store}{moved}'
+        f'<section class=cache><h2><a href="/ui/cache">Cache</a></h2>'
+        f"{WORKER_NOTE if one_worker else ''}{store}{moved}"
         '<p class="muted">bytes served and received since the server started</p>'
         f'<h3>Hit rate per protocol, <span class="span">{esc(span)}</span></h3>'
         '<table class=lookups><tr><th>protocol</th><th class="n">hits</th>'
@@ -186,7 +202,10 @@ def callers_section(usage: Usage) -> str:
 def largest_section(entries: Sequence[EntrySize] | None, kept: float) -> str:
     """The largest entries of the store (entries None: the store does not know them)."""
     if entries is None:
-        body = '<p class="muted">not known for this store (S3 lists no sizes cheaply)</p>'
+        body = (
+            '<p class="muted">not known to this server process: S3 lists no sizes cheaply, '
+            "and with <code>serve --workers N</code> the supervisor keeps the index</p>"
+        )
     elif not entries:
         body = '<p class="muted">the store is empty</p>'
     else:

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import heapq
 import itertools
 import logging
 import os
@@ -620,13 +619,12 @@ class DiskStore(Store):
     def close(self) -> None:
         self.index.close()
 
-    def largest_entries(self, count: int) -> list[EntrySize]:
-        self._ensure_index()
-        with self._lock:
-            entries = list(self._lru.items())  # one C-level copy: the walk runs unlocked
-        largest = heapq.nlargest(count, entries, key=lambda item: item[1][0])
+    def largest_entries(self, count: int) -> list[EntrySize] | None:
+        largest = self.index.largest(count)
+        if largest is None:
+            return None
         found = []
-        for rel, (size, _) in largest:
+        for rel, size in largest:
             top, namespace, name = rel.split("/", 2)  # cas/SHARD/HASH, records/NS/ENCODED
             if top == "cas":
                 namespace = "cas"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import heapq
 import itertools
 import os
 import pathlib
@@ -87,6 +88,11 @@ class DiskIndex(abc.ABC):
     @abc.abstractmethod
     def figures(self) -> tuple[int, int, int]:
         """(entries, bytes they take on disk, evictions so far)."""
+
+    def largest(self, count: int) -> list[tuple[str, int]] | None:
+        """The count largest entries, largest first: (rel, file size, header included);
+        None where the index does not know every entry's size (a worker's)."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Finish what is under way (a worker's reports)."""
@@ -219,6 +225,14 @@ class LocalIndex(DiskIndex):
         self.load()
         with self._lock:
             return len(self._lru), self._bytes_used, self._evictions
+
+    def largest(self, count: int) -> list[tuple[str, int]]:
+        self.load()
+        with self._lock:
+            entries = list(self._lru.items())  # one C-level copy: the walk runs unlocked
+        return [
+            (rel, size) for rel, (size, _) in heapq.nlargest(count, entries, key=lambda e: e[1][0])
+        ]
 
     def apply(self, reports: Iterable[tuple[str, str, int]]) -> None:
         """What a worker reported (storage/shared_index.py), in its order and under one

@@ -486,3 +486,14 @@ def test_hits_are_shown_per_instance_team_and_repository_with_the_rest_in_one_ro
     # 27 names: the 20 with the most lookups (ties by name), then one row for the other 7
     assert len(rows) == 21 and rows[-1] == ["(all others)", "0", "7", "0%"]
     assert [cells[2] for cells in rows[4:-1]] == [f"many-{n:02d}" for n in range(16)]
+
+
+def test_a_worker_of_several_says_its_figures_are_its_own(tmp_path: pathlib.Path) -> None:
+    server = http_server(tmp_path / "store", ["--workers", "2"])
+    with running(server), HttpClient(http_url(server)) as http:
+        assert http.put(CCACHE_PATH, b"object").status == 200
+        page = http.get("/ui/cache").text
+    assert '<p class="worker">This page comes from one worker' in page
+    # The workers' index is the supervisor's: a worker does not know the largest entries.
+    largest = page.split("<section class=largest>")[1].split("</section>")[0]
+    assert "not known to this server process" in largest
