@@ -22,7 +22,14 @@ from slipstream.cache_server.limits import LimitEnforcer
 from slipstream.cache_server.metrics import Metrics
 from slipstream.cache_server.services.common import FOREIGN_SERVICES, RejectMalformed
 from slipstream.cache_server.storage.base import Store
-from slipstream.cache_server.usage import SAVE_INTERVAL, SAVED_KEY, SAVED_NAMESPACE
+from slipstream.cache_server.usage import (
+    MAX_SAVED,
+    SAVE_INTERVAL,
+    SAVED_NAMESPACE,
+    SAVED_PREFIX,
+    Usage,
+    combined,
+)
 
 log = logging.getLogger("cache_server")
 
@@ -75,9 +82,8 @@ class Operations:
         return "mutual TLS" if tls.client_ca is not None else "TLS"
 
     async def start(self, servicer: health.aio.HealthServicer) -> None:
-        """Start the metrics HTTP server and the probe port, if configured, and take the
-        hit series the last run saved."""
-        await asyncio.to_thread(self.load_usage)
+        """Start the metrics HTTP server and the probe port, if configured, and the
+        saving of the pages' figures."""
         self._saving = asyncio.create_task(self._save_usage_every(SAVE_INTERVAL))
         if self.config.metrics_listen:
             try:
@@ -115,23 +121,31 @@ class Operations:
         if self.audit is not None:
             self.audit.close()
 
-    # ---- the pages' hit series, kept in the store across restarts ----
-    def load_usage(self) -> None:
-        try:
-            data = self.store.get_record(SAVED_NAMESPACE, SAVED_KEY)
-            if data is not None:
-                self.metrics.usage.load(data)
-        except Exception as exc:  # the pages then count from this start, and say so
-            log.warning("the saved hit series is not used: %s", exc)
-
+    # ---- the pages' figures: this process's and every other's saved record ----
     def save_usage(self) -> None:
         usage = self.metrics.usage
-        if not usage.hits.changed:
-            return
         try:
-            self.store.put_record(SAVED_NAMESPACE, SAVED_KEY, usage.saved())
+            self.store.put_record(SAVED_NAMESPACE, usage.key, usage.saved())
         except Exception as exc:
-            log.warning("the hit series could not be saved: %s", exc)
+            log.warning("the pages' figures could not be saved: %s", exc)
+
+    def usage_figures(self) -> Usage:
+        """This process's figures and the other processes' saved ones, added up (see
+        cache_server.usage); records past the day and unreadable ones are removed,
+        the unreadable ones with a warning. Blocking: it reads the store."""
+        infos = self.store.list_records(SAVED_NAMESPACE, SAVED_PREFIX, MAX_SAVED)
+        saved = []
+        for info in infos:
+            data = self.store.get_record(SAVED_NAMESPACE, info.key)
+            if data is not None:
+                saved.append((info.key, data))
+        total, expired, problems = combined(self.metrics.usage, saved)
+        for key, why in problems:
+            log.warning("an unreadable record of the pages' figures is removed: %s: %s", key, why)
+        for key in expired + [key for key, _ in problems]:
+            with contextlib.suppress(Exception):
+                self.store.delete_record(SAVED_NAMESPACE, key)
+        return total
 
     async def _save_usage_every(self, seconds: float) -> None:
         while True:

@@ -5,32 +5,42 @@ misses, feeds a `Usage`:
 
 - `HitSeries`: hits and misses per lookup kind in fixed time buckets (24 h of
   10-minute buckets), so the pages show the last day's hit rate rather than a count
-  since the process started. Memory is kinds x buckets whatever the traffic, and the
-  series is saved as a store record now and then, so a restart keeps the day.
+  since the process started. Memory is kinds x buckets whatever the traffic.
 - `NameCounts`: counts per name (REAPI instance, Bazel HTTP instance, Turborepo
   team, OCI repository; token name) for at most a fixed number of names, the
   smallest folded into one "other" row so the totals stay exact.
+
+Every server process (one server, each worker of `serve --workers N`, each replica
+over one S3 bucket) saves what it counted as its own store record every
+SAVE_INTERVAL, and a page adds up its own figures and every other process's record
+(`combined`): the day's series of every process that counted in the last day, so a
+restart keeps the day, and the per-name tables of the processes still running.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 BUCKET_SECONDS = 600
 DAY_BUCKETS = 144  # 24 h of 10-minute buckets
 MAX_NAME_CHARS = 100  # a name longer than this is kept cut, with "…"
 MAX_INSTANCES = 200  # names kept per table before the smallest are folded
 MAX_CALLERS = 200
-SERIES_VERSION = 1
-# Where a server keeps its hit series between restarts, and how often it saves it.
+SERIES_VERSION = 2
+# Where each server process keeps what it counted (SAVED_PREFIX and a name of its own),
+# and how often it saves it; a record younger than LIVE_SECONDS is a running process's.
 SAVED_NAMESPACE = "server"
-SAVED_KEY = "hit-series"
-SAVE_INTERVAL = 300.0
+SAVED_PREFIX = "usage/"
+SAVE_INTERVAL = 30.0
+LIVE_SECONDS = 3 * SAVE_INTERVAL
+MAX_SAVED = 256  # records a page adds up at most
 
 K = TypeVar("K", bound=Hashable)
 
@@ -73,7 +83,6 @@ class HitSeries:
         self.buckets = buckets
         self._kinds: dict[str, _Slots] = {}
         self._lock = threading.Lock()
-        self.changed = False  # since the last to_bytes
 
     def bucket_of(self, when: float) -> int:
         return int(when // self.bucket_seconds)
@@ -92,7 +101,6 @@ class HitSeries:
                 slots.epochs[slot], slots.hits[slot], slots.misses[slot] = number, 0, 0
             slots.hits[slot] += hits
             slots.misses[slot] += misses
-            self.changed = True
 
     def _window(self, now: float) -> tuple[int, int]:
         newest = self.bucket_of(now)
@@ -132,10 +140,11 @@ class HitSeries:
         with self._lock:
             return sum(len(s.epochs) for s in self._kinds.values())
 
-    # ---- kept across restarts, as a store record ----
-    def to_bytes(self, since: float) -> bytes:
+    # ---- saved as part of a store record ----
+    def to_json(self) -> dict[str, list[list[int]]]:
+        """The buckets that hold counts, per kind: [[bucket number, hits, misses], ...]."""
         with self._lock:
-            kinds = {
+            return {
                 kind: [
                     [n, h, m]
                     for n, h, m in zip(slots.epochs, slots.hits, slots.misses, strict=True)
@@ -143,39 +152,22 @@ class HitSeries:
                 ]
                 for kind, slots in self._kinds.items()
             }
-            self.changed = False
-        return json.dumps(
-            {
-                "version": SERIES_VERSION,
-                "bucket_seconds": self.bucket_seconds,
-                "since": since,
-                "kinds": kinds,
-            },
-            separators=(",", ":"),
-        ).encode()
 
-    def load(self, data: bytes, now: float) -> float:
-        """Add a saved series' buckets within the window at now; returns since when the
-        saved series counted. ValueError for a record it cannot read (nothing is added)."""
+    def add_json(self, kinds: Any, now: float) -> None:
+        """Add what to_json gave, the buckets within the window at now; ValueError (and
+        nothing added) if it is not that."""
         try:
-            raw = json.loads(data)
-            if raw.get("version") != SERIES_VERSION:
-                raise ValueError(f"version {raw.get('version')!r} is not {SERIES_VERSION}")
-            if raw.get("bucket_seconds") != self.bucket_seconds:
-                raise ValueError("saved with another bucket width")
-            since = float(raw["since"])
             rows = [
                 (str(kind), int(n), int(h), int(m))
-                for kind, buckets in raw["kinds"].items()
+                for kind, buckets in kinds.items()
                 for n, h, m in buckets
             ]
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"unreadable hit series: {exc!r}") from None
         first, last = self._window(now)
         for kind, number, hits, misses in rows:
             if first <= number <= last and hits >= 0 and misses >= 0:
                 self.record(kind, hits, misses, number * self.bucket_seconds)
-        return since
 
 
 @dataclass
@@ -204,6 +196,35 @@ class NameCounts(Generic[K]):
                 row = self.rows[name] = [0] * self.width
             for i, n in enumerate(counts):
                 row[i] += n
+
+    def to_json(self) -> list[list[object]]:
+        """[[*name, *counts], ...] and, last, [*counts] of the other row."""
+        with self._lock:
+            return [
+                [*(name if isinstance(name, tuple) else (name,)), *row]
+                for name, row in self.rows.items()
+            ] + [list(self.other)]
+
+    def add_json(self, rows: Any, name_parts: int) -> None:
+        """Add what to_json gave (names of name_parts strings); ValueError if it is not
+        that (then nothing is added)."""
+        try:
+            if not isinstance(rows, list) or not rows:
+                raise TypeError("not a list of rows")
+            parsed = [
+                (tuple(map(str, row[:name_parts])), [int(n) for n in row[name_parts:]])
+                for row in rows[:-1]
+            ]
+            rest = [int(n) for n in rows[-1]]
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"unreadable counts: {exc!r}") from None
+        if any(len(counts) != self.width for _, counts in parsed) or len(rest) != self.width:
+            raise ValueError("counts of another width")
+        for name, counts in parsed:
+            self.add(name if name_parts > 1 else name[0], tuple(counts))  # type: ignore[arg-type]
+        with self._lock:
+            for i, n in enumerate(rest):
+                self.other[i] += n
 
     def _fold(self) -> None:
         by_total = sorted(self.rows.items(), key=lambda kv: sum(kv[1]))
@@ -238,7 +259,9 @@ class Usage:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.started = clock()
-        self.since = self.started  # since when the hit series counts (earlier once loaded)
+        self.since = self.started  # since when the hit series counts (earlier once combined)
+        # This process's record: its pid, and a random part as pids come back.
+        self.key = f"{SAVED_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.hits = HitSeries()
         # (lookup kind, instance name) -> [hits, misses]
         self.instances: NameCounts[tuple[str, str]] = NameCounts(2, MAX_INSTANCES)
@@ -257,12 +280,68 @@ class Usage:
         )
 
     def saved(self) -> bytes:
-        return self.hits.to_bytes(self.since)
+        """What this process counted, as its store record (see the module doc)."""
+        return json.dumps(
+            {
+                "version": SERIES_VERSION,
+                "bucket_seconds": self.hits.bucket_seconds,
+                "since": self.since,
+                "saved_at": self.clock(),
+                "kinds": self.hits.to_json(),
+                "instances": self.instances.to_json(),
+                "callers": self.callers.to_json(),
+            },
+            separators=(",", ":"),
+        ).encode()
 
-    def load(self, data: bytes) -> None:
-        """Take a saved series (ValueError if unreadable)."""
-        since = self.hits.load(data, self.clock())
+    def add_saved(self, data: bytes) -> bool:
+        """Add another process's record: its series, and its tables if it still runs;
+        False if the record is past the window (its process stopped over a day ago).
+        ValueError, with nothing added, for a record it cannot read."""
+        now = self.clock()
+        try:
+            raw = json.loads(data)
+            if raw.get("version") != SERIES_VERSION:
+                raise ValueError(f"version {raw.get('version')!r} is not {SERIES_VERSION}")
+            if raw.get("bucket_seconds") != self.hits.bucket_seconds:
+                raise ValueError("saved with another bucket width")
+            since, saved_at = float(raw["since"]), float(raw["saved_at"])
+            kinds, instances, callers = raw["kinds"], raw["instances"], raw["callers"]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"unreadable usage record: {exc}") from None
+        if saved_at < now - self.hits.buckets * self.hits.bucket_seconds:
+            return False
+        check = Usage(self.clock)  # all parts read before any is added
+        check.hits.add_json(kinds, now)
+        check.instances.add_json(instances, 2)
+        check.callers.add_json(callers, 1)
+        self.hits.add_json(kinds, now)
+        if saved_at >= now - LIVE_SECONDS:
+            self.instances.add_json(instances, 2)
+            self.callers.add_json(callers, 1)
         self.since = min(self.since, since)
+        return True
+
+
+def combined(
+    own: Usage, saved: Iterable[tuple[str, bytes]]
+) -> tuple[Usage, list[str], list[tuple[str, str]]]:
+    """own's figures plus the saved records of other processes (key, data); also the
+    keys of records past the window, and (key, why) of each unreadable record."""
+    total = Usage(own.clock)
+    total.started, total.since = own.started, own.since
+    total.add_saved(own.saved())
+    expired: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for key, data in saved:
+        if key == own.key:
+            continue
+        try:
+            if not total.add_saved(data):
+                expired.append(key)
+        except ValueError as exc:
+            problems.append((key, str(exc)))
+    return total, expired, problems
 
 
 @dataclass(frozen=True)

@@ -256,7 +256,8 @@ class UiPages(HttpFrontEnd):
         return dashboard.tests_page(suite, self._uploads(suite), _LINKS, query=query, test=test)
 
     def _usage(self) -> Usage | None:
-        return None if self.ops is None else self.ops.metrics.usage  # type: ignore[no-any-return]
+        """Every server process's figures, added up (this one's, others' saved)."""
+        return None if self.ops is None else self.ops.usage_figures()  # type: ignore[no-any-return]
 
     def _bytes(self) -> tuple[float, float]:
         """Bytes served and taken in over gRPC and HTTP since the server started."""

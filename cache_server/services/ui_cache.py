@@ -92,8 +92,8 @@ def spark(kind: str, buckets: Sequence[Bucket]) -> str:
 
 WORKER_NOTE = (
     '<p class="worker">This page comes from one worker of <code>serve --workers N</code>: '
-    "lookups, bytes moved, instances and callers are the ones this worker served. "
-    "The store's figures are the whole server's.</p>"
+    "lookups, instances and callers add up every worker's (the others' as they saved them, "
+    "at most 30 s ago); bytes moved are this worker's.</p>"
 )
 
 

@@ -11,7 +11,14 @@ from slipstream.cache_server.http_endpoint import http_method
 from slipstream.cache_server.metrics import access_of
 from slipstream.cache_server.services.ui_history import HistoryCache
 from slipstream.cache_server.storage.memory import MemoryStore
-from slipstream.cache_server.usage import HitSeries, NameCounts, Usage, capped
+from slipstream.cache_server.usage import (
+    LIVE_SECONDS,
+    HitSeries,
+    NameCounts,
+    Usage,
+    capped,
+    combined,
+)
 from slipstream.splitter import history
 from slipstream.splitter.history import Run, Sample
 
@@ -58,17 +65,50 @@ def test_totals_are_the_sum_of_what_was_recorded_within_the_window(
 
 
 @settings(max_examples=100, deadline=None)
-@given(RECORDS, st.integers(0, BUCKET * BUCKETS))
-def test_a_saved_series_loads_to_the_same_totals(
-    records: list[tuple[int, str, int, int]], later: int
+@given(RECORDS, st.integers(0, 3 * 600), st.lists(st.tuples(st.text(max_size=3), KINDS)))
+def test_saved_records_add_up_to_the_processes_totals(
+    records: list[tuple[int, str, int, int]],
+    later: int,
+    calls: list[tuple[str, str]],
 ) -> None:
-    series, when = HitSeries(BUCKET, BUCKETS), 1_000_000
-    for step, kind, hits, misses in records:
-        when += step
-        series.record(kind, hits, misses, when)
-    loaded = HitSeries(BUCKET, BUCKETS)
-    assert loaded.load(series.to_bytes(since=123.0), when) == 123.0
-    assert loaded.totals(when + later) == series.totals(when + later)
+    """Two processes' figures, one combined with the other's saved record, are the sum of
+    both: the day's series, and the tables of a process that still runs."""
+    clock = [1_000_000.0]
+    one, two = Usage(lambda: clock[0]), Usage(lambda: clock[0])
+    for i, (step, kind, hits, misses) in enumerate(records):
+        clock[0] += step % 600
+        (one if i % 2 else two).lookups(kind, "inst", hits, misses)
+    for i, (caller, _) in enumerate(calls):
+        (one if i % 2 else two).call(caller, "read", 1, 0, False)
+    saved_two = two.saved()
+    clock[0] += later
+    total, expired, problems = combined(one, [(two.key, saved_two), (one.key, one.saved())])
+    assert (expired, problems) == ([], [])
+    now = clock[0]
+    ones, twos = one.hits.totals(now), two.hits.totals(now)
+    expected = {
+        kind: tuple(
+            a + b for a, b in zip(ones.get(kind, (0, 0)), twos.get(kind, (0, 0)), strict=True)
+        )
+        for kind in set(ones) | set(twos)
+    }
+    assert total.hits.totals(now) == dict(sorted(expected.items()))
+    shown, rest = total.callers.top(1000)
+    reads = sum(row[1] for _, row in shown) + rest[1]
+    twos_reads = len(calls) // 2 + len(calls) % 2  # the even-numbered calls
+    assert reads == len(calls) - (0 if later <= LIVE_SECONDS else twos_reads)
+
+
+def test_a_record_past_the_day_is_expired_and_adds_nothing() -> None:
+    clock = [1_000_000.0]
+    old = Usage(lambda: clock[0])
+    old.lookups("ac", "i", 5, 0)
+    saved = old.saved()
+    clock[0] += 2 * 24 * 3600
+    now = Usage(lambda: clock[0])
+    total, expired, problems = combined(now, [(old.key, saved)])
+    assert expired == [old.key] and problems == []
+    assert total.hits.totals(clock[0]) == {}
 
 
 def test_a_clock_that_goes_back_past_the_window_records_nothing_stale() -> None:
@@ -80,13 +120,22 @@ def test_a_clock_that_goes_back_past_the_window_records_nothing_stale() -> None:
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"not json", b"[]", b'{"version": 1}', b'{"version": 99, "kinds": {}}'],
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"version": 2}',
+        b'{"version": 99, "kinds": {}}',
+        b'{"version": 2, "bucket_seconds": 600, "since": 1, "saved_at": 1e9,'
+        b' "kinds": {"ac": [[1666666, 1, 1]]}, "instances": [[0, 0]], "callers": "x"}',
+    ],
 )
-def test_an_unreadable_saved_series_is_refused_and_adds_nothing(data: bytes) -> None:
-    series = HitSeries(BUCKET, BUCKETS)
+def test_an_unreadable_record_is_refused_and_adds_nothing(data: bytes) -> None:
+    usage = Usage(lambda: 1e9)
     with pytest.raises(ValueError):
-        series.load(data, 1_000_000)
-    assert series.totals(1_000_000) == {}
+        usage.add_saved(data)
+    assert usage.hits.totals(1e9) == {}
+    assert usage.instances.top(10) == ([], [0, 0])
 
 
 @settings(max_examples=100, deadline=None)

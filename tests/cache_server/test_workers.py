@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
@@ -321,3 +322,24 @@ def test_workers_come_from_the_environment_and_the_config_file(tmp_path: pathlib
         with running(server):
             assert server.proc is not None
             assert len(_workers_of(server.proc.pid)) == 2
+
+
+def test_the_pages_add_up_every_workers_lookups(tmp_path: pathlib.Path) -> None:
+    """Each worker saves what it counted (at the latest when it stops); the pages add up
+    every process's record, so the lookups of both workers show, also after a restart."""
+    args = ["--workers", "2", "--log-level", "INFO", "--log-format", "json"]
+    args += ["--http-listen", "127.0.0.1:0"]
+    miss = "/ccache/3b/" + "d" * 31
+    with running(ServerProcess(tmp_path / "store", args)) as server:
+        url = http_url(server)
+        for _ in range(CONNECTIONS):  # a connection each
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{url}{miss}", timeout=10)
+            assert refused.value.code == 404
+        assert len(_answering_pids(server)) == 2, "connections were not spread over the workers"
+    args = ["--http-listen", "127.0.0.1:0"]
+    with running(ServerProcess(tmp_path / "store", args)) as server:
+        page = urllib.request.urlopen(f"{http_url(server)}/ui/cache", timeout=10).read().decode()
+    row = page.split('<tr data-kind="ccache">')[1].split("</tr>")[0]
+    cells = [cell.split("<")[0] for cell in row.split('<td class="n">')[1:]]
+    assert cells[:2] == ["0", str(CONNECTIONS)], row  # hits, misses

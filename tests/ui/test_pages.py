@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from slipstream.cache_server.services.http_ui import UI_COOKIE
 from slipstream.cache_server.storage.disk import DiskStore
-from slipstream.cache_server.usage import SAVED_KEY, SAVED_NAMESPACE
+from slipstream.cache_server.usage import SAVED_NAMESPACE, SAVED_PREFIX
 from slipstream.client.split_client import RunSpec, SplitClient
 from slipstream.history_store import load_history
 from slipstream.split_cli import parse_duration
@@ -445,11 +445,11 @@ def test_the_days_hit_rates_outlive_a_restart(tmp_path: pathlib.Path) -> None:
     assert after == ["ccache", "2", "1", "67%"]
 
 
-def test_an_unreadable_saved_series_is_set_aside_and_the_server_counts_anew(
+def test_an_unreadable_saved_record_is_removed_and_the_server_counts_anew(
     tmp_path: pathlib.Path,
 ) -> None:
     store = DiskStore(tmp_path / "store")
-    store.put_record(SAVED_NAMESPACE, SAVED_KEY, b'{"version": 1, "kinds": "garbage"')
+    store.put_record(SAVED_NAMESPACE, f"{SAVED_PREFIX}old", b'{"version": 2, "kinds": "garbage"')
     store.close()
     server = http_server(tmp_path / "store")
     with running(server), HttpClient(http_url(server)) as http:
@@ -457,8 +457,10 @@ def test_an_unreadable_saved_series_is_set_aside_and_the_server_counts_anew(
         row, span = ccache_lookups(http)
         assert row == ["ccache", "0", "1", "0%"]
         assert "when this server started counting" in span
-        line = output_line(server, "hit series")
-    assert "not used" in line and "unreadable" in line
+        line = output_line(server, "pages' figures")
+    assert "unreadable record" in line and "removed" in line
+    store = DiskStore(tmp_path / "store")
+    assert store.get_record(SAVED_NAMESPACE, f"{SAVED_PREFIX}old") is None
 
 
 def test_hits_are_shown_per_instance_team_and_repository_with_the_rest_in_one_row(
