@@ -21,6 +21,7 @@ from slipstream.splitter.ids import JUnitCase, normalize_path
 _CHUNK = 1 << 20
 _FAILED_TAGS = frozenset({"failure", "error"})
 _INF = float("inf")
+_UNPARSED = -1.0  # never a parsed time
 # Suite properties the slipstream plugin writes: per-file costs and shard start-up.
 FILE_COST_PROPERTY = "slipstream.file_cost:"
 STARTUP_PROPERTY = "slipstream.startup"
@@ -101,6 +102,7 @@ class _Reader:
         # One string per distinct classname and file, however many cases share it.
         self.classnames: dict[str, str] = {}
         self.files: dict[str, str] = {}
+        self.times: dict[str | None, float | None] = {}
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         stack = self.stack
@@ -148,14 +150,6 @@ class _Reader:
     def end(self, _tag: str) -> None:
         if self.stack.pop() is not _CASE:
             return
-        parent = self.stack[-1]
-        if parent is _ROOT:
-            self.root_cases.append(self._case(None))
-        else:
-            assert type(parent) is _Suite
-            parent.cases.append(self._case(parent.file))
-
-    def _case(self, suite_file: str | None) -> JUnitCase:
         attrs, tags = self.case_attrs, self.case_tags
         if tags and not tags.isdisjoint(_FAILED_TAGS):
             outcome = "failed"
@@ -163,22 +157,44 @@ class _Reader:
             outcome = "skipped"
         else:
             outcome = "passed"  # flakyFailure/flakyError: passed on a rerun
-        file = attrs.get("file") or suite_file
+        self.add_case(
+            self.stack[-1],
+            attrs.get("classname"),
+            attrs.get("name"),
+            attrs.get("file"),
+            attrs.get("time"),
+            outcome,
+            self.case_group,
+        )
+
+    def add_case(
+        self,
+        parent: object,
+        classname: str | None,
+        name: str | None,
+        file: str | None,
+        time: str | None,
+        outcome: str,
+        group: str | None,
+    ) -> None:
+        """A case of the suite (or root) parent, from its attributes' values."""
+        suite_file = None if parent is _ROOT else parent.file  # type: ignore[attr-defined]
+        file = file or suite_file or None
         if file:
             normalized = self.files.get(file)
             if normalized is None:
                 normalized = self.files[file] = normalize_path(file)
-        classname = attrs.get("classname") or ""
+            file = normalized
+        classname = classname or ""
         classname = self.classnames.setdefault(classname, classname)
-        return JUnitCase(
-            classname=classname,
-            name=attrs.get("name") or "",
-            file=normalized if file else None,
-            time=parse_time(attrs.get("time")),
-            outcome=outcome,
-            source=self.path,
-            group=self.case_group,
-        )
+        seconds = self.times.get(time, _UNPARSED)  # few distinct times: each parsed once
+        if seconds is _UNPARSED:
+            seconds = self.times[time] = parse_time(time)
+        case = JUnitCase._make((classname, name or "", file, seconds, outcome, self.path, group))
+        if parent is _ROOT:
+            self.root_cases.append(case)
+        else:
+            parent.cases.append(case)  # type: ignore[attr-defined]
 
 
 _ROOT = object()
@@ -217,6 +233,10 @@ def parse_report(chunks: Iterable[bytes], path: str) -> Report:
         raise NotJUnit(
             f"is not well-formed XML ({expat.errors.messages[exc.code]}, line {exc.lineno})"
         ) from None
+    return _report(reader)
+
+
+def _report(reader: _Reader) -> Report:
     if reader.root not in ("testsuites", "testsuite"):
         raise NotJUnit(f"is XML but not a JUnit report (root element <{reader.root}>)")
     cases: list[JUnitCase] = []
@@ -230,7 +250,7 @@ def parse_report(chunks: Iterable[bytes], path: str) -> Report:
             file_costs[name[len(FILE_COST_PROPERTY) :]] = seconds
     startup = parse_time(props.get(STARTUP_PROPERTY))
     cases.extend(reader.root_cases)  # cases directly under <testsuites> (seen from some tools)
-    return Report(path, tuple(cases), file_costs, startup)
+    return Report(reader.path, tuple(cases), file_costs, startup)
 
 
 def _read_chunks(path: Path) -> Iterator[bytes]:
