@@ -179,8 +179,11 @@ def merge_runs(runs: Iterable[Run]) -> list[Run]:
             alone.append(run)
             continue
         into = merged.setdefault(run.run_id, Run(run.run_id, run.created_ns))
-        for test, sample in run.tests.items():
-            into.tests[test] = _merge_sample(into.tests.get(test), sample)
+        if into.tests:
+            for test, sample in run.tests.items():
+                into.tests[test] = _merge_sample(into.tests.get(test), sample)
+        else:  # the run's first upload: _merge_sample(None, s) is s
+            into.tests.update(run.tests)
         into.file_costs.update(run.file_costs)
         if run.startup is not None:
             into.startup = max(into.startup or 0.0, run.startup)
@@ -345,7 +348,8 @@ def decode_run(data: bytes) -> Run:
         return Run(
             run_id=str(run_id) if run_id is not None else None,
             created_ns=int(raw["created_ns"]),
-            tests={str(t): Sample(float(v[0]), bool(v[1])) for t, v in raw["tests"].items()},
+            # JSON's keys are strings already
+            tests={t: Sample(float(v[0]), bool(v[1])) for t, v in raw["tests"].items()},
             file_costs={str(f): float(c) for f, c in raw.get("file_costs", {}).items()},
             startup=None if raw.get("startup") is None else float(raw["startup"]),
             groups={str(t): str(g) for t, g in raw.get("groups", {}).items()},
