@@ -3,6 +3,7 @@ the pytest plugin's collection-time work beside pytest-split's.
 
     python -m benchmarks.bench_split_scale [--smoke] [--tests N] [--shards N] [--json PATH]
                                            [--record-hashes PATH] [--no-server] [--no-plugin]
+                                           [--cwd CHECKOUT] [--repeat N]
 
 Inputs come from benchmarks/split_scale_suite.py (deterministic: seed 23): N test ids
 and JUnit reports of an earlier run (about 11 MB at 100,000 tests).
@@ -10,8 +11,10 @@ and JUnit reports of an earlier run (about 11 MB at 100,000 tests).
 - cli: ``slipstream split --total S --index 3 --junit run1.xml < ids.txt`` as a child
   process, for ``--by auto`` and ``--by test``; wall time, and the child's peak RSS
   (``resource.getrusage(RUSAGE_CHILDREN)``, one child per measurement process). Each plan
-  hash is checked against the recorded one (benchmarks/data/split_scale_hashes.json,
-  recorded before the speed-up of issue 23) when one is recorded for the size.
+  hash is checked against the recorded one (tests/splitter/data/plan_hashes.json,
+  recorded before the speed-up of issue 23) when one is recorded for the size. With
+  ``--cwd CHECKOUT`` the child runs that checkout's code (an older commit, for a before
+  and after); ``--repeat N`` keeps the fastest of N runs.
 - server: a ``slipstream serve`` process; one client uploads the JUnit timings, then
   GetShard for shard 3 (the first call of a run makes its plan) and for shard 4 (the
   plan already made); wall time per call and the server's RSS from /proc.
@@ -127,12 +130,16 @@ def recorded_hashes(tests: int) -> dict[str, str]:
     return got
 
 
-def bench_cli(directory: pathlib.Path, tests: int, shards: int) -> list[CliRun]:
+def bench_cli(
+    directory: pathlib.Path, tests: int, shards: int, cwd: str = "", repeat: int = 1
+) -> list[CliRun]:
+    """``--by auto`` and ``--by test``, each the fastest of ``repeat`` runs, of the code in
+    cwd (this checkout's when empty)."""
     recorded = recorded_hashes(tests)
     rows = []
     for by in ("auto", "test"):
         args = split_args(directory, "run1", by, shards)
-        wall, rss, got = run_cli(directory, args)
+        wall, rss, got = min(run_cli(directory, args, cwd=cwd) for _ in range(repeat))
         expected = recorded.get(f"run1/{by}/{shards}")
         if expected is not None and got != expected:
             raise AssertionError(f"--by {by}: plan {got}, recorded {expected}")
@@ -287,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=pathlib.Path, help="write the results here")
     p.add_argument("--record-hashes", type=pathlib.Path, metavar="PATH")
     p.add_argument("--python", default=sys.executable, help="for --record-hashes")
-    p.add_argument("--cwd", default="", help="for --record-hashes: the code to run")
+    p.add_argument(
+        "--cwd",
+        default="",
+        help="the code to run (a checkout's root; default this one's): the CLI part and "
+        "--record-hashes",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="CLI runs: the fastest of N")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--no-plugin", action="store_true")
     p.add_argument("--plugin-tests", type=int, help="tests of the plugin part (default --tests)")
@@ -305,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(hashes, indent=1))
             return 0
         result: dict[str, object] = {"tests": tests, "shards": shards}
-        cli = bench_cli(directory, tests, shards)
+        cli = bench_cli(directory, tests, shards, args.cwd, args.repeat)
         result["cli"] = [asdict(r) for r in cli]
         print(f"{'--by':<6} {'wall s':>7} {'peak RSS MB':>12}  plan")
         for r in cli:

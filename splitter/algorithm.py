@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import heapq
 import itertools
 import math
+import operator
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal, NamedTuple, TypeVar
@@ -67,10 +69,14 @@ def no_check() -> None:
 
 def _checking(items: Iterable[X], check: Check) -> Iterator[X]:
     """items, with check() called before every _CHECK_EVERY of them."""
+    return itertools.chain.from_iterable(_chunks(items, check))  # no Python step per item
+
+
+def _chunks(items: Iterable[X], check: Check) -> Iterator[list[X]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, _CHECK_EVERY)):
         check()
-        yield from chunk
+        yield chunk
 
 
 def _grouped(
@@ -109,6 +115,11 @@ class Unit(NamedTuple):
     @property
     def id(self) -> str:
         return self.tests[0]
+
+
+_tests = operator.attrgetter("tests")
+_files = operator.attrgetter("files")
+_test_time = operator.attrgetter("test_time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +225,39 @@ def build_units(
     such a piece: finer units for balance, at the price of more imports. ``check`` as
     in ``split_tests``.
     """
+    check()
+    return _build_units(
+        times,
+        _files_of(times, check),
+        n,
+        granularity,
+        file_costs or {},
+        groups,
+        granules_per_shard,
+        check,
+    )
+
+
+def _files_of(times: Mapping[str, float], check: Check) -> dict[str, str]:
+    """Each test's file, the tests sorted."""
+    return {t: file_of(t) for t in _checking(sorted(times), check)}
+
+
+def _build_units(
+    times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
+    n: int,
+    granularity: Granularity,
+    fcosts: Mapping[str, float],
+    groups: Mapping[str, str] | None,
+    granules_per_shard: int,
+    check: Check,
+) -> list[Unit]:
+    """build_units, given ``_files_of(times)``: made once for the several unit sets of
+    one split."""
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
-    fcosts = file_costs or {}
-    check()
-    tests = sorted(times)
-    file_of_test = {t: file_of(t) for t in _checking(tests, check)}
+    tests = list(file_of_test)
     atoms: list[tuple[str, ...]]
     if granularity == "test" and not groups:
         atoms = [(t,) for t in tests]
@@ -545,8 +583,8 @@ def lower_bound(
     units: Sequence[Unit], n: int, file_costs: Mapping[str, float], startup: float
 ) -> float:
     """start-up + max(everything / n, the longest unit with its files' costs)."""
-    files = set(itertools.chain.from_iterable(u.files for u in units))
-    total = math.fsum(u.test_time for u in units) + math.fsum(file_costs.get(f, 0.0) for f in files)
+    files = set(itertools.chain.from_iterable(map(_files, units)))
+    total = math.fsum(map(_test_time, units)) + math.fsum(file_costs.get(f, 0.0) for f in files)
     longest = max(
         (u.test_time + _files_cost(u.files, file_costs) for u in units),
         default=0.0,
@@ -556,6 +594,7 @@ def lower_bound(
 
 def _single_test_bound(
     times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
     n: int,
     file_costs: Mapping[str, float],
     startup: float,
@@ -565,7 +604,6 @@ def _single_test_bound(
     test each), without making them."""
     if not times:
         return 0.0
-    file_of_test = {t: file_of(t) for t in _checking(times, check)}
     total = math.fsum(times.values()) + math.fsum(
         file_costs.get(f, 0.0) for f in set(file_of_test.values())
     )
@@ -589,14 +627,14 @@ def plan_hash(shards: Sequence[Sequence[str]]) -> str:
 
 def _shard(index: int, units: list[Unit], fcosts: Mapping[str, float], startup: float) -> Shard:
     """The shard of units (in input order, which the sum of their times follows)."""
-    test_time = 0.0
-    for u in units:
-        test_time += u.test_time
+    # Added up in the units' order, as the plans before (not an fsum); map and reduce
+    # run in C, where a loop would make a Python step per test.
+    test_time = functools.reduce(operator.add, map(_test_time, units), 0.0)
     # In the units' order, which is about sorted: sorting them is then about linear.
-    files = dict.fromkeys(itertools.chain.from_iterable(u.files for u in units))
+    files = dict.fromkeys(itertools.chain.from_iterable(map(_files, units)))
     return Shard(
         index=index,
-        tests=tuple(sorted(itertools.chain.from_iterable(u.tests for u in units))),
+        tests=tuple(sorted(itertools.chain.from_iterable(map(_tests, units)))),
         files=tuple(sorted(files)),
         predicted=(startup if units else 0.0)
         + test_time
@@ -703,43 +741,37 @@ def split_tests(
         )
 
     check()
-    plan = plan_of(
-        build_units(times, n, granularity, file_costs=file_costs, groups=groups, check=check)
-    )
+    file_of_test = _files_of(times, check)
+    fcosts = file_costs or {}
+
+    def units_of(granularity: Granularity, granules_per_shard: int = 1) -> list[Unit]:
+        return _build_units(
+            times, file_of_test, n, granularity, fcosts, groups, granules_per_shard, check
+        )
+
+    plan = plan_of(units_of(granularity))
     if granularity != "auto":
         return plan
     # Judge auto's plans against the bound of the finest split (single tests), not
     # against their own units: a plan of big units can sit on its own bound.
     test_units: list[Unit] | None = None
     if groups:
-        test_units = build_units(
-            times, n, "test", file_costs=file_costs, groups=groups, check=check
-        )
-        bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
+        test_units = units_of("test")
+        bound = lower_bound(test_units, n, fcosts, startup) if test_units else 0.0
     else:
-        bound = _single_test_bound(times, n, file_costs or {}, startup, check)
+        bound = _single_test_bound(times, file_of_test, n, fcosts, startup, check)
     check()
 
     def good_enough(candidate: Plan) -> bool:
         return candidate.makespan <= bound * (1 + _AUTO_GOOD_ENOUGH)
 
     if not good_enough(plan):
-        finer = plan_of(
-            build_units(
-                times,
-                n,
-                granularity,
-                file_costs=file_costs,
-                groups=groups,
-                granules_per_shard=4,
-                check=check,
-            )
-        )
+        finer = plan_of(units_of(granularity, granules_per_shard=4))
         if finer.makespan < plan.makespan:
             plan = finer
         if not good_enough(plan):
             if test_units is None:
-                test_units = build_units(times, n, "test", file_costs=file_costs, check=check)
+                test_units = units_of("test")  # no groups here: they made test_units
             by_test = plan_of(test_units)
             if by_test.makespan < plan.makespan * (1 - _CUT_CLASSES_GAIN):
                 plan = by_test

@@ -11,7 +11,7 @@ from benchmarks import bench_split_scale
 
 def test_split_scale_smoke(tmp_path: pathlib.Path) -> None:
     out = tmp_path / "scale.json"
-    assert bench_split_scale.main(["--smoke", "--json", str(out)]) == 0
+    assert bench_split_scale.main(["--smoke", "--repeat", "2", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (result["tests"], result["shards"]) == (2_000, 8)
     # The CLI's plans are the ones recorded before the speed-up (issue 23).
