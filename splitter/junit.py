@@ -157,44 +157,26 @@ class _Reader:
             outcome = "skipped"
         else:
             outcome = "passed"  # flakyFailure/flakyError: passed on a rerun
-        self.add_case(
-            self.stack[-1],
-            attrs.get("classname"),
-            attrs.get("name"),
-            attrs.get("file"),
-            attrs.get("time"),
-            outcome,
-            self.case_group,
-        )
-
-    def add_case(
-        self,
-        parent: object,
-        classname: str | None,
-        name: str | None,
-        file: str | None,
-        time: str | None,
-        outcome: str,
-        group: str | None,
-    ) -> None:
-        """A case of the suite (or root) parent, from its attributes' values."""
-        suite_file = None if parent is _ROOT else parent.file  # type: ignore[attr-defined]
-        file = file or suite_file or None
+        parent = self.stack[-1]
+        if parent is _ROOT:
+            suite_file, cases = None, self.root_cases
+        else:
+            assert type(parent) is _Suite
+            suite_file, cases = parent.file, parent.cases
+        file = attrs.get("file") or suite_file or None
         if file:
             normalized = self.files.get(file)
             if normalized is None:
                 normalized = self.files[file] = normalize_path(file)
             file = normalized
-        classname = classname or ""
+        classname = attrs.get("classname") or ""
         classname = self.classnames.setdefault(classname, classname)
+        time = attrs.get("time")
         seconds = self.times.get(time, _UNPARSED)  # few distinct times: each parsed once
         if seconds is _UNPARSED:
             seconds = self.times[time] = parse_time(time)
-        case = JUnitCase._make((classname, name or "", file, seconds, outcome, self.path, group))
-        if parent is _ROOT:
-            self.root_cases.append(case)
-        else:
-            parent.cases.append(case)  # type: ignore[attr-defined]
+        name = attrs.get("name") or ""
+        cases.append(JUnitCase(classname, name, file, seconds, outcome, self.path, self.case_group))
 
 
 _ROOT = object()
@@ -233,10 +215,6 @@ def parse_report(chunks: Iterable[bytes], path: str) -> Report:
         raise NotJUnit(
             f"is not well-formed XML ({expat.errors.messages[exc.code]}, line {exc.lineno})"
         ) from None
-    return _report(reader)
-
-
-def _report(reader: _Reader) -> Report:
     if reader.root not in ("testsuites", "testsuite"):
         raise NotJUnit(f"is XML but not a JUnit report (root element <{reader.root}>)")
     cases: list[JUnitCase] = []
@@ -250,7 +228,7 @@ def _report(reader: _Reader) -> Report:
             file_costs[name[len(FILE_COST_PROPERTY) :]] = seconds
     startup = parse_time(props.get(STARTUP_PROPERTY))
     cases.extend(reader.root_cases)  # cases directly under <testsuites> (seen from some tools)
-    return Report(reader.path, tuple(cases), file_costs, startup)
+    return Report(path, tuple(cases), file_costs, startup)
 
 
 def _read_chunks(path: Path) -> Iterator[bytes]:

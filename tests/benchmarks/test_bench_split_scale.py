@@ -18,7 +18,9 @@ def test_split_scale_smoke(tmp_path: pathlib.Path) -> None:
     assert [(r["by"], r["plan_hash"]) for r in result["cli"]] == [
         (r["by"], r["hash_recorded"]) for r in result["cli"]
     ]
-    assert all(r["hash_recorded"] and r["peak_rss_mb"] > 0 for r in result["cli"])
+    assert all(
+        r["hash_recorded"] and r["peak_rss_mb"] > 0 < r["cpu_seconds"] for r in result["cli"]
+    )
     server = result["server"]
     assert server["tests"] == 2_000 and server["plan_hash"]
     assert server["server_rss_mb"] > 0
