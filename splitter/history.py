@@ -73,7 +73,8 @@ class RecordStore(Protocol):
 
 
 class Sample(NamedTuple):
-    """One timing of a test (a tuple: a history holds one per test and run)."""
+    """One timing of a test (a tuple, made faster than a frozen dataclass: a history
+    holds one per test and run)."""
 
     seconds: float
     failed: bool
