@@ -3,15 +3,18 @@ the pytest plugin's collection-time work beside pytest-split's.
 
     python -m benchmarks.bench_split_scale [--smoke] [--tests N] [--shards N] [--json PATH]
                                            [--record-hashes PATH] [--no-server] [--no-plugin]
+                                           [--cwd CHECKOUT] [--repeat N]
 
 Inputs come from benchmarks/split_scale_suite.py (deterministic: seed 23): N test ids
 and JUnit reports of an earlier run (about 11 MB at 100,000 tests).
 
 - cli: ``slipstream split --total S --index 3 --junit run1.xml < ids.txt`` as a child
-  process, for ``--by auto`` and ``--by test``; wall time, and the child's peak RSS
+  process, for ``--by auto`` and ``--by test``; wall time, and the child's CPU time and peak RSS
   (``resource.getrusage(RUSAGE_CHILDREN)``, one child per measurement process). Each plan
-  hash is checked against the recorded one (benchmarks/data/split_scale_hashes.json,
-  recorded before the speed-up of issue 23) when one is recorded for the size.
+  hash is checked against the recorded one (tests/splitter/data/plan_hashes.json,
+  recorded before the speed-up of issue 23) when one is recorded for the size. With
+  ``--cwd CHECKOUT`` the child runs that checkout's code (an older commit, for a before
+  and after); ``--repeat N`` keeps the least wall and CPU time of N runs.
 - server: a ``slipstream serve`` process; one client uploads the JUnit timings, then
   GetShard for shard 3 (the first call of a run makes its plan) and for shard 4 (the
   plan already made); wall time per call and the server's RSS from /proc.
@@ -72,6 +75,7 @@ class CliRun:
     by: str
     shards: int
     seconds: float
+    cpu_seconds: float  # user + system: what a loaded machine's wall time hides
     peak_rss_mb: float
     plan_hash: str
     hash_recorded: str | None
@@ -79,11 +83,12 @@ class CliRun:
 
 def run_cli(
     directory: pathlib.Path, args: Sequence[str], python: str = sys.executable, cwd: str = ""
-) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS MB, plan hash) of one ``slipstream split`` child process.
+) -> tuple[float, float, str, float]:
+    """(wall seconds, peak RSS MB, plan hash, CPU seconds) of one ``slipstream split``
+    child process.
 
-    The peak RSS is measured in a fresh measuring process (RUSAGE_CHILDREN keeps the
-    largest child so far), so each figure is of this one run.
+    The peak RSS and the CPU time are measured in a fresh measuring process
+    (RUSAGE_CHILDREN keeps the largest child so far), so each figure is of this one run.
     """
     probe = (
         "import json, resource, subprocess, sys, time\n"
@@ -92,8 +97,9 @@ def run_cli(
         "p = subprocess.run(args, stdin=stdin, stdout=subprocess.DEVNULL, "
         "stderr=subprocess.PIPE, cwd=sys.argv[3] or None)\n"
         "wall = time.perf_counter() - t\n"
-        "rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024\n"
-        "print(json.dumps([p.returncode, wall, rss, p.stderr.decode()]))\n"
+        "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+        "rss, cpu = usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime\n"
+        "print(json.dumps([p.returncode, wall, rss, cpu, p.stderr.decode()]))\n"
     )
     cmd = [python, "-m", "slipstream.cli", *args]
     out = subprocess.run(
@@ -102,10 +108,10 @@ def run_cli(
         text=True,
         check=True,
     ).stdout
-    code, wall, rss, err = json.loads(out)
+    code, wall, rss, cpu, err = json.loads(out)
     if code != 0:
         raise RuntimeError(f"slipstream split failed ({code}): {err.strip()}")
-    return wall, rss, err.rsplit("plan ", 1)[1].strip()
+    return wall, rss, err.rsplit("plan ", 1)[1].strip(), cpu
 
 
 def record_hashes(directory: pathlib.Path, python: str, cwd: str) -> dict[str, str]:
@@ -127,16 +133,24 @@ def recorded_hashes(tests: int) -> dict[str, str]:
     return got
 
 
-def bench_cli(directory: pathlib.Path, tests: int, shards: int) -> list[CliRun]:
+def bench_cli(
+    directory: pathlib.Path, tests: int, shards: int, cwd: str = "", repeat: int = 1
+) -> list[CliRun]:
+    """``--by auto`` and ``--by test`` by the code in cwd (this checkout's when empty):
+    the least wall and CPU time of ``repeat`` runs, and the largest peak RSS."""
     recorded = recorded_hashes(tests)
     rows = []
     for by in ("auto", "test"):
         args = split_args(directory, "run1", by, shards)
-        wall, rss, got = run_cli(directory, args)
+        runs = [run_cli(directory, args, cwd=cwd) for _ in range(repeat)]
+        wall, rss, got = min(r[0] for r in runs), max(r[1] for r in runs), runs[0][2]
+        cpu = min(r[3] for r in runs)
+        if any(r[2] != got for r in runs):
+            raise AssertionError(f"--by {by}: plans {sorted({r[2] for r in runs})} in one run")
         expected = recorded.get(f"run1/{by}/{shards}")
         if expected is not None and got != expected:
             raise AssertionError(f"--by {by}: plan {got}, recorded {expected}")
-        rows.append(CliRun(by, shards, round(wall, 3), round(rss, 1), got, expected))
+        rows.append(CliRun(by, shards, round(wall, 3), round(cpu, 3), round(rss, 1), got, expected))
     return rows
 
 
@@ -287,7 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=pathlib.Path, help="write the results here")
     p.add_argument("--record-hashes", type=pathlib.Path, metavar="PATH")
     p.add_argument("--python", default=sys.executable, help="for --record-hashes")
-    p.add_argument("--cwd", default="", help="for --record-hashes: the code to run")
+    p.add_argument(
+        "--cwd",
+        default="",
+        help="the code to run (a checkout's root; default this one's): the CLI part and "
+        "--record-hashes",
+    )
+    p.add_argument("--repeat", type=int, default=1, help="CLI runs: the fastest of N")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--no-plugin", action="store_true")
     p.add_argument("--plugin-tests", type=int, help="tests of the plugin part (default --tests)")
@@ -305,11 +325,14 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(hashes, indent=1))
             return 0
         result: dict[str, object] = {"tests": tests, "shards": shards}
-        cli = bench_cli(directory, tests, shards)
+        cli = bench_cli(directory, tests, shards, args.cwd, args.repeat)
         result["cli"] = [asdict(r) for r in cli]
-        print(f"{'--by':<6} {'wall s':>7} {'peak RSS MB':>12}  plan")
+        print(f"{'--by':<6} {'wall s':>7} {'CPU s':>6} {'peak RSS MB':>12}  plan")
         for r in cli:
-            print(f"{r.by:<6} {r.seconds:>7.3f} {r.peak_rss_mb:>12.1f}  {r.plan_hash}")
+            print(
+                f"{r.by:<6} {r.seconds:>7.3f} {r.cpu_seconds:>6.3f} {r.peak_rss_mb:>12.1f}  "
+                f"{r.plan_hash}"
+            )
         if not args.no_server:
             server = bench_server(directory, shards)
             result["server"] = asdict(server)

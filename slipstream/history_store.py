@@ -10,23 +10,42 @@ import os
 import pathlib
 import stat
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from slipstream.cache_server.storage.base import Store
-from slipstream.cache_server.storage.disk import DiskStore, default_storage_dir
 from slipstream.splitter import history
 from slipstream.splitter.history import Estimates, HistoryError, Run
 from slipstream.splitter.sources import TimingSource, runs_from_junit
+
+if TYPE_CHECKING:
+    from slipstream.cache_server.storage.base import Store
+    from slipstream.cache_server.storage.disk import DiskStore
+
+# The disk store (and the protobuf it imports) is imported when a store is opened: a
+# `slipstream split --junit` never opens one, and each of a matrix's runners pays the
+# import.
+
+
+def _disk_store(root: pathlib.Path, *, create: bool = True) -> DiskStore:
+    from slipstream.cache_server.storage.disk import DiskStore
+
+    return DiskStore(root, create=create)
+
+
+def _default_storage_dir() -> pathlib.Path:
+    from slipstream.cache_server.storage.disk import default_storage_dir
+
+    return default_storage_dir()
 
 
 def open_store(storage_dir: pathlib.Path | None) -> Store:
     """The disk store at storage_dir (the cache's default directory when None), for writing:
     it is created if absent. OSError if it cannot be."""
-    return DiskStore(storage_dir or default_storage_dir())
+    return _disk_store(storage_dir or _default_storage_dir())
 
 
 def _existing_root(storage_dir: pathlib.Path | None) -> pathlib.Path | None:
     """The history's directory, None if it does not exist; HistoryError if not a directory."""
-    root = storage_dir or default_storage_dir()
+    root = storage_dir or _default_storage_dir()
     try:
         is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except FileNotFoundError:
@@ -49,7 +68,7 @@ def load_history(storage_dir: pathlib.Path | None, suite: str) -> tuple[list[Run
     root = _existing_root(storage_dir)
     if root is None:
         return [], []
-    store = DiskStore(root, create=False)
+    store = _disk_store(root, create=False)
     try:
         return history.load_runs(store, suite)
     except OSError as exc:
@@ -63,7 +82,7 @@ def suites_in(storage_dir: pathlib.Path | None) -> list[str]:
     root = _existing_root(storage_dir)
     if root is None:
         return []
-    store = DiskStore(root, create=False)
+    store = _disk_store(root, create=False)
     try:
         keys = store.list_records(history.NAMESPACE)
     except OSError as exc:
@@ -78,7 +97,7 @@ def load_estimates(source: TimingSource, tests: Iterable[str]) -> tuple[Estimate
 
     Raises FileNotFoundError (a JUnit pattern matching nothing) and HistoryError.
     """
-    wanted = sorted(set(tests))
+    wanted = sorted(dict.fromkeys(tests))  # sorted(set()), in O(n) when tests are sorted
     if source.junit:
         runs, warnings = runs_from_junit(source.junit, wanted)
         where = "the JUnit reports"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import math
 import os
 import pathlib
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from slipstream.core.errors import UsageError
 from slipstream.history_store import load_estimates, load_history
@@ -130,11 +132,30 @@ def summary(plan: Plan, index: int) -> str:
     )
 
 
+@contextlib.contextmanager
+def _without_cyclic_gc() -> Iterator[None]:
+    """The cyclic garbage collector off: a split makes a few objects per test and no
+    cycles, and the collector would walk them all again and again as they pile up
+    (about a sixth of the time at 100,000 tests) to find nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def run_split(args: argparse.Namespace) -> int:
+    with _without_cyclic_gc():
+        return _split(args)
+
+
+def _split(args: argparse.Namespace) -> int:
     index, total = _shard_args(args)
     if args.startup is not None and args.startup < 0:
         raise UsageError("--startup must not be negative")
-    tests = list(dict.fromkeys(line.strip() for line in sys.stdin if line.strip()))
+    tests = list(dict.fromkeys(filter(None, map(str.strip, sys.stdin.read().split("\n")))))
     estimates = _estimates(args, tests)
     plan = split_tests(
         estimates.tests,
@@ -154,6 +175,11 @@ def run_split(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    with _without_cyclic_gc():
+        return _plan(args)
+
+
+def _plan(args: argparse.Namespace) -> int:
     target = parse_duration(args.target)
     overhead = parse_duration(args.overhead)
     if target <= overhead:

@@ -25,12 +25,15 @@ on every machine.
 from __future__ import annotations
 
 import bisect
+import collections
+import functools
 import heapq
 import itertools
 import math
+import operator
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import xxhash
 
@@ -66,10 +69,14 @@ def no_check() -> None:
 
 def _checking(items: Iterable[X], check: Check) -> Iterator[X]:
     """items, with check() called before every _CHECK_EVERY of them."""
+    return itertools.chain.from_iterable(_chunks(items, check))  # no Python step per item
+
+
+def _chunks(items: Iterable[X], check: Check) -> Iterator[list[X]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, _CHECK_EVERY)):
         check()
-        yield from chunk
+        yield chunk
 
 
 def _grouped(
@@ -94,9 +101,12 @@ def _grouped(
     return alone
 
 
-@dataclass(frozen=True, slots=True)
-class Unit:
-    """Tests that run in the same shard; ``weight`` is what the balancing sees."""
+class Unit(NamedTuple):
+    """Tests that run in the same shard; ``weight`` is what the balancing sees.
+
+    A tuple: a split by test makes one per test (a frozen dataclass takes three times
+    as long to make).
+    """
 
     tests: tuple[str, ...]  # sorted
     files: tuple[str, ...]  # sorted, distinct
@@ -106,6 +116,11 @@ class Unit:
     @property
     def id(self) -> str:
         return self.tests[0]
+
+
+_tests = operator.attrgetter("tests")
+_files = operator.attrgetter("files")
+_test_time = operator.attrgetter("test_time")
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,9 +198,10 @@ def _unit(
 
 
 def _files_cost(files: Collection[str], fcosts: Mapping[str, float]) -> float:
+    """math.fsum of the files' costs (faster for one file: fsum(x) is x + 0.0)."""
     if len(files) == 1:
         for f in files:
-            return fcosts.get(f, 0.0)
+            return fcosts.get(f, 0.0) + 0.0
     return math.fsum(fcosts.get(f, 0.0) for f in files)
 
 
@@ -210,12 +226,39 @@ def build_units(
     such a piece: finer units for balance, at the price of more imports. ``check`` as
     in ``split_tests``.
     """
+    check()
+    return _build_units(
+        times,
+        _files_of(times, check),
+        n,
+        granularity,
+        file_costs or {},
+        groups,
+        granules_per_shard,
+        check,
+    )
+
+
+def _files_of(times: Mapping[str, float], check: Check) -> dict[str, str]:
+    """Each test's file, the tests sorted."""
+    return {t: file_of(t) for t in _checking(sorted(times), check)}
+
+
+def _build_units(
+    times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
+    n: int,
+    granularity: Granularity,
+    fcosts: Mapping[str, float],
+    groups: Mapping[str, str] | None,
+    granules_per_shard: int,
+    check: Check,
+) -> list[Unit]:
+    """build_units, given ``_files_of(times)``: made once for the several unit sets of
+    one split."""
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
-    fcosts = file_costs or {}
-    check()
-    tests = sorted(times)
-    file_of_test = {t: file_of(t) for t in _checking(tests, check)}
+    tests = list(file_of_test)
     atoms: list[tuple[str, ...]]
     if granularity == "test" and not groups:
         atoms = [(t,) for t in tests]
@@ -241,32 +284,26 @@ def build_units(
             for a in _checking(atoms, check)
         ]
     # Single tests (most atoms) skip the sets: their one file is file_of_test's.
-    atom_files: list[set[str] | None] = []
-    sharing: dict[str, int] = {}
-    for a in _checking(atoms, check):
-        if len(a) == 1:
-            f = file_of_test[a[0]]
-            sharing[f] = sharing.get(f, 0) + 1
-            atom_files.append(None)
-            continue
-        fs = {file_of_test[t] for t in a}
-        for f in fs:
-            sharing[f] = sharing.get(f, 0) + 1
-        atom_files.append(fs)
+    atom_files = [
+        None if len(a) == 1 else {file_of_test[t] for t in a} for a in _checking(atoms, check)
+    ]
+    sharing = collections.Counter(  # how many atoms each file's cost is shared by
+        file_of_test[a[0]] for a, fs in zip(atoms, atom_files, strict=True) if fs is None
+    )
+    for fs in atom_files:
+        if fs is not None:
+            sharing.update(fs)
+    share_of = {f: fcosts[f] / count if f in fcosts else 0.0 for f, count in sharing.items()}
+    one_file = {f: (f,) for f in sharing}  # one (f,) per file, shared by its tests' units
     units: list[Unit] = []
-    one_file: dict[str, tuple[str]] = {}  # one (f,) per file, shared by its tests' units
     for a, maybe_fs in _checking(zip(atoms, atom_files, strict=True), check):
         if maybe_fs is None:  # _unit and _files_cost of one test, inlined
             t = a[0]
             f = file_of_test[t]
             seconds = times[t]
-            share = fcosts[f] / sharing[f] if f in fcosts else 0.0
-            files = one_file.get(f)
-            if files is None:
-                files = one_file[f] = (f,)
-            units.append(Unit(a, files, seconds, seconds + share))
+            units.append(Unit(a, one_file[f], seconds, seconds + share_of[f]))
             continue
-        share = _files_cost(maybe_fs, {f: fcosts[f] / sharing[f] for f in maybe_fs if f in fcosts})
+        share = _files_cost(maybe_fs, {f: share_of[f] for f in maybe_fs if f in fcosts})
         units.append(_unit(a, times, file_of_test, share))
     return units
 
@@ -350,10 +387,14 @@ def _int_weight(seconds: float) -> int:
 
 def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
     """Unit indices from heaviest to lightest, ties broken by a hash of the id, then the id."""
+    hash_of = xxhash.xxh64_intdigest
+    # (-weight, hash) as one int, -weight * 2**64 + hash: the same order, sorted faster
     keys = [
-        (-w, xxhash.xxh64_intdigest(u.id.encode("utf-8", "surrogatepass")), u.id)
+        (-w << 64) | hash_of(u.tests[0].encode("utf-8", "surrogatepass"))
         for u, w in zip(units, weights, strict=True)
     ]
+    if len(set(keys)) < len(keys):  # a hash collision: the id decides
+        return sorted(range(len(units)), key=lambda i: (keys[i], units[i].id))
     return sorted(range(len(units)), key=keys.__getitem__)
 
 
@@ -361,13 +402,15 @@ def _lpt(
     weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
 ) -> list[int]:
     assign = [0] * len(weights)
-    heap = [(0, s) for s in range(n)]
+    # (load, shard) as one int, load * n + shard: the same order, compared faster
+    heap = list(range(n))
+    replace_top = heapq.heapreplace
     for step, i in enumerate(order):
         if step % _CHECK_EVERY == 0:
             check()
-        load, s = heap[0]
-        assign[i] = s
-        heapq.heapreplace(heap, (load + weights[i], s))
+        top = heap[0]
+        assign[i] = top % n
+        replace_top(heap, top + weights[i] * n)
     return assign
 
 
@@ -457,13 +500,14 @@ def _improve(
     Each look at a (fullest, other) pair of shards counts as one iteration. The
     shards are kept sorted by (load, index), so a round costs a look-up, not a sort.
     """
-    loads = [0] * n
-    bins: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    members: list[list[int]] = [[] for _ in range(n)]
     for i, s in enumerate(assign):
-        loads[s] += weights[i]
-        bins[s].append((weights[i], i))
-    for members in bins:
-        members.sort()
+        members[s].append(i)
+    weight_of = weights.__getitem__
+    loads = [sum(map(weight_of, m)) for m in members]
+    if max(loads) <= floor:
+        return False
+    bins = [sorted(zip(map(weight_of, m), m)) for m in members]  # noqa: B905 (same length)
     ranked = sorted((loads[s], s) for s in range(n))
     improved = False
     iterations = 0
@@ -540,10 +584,10 @@ def lower_bound(
     units: Sequence[Unit], n: int, file_costs: Mapping[str, float], startup: float
 ) -> float:
     """start-up + max(everything / n, the longest unit with its files' costs)."""
-    files = {f for u in units for f in u.files}
-    total = math.fsum(u.test_time for u in units) + math.fsum(file_costs.get(f, 0.0) for f in files)
+    files = set(itertools.chain.from_iterable(map(_files, units)))
+    total = math.fsum(map(_test_time, units)) + math.fsum(file_costs.get(f, 0.0) for f in files)
     longest = max(
-        (u.test_time + math.fsum(file_costs.get(f, 0.0) for f in u.files) for u in units),
+        (u.test_time + _files_cost(u.files, file_costs) for u in units),
         default=0.0,
     )
     return startup + max(total / n, longest)
@@ -551,6 +595,7 @@ def lower_bound(
 
 def _single_test_bound(
     times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
     n: int,
     file_costs: Mapping[str, float],
     startup: float,
@@ -560,7 +605,6 @@ def _single_test_bound(
     test each), without making them."""
     if not times:
         return 0.0
-    file_of_test = {t: file_of(t) for t in _checking(times, check)}
     total = math.fsum(times.values()) + math.fsum(
         file_costs.get(f, 0.0) for f in set(file_of_test.values())
     )
@@ -577,9 +621,26 @@ def plan_hash(shards: Sequence[Sequence[str]]) -> str:
     h.update(f"{len(shards)}\n".encode())
     for index, tests in enumerate(shards):
         h.update(f"#{index}\n".encode())
-        for t in sorted(tests):
-            h.update(t.encode("utf-8", "surrogatepass") + b"\n")
+        if tests:  # one update of the lines hashes as one update per line does
+            h.update(("\n".join(sorted(tests)) + "\n").encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+def _shard(index: int, units: list[Unit], fcosts: Mapping[str, float], startup: float) -> Shard:
+    """The shard of units (in input order, which the sum of their times follows)."""
+    # Added up in the units' order, as the plans before (not an fsum); map and reduce
+    # run in C, where a loop would make a Python step per test.
+    test_time = functools.reduce(operator.add, map(_test_time, units), 0.0)
+    # In the units' order, which is about sorted: sorting them is then about linear.
+    files = dict.fromkeys(itertools.chain.from_iterable(map(_files, units)))
+    return Shard(
+        index=index,
+        tests=tuple(sorted(itertools.chain.from_iterable(map(_tests, units)))),
+        files=tuple(sorted(files)),
+        predicted=(startup if units else 0.0)
+        + test_time
+        + math.fsum(fcosts.get(f, 0.0) for f in files),
+    )
 
 
 def split(
@@ -600,7 +661,7 @@ def split(
         raise ValueError("the number of shards must be at least 1")
     fcosts = file_costs or {}
     # Everything below works on units ranked by the total order, never on input positions.
-    unit_weights = [_int_weight(u.weight) for u in units]
+    unit_weights = [max(0, round(u.weight * _SCALE)) for u in units]  # _int_weight
     order = _order(units, unit_weights)
     weights = [unit_weights[i] for i in order]
     ranks = range(len(order))
@@ -629,27 +690,13 @@ def split(
     assign = [0] * len(units)
     for r, s in enumerate(by_rank):
         assign[order[r]] = s
-    shard_tests: list[list[str]] = [[] for _ in range(n)]
-    shard_time = [0.0] * n
-    shard_files: list[set[str]] = [set() for _ in range(n)]
+    members: list[list[Unit]] = [[] for _ in range(n)]
     check()
     for i, s in enumerate(assign):
         if i % _CHECK_EVERY == 0:
             check()
-        shard_tests[s].extend(units[i].tests)
-        shard_time[s] += units[i].test_time
-        shard_files[s].update(units[i].files)
-    shards = tuple(
-        Shard(
-            index=s,
-            tests=tuple(sorted(shard_tests[s])),
-            files=tuple(sorted(shard_files[s])),
-            predicted=(startup if shard_tests[s] else 0.0)
-            + shard_time[s]
-            + math.fsum(fcosts.get(f, 0.0) for f in shard_files[s]),
-        )
-        for s in range(n)
-    )
+        members[s].append(units[i])
+    shards = tuple(_shard(s, members[s], fcosts, startup) for s in range(n))
     check()
     predicted_makespan = max(s.predicted for s in shards)
     lb = lower_bound(units, n, fcosts, startup) if units else 0.0
@@ -695,43 +742,37 @@ def split_tests(
         )
 
     check()
-    plan = plan_of(
-        build_units(times, n, granularity, file_costs=file_costs, groups=groups, check=check)
-    )
+    file_of_test = _files_of(times, check)
+    fcosts = file_costs or {}
+
+    def units_of(granularity: Granularity, granules_per_shard: int = 1) -> list[Unit]:
+        return _build_units(
+            times, file_of_test, n, granularity, fcosts, groups, granules_per_shard, check
+        )
+
+    plan = plan_of(units_of(granularity))
     if granularity != "auto":
         return plan
     # Judge auto's plans against the bound of the finest split (single tests), not
     # against their own units: a plan of big units can sit on its own bound.
     test_units: list[Unit] | None = None
     if groups:
-        test_units = build_units(
-            times, n, "test", file_costs=file_costs, groups=groups, check=check
-        )
-        bound = lower_bound(test_units, n, file_costs or {}, startup) if test_units else 0.0
+        test_units = units_of("test")
+        bound = lower_bound(test_units, n, fcosts, startup) if test_units else 0.0
     else:
-        bound = _single_test_bound(times, n, file_costs or {}, startup, check)
+        bound = _single_test_bound(times, file_of_test, n, fcosts, startup, check)
     check()
 
     def good_enough(candidate: Plan) -> bool:
         return candidate.makespan <= bound * (1 + _AUTO_GOOD_ENOUGH)
 
     if not good_enough(plan):
-        finer = plan_of(
-            build_units(
-                times,
-                n,
-                granularity,
-                file_costs=file_costs,
-                groups=groups,
-                granules_per_shard=4,
-                check=check,
-            )
-        )
+        finer = plan_of(units_of(granularity, granules_per_shard=4))
         if finer.makespan < plan.makespan:
             plan = finer
         if not good_enough(plan):
             if test_units is None:
-                test_units = build_units(times, n, "test", file_costs=file_costs, check=check)
+                test_units = units_of("test")  # no groups here: they made test_units
             by_test = plan_of(test_units)
             if by_test.makespan < plan.makespan * (1 - _CUT_CLASSES_GAIN):
                 plan = by_test

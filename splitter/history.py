@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from slipstream.splitter.ids import (
     JUnitCase,
@@ -39,6 +39,7 @@ MIN_TEST_SECONDS = 0.0005
 MIN_SKIPPED_SECONDS = 0.001
 
 
+_INF = float("inf")
 _SUITE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -71,8 +72,10 @@ class RecordStore(Protocol):
     def list_records(self, namespace: str, prefix: str = "") -> Sequence[RecordInfo]: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
+    """One timing of a test (a tuple, made faster than a frozen dataclass: a history
+    holds one per test and run)."""
+
     seconds: float
     failed: bool
 
@@ -177,8 +180,11 @@ def merge_runs(runs: Iterable[Run]) -> list[Run]:
             alone.append(run)
             continue
         into = merged.setdefault(run.run_id, Run(run.run_id, run.created_ns))
-        for test, sample in run.tests.items():
-            into.tests[test] = _merge_sample(into.tests.get(test), sample)
+        if into.tests:
+            for test, sample in run.tests.items():
+                into.tests[test] = _merge_sample(into.tests.get(test), sample)
+        else:  # the run's first upload: _merge_sample(None, s) is s
+            into.tests.update(run.tests)
         into.file_costs.update(run.file_costs)
         if run.startup is not None:
             into.startup = max(into.startup or 0.0, run.startup)
@@ -226,7 +232,7 @@ def estimate(
     whole suite's. With no history at
     all every test gets 1 second and ``from_history`` is False.
     """
-    wanted = sorted(set(tests))
+    wanted = sorted(dict.fromkeys(tests))  # sorted(set()), in O(n) when tests are sorted
     merged = merge_runs(runs)
     samples: dict[str, list[Sample]] = {}
     single = len(merged) == 1 and last_runs >= 1  # one sample per test: no lists of them
@@ -236,14 +242,15 @@ def estimate(
             if len(got) < last_runs:
                 got.append(sample)
     own: dict[str, float] = {}
-    if single:
-        for test, sample in merged[0].tests.items():
-            one = sample.seconds
-            own[test] = max(MIN_TEST_SECONDS, one + (one - one) * 0.0)  # as _percentile
+    if single:  # max(MIN_TEST_SECONDS, _percentile([one], ...)), inlined (nan, inf: MIN)
+        own = {
+            test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
+            for test, (one, _) in merged[0].tests.items()
+        }
     for test, got in samples.items():
         if len(got) == 1:
             one = got[0].seconds
-            own[test] = max(MIN_TEST_SECONDS, one + (one - one) * 0.0)  # as _percentile
+            own[test] = one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
             continue
         passed = [s.seconds for s in got if not s.failed]
         own[test] = max(
@@ -275,16 +282,13 @@ def estimate(
             got_file.append(seconds)
     by_directory: dict[str, list[float]] | None = None  # made when first needed
     medians: dict[str, float] = {}
-    result: dict[str, float] = {}
-    known = 0
+    guessed: dict[str, float] = {}
     for test in wanted:
         if test in own or test in file_total:
-            result[test] = own.get(test) or file_total[test]
-            known += 1
             continue
         f = file_of(test)
         if f in medians:
-            result[test] = medians[f]
+            guessed[test] = medians[f]
             continue
         if by_directory is None:
             by_directory = {}
@@ -295,8 +299,12 @@ def estimate(
             if scope in by_file or scope in by_directory:
                 if scope not in medians:
                     medians[scope] = _median(by_file.get(scope, []) + by_directory.get(scope, []))
-                result[test] = medians[scope]
-                break
+                guessed[test] = medians[scope]
+                break  # found: every path is below the directory ""
+    result = {
+        t: own[t] if t in own else file_total[t] if t in file_total else guessed[t] for t in wanted
+    }
+    known = len(result) - len(guessed)
     if file_costs:
         fallback = _median(list(file_costs.values()))
         for f in {file_of(t) for t in wanted} - file_costs.keys():
@@ -341,7 +349,8 @@ def decode_run(data: bytes) -> Run:
         return Run(
             run_id=str(run_id) if run_id is not None else None,
             created_ns=int(raw["created_ns"]),
-            tests={str(t): Sample(float(v[0]), bool(v[1])) for t, v in raw["tests"].items()},
+            # JSON's keys are strings already
+            tests={t: Sample(float(v[0]), bool(v[1])) for t, v in raw["tests"].items()},
             file_costs={str(f): float(c) for f, c in raw.get("file_costs", {}).items()},
             startup=None if raw.get("startup") is None else float(raw["startup"]),
             groups={str(t): str(g) for t, g in raw.get("groups", {}).items()},

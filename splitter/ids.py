@@ -7,8 +7,8 @@ runners split by file path (``spec/models/user_spec.rb``) or by class name
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 
 def _parts(test_id: str) -> list[str]:
@@ -21,9 +21,11 @@ def _parts(test_id: str) -> list[str]:
 
 def file_of(test_id: str) -> str:
     """The file a test id belongs to (the id itself when it has no ``::``)."""
-    base = test_id.partition("[")[0]  # as _parts, without its lists
-    cut = base.find("::")
-    return test_id if cut < 0 else base[:cut]
+    # _parts(test_id)[0], without its lists: the first "::" unless a "[" comes first
+    cut = test_id.find("::")
+    if cut < 0 or test_id.find("[", 0, cut) >= 0:
+        return test_id
+    return test_id[:cut]
 
 
 def class_of(test_id: str) -> str | None:
@@ -31,7 +33,9 @@ def class_of(test_id: str) -> str | None:
     base = test_id.partition("[")[0]
     if base.count("::") < 2:  # non-overlapping, as split counts them
         return None
-    return "::".join(base.split("::")[:-1])
+    if ":::" in base:  # split("::") and rfind("::") may cut at different places
+        return "::".join(base.split("::")[:-1])
+    return base[: base.rfind("::")]
 
 
 def directories_of(path: str) -> list[str]:
@@ -78,9 +82,12 @@ def _node_id_prefix(classname: str, file: str | None, name: str) -> str | None:
     return whole[: -len(name) - 2]
 
 
-@dataclass(frozen=True, slots=True)
-class JUnitCase:
-    """One <testcase>: its names, its time in seconds (None if absent) and outcome."""
+class JUnitCase(NamedTuple):
+    """One <testcase>: its names, its time in seconds (None if absent) and outcome.
+
+    A tuple: a 100,000-case report makes one per case, and a frozen dataclass, which
+    sets each field through ``object.__setattr__``, takes three times as long to make.
+    """
 
     classname: str
     name: str
@@ -143,28 +150,36 @@ def match_cases(
     a classname, as Surefire/Gradle splits use). Candidates with no match are left out.
     """
     cases = list(cases)
-    by_key: dict[tuple[str, str], list[JUnitCase]] = {}
+    by_classname: dict[str, dict[str, list[JUnitCase]]] = {}  # classname -> name -> cases
     for case in cases:
-        key = (case.classname, case.name)
-        got = by_key.get(key)
+        names = by_classname.get(case.classname)
+        if names is None:
+            names = by_classname[case.classname] = {}
+        got = names.get(case.name)
         if got is None:
-            by_key[key] = [case]
+            names[case.name] = [case]
         else:
             got.append(case)
-    dotted: dict[str, str] = {}
+    # junit_key(candidate), made fast: the candidates of one scope (what comes before
+    # the last "::", a file and its classes) share one classname, so one look-up
+    scopes: dict[str, dict[str, list[JUnitCase]] | None] = {}
     out: dict[str, list[JUnitCase]] = {}
     missed: list[str] = []  # in out as [] for now, which keeps the candidates' order
     for candidate in candidates:
-        # junit_key(candidate), with each file's dotted module name made once
-        base, bracket, params = candidate.partition("[")
-        parts = base.split("::")
+        base = candidate.partition("[")[0]
+        scope, separator, _ = base.rpartition("::")
         found = None
-        if len(parts) >= 2 and parts[0].endswith(".py"):
-            module = dotted.get(parts[0])
-            if module is None:
-                module = dotted[parts[0]] = _module_dotted(parts[0])
-            classname = module if len(parts) == 2 else ".".join([module, *parts[1:-1]])
-            found = by_key.get((classname, parts[-1] + bracket + params))
+        if separator and ":::" not in base:  # else split("::") may cut elsewhere
+            if scope in scopes:
+                names = scopes[scope]
+            else:
+                names = scopes[scope] = _names_of_scope(scope, by_classname)
+            if names is not None:
+                found = names.get(candidate[len(scope) + 2 :])
+        elif separator:
+            key = junit_key(candidate)
+            names = by_classname.get(key[0]) if key else None
+            found = names.get(key[1]) if key and names else None
         if found:
             out[candidate] = found
         elif candidate not in out:
@@ -185,6 +200,16 @@ def match_cases(
     return out
 
 
+def _names_of_scope(
+    scope: str, by_classname: Mapping[str, dict[str, list[JUnitCase]]]
+) -> dict[str, list[JUnitCase]] | None:
+    """The cases by name of the classname pytest writes for a scope (``file[::Class]``)."""
+    parts = scope.split("::")
+    if not parts[0].endswith(".py"):
+        return None
+    return by_classname.get(".".join([_module_dotted(parts[0]), *parts[1:]]))
+
+
 def node_ids(cases: Iterable[JUnitCase]) -> list[str]:
     """``node_id`` of each case, each (classname, file)'s part made once."""
     prefixes: dict[tuple[str, str | None], str | None] = {}
@@ -203,23 +228,35 @@ def _other_indexes(
     cases: list[JUnitCase], candidates: list[str]
 ) -> tuple[dict[str, list[JUnitCase]], dict[str, list[JUnitCase]], dict[str, list[JUnitCase]]]:
     """Cases by node id, by file and by classname, only under the keys the candidates
-    may look up (a small index for the few ids their (classname, name) misses); node
-    ids made once per (classname, file)."""
+    may look up (a small index for the few ids their (classname, name) misses).
+
+    The work is per (classname, file) scope: its node ids' prefix, its file and whether
+    any candidate could name one of its cases, made once; the cases of a scope no
+    candidate could name are passed over.
+    """
     wanted = set(candidates)
     wanted_files = {normalize_path(c) for c in candidates}
+    # What could come before "::name" in a wanted node id: every cut at a "::".
+    wanted_prefixes = set()
+    for c in candidates:
+        cut = c.find("::")
+        while cut >= 0:
+            wanted_prefixes.add(c[:cut])
+            cut = c.find("::", cut + 1)
     by_id: dict[str, list[JUnitCase]] = {}
     by_file: dict[str, list[JUnitCase]] = {}
     by_class: dict[str, list[JUnitCase]] = {}
-    # (classname, file) -> (what the node id has before "::name", the normalized file)
-    scopes: dict[tuple[str, str | None], tuple[str | None, str | None]] = {}
+    # (classname, file) -> None when no candidate can name its cases, else (what the node
+    # id has before "::name", the scope's file or None when it depends on the name)
+    scopes: dict[tuple[str, str | None], tuple[str | None, str | None] | None] = {}
     for case in cases:
         scope = (case.classname, case.file)
-        known = scopes.get(scope)
+        if scope in scopes:
+            known = scopes[scope]
+        else:
+            known = scopes[scope] = _scope_of(case, wanted, wanted_files, wanted_prefixes)
         if known is None:
-            known = scopes[scope] = (
-                _node_id_prefix(case.classname, case.file, case.name),
-                normalize_path(case.file) if case.file else None,
-            )
+            continue
         prefix, file = known
         test_id = case.name if prefix is None else f"{prefix}::{case.name}"
         if test_id in wanted:
@@ -230,3 +267,30 @@ def _other_indexes(
         if case.classname in wanted:
             by_class.setdefault(case.classname, []).append(case)
     return by_id, by_file, by_class
+
+
+def _scope_of(
+    case: JUnitCase, wanted: set[str], wanted_files: set[str], wanted_prefixes: set[str]
+) -> tuple[str | None, str | None] | None:
+    """For the cases of case's (classname, file): their node ids' prefix and their file
+    (None when it depends on the name); None when no wanted id can name any of them."""
+    prefix = _node_id_prefix(case.classname, case.file, case.name)
+    if case.file:
+        file: str | None = normalize_path(case.file)
+    elif prefix is None:
+        file = None  # the node id is the name alone
+    else:
+        # file_of(prefix::name) is cut at the first "::" before any "[": inside the
+        # prefix or at the separator, unless a "[" in the prefix comes first
+        with_separator = prefix + "::"
+        file = file_of(with_separator)
+        if file == with_separator:
+            file = None
+    could_be_named = (
+        case.classname in wanted
+        or prefix is None
+        or prefix in wanted_prefixes
+        or file is None
+        or file in wanted_files
+    )
+    return (prefix, file) if could_be_named else None

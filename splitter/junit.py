@@ -21,6 +21,7 @@ from slipstream.splitter.ids import JUnitCase, normalize_path
 _CHUNK = 1 << 20
 _FAILED_TAGS = frozenset({"failure", "error"})
 _INF = float("inf")
+_UNPARSED = -1.0  # never a parsed time
 # Suite properties the slipstream plugin writes: per-file costs and shard start-up.
 FILE_COST_PROPERTY = "slipstream.file_cost:"
 STARTUP_PROPERTY = "slipstream.startup"
@@ -101,6 +102,7 @@ class _Reader:
         # One string per distinct classname and file, however many cases share it.
         self.classnames: dict[str, str] = {}
         self.files: dict[str, str] = {}
+        self.times: dict[str | None, float | None] = {}
 
     def start(self, tag: str, attrs: dict[str, str]) -> None:
         stack = self.stack
@@ -148,14 +150,6 @@ class _Reader:
     def end(self, _tag: str) -> None:
         if self.stack.pop() is not _CASE:
             return
-        parent = self.stack[-1]
-        if parent is _ROOT:
-            self.root_cases.append(self._case(None))
-        else:
-            assert type(parent) is _Suite
-            parent.cases.append(self._case(parent.file))
-
-    def _case(self, suite_file: str | None) -> JUnitCase:
         attrs, tags = self.case_attrs, self.case_tags
         if tags and not tags.isdisjoint(_FAILED_TAGS):
             outcome = "failed"
@@ -163,22 +157,26 @@ class _Reader:
             outcome = "skipped"
         else:
             outcome = "passed"  # flakyFailure/flakyError: passed on a rerun
-        file = attrs.get("file") or suite_file
+        parent = self.stack[-1]
+        if parent is _ROOT:
+            suite_file, cases = None, self.root_cases
+        else:
+            assert type(parent) is _Suite
+            suite_file, cases = parent.file, parent.cases
+        file = attrs.get("file") or suite_file or None
         if file:
             normalized = self.files.get(file)
             if normalized is None:
                 normalized = self.files[file] = normalize_path(file)
+            file = normalized
         classname = attrs.get("classname") or ""
         classname = self.classnames.setdefault(classname, classname)
-        return JUnitCase(
-            classname=classname,
-            name=attrs.get("name") or "",
-            file=normalized if file else None,
-            time=parse_time(attrs.get("time")),
-            outcome=outcome,
-            source=self.path,
-            group=self.case_group,
-        )
+        time = attrs.get("time")
+        seconds = self.times.get(time, _UNPARSED)  # few distinct times: each parsed once
+        if seconds is _UNPARSED:
+            seconds = self.times[time] = parse_time(time)
+        name = attrs.get("name") or ""
+        cases.append(JUnitCase(classname, name, file, seconds, outcome, self.path, self.case_group))
 
 
 _ROOT = object()

@@ -239,3 +239,15 @@ def test_every_test_is_leased_until_completed_and_never_after(durations, runners
         )
         free[r] = end
     assert set(completed_results(completions)) == set(times)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet="ab\n\ud800é", max_size=3), max_size=8))
+def test_ids_digest_hashes_one_line_per_distinct_id(tests):
+    # One update of all the lines (issue 23) hashes as one update per line did.
+    import xxhash
+
+    h = xxhash.xxh128()
+    for t in sorted(set(tests)):
+        h.update(t.encode("utf-8", "surrogatepass") + b"\n")
+    assert ids_digest(tests) == h.hexdigest()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import heapq
+import math
 import random
 
 import pytest
+import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slipstream.splitter import algorithm
 from slipstream.splitter.algorithm import Unit, build_units, plan_hash, split, split_tests
 
 # Ids like pytest's, with the odd characters parameters bring.
@@ -230,3 +234,65 @@ def test_auto_cuts_classes_only_when_whole_classes_cannot_balance():
     even = {t: v for t, v in times.items() if "::TestE::" not in t and "::TestF::" not in t}
     kept = split_tests(even, 4, "auto")
     assert all(len({t.split("::")[1] for t in s.tests}) == 1 for s in kept.shards)
+
+
+# The split's steps were made fast for 100,000 tests (issue 23); these are the plain
+# definitions they must agree with (the plans of tests/splitter/test_plan_hash.py hold
+# the whole at scale).
+def _plain_order(units: list[Unit], weights: list[int]) -> list[int]:
+    keys = [
+        (-w, xxhash.xxh64_intdigest(u.id.encode("utf-8", "surrogatepass")), u.id)
+        for u, w in zip(units, weights, strict=True)
+    ]
+    return sorted(range(len(units)), key=keys.__getitem__)
+
+
+def _plain_lpt(weights: list[int], n: int) -> list[int]:
+    assign = [0] * len(weights)
+    heap = [(0, s) for s in range(n)]
+    for i in range(len(weights)):
+        load, s = heap[0]
+        assign[i] = s
+        heapq.heapreplace(heap, (load + weights[i], s))
+    return assign
+
+
+def _plain_plan_hash(shards: list[list[str]]) -> str:
+    h = xxhash.xxh64()
+    h.update(f"{len(shards)}\n".encode())
+    for index, tests in enumerate(shards):
+        h.update(f"#{index}\n".encode())
+        for t in sorted(tests):
+            h.update(t.encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()
+
+
+_ids = st.text(alphabet="ab\ud800é", max_size=3)  # few distinct: ids repeat, ties in the hash
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_ids, st.integers(0, 3) | st.integers(0, 2**62)), max_size=30))
+def test_the_order_is_weight_then_hash_then_id(units_weights):
+    units = [Unit((t,), ("f",), 0.0, 0.0) for t, _ in units_weights]
+    weights = [w for _, w in units_weights]
+    assert algorithm._order(units, weights) == _plain_order(units, weights)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 3) | st.integers(0, 2**62), max_size=40), st.integers(1, 9))
+def test_lpt_is_the_heap_of_load_and_shard(weights, n):
+    weights.sort(reverse=True)
+    assert algorithm._lpt(weights, range(len(weights)), n) == _plain_lpt(weights, n)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(_ids | st.text(max_size=5), max_size=6), max_size=5))
+def test_plan_hash_is_one_line_per_test(shards):
+    assert plan_hash(shards) == _plain_plan_hash(shards)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats() | st.sampled_from([0.0, -0.0]))
+def test_the_cost_of_one_file_is_its_fsum(cost):
+    got = algorithm._files_cost(["f"], {"f": cost})
+    assert repr(got) == repr(math.fsum([cost]))  # -0.0 and nan alike

@@ -323,3 +323,42 @@ def test_the_light_parser_of_split_and_plan_is_the_full_ones():
     full = build_parser()
     for command in LIGHT_COMMANDS:
         assert sub_help(build_parser(command), command) == sub_help(full, command)
+
+
+def test_split_from_junit_opens_no_store():
+    # The disk store and the protobuf it imports are imported only to open a history
+    # (issue 23): a `split --junit` needs neither.
+    import subprocess
+    import sys
+
+    probe = (
+        "import io, sys; sys.stdin = io.StringIO('tests/test_x.py::test_plain\\n'); "
+        "from slipstream.cli import main; "
+        "code = main(['split', '--total', '2', '--index', '0', '--quiet', '--junit', "
+        "sys.argv[1]]); "
+        "print(code, sorted(m for m in sys.modules "
+        "if m.startswith(('google', 'slipstream.cache_server'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(DATA / "pytest_xunit2.xml")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert out.splitlines()[-1] == "0 []"
+
+
+@pytest.mark.parametrize("command", ["split", "plan"])
+def test_the_cyclic_gc_is_back_on_after_a_split(monkeypatch, capsys, command):
+    # split and plan run without the cyclic collector (issue 23), and give it back.
+    import gc
+
+    args = ["--junit", str(DATA / "pytest_xunit2.xml")]
+    if command == "split":
+        args = ["split", "--total", "2", "--index", "0", *args]
+    else:
+        args = ["plan", "--target", "1h", *args]
+    assert gc.isenabled()
+    code, _, err = run_cli(monkeypatch, capsys, args, "tests/test_x.py::test_plain\n")
+    assert code == 0, err
+    assert gc.isenabled()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.splitter import history
@@ -148,3 +150,68 @@ def test_suites_are_separate_and_bad_records_are_warned_about(store):
 def test_bad_suite_names(store, suite):
     with pytest.raises(history.HistoryError):
         load_runs(store, suite)
+
+
+def _plain_merge_runs(runs: list[Run]) -> list[Run]:
+    merged: dict[str, Run] = {}
+    alone: list[Run] = []
+    for r in sorted(runs, key=lambda r: r.created_ns):
+        if r.run_id is None:
+            alone.append(r)
+            continue
+        into = merged.setdefault(r.run_id, Run(r.run_id, r.created_ns))
+        for test, sample in r.tests.items():
+            into.tests[test] = history._merge_sample(into.tests.get(test), sample)
+        into.file_costs.update(r.file_costs)
+        if r.startup is not None:
+            into.startup = max(into.startup or 0.0, r.startup)
+        into.groups.update(r.groups)
+    return sorted([*merged.values(), *alone], key=lambda r: (r.created_ns, r.run_id or ""))
+
+
+_samples = st.dictionaries(
+    st.sampled_from(["a.py::x", "a.py::y", "b/c.py::z"]),
+    st.builds(Sample, st.sampled_from([0.0, 1.0, 2.0]), st.booleans()),
+    max_size=3,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            lambda run_id, created, tests: Run(run_id, created, tests),
+            st.sampled_from([None, "r1", "r2"]),
+            st.integers(0, 3),
+            _samples,
+        ),
+        max_size=5,
+    )
+)
+def test_merge_runs_is_the_plain_fold_of_samples(runs):
+    # A run's first upload is taken whole (issue 23): the same as merging it sample by sample.
+    got, expected = merge_runs(runs), _plain_merge_runs(runs)
+    assert [(r.run_id, r.created_ns, r.tests) for r in got] == [
+        (r.run_id, r.created_ns, r.tests) for r in expected
+    ]
+    assert [list(r.tests) for r in got] == [list(r.tests) for r in expected]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["a.py::x", "a.py::y", "b/c.py::z"]),
+        st.floats() | st.sampled_from([0.0, -0.0, 1e-9, history.MIN_TEST_SECONDS]),
+        min_size=1,
+    ),
+    st.booleans(),
+)
+def test_a_test_timed_once_gets_its_time_floored(seconds, alone):
+    # With one run or one sample of a test, the percentile of its one time is inlined
+    # (issue 23): the same as _percentile's, floored at MIN_TEST_SECONDS (nan, inf too).
+    runs = [run({t: Sample(s, False) for t, s in seconds.items()})]
+    if not alone:
+        runs.append(run({"other.py::t": 1.0}, created=1))
+    got = estimate(seconds, runs)
+    for t, s in seconds.items():
+        assert got.tests[t] == max(history.MIN_TEST_SECONDS, history._percentile([s], 50.0))
