@@ -71,6 +71,8 @@ class ServerConfig:
     registry_tag_ttl: float = 300.0  # seconds a mirrored tag is served before asking again
     registry_upstream_auth_file: str | None = None  # Docker config.json of upstream credentials
     workers: int = 1  # processes serving the same ports and store (cache_server/workers.py)
+    # OCI upload sessions in this directory, which the workers share (set by their supervisor)
+    upload_sessions_dir: pathlib.Path | None = None
 
 
 def open_store(config: ServerConfig, disk_index: DiskIndex | None = None) -> Store:
@@ -189,6 +191,7 @@ class CacheServer:
                 config.registry_tag_ttl,
                 config.registry_upstream_auth_file,
                 config.upload_idle_timeout,
+                None if config.upload_sessions_dir is None else str(config.upload_sessions_dir),
             )
             self.http = HttpEndpoint(self.backend, self.ops, FRONT_ENDS, options)
 

@@ -21,11 +21,13 @@ started is their supervisor, which serves no calls itself:
   SIGTERM or SIGINT stops the workers (each drains its calls, as one server does),
   then the supervisor. A worker that dies is started anew, unless it ran less than
   RESTART_WITHIN seconds: then the supervisor stops the others and exits 1.
+- OCI upload sessions. With --http-listen, it gives the workers one directory for
+  them (tmp/oci-sessions/ in the disk store or tier, else a temporary one), emptied
+  at start and removed at the end: a session is a file there, and any worker takes
+  any request of it (services/oci_sessions.py).
 - Per process: ByteStream uploads in progress (a resumed upload landing on
-  another worker starts again from the beginning), OCI upload sessions (each
-  chunk of a session must reach the worker that opened it, so a registry push
-  needs --workers 1), the existence cache in front of S3, and each worker's own
-  memory limits (--max-streams counts per worker).
+  another worker starts again from the beginning), the existence cache in front of
+  S3, and each worker's own memory limits (--max-streams counts per worker).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pathlib
 import queue
 import shutil
 import signal
@@ -58,6 +61,7 @@ from slipstream.cache_server.server import (
     start_server,
     start_up_lines,
 )
+from slipstream.cache_server.services.oci_sessions import clear_shared_sessions
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.cache_server.storage.disk_index import LocalIndex
 from slipstream.cache_server.storage.shared_index import (
@@ -160,6 +164,7 @@ class Supervisor:
         self.messages: queue.Queue[tuple[int, str]] = queue.Queue()
         self.workers: list[_Worker] = []
         self.metrics_dir: str | None = None
+        self.sessions_dir: pathlib.Path | None = None
         self.accountant = Accountant(None, None, self.figures)
         self.lines = itertools.count()  # the accountant's key of each worker started
         self.numbers: dict[int, int] = {}  # each key's worker number
@@ -180,6 +185,8 @@ class Supervisor:
                 index.load()  # the scan, before any worker serves
                 self.accountant.index, self.accountant.max_size = index, bound
                 self.accountant.publish()
+            if self.config.http_listen:
+                self._share_upload_sessions(None if directory is None else directory[0])
             self.workers = [self._start(n) for n in range(self.count)]
             ready = self._wait_ready()
             if ready is None:
@@ -202,6 +209,8 @@ class Supervisor:
                 metrics_server.server_close()
             if self.metrics_dir is not None:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self.sessions_dir is not None:
+                shutil.rmtree(self.sessions_dir, ignore_errors=True)
 
     def _serve_metrics(self, listen: str) -> tuple[Any, str]:
         # Before any worker starts: they find the directory in their environment.
@@ -213,6 +222,18 @@ class Supervisor:
         except OSError as exc:
             raise OSError(f"cannot serve metrics on {listen}: {exc.strerror or exc}") from None
         return server, f"metrics on {url}"
+
+    def _share_upload_sessions(self, root: pathlib.Path | None) -> None:
+        """Give the workers one directory for the OCI upload sessions, so that any of
+        them takes any request of a session: tmp/oci-sessions/ in the disk store (or
+        tier), else a temporary directory; emptied of a previous server's sessions."""
+        if root is None:
+            self.sessions_dir = pathlib.Path(tempfile.mkdtemp(prefix="slipstream-oci-sessions-"))
+        else:
+            self.sessions_dir = root / "tmp" / "oci-sessions"
+        clear_shared_sessions(self.sessions_dir)
+        config = dataclasses.replace(self.plan.config, upload_sessions_dir=self.sessions_dir)
+        self.plan = dataclasses.replace(self.plan, config=config)
 
     def _start(self, number: int) -> _Worker:
         mine, theirs = socket.socketpair()

@@ -44,6 +44,9 @@ class HttpOptions:
     registry_tag_ttl: float = 300.0  # --registry-tag-ttl SECONDS
     registry_upstream_auth_file: str | None = None  # --registry-upstream-auth-file FILE
     upload_idle_timeout: float = UPLOAD_IDLE_TIMEOUT  # an idle upload session is dropped
+    # OCI upload sessions in this directory, shared by the workers of `serve --workers N`
+    # (services/oci_sessions.py); None: in this process.
+    upload_sessions_dir: str | None = None
 
 
 @dataclass(frozen=True)

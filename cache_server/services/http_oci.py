@@ -23,11 +23,12 @@ of them took in. A manifest is taken only when every blob it names is present
 refreshing them in the LRU. A repository under a --registry-upstream is a
 pull-through mirror (oci_upstream): what the store lacks is fetched from there.
 
-Upload sessions live in this server process: a session's bytes go to a temporary
-file as they arrive, hashed on the way, and into the store's verifying writer when
-the client finishes it, so nothing is visible before it matches its digest. A
-caller has at most MAX_SESSIONS_PER_CALLER sessions (a new one ends its oldest),
-and a session idle for --upload-idle-timeout is cleaned up, with its file.
+Upload sessions (services/oci_sessions.py) live in this server process, or with
+`serve --workers N` in files every worker shares, so that the requests of one
+session may reach any worker. A session's bytes go into the store's verifying
+writer when the client finishes it, so nothing is visible before it matches its
+digest. A caller has at most 64 sessions (a new one ends its oldest), and a session
+idle for --upload-idle-timeout is cleaned up, with its bytes.
 
 Scopes: pulls need `read`, blob uploads `cas-write`, a manifest or tag PUT or
 DELETE `ac-write` (a tag is a trusted pointer, like an action result; audited).
@@ -41,12 +42,10 @@ import hashlib
 import json
 import logging
 import re
-import tempfile
 import time
-import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -54,7 +53,6 @@ from aiohttp import web
 
 from slipstream.cache_server.auth import AC_WRITE, CAS_WRITE, READ, current_caller
 from slipstream.cache_server.calls import current_call
-from slipstream.cache_server.services.bytestream import UPLOAD_IDLE_TIMEOUT
 from slipstream.cache_server.services.common import HttpError
 from slipstream.cache_server.services.http_common import (
     CHUNK,
@@ -65,9 +63,9 @@ from slipstream.cache_server.services.http_common import (
     head,
     open_blob,
     put_blob_body,
-    store_spooled,
     stream,
 )
+from slipstream.cache_server.services.oci_sessions import UploadSession, open_upload_sessions
 from slipstream.cache_server.services.oci_upstream import (
     Upstream,
     Upstreams,
@@ -84,11 +82,6 @@ MANIFESTS_NAMESPACE = "oci-manifests"
 TAGS_NAMESPACE = "oci-tags"
 REFERRERS_NAMESPACE = "oci-referrers"
 MAX_MANIFEST_SIZE = 4 << 20  # what the reference registry takes
-MAX_SESSIONS_PER_CALLER = 64
-MAX_SESSIONS = 1024
-SESSION_IDLE_SECONDS = UPLOAD_IDLE_TIMEOUT  # the default of --upload-idle-timeout
-# What a session keeps in memory before its bytes spill to a file: 64 MiB over MAX_SESSIONS.
-SESSION_IN_MEMORY = 64 << 10
 MAX_TAGS_PAGE = 10_000
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -152,79 +145,6 @@ def _check_name(name: list[str], shown: str) -> str:
             "[a-z0-9]+ joined by . _ __ or -, separated by /, up to 150 characters",
         )
     return joined
-
-
-@dataclass
-class UploadSession:
-    """A blob upload in progress: its bytes so far in a temporary file, hashed."""
-
-    id: str
-    repository: str
-    owner: str
-    spooled: IO[bytes]
-    sha: Any = field(default_factory=hashlib.sha256)
-    size: int = 0
-    touched: float = field(default_factory=time.monotonic)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    def append(self, chunk: bytes) -> None:
-        self.sha.update(chunk)
-        self.spooled.write(chunk)
-        self.size += len(chunk)
-
-    def blob(self) -> BlobId:
-        return BlobId(self.sha.hexdigest(), self.size)
-
-
-class UploadSessions:
-    """The open upload sessions of this server process, bounded per caller and in age."""
-
-    def __init__(self, idle_seconds: float = SESSION_IDLE_SECONDS) -> None:
-        self.sessions: dict[str, UploadSession] = {}
-        self.idle_seconds = idle_seconds
-
-    def open(self, repository: str, owner: str) -> tuple[UploadSession, list[UploadSession]]:
-        """A new session, and the sessions it ends (idle ones, a caller's oldest past
-        the bound) for the caller to close."""
-        ended = self.expire()
-        mine = sorted(
-            (s for s in self.sessions.values() if s.owner == owner), key=lambda s: s.touched
-        )
-        ended += [
-            self.sessions.pop(s.id) for s in mine[: max(0, len(mine) + 1 - MAX_SESSIONS_PER_CALLER)]
-        ]
-        if len(self.sessions) >= MAX_SESSIONS:
-            raise _oci_error(429, "TOOMANYREQUESTS", f"{MAX_SESSIONS} uploads are open already")
-        spooled: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by close()
-            max_size=SESSION_IN_MEMORY, prefix="slipstream-oci-upload-"
-        )
-        session = UploadSession(uuid.uuid4().hex, repository, owner, spooled)
-        self.sessions[session.id] = session
-        return session, ended
-
-    def expire(self) -> list[UploadSession]:
-        """The sessions idle too long, no longer open, for the caller to close."""
-        cutoff = time.monotonic() - self.idle_seconds
-        idle = [s for s in self.sessions.values() if s.touched < cutoff and not s.lock.locked()]
-        return [self.sessions.pop(s.id) for s in idle]
-
-    def get(self, upload_id: str, repository: str, owner: str) -> UploadSession:
-        """The caller's session for this repository; BLOB_UPLOAD_UNKNOWN (404) for any other."""
-        session = self.sessions.get(upload_id)
-        if session is None or session.owner != owner or session.repository != repository:
-            raise _oci_error(
-                404, "BLOB_UPLOAD_UNKNOWN", f"no upload {upload_id[:40]!r} of yours in {repository}"
-            )
-        session.touched = time.monotonic()
-        return session
-
-    def end(self, session: UploadSession) -> None:
-        self.sessions.pop(session.id, None)
-
-
-def close_sessions(sessions: list[UploadSession]) -> None:
-    for session in sessions:
-        session.spooled.close()
 
 
 @dataclass(frozen=True)
@@ -506,7 +426,9 @@ class OciRegistry(HttpFrontEnd):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.manifests = Manifests(self.store)
-        self.uploads = UploadSessions(self.options.upload_idle_timeout)
+        self.uploads = open_upload_sessions(
+            self.backend, self.options.upload_idle_timeout, self.options.upload_sessions_dir
+        )
         upstreams = self.options.registry_upstreams
         auth_file = self.options.registry_upstream_auth_file
         self.upstreams = (
@@ -520,16 +442,16 @@ class OciRegistry(HttpFrontEnd):
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        close_sessions(list(self.uploads.sessions.values()))
-        self.uploads.sessions.clear()
+        await self.uploads.close()
         if self.upstreams is not None:
             await self.upstreams.close()
 
     async def _sweep(self) -> None:
         """End idle sessions while uploads are open, even when no request comes to do it."""
-        while self.uploads.sessions:
+        while True:
             await asyncio.sleep(min(60.0, self.uploads.idle_seconds / 2))
-            await self.backend.run(close_sessions, self.uploads.expire())
+            if not await self.uploads.expire():
+                break
         self._sweeper = None
 
     def upstream_of(self, repository: str) -> Upstream | None:
@@ -841,11 +763,12 @@ class OciRegistry(HttpFrontEnd):
         return start, end
 
     # ---- uploads ----
-    def _session_headers(self, session: UploadSession) -> dict[str, str]:
+    @staticmethod
+    def _session_headers(repository: str, upload_id: str, size: int) -> dict[str, str]:
         return {
-            "Location": f"/{OCI_PREFIX}/{session.repository}/blobs/uploads/{session.id}",
-            "Range": f"0-{max(0, session.size - 1)}",
-            "Docker-Upload-UUID": session.id,
+            "Location": f"/{OCI_PREFIX}/{repository}/blobs/uploads/{upload_id}",
+            "Range": f"0-{max(0, size - 1)}",
+            "Docker-Upload-UUID": upload_id,
         }
 
     def _created(self, repository: str, digest: str) -> web.Response:
@@ -863,7 +786,7 @@ class OciRegistry(HttpFrontEnd):
         repository = target.instance
         owner = current_caller().name
         query = request.query
-        await self.backend.run(close_sessions, self.uploads.expire())
+        await self.uploads.expire()
         if not target.key:  # POST: a new session, or all in one
             mount = query.get("mount")
             if mount is not None:
@@ -878,22 +801,22 @@ class OciRegistry(HttpFrontEnd):
                         self.backend, request, blob.hash, limit, digest_code="DIGEST_INVALID"
                     )
                     return self._created(repository, digest)
-            session, ended = self.uploads.open(repository, owner)
-            await self.backend.run(close_sessions, ended)
+            upload_id = await self.uploads.open(repository, owner)
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             if digest is not None:  # chunked monolithic: through a session
-                return await self._finish(request, session, digest, limit)
-            return web.Response(status=202, headers=self._session_headers(session))
-        session = self.uploads.get(target.key, repository, owner)
+                async with self.uploads.hold(upload_id, repository, owner) as session:
+                    return await self._finish(request, session, digest, limit)
+            return web.Response(status=202, headers=self._session_headers(repository, upload_id, 0))
         if request.method == "GET":
-            return web.Response(status=204, headers=self._session_headers(session))
-        async with session.lock:  # one request at a time on a session, a DELETE too
-            if session.spooled.closed:  # ended while this request waited
-                raise _oci_error(404, "BLOB_UPLOAD_UNKNOWN", f"upload {session.id} is over")
+            size = await self.uploads.status(target.key, repository, owner)
+            return web.Response(
+                status=204, headers=self._session_headers(repository, target.key, size)
+            )
+        # One request at a time on a session, a DELETE too.
+        async with self.uploads.hold(target.key, repository, owner) as session:
             if request.method == "DELETE":
-                self.uploads.end(session)
-                await self.backend.run(close_sessions, [session])
+                await session.end()
                 return web.Response(status=204)
             if request.method == "PATCH":
                 content_range = request.headers.get("Content-Range")
@@ -908,7 +831,9 @@ class OciRegistry(HttpFrontEnd):
                             close=True,
                         )
                 await self._append(request, session, limit)
-                return web.Response(status=202, headers=self._session_headers(session))
+                return web.Response(
+                    status=202, headers=self._session_headers(repository, session.id, session.size)
+                )
             digest = query.get("digest")
             if digest is None:
                 raise _oci_error(400, "DIGEST_INVALID", "finishing an upload needs ?digest=")
@@ -921,28 +846,17 @@ class OciRegistry(HttpFrontEnd):
         check_length(request, left, "the upload")
         try:
             async for chunk in body(request, left):
-                await self.backend.run(session.append, chunk)
+                await session.append(chunk)
         except BaseException:
-            self.uploads.end(session)  # its bytes are no longer what the client sent
-            await self.backend.run(close_sessions, [session])
+            await session.end()  # its bytes are no longer what the client sent
             raise
-        session.touched = time.monotonic()
 
     async def _finish(
         self, request: web.Request, session: UploadSession, digest: str, limit: int | None
     ) -> web.Response:
         expected = parse_digest(digest)
         await self._append(request, session, limit)
-        self.uploads.end(session)
-        try:
-            blob = session.blob()
-            if blob.hash != expected.hash:
-                raise _oci_error(
-                    400, "DIGEST_INVALID", f"the upload hashes to sha256:{blob.hash}, not {digest}"
-                )
-            await self.backend.run(store_spooled, self.store, blob, session.spooled)
-        finally:
-            await self.backend.run(close_sessions, [session])
+        await session.finish(expected.hash)
         return self._created(session.repository, digest)
 
     # ---- manifests ----

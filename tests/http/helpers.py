@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import pathlib
+import time
 import urllib.parse
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -82,3 +84,22 @@ class HttpClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def served_by(server: ServerProcess, text: str, count: int) -> list[tuple[int, int]]:
+    """(pid, HTTP status) of each HTTP call whose access line holds text (its path), once
+    count of them are logged or 10 s have passed (the lines come just after the answers).
+    The server runs with --log-level INFO --log-format json; with --workers N the pid
+    tells which worker answered."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = []
+        for line in list(server.output):
+            if line.startswith("{") and text in line:
+                record = json.loads(line)
+                if record.get("logger") == "cache_server.access":
+                    # "HTTP PATCH /v2/... 202 1.2ms"
+                    found.append((int(record["pid"]), int(record["message"].split()[-2])))
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)

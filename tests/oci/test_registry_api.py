@@ -223,7 +223,7 @@ def test_upload_sessions_of_another_caller_or_made_up_are_unknown(
 
 
 def test_a_caller_with_too_many_sessions_loses_its_oldest(server: ServerProcess) -> None:
-    from slipstream.cache_server.services.http_oci import MAX_SESSIONS_PER_CALLER
+    from slipstream.cache_server.services.oci_sessions import MAX_SESSIONS_PER_CALLER
 
     with client(server, PUSHER) as http:
         locations = [

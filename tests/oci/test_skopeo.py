@@ -153,3 +153,37 @@ def test_scopes_a_read_only_token_cannot_push_and_no_token_gets_nothing(
     assert proc.returncode != 0 and "unauthorized" in proc.stderr.lower(), proc.stderr
     with HttpClient(http_url(server), token=READER.value) as http:
         assert http.get("/v2/team/readonly/manifests/v1").status == 404
+
+
+def _sessions_by_worker(server: ServerProcess) -> dict[str, set[int]]:
+    """The pids of the workers that served each upload session (its path) so far."""
+    sessions: dict[str, set[int]] = {}
+    for line in list(server.output):
+        if line.startswith("{") and "/blobs/uploads/" in line:
+            record = json.loads(line)
+            path = record["message"].split()[2].split("?")[0]  # "HTTP PATCH PATH 202 1.2ms"
+            if not path.endswith("/uploads/"):  # a POST opening one
+                sessions.setdefault(path, set()).add(int(record["pid"]))
+    return sessions
+
+
+def test_push_and_pull_against_two_workers(root: pathlib.Path) -> None:
+    """`serve --workers 2`: skopeo pushes over several connections, which the kernel
+    spreads over the workers; images of new layers are pushed until the requests of one
+    upload session have reached both workers, and each is pulled back whole."""
+    tokens = write_token_file(root / "tokens-workers.toml", [WRITER, READER])
+    args = ["--workers", "2", "--token-file", str(tokens), "--log-level", "INFO"]
+    server = http_server(root / "workers-store", [*args, "--log-format", "json"])
+    with running(server) as workers:
+        for attempt in range(12):
+            sizes = [1_500_000, 900_000, 400_000, 60_000, 2_000, 1]
+            image = write_image(root / f"image-workers-{attempt}", random_layers(attempt, sizes))
+            ref = f"team/workers:v{attempt}"
+            assert push(workers, image, ref, WRITER) == ""
+            pulled = pull_and_verify(workers, ref, root / f"pulled-workers-{attempt}", READER)
+            assert image.blobs().items() <= pulled.items()
+            assert pulled[image.manifest_digest] == image.manifest
+            crossed = [s for s, pids in _sessions_by_worker(workers).items() if len(pids) > 1]
+            if crossed:
+                break
+        assert crossed, "no upload session reached both workers in 12 pushes"
