@@ -4,23 +4,23 @@ it and the PUT that finishes it, across any number of requests.
 One interface, UploadSessions, with two homes, chosen by open_upload_sessions:
 
 - MemorySessions, for one server process: a session's bytes so far in a temporary
-  file (in memory while small), hashed as they arrive; its requests take turns on
-  an asyncio lock.
+  file (in memory while small); its requests take turns on an asyncio lock.
 - SharedSessions, for the workers of `serve --workers N`: a session is a file in a
-  directory every worker sees (the supervisor's, e.g. the disk store's
-  tmp/oci-sessions/), named ID.OWNER.REPOSITORY (the caller's name and the
-  repository hashed) and holding the bytes so far, so any worker takes any
-  request of it: the name says whose and where, the file's size is the upload's,
-  its mtime the last use. Requests on a session take turns on an flock of its
-  file. A running hash cannot cross processes, so the PUT hashes the file as it
-  copies it into the store's verifying writer: the pass that copies it anyway (a
-  blob already stored is read once more to check the digest).
+  directory every worker sees (their supervisor's: the disk store's
+  tmp/oci-sessions/, or a temporary directory for S3 alone), named
+  ID.OWNER.REPOSITORY (the caller's name and the repository hashed) and holding the
+  bytes so far, so any worker takes any request of it: the name says whose and
+  where, the file's size is the upload's, its mtime the last use. Requests on a
+  session take turns on an flock of its file, in one worker or several.
 
-Both: a caller has at most MAX_SESSIONS_PER_CALLER sessions (a new one ends the
-caller's oldest) and the server MAX_SESSIONS (shared: counted in the directory, so
-workers opening at the same moment may pass it by one each); a session with no
-request for idle_seconds is ended, with its bytes, by whichever process sees it
-first. Nothing is visible in the store before it matches its digest.
+Both: the PUT copies the bytes into the store's writer, which hashes what it takes
+and refuses a mismatch, so nothing is visible before it matches its digest and the
+bytes are hashed once, at the PUT (a running hash could not cross processes); a blob
+stored already is hashed instead. A caller has at most MAX_SESSIONS_PER_CALLER
+sessions (a new one ends the caller's least recently used) and the server
+MAX_SESSIONS (shared: counted in the directory, so workers opening at the same
+moment may pass it by one each); a session with no request for idle_seconds is
+ended, with its bytes, by whichever process looks first.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import IO, Any
+from typing import IO
 
 from slipstream.cache_server.services.bytestream import UPLOAD_IDLE_TIMEOUT
 from slipstream.cache_server.services.common import Backend, HttpError
-from slipstream.cache_server.services.http_common import CHUNK, store_spooled
+from slipstream.cache_server.services.http_common import CHUNK
 from slipstream.core.digests import BlobId, DigestError
 
 MAX_SESSIONS_PER_CALLER = 64
@@ -54,7 +54,7 @@ SESSION_IN_MEMORY = 64 << 10
 _LOCK_POLL = (0.001, 0.05)  # seconds between tries for a shared session's lock: first, most
 
 
-def unknown_upload(upload_id: str, repository: str) -> HttpError:
+def _unknown(upload_id: str, repository: str) -> HttpError:
     return HttpError(
         404, f"no upload {upload_id[:40]!r} of yours in {repository}", code="BLOB_UPLOAD_UNKNOWN"
     )
@@ -77,23 +77,57 @@ def _too_many() -> HttpError:
 class UploadSession(abc.ABC):
     """A session held by one request: nothing else changes it until the request lets go."""
 
-    def __init__(self, upload_id: str, repository: str, size: int) -> None:
+    def __init__(self, backend: Backend, upload_id: str, repository: str) -> None:
+        self.backend = backend
         self.id = upload_id
         self.repository = repository
-        self.size = size  # bytes so far
+        self.size = 0  # bytes so far
 
     @abc.abstractmethod
     async def append(self, chunk: bytes) -> None:
         """Add chunk to the bytes so far."""
 
     @abc.abstractmethod
-    async def finish(self, sha256: str) -> None:
-        """Store the bytes so far as the CAS blob of hash sha256, verified on the way;
-        DIGEST_INVALID (400) if they hash to another. The session is over either way."""
+    def chunks(self) -> Iterator[bytes]:
+        """The bytes so far, from the first (blocking: on a worker thread)."""
 
     @abc.abstractmethod
     async def end(self) -> None:
-        """The session is over (cancelled, or its bytes no longer what the client sent)."""
+        """The session is over (cancelled, finished, or its bytes no longer what the
+        client sent)."""
+
+    async def finish(self, sha256: str) -> None:
+        """Store the bytes so far as the CAS blob of hash sha256, verified on the way;
+        DIGEST_INVALID (400) if they hash to another. The session is over either way."""
+        try:
+            await self.backend.run(self._store, sha256)
+        finally:
+            await self.end()
+
+    def _store(self, sha256: str) -> None:
+        # The store's writer hashes what it takes and refuses a mismatch, so the bytes
+        # are read and hashed once; a blob stored already is hashed here instead.
+        blob = BlobId(sha256, self.size)
+        store = self.backend.store
+        if not store.find_missing([blob]):
+            if (actual := self._hash()) != sha256:
+                raise _digest_invalid(actual, sha256)
+            return
+        writer = store.open_writer(blob)
+        try:
+            for chunk in self.chunks():
+                writer.write(chunk)
+            writer.commit()
+        except DigestError:
+            raise _digest_invalid(self._hash(), sha256) from None
+        finally:
+            writer.abort()
+
+    def _hash(self) -> str:
+        sha = hashlib.sha256()
+        for chunk in self.chunks():
+            sha.update(chunk)
+        return sha.hexdigest()
 
 
 class UploadSessions(abc.ABC):
@@ -142,37 +176,27 @@ def open_upload_sessions(
 # ---- one process ----
 class MemorySession(UploadSession):
     def __init__(self, sessions: MemorySessions, repository: str, owner: str) -> None:
-        super().__init__(uuid.uuid4().hex, repository, 0)
+        super().__init__(sessions.backend, uuid.uuid4().hex, repository)
         self.sessions = sessions
         self.owner = owner
-        self.spooled: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - see discard
+        self.spooled: IO[bytes] = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - see end
             max_size=SESSION_IN_MEMORY, prefix="slipstream-oci-upload-"
         )
-        self.sha: Any = hashlib.sha256()
         self.touched = time.monotonic()
         self.lock = asyncio.Lock()
 
-    def _append(self, chunk: bytes) -> None:
-        self.sha.update(chunk)
-        self.spooled.write(chunk)
-
     async def append(self, chunk: bytes) -> None:
-        await self.sessions.backend.run(self._append, chunk)
+        await self.backend.run(self.spooled.write, chunk)
         self.size += len(chunk)
 
-    async def finish(self, sha256: str) -> None:
-        try:
-            blob = BlobId(self.sha.hexdigest(), self.size)
-            if blob.hash != sha256:
-                raise _digest_invalid(blob.hash, sha256)
-            backend = self.sessions.backend
-            await backend.run(store_spooled, backend.store, blob, self.spooled)
-        finally:
-            await self.end()
+    def chunks(self) -> Iterator[bytes]:
+        self.spooled.seek(0)
+        while chunk := self.spooled.read(CHUNK):
+            yield chunk
 
     async def end(self) -> None:
         self.sessions.sessions.pop(self.id, None)
-        await self.sessions.backend.run(self.spooled.close)
+        await self.backend.run(self.spooled.close)
 
 
 class MemorySessions(UploadSessions):
@@ -198,7 +222,7 @@ class MemorySessions(UploadSessions):
     def _get(self, upload_id: str, repository: str, owner: str) -> MemorySession:
         session = self.sessions.get(upload_id)
         if session is None or session.owner != owner or session.repository != repository:
-            raise unknown_upload(upload_id, repository)
+            raise _unknown(upload_id, repository)
         session.touched = time.monotonic()
         return session
 
@@ -240,8 +264,7 @@ class SharedSession(UploadSession):
     """A session's file, open (and locked, while held) in this process."""
 
     def __init__(self, sessions: SharedSessions, upload_id: str, repository: str, path: str):
-        super().__init__(upload_id, repository, 0)
-        self.sessions = sessions
+        super().__init__(sessions.backend, upload_id, repository)
         self.path = path
         self.fd = -1
 
@@ -249,7 +272,7 @@ class SharedSession(UploadSession):
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         except FileNotFoundError:
-            raise unknown_upload(self.id, self.repository) from None
+            raise _unknown(self.id, self.repository) from None
 
     async def wait_for_lock(self) -> None:
         """Wait for the lock on the file, held by a request in this or another worker."""
@@ -279,47 +302,18 @@ class SharedSession(UploadSession):
             view = view[os.write(self.fd, view) :]
 
     async def append(self, chunk: bytes) -> None:
-        await self.sessions.backend.run(self._append, chunk)
+        await self.backend.run(self._append, chunk)
         self.size += len(chunk)
 
-    def _chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterator[bytes]:
         offset = 0
         while chunk := os.pread(self.fd, CHUNK, offset):
             offset += len(chunk)
             yield chunk
 
-    def _hash(self) -> str:
-        sha = hashlib.sha256()
-        for chunk in self._chunks():
-            sha.update(chunk)
-        return sha.hexdigest()
-
-    def _store(self, sha256: str) -> None:
-        blob = BlobId(sha256, self.size)
-        store = self.sessions.backend.store
-        if not store.find_missing([blob]):  # stored already: check the bytes all the same
-            if (actual := self._hash()) != sha256:
-                raise _digest_invalid(actual, sha256)
-            return
-        writer = store.open_writer(blob)
-        try:
-            for chunk in self._chunks():
-                writer.write(chunk)
-            writer.commit()
-        except DigestError:
-            raise _digest_invalid(self._hash(), sha256) from None
-        finally:
-            writer.abort()
-
-    async def finish(self, sha256: str) -> None:
-        try:
-            await self.sessions.backend.run(self._store, sha256)
-        finally:
-            await self.end()
-
     async def end(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            await self.sessions.backend.run(os.unlink, self.path)
+            await self.backend.run(os.unlink, self.path)
 
 
 class SharedSessions(UploadSessions):
@@ -400,7 +394,7 @@ class SharedSessions(UploadSessions):
             os.utime(path)
             return os.stat(path).st_size
         except FileNotFoundError:
-            raise unknown_upload(upload_id, repository) from None
+            raise _unknown(upload_id, repository) from None
 
     async def status(self, upload_id: str, repository: str, owner: str) -> int:
         return await self.backend.run(self._status, upload_id, repository, owner)

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import pathlib
+import tempfile
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slipstream.cache_server.services.common import Backend, HttpError
 from slipstream.cache_server.services.oci_sessions import (
@@ -195,3 +199,35 @@ def test_a_wrong_digest_is_refused_and_stores_nothing(
 
     run(upload())
     assert backend.store.find_missing([BlobId.of(b"what it sent")])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    data=st.binary(max_size=3000),
+    cuts=st.lists(st.integers(0, 3000), max_size=6),
+    turns=st.lists(st.integers(0, 1), min_size=8, max_size=8),
+)
+def test_any_split_over_any_workers_stores_exactly_the_bytes_sent(
+    data: bytes, cuts: list[int], turns: list[int]
+) -> None:
+    """However a client cuts its upload into PATCHes, and whichever worker takes each one
+    (and the PUT), the blob stored is the bytes sent, in order."""
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    pieces = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    with tempfile.TemporaryDirectory() as temp, ThreadPoolExecutor(2) as executor:
+        backend = Backend(DiskStore(pathlib.Path(temp) / "store", sync=False), executor)
+        directory = pathlib.Path(temp) / "store" / "tmp" / "oci-sessions"
+        clear_shared_sessions(directory)
+        workers = [SharedSessions(backend, 60.0, directory) for _ in range(2)]
+
+        async def upload() -> None:
+            upload_id = await workers[turns[0]].open("r", "ci")
+            for i, piece in enumerate(pieces):
+                async with workers[turns[(i + 1) % 8]].hold(upload_id, "r", "ci") as session:
+                    await session.append(piece)
+            async with workers[turns[-1]].hold(upload_id, "r", "ci") as session:
+                await session.finish(sha256(data))
+
+        run(upload())
+        assert backend.store.get_blob(BlobId.of(data)) == data
+        assert list(directory.iterdir()) == []
