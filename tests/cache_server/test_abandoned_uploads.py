@@ -104,7 +104,8 @@ def test_open_idle_uploads_are_dropped_with_their_files(tmp_path: pathlib.Path) 
         assert set(codes) == {grpc.StatusCode.ABORTED}, codes
         assert time.monotonic() - started < IDLE + 5
         _wait_for(lambda: _open_fds(server) <= baseline + 2, 10)
-        assert list((storage / "tmp").iterdir()) == []
+        # A dropped upload's file is closed, then removed: wait for both.
+        _wait_for(lambda: list((storage / "tmp").iterdir()) == [], 10)
         assert [_committed(channel, n) for n in uploads.names] == [0] * 30
 
 
