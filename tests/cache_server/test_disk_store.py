@@ -25,7 +25,7 @@ from slipstream.core.digests import EMPTY_BLOB, BlobId
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.support.reapi import Reapi, digest, rpc_error
-from tests.support.server_process import ServerProcess
+from tests.support.server_process import ServerProcess, serve_exit
 
 
 def _blob_path(storage: pathlib.Path, d: re_pb2.Digest) -> pathlib.Path:
@@ -276,12 +276,7 @@ def test_store_writer_refuses_mismatch(tmp_path: pathlib.Path) -> None:
 
 def test_serve_cli_errors_and_sigterm(tmp_path: pathlib.Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "slipstream.cli", "serve", "--storage", str(tmp_path), *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return serve_exit("--storage", str(tmp_path), *args)
 
     for args in (["--max-size", "lots"], ["--listen", "nonsense"], ["--listen", "999.1.1.1:1"]):
         proc = run(*args)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import os
 import pathlib
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import bytestream_pb2_grpc as bs_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.support.reapi import Reapi, digest, rpc_error
-from tests.support.server_process import ServerProcess, running
+from tests.support.server_process import ServerProcess, running, serve_exit
 
 
 def _put(store: MemoryStore, data: bytes) -> BlobId:
@@ -480,12 +479,7 @@ def test_s3_flags_with_memory_storage_are_a_usage_error() -> None:
         (["--s3-endpoint", "http://x"], "--s3-endpoint needs --storage s3://"),
         (["--cache-dir", "/tmp/x"], "--cache-dir needs --storage s3://"),
     ]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "slipstream.cli", "serve", "--storage", "memory://", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        proc = serve_exit("--storage", "memory://", *args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -8,8 +8,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -31,6 +29,7 @@ from tests.support.server_process import (
     http_url,
     output_line,
     running,
+    serve_exit,
 )
 
 CONNECTIONS = 12
@@ -100,15 +99,6 @@ def _taken(root: pathlib.Path) -> int:
     """The space a disk store's files take, as its size bound counts it."""
     block = block_size_of(root)
     return sum(space_taken(size, block) for size in _files(root).values())
-
-
-def _serve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "slipstream.cli", "serve", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_a_blob_written_through_one_connection_is_found_and_read_through_all(
@@ -226,7 +216,7 @@ def test_a_worker_dying_soon_after_start_stops_the_server(tmp_path: pathlib.Path
 def test_a_foreign_server_on_the_workers_port_is_refused(tmp_path: pathlib.Path) -> None:
     with running(ServerProcess(tmp_path / "store", ["--workers", "2"])) as server:
         for workers in ("1", "2"):
-            result = _serve(
+            result = serve_exit(
                 "--listen",
                 server.address,
                 "--storage",
@@ -243,7 +233,7 @@ def test_a_foreign_server_on_the_workers_port_is_refused(tmp_path: pathlib.Path)
 
 @pytest.mark.parametrize("value", ["0", "-1", "abc", "1.5", ""])
 def test_bad_workers_values_exit_2_with_one_line(tmp_path: pathlib.Path, value: str) -> None:
-    result = _serve(
+    result = serve_exit(
         "--listen", f"127.0.0.1:{free_port()}", "--storage", str(tmp_path), "--workers", value
     )
     assert result.returncode == 2
@@ -252,7 +242,7 @@ def test_bad_workers_values_exit_2_with_one_line(tmp_path: pathlib.Path, value: 
 
 
 def test_memory_storage_with_workers_exits_2_with_one_line() -> None:
-    result = _serve("--listen", "127.0.0.1:0", "--storage", "memory://", "--workers", "2")
+    result = serve_exit("--listen", "127.0.0.1:0", "--storage", "memory://", "--workers", "2")
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "slipstream serve: error: --storage memory:// cannot be shared by --workers 2 "

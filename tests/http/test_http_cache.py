@@ -34,7 +34,7 @@ from tests.ops.helpers import (
     write_token_file,
 )
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, http_url, running
+from tests.support.server_process import ServerProcess, http_url, running, serve_exit
 
 # Three ccache keys as ccache 4.7.5 sends them (subdirs layout, flat, bazel).
 CC_KEY = "cba9tkltbj1opij2hi4enmkuqlfnoit9g"
@@ -441,12 +441,7 @@ def test_http_listen_comes_from_the_environment_and_is_checked(tmp_path: pathlib
     server = ServerProcess(tmp_path / "store", env={"SLIPSTREAM_HTTP_LISTEN": "127.0.0.1:0"})
     with running(server), HttpClient(http_url(server)) as client:
         assert client.get(f"/cas/{sha256(b'')}").status == 200
-    bad = subprocess.run(
-        [sys.executable, "-m", "slipstream.cli", "serve", "--http-listen", "nonsense"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = serve_exit("--http-listen", "nonsense")
     assert bad.returncode == 2 and "--http-listen 'nonsense' is not HOST:PORT" in bad.stderr
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import pathlib
 import subprocess
-import sys
 import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, free_port, running
-
-
-def serve_exit(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`slipstream serve ARGS` that is expected to stop by itself."""
-    return subprocess.run(
-        [sys.executable, "-m", "slipstream.cli", "serve", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.support.server_process import ServerProcess, free_port, running, serve_exit
 
 
 def assert_refused(done: subprocess.CompletedProcess[str], message: str) -> None:
@@ -79,13 +68,7 @@ def test_listen_ports_out_of_range_are_refused() -> None:
 
 def test_a_storage_url_of_an_unknown_scheme_is_refused(tmp_path: pathlib.Path) -> None:
     for url in ("ftp://x", "gs://bucket", "file:///tmp/x"):
-        done = subprocess.run(
-            [sys.executable, "-m", "slipstream.cli", "serve", "--storage", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=tmp_path,
-        )
+        done = serve_exit("--storage", url, cwd=tmp_path)
         assert_refused(done, f"--storage {url!r}: unknown scheme")
     assert list(tmp_path.iterdir()) == []  # no ./ftp:/x directory made
 

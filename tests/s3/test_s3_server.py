@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import pathlib
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from tests.s3.conftest import s3_client
 from tests.support.fault_proxy import FaultProxy
 from tests.support.moto import server_args
 from tests.support.reapi import Reapi, digest, rpc_error
-from tests.support.server_process import ServerProcess, free_port
+from tests.support.server_process import ServerProcess, free_port, serve_exit
 
 # 1 GiB is the figure (see benchmarks); 256 MiB keeps this run short.
 MEMORY_BLOB = int(os.environ.get("SLIPSTREAM_S3_MEMORY_BLOB", 256 << 20))
@@ -245,16 +243,6 @@ def test_large_blob_memory_stays_bounded(bucket: str, moto_url: str, servers: li
     assert growth < 100 << 20, f"peak RSS grew by {growth / (1 << 20):.0f} MiB"
 
 
-def _serve_exit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "slipstream.cli", "serve", "--listen", "127.0.0.1:0", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-
-
 def test_bad_s3_flags_exit_2(moto_url: str, tmp_path: pathlib.Path) -> None:
     cases = {
         ("--storage", "s3://-bad-/x"): "not a valid S3 bucket name",
@@ -270,7 +258,7 @@ def test_bad_s3_flags_exit_2(moto_url: str, tmp_path: pathlib.Path) -> None:
         ("--storage", "s3://no-such-bucket", *server_args(moto_url)): "does not exist",
     }
     for args, message in cases.items():
-        done = _serve_exit(*args)
+        done = serve_exit("--listen", "127.0.0.1:0", *args)
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
@@ -297,7 +285,7 @@ def test_a_bucket_that_cannot_be_reached_at_start_stops_the_server(
         (tuple(server_args(moto_url)), no_credentials, "no AWS credentials found"),
     ]
     for args, env, message in cases:
-        done = _serve_exit("--storage", f"s3://{bucket}", *args, env=env)
+        done = serve_exit("--listen", "127.0.0.1:0", "--storage", f"s3://{bucket}", *args, env=env)
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
         assert done.stderr.startswith("slipstream serve: error: ") and message in done.stderr

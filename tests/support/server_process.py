@@ -137,3 +137,21 @@ def http_url(server: ServerProcess) -> str:
     """The URL of the server's HTTP endpoint (`serve --http-listen`), as it says at start."""
     line = output_line(server, "serving the HTTP cache")
     return line.rsplit(" on ", 1)[1].strip()
+
+
+def serve_exit(
+    *args: str,
+    timeout: float = 60,
+    cwd: pathlib.Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`slipstream serve ARGS` that is expected to stop by itself (a refused setting),
+    with its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "slipstream.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+    )

@@ -32,6 +32,7 @@ from tests.support.server_process import (
     http_url,
     output_line,
     running,
+    serve_exit,
 )
 from tests.ui import history_fixture as fx
 
@@ -376,13 +377,7 @@ CCACHE_PATH = "/ccache/3b/" + "c" * 31
 
 @pytest.mark.parametrize("value", ["1m,2m", "10m,soon,45m", "10m,0s,45m"])
 def test_serve_refuses_bad_ui_targets_with_one_line(tmp_path: pathlib.Path, value: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "slipstream.cli", "serve", "--ui-targets", value],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-    )
+    done = serve_exit("--ui-targets", value, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "--ui-targets" in done.stderr
 
