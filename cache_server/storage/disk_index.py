@@ -24,7 +24,9 @@ import os
 import pathlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import NamedTuple
 
 # An index entry: (file size, header included; last access time); the bound counts
 # space_taken of the size. A plain tuple of numbers, which CPython's cycle collector
@@ -37,6 +39,9 @@ ADMITTED, TOUCHED, FORGOTTEN = "+", "=", "-"
 # What one more file's name costs its directory on ext4: an 8-byte entry header and the
 # 64-character name (72 bytes), in hash-indexed blocks that run about two-thirds full.
 DIRECTORY_ENTRY_BYTES = 112
+# Most threads scanning a store's directories at once when its index loads (one per
+# core): more only contend for the GIL, costing CPU for nothing on a warm cache.
+SCAN_THREADS = 8
 
 
 def block_size_of(path: pathlib.Path) -> int:
@@ -98,21 +103,58 @@ class DiskIndex(abc.ABC):
         """Finish what is under way (a worker's reports)."""
 
 
-def scan_entries(root: pathlib.Path) -> list[tuple[float, str, int]]:
-    """(mtime, path relative to root, size) of every blob and record under root."""
-    found: list[tuple[float, str, int]] = []
-    for kind in ("cas", "records"):
-        for sub in (root / kind).iterdir():
-            if sub.is_dir():
-                found.extend(_scan(sub, f"{kind}/{sub.name}/"))
+class Scanned(NamedTuple):
+    """Entries found under a store's root, in three flat lists of the same length."""
+
+    rels: list[str]  # paths relative to the root
+    sizes: list[int]  # file sizes, header included
+    mtimes: list[float]  # modification times: the last access, for the LRU order
+
+
+def scan_entries(root: pathlib.Path) -> Scanned:
+    """Every blob and record under root, in no particular order.
+
+    Each costs a stat call, mostly kernel time, which one thread per core (up to
+    SCAN_THREADS) makes at once: os.stat gives up the GIL. A file removed while the
+    scan runs (by another process sharing the store) is left out.
+    """
+    directories = [
+        (entry.path, f"{kind}/{entry.name}/")
+        for kind in ("cas", "records")
+        for entry in _subdirectories(root / kind)
+    ]
+    found = Scanned([], [], [])
+    threads = min(SCAN_THREADS, os.cpu_count() or 1)
+    with ThreadPoolExecutor(threads, thread_name_prefix="index-scan") as pool:
+        for part in pool.map(_scan, *zip(*directories, strict=True)):
+            found.rels.extend(part.rels)
+            found.sizes.extend(part.sizes)
+            found.mtimes.extend(part.mtimes)
     return found
 
 
-def _scan(directory: pathlib.Path, prefix: str) -> Iterator[tuple[float, str, int]]:
+def _subdirectories(directory: pathlib.Path) -> list[os.DirEntry[str]]:
     with os.scandir(directory) as it:
-        for item in it:
-            st = item.stat(follow_symlinks=False)
-            yield st.st_mtime, prefix + item.name, st.st_size
+        return [entry for entry in it if entry.is_dir()]
+
+
+def _scan(directory: str, prefix: str) -> Scanned:
+    """The entries of one shard or namespace directory (their paths: prefix + name)."""
+    found = Scanned([], [], [])
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stat = os.stat
+        for name in os.listdir(fd):
+            try:  # relative to the directory: no path walk in the kernel per file
+                st = stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.rels.append(prefix + name)
+            found.sizes.append(st.st_size)
+            found.mtimes.append(st.st_mtime)
+    finally:
+        os.close(fd)
+    return found
 
 
 class LocalIndex(DiskIndex):
@@ -139,12 +181,20 @@ class LocalIndex(DiskIndex):
                 self._indexed = True
 
     def _load_index_locked(self) -> None:
+        """Every entry on disk, oldest access first. C loops over the scan's flat lists
+        (a sort by time alone, one dict update), not Python code per entry: a million
+        entries load in ~6.7 s of CPU here, where building, sorting and inserting an
+        (mtime, path, size) tuple each took ~8.3."""
         found = scan_entries(self.root)
-        found.sort()
+        # Float keys (CPython's fastest comparison); equal times keep the scan's order.
+        order = sorted(range(len(found.rels)), key=found.mtimes.__getitem__)
+        entries: list[_Entry] = list(zip(found.sizes, found.mtimes, strict=True))
+        ordered = zip(
+            map(found.rels.__getitem__, order), map(entries.__getitem__, order), strict=True
+        )
+        self._lru.update(ordered)
         block = self.block_size
-        for mtime, rel, size in found:
-            self._lru[rel] = (size, mtime)
-            self._bytes_used += space_taken(size, block)
+        self._bytes_used += sum(space_taken(size, block) for size in found.sizes)
         self._evict_locked(keep=None)
 
     def present(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:

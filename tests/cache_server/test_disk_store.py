@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import time
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from slipstream.cache_server.storage.base import RecordKeyError
 from slipstream.cache_server.storage.disk import (
@@ -20,7 +23,7 @@ from slipstream.cache_server.storage.disk import (
     filesystem_of,
     filesystem_type,
 )
-from slipstream.cache_server.storage.disk_index import LocalIndex
+from slipstream.cache_server.storage.disk_index import LocalIndex, space_taken
 from slipstream.core.digests import EMPTY_BLOB, BlobId
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
@@ -426,3 +429,101 @@ def test_a_store_on_a_ram_filesystem_works_in_place_and_one_on_a_disk_does_not(
     in_ram = DiskStore(tmpfs_path / "s")
     assert in_ram.works_in_memory and in_ram.reads_in_memory
     assert f"{tmpfs_path / 's'} on tmpfs (" in in_ram.describe()
+
+
+def _counted_space(root: pathlib.Path) -> tuple[int, int]:
+    """(entries, bytes) the store should count for the files under root: each file's
+    space_taken, walked here without the store's code."""
+    block = os.statvfs(root).f_frsize
+    files = [p for kind in ("cas", "records") for p in (root / kind).rglob("*") if p.is_file()]
+    return len(files), sum(space_taken(p.stat().st_size, block) for p in files)
+
+
+_STORE_LINE = re.compile(r"; ([\d,]+) entries taking ([\d,]+) bytes")
+
+
+def test_stats_after_a_restart_are_exact(tmp_path: pathlib.Path) -> None:
+    """Blobs of many sizes and shards, a big one, action results and the server's own
+    records, written by a real server: a store opened on the directory afterwards (as a
+    restarted server's) counts exactly every file, each with the space it takes, and
+    says so in the line a server prints at start."""
+    root = tmp_path / "s"
+    server = ServerProcess(root).start()
+    try:
+        with grpc.insecure_channel(server.address) as ch:
+            api = Reapi(ch)
+            blobs = api.upload(*(os.urandom(n) for n in (1, 100, 4095, 4096, 4097, 70_000)))
+            api.write(os.urandom(1_500_000))
+            for i, d in enumerate(blobs):
+                result = re_pb2.ActionResult(output_files=[re_pb2.OutputFile(path="o", digest=d)])
+                api.ac.UpdateActionResult(
+                    re_pb2.UpdateActionResultRequest(
+                        action_digest=digest(b"action %d" % i), action_result=result
+                    )
+                )
+        assert server.stop() == 0
+    finally:
+        server.kill()
+    expected = _counted_space(root)
+    assert expected[0] >= len(blobs) + 1 + len(blobs)  # and the server's own records
+    for _ in range(2):
+        stats = DiskStore(root).stats()
+        assert (stats.blobs, stats.bytes_used) == expected
+    line = DiskStore(root).describe()
+    match = _STORE_LINE.search(line)
+    assert match, line
+    assert (int(match.group(1).replace(",", "")), int(match.group(2).replace(",", ""))) == expected
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    entries=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=9000), st.integers(0, 10**6)),
+        min_size=1,
+        max_size=40,
+        unique_by=lambda e: e[0],
+    )
+)
+def test_the_index_a_restart_loads_is_the_files_in_access_order(
+    tmp_path_factory: pytest.TempPathFactory, entries: list[tuple[bytes, int]]
+) -> None:
+    """Whatever the files and their access times, a new store on the directory indexes
+    every one, oldest first (the order eviction follows), and counts exactly their space."""
+    root = tmp_path_factory.mktemp("store")
+    store = DiskStore(root, sync=False)
+    base = time.time() - 10**7
+    by_time = []
+    for i, (data, age) in enumerate(entries):
+        blob = BlobId.of(data)
+        store.put_blob(blob, data)
+        store.put_record("timings", f"key {i}", data)
+        mtime = base + age + i / 1000  # distinct: the order among equal times is free
+        for rel in (DiskStore._blob_rel(blob), DiskStore._record_rel("timings", f"key {i}")):
+            os.utime(root / rel, (mtime, mtime))
+            by_time.append((mtime, rel))
+    reloaded = DiskStore(root, sync=False)
+    stats = reloaded.stats()
+    assert (stats.blobs, stats.bytes_used) == _counted_space(root)
+    index = reloaded.index
+    assert isinstance(index, LocalIndex)
+    assert list(index._lru) == [rel for _, rel in sorted(by_time)]
+
+
+def test_a_file_gone_during_the_scan_is_left_out(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process sharing the directory may remove a file between the scan's listing
+    and its stat: the index leaves it out and loads the rest."""
+    store = DiskStore(tmp_path / "s", sync=False)
+    kept = BlobId.of(b"kept")
+    store.put_blob(kept, b"kept")
+    gone = "ab" + "0" * 62
+    listdir = os.listdir
+    monkeypatch.setattr(
+        os, "listdir", lambda fd: [*listdir(fd), gone] if isinstance(fd, int) else listdir(fd)
+    )
+    reloaded = DiskStore(tmp_path / "s", sync=False)
+    assert reloaded.find_missing([kept]) == []
+    assert reloaded.stats().blobs == 1
