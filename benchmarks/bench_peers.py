@@ -77,11 +77,28 @@ class PeerUnavailable(RuntimeError):
 
 
 def find_python313() -> str | None:
-    """BuildGrid 0.9 needs Python 3.13: $SLIPSTREAM_BENCH_PYTHON313, PATH, then pyenv."""
+    """BuildGrid 0.9 needs Python 3.13: $SLIPSTREAM_BENCH_PYTHON313, PATH, then pyenv's
+    versions. The first that runs as 3.13 wins: pyenv's shim for python3.13 is on PATH
+    even where no pyenv setting selects 3.13, and then it only says "command not found"."""
     candidates = [os.environ.get("SLIPSTREAM_BENCH_PYTHON313"), shutil.which("python3.13")]
     pyenv = os.environ.get("PYENV_ROOT") or str(pathlib.Path.home() / ".pyenv")
     candidates += sorted(glob.glob(f"{pyenv}/versions/3.13.*/bin/python3"), reverse=True)
-    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+    return next((c for c in candidates if c and _is_python313(c)), None)
+
+
+def _is_python313(python: str) -> bool:
+    if not os.access(python, os.X_OK):
+        return False
+    try:
+        proc = subprocess.run(
+            [python, "-c", "import sys; print(sys.version_info[:2] == (3, 13))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.stdout.strip() == "True"
 
 
 def _installed_version(venv: pathlib.Path) -> str | None:
