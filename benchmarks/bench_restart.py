@@ -1,0 +1,212 @@
+"""Restart at scale: how soon `slipstream serve` answers on a disk store of N blobs.
+
+    python -m benchmarks.bench_restart [--blobs N] [--starts K] [--smoke] [--json PATH]
+                                       [--storage-dir DIR]
+
+Fills a disk store under --storage-dir with N small blobs (64-1,024 bytes) and N/100
+action results (benchmarks/fleet_store.py, through the store's own code), then starts
+`python -m slipstream.cli serve` on it K times and measures, from the moment the process
+is started:
+  - the first FindMissingBlobs answer (one present blob, one absent) that is right,
+  - the first GetActionResult hit (its outputs checked by the server),
+  - the server's RSS then (from /proc),
+  - its store statistics (Prometheus /metrics), which must be exactly the entries and
+    bytes the fill wrote.
+Target (issue 23): a million blobs ready to serve within 10 s.
+
+--storage-dir defaults to the system's temp dir (a real disk here): a million small files
+on a tmpfs would hold ~4 GB of RAM. The directory entries and inodes are in the kernel's
+caches after the fill (a warm restart, as when a server process restarts on its machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+
+import grpc
+
+from benchmarks.bench_cache import machine
+from benchmarks.fleet_store import Filled, action_digest, blob_digest, fill_slipstream
+from slipstream.cache_server.storage.disk import filesystem_type
+from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
+from tests.support.proc_stats import cpu_seconds, rss_bytes
+from tests.support.server_process import free_port
+
+FULL_BLOBS = 1_000_000
+SMOKE_BLOBS = 1_000
+TARGET_SECONDS = 10.0
+SEED = 1
+_METRIC = re.compile(r"^(slipstream_store_(?:blobs|bytes)) (\S+)$", re.MULTILINE)
+
+
+@dataclass
+class Start:
+    """One start of the server on the filled store."""
+
+    find_seconds: float  # process start to the first right FindMissingBlobs answer
+    action_seconds: float  # to the first GetActionResult hit
+    rss_bytes: int  # the server's RSS at that moment
+    cpu_seconds: float  # the CPU the server had used by then
+    entries: int  # its store statistics, once loaded
+    bytes: int
+    exact: bool  # entries and bytes are what the fill wrote
+
+
+def _wait_for_answer(address: str, deadline: float, filled: Filled) -> tuple[float, float]:
+    """Seconds (perf_counter) at which finds and then action-cache gets are answered right."""
+    present = blob_digest(SEED, filled.blobs // 2)
+    absent = re_pb2.Digest(hash="0" * 64, size_bytes=1)
+    find = re_pb2.FindMissingBlobsRequest(blob_digests=[present, absent])
+    get = re_pb2.GetActionResultRequest(action_digest=action_digest(SEED, filled.actions // 2))
+    with grpc.insecure_channel(address) as channel:
+        cas = re_grpc.ContentAddressableStorageStub(channel)
+        ac = re_grpc.ActionCacheStub(channel)
+        while True:
+            try:
+                missing = cas.FindMissingBlobs(find, timeout=1, wait_for_ready=True)
+                if list(missing.missing_blob_digests) == [absent]:
+                    break
+            except grpc.RpcError:
+                pass
+            if time.perf_counter() > deadline:
+                raise TimeoutError("the server gave no right FindMissingBlobs answer in time")
+        found_at = time.perf_counter()
+        while True:
+            try:
+                ac.GetActionResult(get, timeout=1, wait_for_ready=True)
+                return found_at, time.perf_counter()
+            except grpc.RpcError as e:
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"no GetActionResult hit in time: {e.details()}") from e
+
+
+def _store_stats(metrics_url: str, deadline: float) -> tuple[int, int]:
+    """(entries, bytes) from the server's /metrics."""
+    while True:
+        try:
+            with urllib.request.urlopen(metrics_url, timeout=30) as response:
+                text = response.read().decode()
+            values = {m.group(1): float(m.group(2)) for m in _METRIC.finditer(text)}
+            return int(values["slipstream_store_blobs"]), int(values["slipstream_store_bytes"])
+        except OSError:
+            if time.perf_counter() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def measure_start(root: pathlib.Path, filled: Filled, timeout: float = 300) -> Start:
+    """Start `slipstream serve` on root, time its first answers, stop it."""
+    address = f"127.0.0.1:{free_port()}"
+    metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
+    cmd = [
+        sys.executable,
+        "-m",
+        "slipstream.cli",
+        "serve",
+        "--listen",
+        address,
+        "--storage",
+        str(root),
+        "--metrics-listen",
+        metrics_url.removeprefix("http://").removesuffix("/metrics"),
+    ]
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        found_at, got_at = _wait_for_answer(address, started + timeout, filled)
+        rss, cpu = rss_bytes(proc.pid), cpu_seconds(proc.pid)
+        entries, used = _store_stats(metrics_url, started + timeout)
+    except BaseException:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+        print(err[-3000:], file=sys.stderr)
+        raise
+    proc.terminate()
+    proc.communicate(timeout=60)
+    return Start(
+        round(found_at - started, 3),
+        round(got_at - started, 3),
+        rss,
+        cpu,
+        entries,
+        used,
+        (entries, used) == (filled.entries, filled.bytes),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_BLOBS:,} blobs, one start")
+    parser.add_argument("--blobs", type=int, help=f"blobs in the store (default {FULL_BLOBS:,})")
+    parser.add_argument("--starts", type=int, help="server starts to time (default 3; smoke 1)")
+    parser.add_argument("--json", type=pathlib.Path, help="write the results here")
+    parser.add_argument(
+        "--storage-dir",
+        type=pathlib.Path,
+        help="where the store goes (default the system's temp dir)",
+    )
+    args = parser.parse_args(argv)
+    blobs = args.blobs or (SMOKE_BLOBS if args.smoke else FULL_BLOBS)
+    starts = args.starts or (1 if args.smoke else 3)
+    if blobs < 1 or starts < 1:
+        parser.error("--blobs and --starts must be at least 1")
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix="slipstream-restart-", dir=args.storage_dir))
+    try:
+        root = workdir / "store"
+        print(f"filling {root} with {blobs:,} blobs ...", flush=True)
+        filled = fill_slipstream(root, blobs, max(1, blobs // 100), SEED)
+        print(
+            f"filled: {filled.entries:,} entries, {filled.bytes:,} bytes in "
+            f"{filled.seconds:.1f}s ({filled.blobs / filled.seconds:,.0f} blobs/s)",
+            flush=True,
+        )
+        runs = []
+        for _ in range(starts):
+            run = measure_start(root, filled)
+            print(
+                f"start: finds answered after {run.find_seconds:.2f}s, action results after "
+                f"{run.action_seconds:.2f}s; RSS {run.rss_bytes / 2**20:,.0f} MiB, "
+                f"CPU {run.cpu_seconds:.2f}s; {run.entries:,} entries, {run.bytes:,} bytes "
+                f"({'exact' if run.exact else 'NOT EXACT'})",
+                flush=True,
+            )
+            runs.append(run)
+        fs = filesystem_type(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    median = statistics.median(r.find_seconds for r in runs)
+    verdict = "met" if median <= TARGET_SECONDS else "NOT met"
+    print(
+        f"\n{blobs:,} blobs on {fs}: ready to serve after {median:.2f}s (median of {starts}); "
+        f"target {TARGET_SECONDS:.0f}s {verdict}; stats exact: {all(r.exact for r in runs)}"
+    )
+    if args.json:
+        results = {
+            "machine": machine(),
+            "storage_dir": str(args.storage_dir or tempfile.gettempdir()),
+            "filesystem": fs,
+            "filled": asdict(filled),
+            "starts": [asdict(r) for r in runs],
+            "ready_seconds_median": median,
+            "target_seconds": TARGET_SECONDS,
+        }
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if all(r.exact for r in runs) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
