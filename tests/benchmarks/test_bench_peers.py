@@ -52,3 +52,25 @@ def test_buildgrid_keeps_its_action_cache_where_its_cas_is(tmp_path: pathlib.Pat
     assert text.count("bucket: theirs") == 2
     memory = bench_peers.buildgrid_config("127.0.0.1:1", "memory", tmp_path, None)
     assert "!lru-action-cache" in memory
+
+
+def test_python313_is_one_that_runs_as_313(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyenv's shim for python3.13 is on PATH even where no pyenv setting selects 3.13, and
+    then only says "command not found": the finder passes over it to pyenv's own 3.13."""
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    shim = shims / "python3.13"
+    shim.write_text("#!/bin/sh\necho 'pyenv: python3.13: command not found' >&2\nexit 127\n")
+    real = tmp_path / "pyenv" / "versions" / "3.13.0" / "bin" / "python3"
+    real.parent.mkdir(parents=True)
+    real.write_text("#!/bin/sh\necho True\n")  # answers the finder's version check
+    for script in (shim, real):
+        script.chmod(0o755)
+    monkeypatch.delenv("SLIPSTREAM_BENCH_PYTHON313", raising=False)
+    monkeypatch.setenv("PATH", f"{shims}:/usr/bin:/bin")
+    monkeypatch.setenv("PYENV_ROOT", str(tmp_path / "pyenv"))
+    assert bench_peers.find_python313() == str(real)
+    real.unlink()
+    assert bench_peers.find_python313() is None
