@@ -69,6 +69,7 @@ class Filled:
     entries: int
     bytes: int
     seconds: float
+    blob_bytes: int  # of bytes, what the blobs take (the rest: the action results)
 
 
 def fill_slipstream(root: pathlib.Path, blobs: int, actions: int, seed: int = 1) -> Filled:
@@ -82,13 +83,15 @@ def fill_slipstream(root: pathlib.Path, blobs: int, actions: int, seed: int = 1)
         data = blob_payload(seed, i)
         store.fill_blob(BlobId(hashlib.sha256(data).hexdigest(), len(data)), data)
         written += space_taken(header + len(data), block)
+    blob_bytes = written
     for j in range(actions):
         key = action_key("", BlobId.from_proto(action_digest(seed, j)))
         value = action_result(seed, j, blobs).SerializeToString()
         store.put_record(AC_NAMESPACE, key, value)
         written += space_taken(header + len(value), block)
     store.close()
-    return Filled(blobs, actions, blobs + actions, written, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return Filled(blobs, actions, blobs + actions, written, seconds, blob_bytes)
 
 
 def fill_buildgrid(root: pathlib.Path, blobs: int, seed: int = 1) -> float:
