@@ -165,16 +165,10 @@ class ServerRun:
     plan_hash: str
 
 
-def _rss_mb(pid: int) -> float:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
 def bench_server(directory: pathlib.Path, shards: int) -> ServerRun:
     """Upload the JUnit timings to a ``slipstream serve``, then GetShard twice."""
     from slipstream.client.split_client import RunSpec, SplitClient
+    from tests.support.proc_stats import rss_bytes
     from tests.support.server_process import ServerProcess
 
     ids = (directory / "ids.txt").read_text().split()
@@ -192,7 +186,7 @@ def bench_server(directory: pathlib.Path, shards: int) -> ServerRun:
             second = client.get_shard(RunSpec("scale", "run-1", 4, shards, ids))
             second_s = time.perf_counter() - started
             assert first.plan_hash == second.plan_hash
-            rss = _rss_mb(server.proc.pid)
+            rss = rss_bytes(server.proc.pid) / (1 << 20)
     finally:
         server.stop()
     return ServerRun(

@@ -16,6 +16,7 @@ import grpc
 
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import bytestream_pb2_grpc as bs_grpc
+from tests.support.proc_stats import peak_rss_bytes
 from tests.support.reapi import Reapi, digest, rpc_error
 from tests.support.server_process import ServerProcess, running
 
@@ -25,13 +26,6 @@ IDLE = 2.0  # seconds: --upload-idle-timeout of these servers
 def _open_fds(server: ServerProcess) -> int:
     assert server.proc is not None
     return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
-
-
-def _peak_rss(server: ServerProcess) -> int:
-    assert server.proc is not None
-    status = pathlib.Path(f"/proc/{server.proc.pid}/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float) -> None:
@@ -119,7 +113,7 @@ def test_uploads_left_for_a_resume_are_dropped_and_their_memory_reused() -> None
             uploads = Abandoned(channel, count, sent=sent, size=2 * sent)
             _wait_for(functools.partial(_all_committed, channel, uploads.names, sent), 30)
             uploads.cancel()  # the client goes away: the upload is kept for a resume
-            rounds.append(_peak_rss(server))
+            rounds.append(peak_rss_bytes(server.proc.pid))  # type: ignore[union-attr]
             _wait_for(functools.partial(_all_committed, channel, uploads.names, 0), 10)
         # The second round reused what the dropped first one freed.
         growth = rounds[1] - rounds[0]

@@ -4,7 +4,6 @@ costs the server no more memory than the blob it claims to be (issue 19, item 2)
 from __future__ import annotations
 
 import hashlib
-import pathlib
 
 import grpc
 import pytest
@@ -12,6 +11,7 @@ import zstandard
 
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
+from tests.support.proc_stats import peak_rss_bytes
 from tests.support.reapi import Reapi, rpc_error
 from tests.support.server_process import ServerProcess
 
@@ -36,9 +36,7 @@ def bomb() -> bytes:
 def peak_rss(server: ServerProcess) -> int:
     """The server's peak resident memory so far (VmHWM), in bytes."""
     assert server.proc is not None
-    status = pathlib.Path(f"/proc/{server.proc.pid}/status").read_text()
-    line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(line.split()[1]) * 1024
+    return peak_rss_bytes(server.proc.pid)
 
 
 def _claimed(size: int) -> re_pb2.Digest:

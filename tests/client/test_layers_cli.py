@@ -14,6 +14,7 @@ from benchmarks import bench_layers
 from slipstream.cli import main
 from slipstream.client.cas_client import CasClient
 from slipstream.core.digests import BlobId
+from tests.support.proc_stats import rss_bytes
 from tests.support.server_process import ServerProcess, free_port
 
 
@@ -110,18 +111,6 @@ def test_benchmark_smoke(tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[s
     assert "first_save" in out and (tmp_path / "b.json").exists()
 
 
-def _rss(pid: int) -> int:
-    """Resident bytes of a running process, from /proc (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) << 10
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
 BOMB_RSS_CAP = 400 << 20  # the client is killed above this: before the limits it took 1.7 GiB
 
 
@@ -148,7 +137,7 @@ def test_tree_bomb_is_refused_early_in_little_memory(
     )
     peak = 0
     while client.poll() is None:
-        peak = max(peak, _rss(client.pid))
+        peak = max(peak, rss_bytes(client.pid))
         if peak > BOMB_RSS_CAP or time.monotonic() - started > 30:
             client.kill()
             client.wait()

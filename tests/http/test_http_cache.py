@@ -9,6 +9,7 @@ completeness check, bad input (a clear 4xx, nothing stored), tokens and scopes,
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import os
@@ -33,6 +34,7 @@ from tests.ops.helpers import (
     scrape,
     write_token_file,
 )
+from tests.support.proc_stats import peak_rss_bytes
 from tests.support.reapi import Reapi, digest
 from tests.support.server_process import ServerProcess, http_url, running, serve_exit
 
@@ -111,11 +113,7 @@ def test_a_64_mib_blob_streams_both_ways(client: HttpClient, served: ServerProce
     data = block * (size // len(block))
     path = f"/cas/{sha256(data)}"
     assert served.proc is not None
-
-    def peak_rss() -> int:
-        status = pathlib.Path(f"/proc/{served.proc.pid}/status").read_text()  # type: ignore[union-attr]
-        line = next(x for x in status.splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
+    peak_rss = functools.partial(peak_rss_bytes, served.proc.pid)
 
     before = peak_rss()
 

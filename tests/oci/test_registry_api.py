@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import pytest
 from tests.http.helpers import HttpClient, Reply, http_server
 from tests.ops.helpers import Token, metrics_url, write_token_file
 from tests.support.oci import OCI_CONFIG, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, sha256
+from tests.support.proc_stats import peak_rss_bytes
 from tests.support.server_process import ServerProcess, http_url, running
 
 WRITER = Token("ci-main", "tok-oci-writer-1f2e", ("read", "cas-write", "ac-write"))
@@ -605,11 +607,7 @@ def test_a_64_mib_layer_is_pushed_in_chunks_and_pulled_without_holding_it_in_mem
     block = os.urandom(piece)
     data = block * (size // piece)
     assert server.proc is not None
-    status_file = pathlib.Path(f"/proc/{server.proc.pid}/status")
-
-    def peak_rss() -> int:
-        line = next(x for x in status_file.read_text().splitlines() if x.startswith("VmHWM:"))
-        return int(line.split()[1]) * 1024
+    peak_rss = functools.partial(peak_rss_bytes, server.proc.pid)
 
     before = peak_rss()
     location = writer.request("POST", "/v2/big/app/blobs/uploads/", b"").headers["Location"]

@@ -18,6 +18,7 @@ from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.s3.conftest import s3_client
 from tests.support.fault_proxy import FaultProxy
 from tests.support.moto import server_args
+from tests.support.proc_stats import peak_rss_bytes
 from tests.support.reapi import Reapi, digest, rpc_error
 from tests.support.server_process import ServerProcess, free_port, serve_exit
 
@@ -55,13 +56,6 @@ def servers() -> Iterator[list[Served]]:
     yield started
     for s in started:
         s.close()
-
-
-def vm_hwm(pid: int) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
 
 
 def action_result(api: Reapi, n: int) -> tuple[re_pb2.Digest, re_pb2.ActionResult]:
@@ -213,7 +207,7 @@ def test_large_blob_memory_stays_bounded(bucket: str, moto_url: str, servers: li
     warm = os.urandom(9 << 20)  # warm up the multipart and streaming paths first
     one.api.write(warm, chunk=1 << 20)
     assert one.api.read(digest(warm)) == warm
-    baseline = vm_hwm(pid)
+    baseline = peak_rss_bytes(pid)
 
     sha = hashlib.sha256()
     for chunk in _blob_chunks(MEMORY_BLOB, b"memory"):
@@ -238,7 +232,7 @@ def test_large_blob_memory_stays_bounded(bucket: str, moto_url: str, servers: li
     for response in one.api.bytestream.Read(read):
         read_sha.update(response.data)
     assert read_sha.hexdigest() == d.hash
-    growth = vm_hwm(pid) - baseline
+    growth = peak_rss_bytes(pid) - baseline
     print(f"{MEMORY_BLOB >> 20} MiB blob: server peak RSS +{growth / (1 << 20):.1f} MiB")
     assert growth < 100 << 20, f"peak RSS grew by {growth / (1 << 20):.0f} MiB"
 

@@ -6,7 +6,6 @@ Memory is the server's peak RSS (VmHWM in /proc), CPU its utime + stime in /proc
 
 from __future__ import annotations
 
-import os
 import pathlib
 import threading
 import time
@@ -18,6 +17,7 @@ import pytest
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter.pinning import MAX_RUN_TESTS
+from tests.support.proc_stats import cpu_seconds, peak_rss_bytes
 from tests.support.server_process import ServerProcess, running
 
 # ~1 MB of test ids over 10,000 shards: the request that took a server past 4 GiB.
@@ -31,17 +31,9 @@ def served(tmp_path: pathlib.Path) -> Iterator[ServerProcess]:
         yield server
 
 
-def _status(server: ServerProcess, field: str) -> int:
+def _pid(server: ServerProcess) -> int:
     assert server.proc is not None
-    text = pathlib.Path(f"/proc/{server.proc.pid}/status").read_text()
-    line = next(x for x in text.splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def _cpu_seconds(server: ServerProcess) -> float:
-    assert server.proc is not None
-    fields = pathlib.Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return server.proc.pid
 
 
 def _run(suite: str, run_key: str, tests: list[str], total: int) -> split_pb2.RunSpec:
@@ -54,12 +46,12 @@ def test_a_plan_over_many_tests_and_shards_costs_memory_linear_in_the_request(
     stub = split_grpc.SplitStub(served.channel())
     request = _run("bomb", "run-1", MANY_TESTS, MANY_SHARDS)
     assert 1_000_000 < request.ByteSize() < 2_000_000
-    before = _status(served, "VmHWM")
+    before = peak_rss_bytes(_pid(served))
     started = time.monotonic()
     shard = stub.GetShard(split_pb2.GetShardRequest(run=request), timeout=30)
     joined = stub.JoinQueue(split_pb2.JoinQueueRequest(run=request), timeout=30)
     took = time.monotonic() - started
-    grown = _status(served, "VmHWM") - before
+    grown = peak_rss_bytes(_pid(served)) - before
     assert shard.pinned_now and joined.pinned_now and joined.tests == len(MANY_TESTS)
     # Memory grew with tests + shards (about 100 MiB here), not with tests x shards (GiB).
     assert grown < 256 << 20, f"peak RSS grew {grown >> 20} MiB"
@@ -102,9 +94,9 @@ def test_planning_stops_when_the_callers_deadline_passes(served: ServerProcess) 
         stub.GetShard(request, timeout=0.5)
     assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(0.5)  # the server notices at its next check
-    cpu = _cpu_seconds(served)
+    cpu = cpu_seconds(_pid(served))
     time.sleep(3.0)
-    spent = _cpu_seconds(served) - cpu
+    spent = cpu_seconds(_pid(served)) - cpu
     # Without the deadline it would still be planning, a core busy for seconds more.
     assert spent < 0.3, f"{spent:.2f} CPU-seconds after the deadline"
 
