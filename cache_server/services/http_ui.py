@@ -200,7 +200,8 @@ class UiPages(HttpFrontEnd):
 
     def _overview(self) -> str:
         suites = {s: self.history.load_runs(s)[0] for s in self._suites()}
-        return dashboard.overview_page(suites, self._targets(), _LINKS, extra=self._cache_summary())
+        summary = self._cache_summary(self._usage())
+        return dashboard.overview_page(suites, self._targets(), _LINKS, extra=summary)
 
     def _targets(self) -> dashboard.Targets:
         if self.ops is None:
@@ -280,8 +281,7 @@ class UiPages(HttpFrontEnd):
             )
         return totals[0], totals[1]
 
-    def _cache_summary(self) -> str:
-        usage = self._usage()
+    def _cache_summary(self, usage: Usage | None) -> str:
         if usage is None:
             return ""
         return ui_cache.day_section(
@@ -313,7 +313,7 @@ class UiPages(HttpFrontEnd):
         kept, largest = self._largest_entries()
         return dashboard.page(
             "Slipstream cache",
-            f"<h1>Cache</h1>{self._cache_summary()}{per_name}"
+            f"<h1>Cache</h1>{self._cache_summary(usage)}{per_name}"
             f"{ui_cache.largest_section(largest, kept)}"
             "<section><h2>Store operations</h2>"
             f"<table class=operations>{operations}</table></section>"
