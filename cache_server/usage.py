@@ -153,17 +153,21 @@ class HitSeries:
                 for kind, slots in self._kinds.items()
             }
 
-    def add_json(self, kinds: Any, now: float) -> None:
-        """Add what to_json gave, the buckets within the window at now; ValueError (and
-        nothing added) if it is not that."""
+    @staticmethod
+    def parse_json(kinds: Any) -> list[tuple[str, int, int, int]]:
+        """What to_json gave, as (kind, bucket number, hits, misses) rows; ValueError if
+        it is not that."""
         try:
-            rows = [
+            return [
                 (str(kind), int(n), int(h), int(m))
                 for kind, buckets in kinds.items()
                 for n, h, m in buckets
             ]
         except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"unreadable hit series: {exc!r}") from None
+
+    def add_rows(self, rows: Iterable[tuple[str, int, int, int]], now: float) -> None:
+        """Add parse_json's rows: the buckets within the window at now."""
         first, last = self._window(now)
         for kind, number, hits, misses in rows:
             if first <= number <= last and hits >= 0 and misses >= 0:
@@ -205,9 +209,11 @@ class NameCounts(Generic[K]):
                 for name, row in self.rows.items()
             ] + [list(self.other)]
 
-    def add_json(self, rows: Any, name_parts: int) -> None:
-        """Add what to_json gave (names of name_parts strings); ValueError if it is not
-        that (then nothing is added)."""
+    def parse_json(
+        self, rows: Any, name_parts: int
+    ) -> tuple[list[tuple[tuple[str, ...], list[int]]], list[int]]:
+        """What to_json gave (names of name_parts strings), as (name, counts) rows and
+        the other row; ValueError if it is not that."""
         try:
             if not isinstance(rows, list) or not rows:
                 raise TypeError("not a list of rows")
@@ -220,8 +226,13 @@ class NameCounts(Generic[K]):
             raise ValueError(f"unreadable counts: {exc!r}") from None
         if any(len(counts) != self.width for _, counts in parsed) or len(rest) != self.width:
             raise ValueError("counts of another width")
-        for name, counts in parsed:
-            self.add(name if name_parts > 1 else name[0], tuple(counts))  # type: ignore[arg-type]
+        return parsed, rest
+
+    def add_rows(self, parsed: tuple[list[tuple[tuple[str, ...], list[int]]], list[int]]) -> None:
+        """Add parse_json's rows."""
+        rows, rest = parsed
+        for name, counts in rows:
+            self.add(name if len(name) > 1 else name[0], tuple(counts))  # type: ignore[arg-type]
         with self._lock:
             for i, n in enumerate(rest):
                 self.other[i] += n
@@ -311,14 +322,14 @@ class Usage:
             raise ValueError(f"unreadable usage record: {exc}") from None
         if saved_at < now - self.hits.buckets * self.hits.bucket_seconds:
             return False
-        check = Usage(self.clock)  # all parts read before any is added
-        check.hits.add_json(kinds, now)
-        check.instances.add_json(instances, 2)
-        check.callers.add_json(callers, 1)
-        self.hits.add_json(kinds, now)
+        # Every part is read before any is added.
+        buckets = HitSeries.parse_json(kinds)
+        instance_rows = self.instances.parse_json(instances, 2)
+        caller_rows = self.callers.parse_json(callers, 1)
+        self.hits.add_rows(buckets, now)
         if saved_at >= now - LIVE_SECONDS:
-            self.instances.add_json(instances, 2)
-            self.callers.add_json(callers, 1)
+            self.instances.add_rows(instance_rows)
+            self.callers.add_rows(caller_rows)
         self.since = min(self.since, since)
         return True
 
