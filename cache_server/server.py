@@ -35,6 +35,7 @@ from slipstream.cache_server.services.common import (
     TolerantDecoding,
 )
 from slipstream.cache_server.services.layers import LayersService
+from slipstream.cache_server.services.oci_sessions import remove_shared_sessions
 from slipstream.cache_server.services.split import SplitService
 from slipstream.cache_server.storage.base import Store
 from slipstream.cache_server.storage.disk import DiskStore
@@ -312,6 +313,9 @@ async def serve(config: ServerConfig) -> None:
     """Run until SIGTERM or SIGINT, then shut down cleanly."""
     keep_freed_memory()
     store = open_store(config)
+    directory = disk_directory(config)
+    if directory is not None:
+        remove_shared_sessions(directory[0])
     # Before serving: the disk store builds its index here, so finds answered on
     # the event loop (Store.finds_in_memory) never wait for the scan.
     description = store.describe()

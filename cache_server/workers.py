@@ -61,7 +61,7 @@ from slipstream.cache_server.server import (
     start_server,
     start_up_lines,
 )
-from slipstream.cache_server.services.oci_sessions import clear_shared_sessions
+from slipstream.cache_server.services.oci_sessions import clear_shared_sessions, shared_sessions_dir
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.cache_server.storage.disk_index import LocalIndex
 from slipstream.cache_server.storage.shared_index import (
@@ -230,7 +230,7 @@ class Supervisor:
         if root is None:
             self.sessions_dir = pathlib.Path(tempfile.mkdtemp(prefix="slipstream-oci-sessions-"))
         else:
-            self.sessions_dir = root / "tmp" / "oci-sessions"
+            self.sessions_dir = shared_sessions_dir(root)
         clear_shared_sessions(self.sessions_dir)
         config = dataclasses.replace(self.plan.config, upload_sessions_dir=self.sessions_dir)
         self.plan = dataclasses.replace(self.plan, config=config)

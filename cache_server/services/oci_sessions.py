@@ -34,6 +34,7 @@ import math
 import os
 import pathlib
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -425,6 +426,19 @@ class SharedSessions(UploadSessions):
             return True
         self.expired_at = now
         return await self.backend.run(self._expire_now)
+
+
+def shared_sessions_dir(root: pathlib.Path) -> pathlib.Path:
+    """Where the workers of a server on the disk store (or tier) under root keep the
+    shared upload sessions."""
+    return root / "tmp" / "oci-sessions"
+
+
+def remove_shared_sessions(root: pathlib.Path) -> None:
+    """Remove the shared sessions a `--workers` server on the store under root left
+    when it was killed before it could clean up (a single-process server starting
+    there keeps its sessions in memory, so the files are nobody's)."""
+    shutil.rmtree(shared_sessions_dir(root), ignore_errors=True)
 
 
 def clear_shared_sessions(directory: pathlib.Path) -> None:

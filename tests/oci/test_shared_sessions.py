@@ -168,3 +168,18 @@ def test_an_abandoned_session_is_cleaned_up_and_the_directory_goes_with_the_serv
             assert reply.status == 404 and error_code(reply) == "BLOB_UPLOAD_UNKNOWN"
             http.request("POST", "/v2/gone/app/blobs/uploads/", b"")  # open when it stops
     assert not sessions.exists()
+
+
+def test_sessions_left_by_a_killed_workers_server_are_removed_by_a_single_process_start(
+    tmp_path: pathlib.Path,
+) -> None:
+    store = tmp_path / "store"
+    with running(http_server(store, ["--workers", "2"])) as workers:
+        open_session(workers)
+        open_session(workers)
+        sessions = store / "tmp" / "oci-sessions"
+        assert len(list(sessions.iterdir())) == 2
+        workers.kill()  # SIGKILL: no clean-up
+    assert len(list(sessions.iterdir())) == 2
+    with running(http_server(store)):
+        assert not sessions.exists()
