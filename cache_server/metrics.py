@@ -17,7 +17,9 @@ store by a collector that asks it at scrape time:
     slipstream_http_request_seconds{route,method}         their latency
     slipstream_http_received_bytes_total{route,method}    request body bytes
     slipstream_http_sent_bytes_total{route,method}        response body bytes
-    slipstream_store_bytes / _blobs / _max_bytes           from Store.stats()
+    slipstream_store_bytes / _blobs / _max_bytes           from Store.stats(); _bytes and
+        _blobs are left out while the disk store's index loads (they are not known yet)
+    slipstream_store_index_loading                         1 while that index loads, else 0
     slipstream_store_evictions_total
     slipstream_store_operations_total{operation}          calls made of the store (CountingStore)
     slipstream_s3_requests_total{operation}               from Store.request_counts()
@@ -171,14 +173,20 @@ class StoreCollector(Collector):
             stats = None
         if stats is not None:
             yield GaugeMetricFamily(
-                "slipstream_store_bytes",
-                "Bytes the store's entries take as --max-size counts them"
-                " (on disk: whole blocks and directory entries)",
-                value=stats.bytes_used,
+                "slipstream_store_index_loading",
+                "1 while the store's index loads (its size and entries are not known yet)",
+                value=int(stats.loading),
             )
-            yield GaugeMetricFamily(
-                "slipstream_store_blobs", "Entries held by the store", value=stats.blobs
-            )
+            if not stats.loading:
+                yield GaugeMetricFamily(
+                    "slipstream_store_bytes",
+                    "Bytes the store's entries take as --max-size counts them"
+                    " (on disk: whole blocks and directory entries)",
+                    value=stats.bytes_used,
+                )
+                yield GaugeMetricFamily(
+                    "slipstream_store_blobs", "Entries held by the store", value=stats.blobs
+                )
             if stats.max_bytes is not None:
                 yield GaugeMetricFamily(
                     "slipstream_store_max_bytes", "Size bound of the store", value=stats.max_bytes

@@ -316,8 +316,9 @@ async def serve(config: ServerConfig) -> None:
     directory = disk_directory(config)
     if directory is not None:
         remove_shared_sessions(directory[0])
-    # Before serving: the disk store builds its index here, so finds answered on
-    # the event loop (Store.finds_in_memory) never wait for the scan.
+    # The disk store's index loads in the background: the server answers at once,
+    # finds on worker threads until it is loaded (Store.finds_in_memory).
+    store.start_loading()
     description = store.describe()
     server = await start_server(config, store)
     freeze_start_up_objects()

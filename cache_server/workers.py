@@ -65,6 +65,7 @@ from slipstream.cache_server.services.oci_sessions import clear_shared_sessions,
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.cache_server.storage.disk_index import LocalIndex
 from slipstream.cache_server.storage.shared_index import (
+    FIGURES,
     Accountant,
     Figures,
     Reporter,
@@ -159,7 +160,7 @@ class Supervisor:
         self.config = config
         self.count = plan.config.workers
         self.context = multiprocessing.get_context("spawn")
-        self.figures: Figures = self.context.RawArray("q", 3)
+        self.figures: Figures = self.context.RawArray("q", FIGURES)
         self.stopping = threading.Event()
         self.messages: queue.Queue[tuple[int, str]] = queue.Queue()
         self.workers: list[_Worker] = []
@@ -182,8 +183,9 @@ class Supervisor:
                 root, bound = directory
                 index = DiskStore(root, bound, sync=self.plan.config.fsync).index  # the layout
                 assert isinstance(index, LocalIndex)
-                index.load()  # the scan, before any worker serves
                 self.accountant.index, self.accountant.max_size = index, bound
+                # The workers serve while it loads; the figures go out again once loaded.
+                index.start_loading(on_loaded=self.accountant.publish)
                 self.accountant.publish()
             if self.config.http_listen:
                 self._share_upload_sessions(None if directory is None else directory[0])

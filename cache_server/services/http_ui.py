@@ -292,10 +292,15 @@ class UiPages(HttpFrontEnd):
         )
 
     def _largest_entries(self) -> tuple[float, list[EntrySize] | None]:
-        """The store's largest entries, as of a moment at most LARGEST_KEPT_SECONDS ago."""
+        """The store's largest entries, as of a moment at most LARGEST_KEPT_SECONDS ago
+        (not known, None, is asked again: a disk store's index may have loaded since)."""
         with self._largest_lock:
             now = time.time()
-            if self._largest is None or now - self._largest[0] > LARGEST_KEPT_SECONDS:
+            if (
+                self._largest is None
+                or self._largest[1] is None
+                or now - self._largest[0] > LARGEST_KEPT_SECONDS
+            ):
                 self._largest = (now, self.store.largest_entries(LARGEST_SHOWN))
             return self._largest
 

@@ -118,13 +118,19 @@ def day_section(
         )
         or '<tr><td class="muted" colspan=5>no lookups in this time</td></tr>'
     )
-    store = (
-        f'<div class="kpi">Stored<b>{stats.bytes_used:,} bytes</b></div>'
-        f'<div class="kpi">Entries<b>{stats.blobs:,}</b></div>'
-        f'<div class="kpi">Evictions<b>{stats.evictions:,}</b></div>'
-        if stats is not None
-        else ""
-    )
+    if stats is None:
+        store = ""
+    elif stats.loading:  # its figures are not known yet
+        store = (
+            '<div class="kpi">Stored<b class=loading>index loading</b></div>'
+            f'<div class="kpi">Evictions<b>{stats.evictions:,}</b></div>'
+        )
+    else:
+        store = (
+            f'<div class="kpi">Stored<b>{stats.bytes_used:,} bytes</b></div>'
+            f'<div class="kpi">Entries<b>{stats.blobs:,}</b></div>'
+            f'<div class="kpi">Evictions<b>{stats.evictions:,}</b></div>'
+        )
     moved = (
         f'<div class="kpi">Served<b class=served>{served:,.0f} bytes</b></div>'
         f'<div class="kpi">Received<b>{taken:,.0f} bytes</b></div>'
@@ -204,7 +210,8 @@ def largest_section(entries: Sequence[EntrySize] | None, kept: float) -> str:
     if entries is None:
         body = (
             '<p class="muted">not known to this server process: S3 lists no sizes cheaply, '
-            "and with <code>serve --workers N</code> the supervisor keeps the index</p>"
+            "with <code>serve --workers N</code> the supervisor keeps the index, and a disk "
+            "store's index may still be loading</p>"
         )
     elif not entries:
         body = '<p class="muted">the store is empty</p>'

@@ -88,6 +88,9 @@ class StoreStats:
     bytes_used: int  # what the bound counts: on disk, the space files take
     max_bytes: int | None
     evictions: int
+    # The store's index is still loading: blobs and bytes_used count only what changed
+    # since the store opened, not what it held before.
+    loading: bool = False
 
 
 def encode_record_key(namespace: str, key: str) -> str:
@@ -158,9 +161,13 @@ class BlobWriter(abc.ABC):
 class Store(abc.ABC):
     """Storage for CAS blobs and records; see the module docstring."""
 
-    # True when find_missing answers from memory without waiting on I/O, so a
-    # caller on an event loop may call it in place rather than on a worker thread.
-    finds_in_memory: bool = False
+    @property
+    def finds_in_memory(self) -> bool:
+        """True when find_missing answers from memory now, without waiting on I/O, so a
+        caller on an event loop may call it in place rather than on a worker thread. It
+        may change: a disk store's becomes true once its index is loaded."""
+        return False
+
     # True when the chunks of read_blob come from memory, so a caller on an event
     # loop may take them in place rather than one worker-thread trip per chunk.
     reads_in_memory: bool = False
@@ -175,6 +182,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def describe(self) -> str:
         """One line saying what is stored where, for the server's start-up message."""
+
+    def start_loading(self) -> None:  # noqa: B027 - optional hook
+        """Begin loading what the store keeps in memory (the disk store's index) in the
+        background, and return at once: the store answers right meanwhile."""
 
     # ---- CAS ----
     @abc.abstractmethod

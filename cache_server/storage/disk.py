@@ -214,12 +214,19 @@ def _read_checked_file(path: str, size_hint: int = -1) -> memoryview | None:
 
 
 class DiskStore(Store):
-    """CAS and records on the local filesystem, bounded by max_size bytes."""
+    """CAS and records on the local filesystem, bounded by max_size bytes.
 
-    # Finds read the in-memory index; the server loads it at start (describe()),
-    # and the only syscalls are the access-time bumps, once a minute per entry. Not
-    # so with a worker's shared index (storage/shared_index.py), which stats files.
-    finds_in_memory = True
+    The server starts loading the index in the background (start_loading) and serves
+    at once. While it loads, every answer is still right: a blob or record the index
+    does not know yet is looked up on disk (a stat, or the read itself), never
+    reported missing while its file is there, nor present while it is not; what is
+    written, read or removed meanwhile is kept apart and merged with the scan, so the
+    figures are exact once loaded (storage/disk_index.py). Until then stats() says
+    loading (its figures count only those changes), nothing is evicted (the bound
+    may be passed by what is written meanwhile, and is restored at the end of the
+    load), and largest_entries() is None.
+    """
+
     # Where it works in place (on a RAM filesystem): each file costs syscalls.
     in_place_entries = IN_PLACE_FILES
 
@@ -245,8 +252,6 @@ class DiskStore(Store):
         self.filesystem = filesystem_type(root)
         self.block_size = block_size_of(root)
         self.index = LocalIndex(root, max_size, self.block_size) if index is None else index
-        if not self.index.in_memory:
-            self.finds_in_memory = False
         self.works_in_memory = self.reads_in_memory = self.filesystem in RAM_FILESYSTEMS
         self.syncs = sync and self.filesystem not in RAM_FILESYSTEMS
         if create:
@@ -268,11 +273,24 @@ class DiskStore(Store):
                 if not _alive(pid) or leftover.stat().st_mtime < cutoff:
                     leftover.unlink()
 
+    @property
+    def finds_in_memory(self) -> bool:
+        """Finds read the in-memory index once it is loaded, and the only syscalls are
+        the access-time bumps, once a minute per entry. Not while it loads (a find may
+        stat files), nor with a worker's shared index (storage/shared_index.py)."""
+        return self.index.in_memory and self.index.loaded
+
+    def start_loading(self) -> None:
+        self.index.start_loading()
+
     def describe(self) -> str:
-        self.index.load()
-        entries, used_bytes, _ = self.index.figures()
+        """Never waits for a load under way: says "index loading" instead of figures."""
         bound = f"up to {self.max_size:,} bytes" if self.max_size else "no size bound"
-        used = f"{entries:,} entries taking {used_bytes:,} bytes"
+        if self.index.loading:
+            used = "index loading"
+        else:
+            entries, used_bytes, _ = self.index.figures()
+            used = f"{entries:,} entries taking {used_bytes:,} bytes"
         synced = "" if self.syncs or self.filesystem in RAM_FILESYSTEMS else "; not synced"
         return f"disk store at {self.root} on {self.filesystem} ({bound}; {used}{synced})"
 
@@ -613,8 +631,9 @@ class DiskStore(Store):
             fsync_path(str((self.root / rel).parent), directory=True)
 
     def stats(self) -> StoreStats:
+        loading = self.index.loading  # first: the figures may be those of its end
         entries, used_bytes, evictions = self.index.figures()
-        return StoreStats(entries, used_bytes, self.max_size, evictions)
+        return StoreStats(entries, used_bytes, self.max_size, evictions, loading)
 
     def close(self) -> None:
         self.index.close()

@@ -5,12 +5,28 @@ DiskStore (storage/disk.py) asks its index three things: whether an entry is the
 figures for metrics. Two indexes answer:
 
 - LocalIndex, the one of a single server process: an in-memory LRU of every entry,
-  built by scanning the directory on first use; it evicts the least recently used
-  entries past the size bound.
+  built by scanning the directory (in the background when the server starts, or on
+  first use); it evicts the least recently used entries past the size bound.
 - SharedIndex (storage/shared_index.py), the one of each worker of
   `slipstream serve --workers N`: finds ask the filesystem, and what is read or
   written is reported to the supervisor's LocalIndex, the one accountant of the
   directory, which evicts for all of them.
+
+While a LocalIndex loads (start_loading: `slipstream serve` does not wait for the scan,
+which takes ~10 s for a million files), it answers from the files themselves and keeps
+what changes meanwhile apart from the scan:
+- an entry it does not know yet is looked up on disk (a stat) when it is found or read,
+  and from then on kept as a live entry; entries written are live entries too;
+- an entry removed or found gone is noted as removed;
+- nothing is evicted (the bound is not known to be passed before the scan is counted);
+- once the scan is done it is merged with these changes (merge_scan): a live entry wins
+  over what the scan saw of its file, a removal drops what the scan saw, the rest is the
+  scan's; live entries are the most recently used. The figures are then exact, and the
+  store is brought within its bound.
+
+SLIPSTREAM_TEST_INDEX_GATE, for tests only: the path of a file; while it exists, a
+LocalIndex whose scan is done waits before merging it (so that a test can act during
+the load, however fast the scan).
 """
 
 from __future__ import annotations
@@ -20,13 +36,16 @@ import collections
 import contextlib
 import heapq
 import itertools
+import logging
 import os
 import pathlib
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
+
+log = logging.getLogger(__name__)
 
 # An index entry: (file size, header included; last access time); the bound counts
 # space_taken of the size. A plain tuple of numbers, which CPython's cycle collector
@@ -42,6 +61,8 @@ DIRECTORY_ENTRY_BYTES = 112
 # Most threads scanning a store's directories at once when its index loads (one per
 # core): more only contend for the GIL, costing CPU for nothing on a warm cache.
 SCAN_THREADS = 8
+TEST_GATE_ENV = "SLIPSTREAM_TEST_INDEX_GATE"  # see the module docstring
+_GATE_MAX_SECONDS = 300.0
 
 
 def block_size_of(path: pathlib.Path) -> int:
@@ -61,12 +82,31 @@ def space_taken(size: int, block: int) -> int:
 class DiskIndex(abc.ABC):
     """What DiskStore knows of the entries (paths relative to its root) it holds."""
 
-    # True when present() answers from memory, without a syscall per entry.
+    # True when present() answers from memory, without a syscall per entry (once loaded).
     in_memory: bool = True
 
     @abc.abstractmethod
     def load(self) -> None:
-        """Be ready to answer (the local index scans the directory, once)."""
+        """Be ready to answer (the local index scans the directory, once); waits for a
+        load started by start_loading."""
+
+    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
+        """Begin to load in the background and return at once; the index answers right
+        meanwhile (see the module docstring). on_loaded runs (on the loading thread) once
+        it is loaded."""
+        self.load()
+        if on_loaded is not None:
+            on_loaded()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the index is loaded (its figures exact, its bound held)."""
+        return True
+
+    @property
+    def loading(self) -> bool:
+        """Whether a load is under way: figures() counts only what changed meanwhile."""
+        return False
 
     @abc.abstractmethod
     def present(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:
@@ -157,54 +197,185 @@ def _scan(directory: str, prefix: str) -> Scanned:
     return found
 
 
+def ordered_scan(found: Scanned, block: int) -> tuple[collections.OrderedDict[str, _Entry], int]:
+    """The scan as an LRU index, oldest access first, and the space its entries take.
+    C loops over the flat lists (a sort by time alone, one dict built from zips), not
+    Python code per entry: a million entries load in ~6.7 s of CPU here, where building,
+    sorting and inserting an (mtime, path, size) tuple each took ~8.3."""
+    # Float keys (CPython's fastest comparison); equal times keep the scan's order.
+    order = sorted(range(len(found.rels)), key=found.mtimes.__getitem__)
+    entries: list[_Entry] = list(zip(found.sizes, found.mtimes, strict=True))
+    index = collections.OrderedDict(
+        zip(map(found.rels.__getitem__, order), map(entries.__getitem__, order), strict=True)
+    )
+    return index, sum(space_taken(size, block) for size in found.sizes)
+
+
+def merge_scan(
+    scanned: collections.OrderedDict[str, _Entry],
+    scanned_bytes: int,
+    live: collections.OrderedDict[str, _Entry],
+    removed: Iterable[str],
+    block: int,
+) -> int:
+    """Merge into scanned (ordered_scan's index, taking scanned_bytes) what changed while
+    the scan ran; returns the space the merged entries take.
+
+    live: the entries written, found or read meanwhile, in their LRU order. Each wins
+    over what the scan saw of its file (the scan may have looked before the write), and
+    they stay the most recently used. removed: the entries removed or found gone
+    meanwhile: what the scan saw of them goes (one written again since is live)."""
+    used = scanned_bytes
+    for rel in removed:
+        gone = scanned.pop(rel, None)
+        if gone is not None:
+            used -= space_taken(gone[0], block)
+    for rel, entry in live.items():
+        seen = scanned.pop(rel, None)
+        if seen is not None:
+            used -= space_taken(seen[0], block)
+        scanned[rel] = entry
+        used += space_taken(entry[0], block)
+    return used
+
+
+def _wait_for_test_gate() -> None:
+    """Wait while the file named by TEST_GATE_ENV exists (tests only; see the module
+    docstring)."""
+    gate = os.environ.get(TEST_GATE_ENV)
+    if not gate:
+        return
+    deadline = time.monotonic() + _GATE_MAX_SECONDS
+    while os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+_UNLOADED, _LOADING, _LOADED = "unloaded", "loading", "loaded"
+
+
 class LocalIndex(DiskIndex):
     """An in-memory LRU of every entry under root, bounded by max_size bytes of the space
-    they take on a filesystem of block_size blocks (space_taken)."""
+    they take on a filesystem of block_size blocks (space_taken).
+
+    Loaded on first use (record-only users never pay for the scan), or in the
+    background from start_loading; while it loads it answers from the files, keeps what
+    changes apart from the scan and evicts nothing (see the module docstring)."""
 
     def __init__(self, root: pathlib.Path, max_size: int | None, block_size: int) -> None:
         self.root = root
         self.max_size = max_size
         self.block_size = block_size
         self._lock = threading.Lock()
+        # Once loaded, every entry; while loading, the live ones only (merge_scan).
         self._lru: collections.OrderedDict[str, _Entry] = collections.OrderedDict()
         self._bytes_used = 0
         self._evictions = 0
-        self._indexed = False
+        self._state = _UNLOADED  # changes under the lock; _LOADED is for good
+        self._done = threading.Event()  # set when a load ends, loaded or failed
+        self._load_error: Exception | None = None
+        self._on_loaded: list[Callable[[], None]] = []
+        # While loading: entries removed or found gone, each with the number of its
+        # removal (the count of removals then), which tells whether a file looked up
+        # outside the lock may have been removed since.
+        self._removed: dict[str, int] = {}
+        self._removals = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._state == _LOADED
+
+    @property
+    def loading(self) -> bool:
+        return self._state == _LOADING
 
     def load(self) -> None:
-        """Build the LRU index on first use: record-only users never pay for the scan."""
-        if self._indexed:
+        """Build the index now (in this thread) unless a load is under way: then wait
+        for it. Raises what made the load fail."""
+        if self._state == _LOADED:
             return
-        with self._lock:
-            if not self._indexed:
-                self._load_index_locked()
-                self._indexed = True
+        if self._begin_loading(None):
+            self._run_load(background=False)
+        self._done.wait()
+        if self._load_error is not None:
+            raise self._load_error
 
-    def _load_index_locked(self) -> None:
-        """Every entry on disk, oldest access first. C loops over the scan's flat lists
-        (a sort by time alone, one dict update), not Python code per entry: a million
-        entries load in ~6.7 s of CPU here, where building, sorting and inserting an
-        (mtime, path, size) tuple each took ~8.3."""
-        found = scan_entries(self.root)
-        # Float keys (CPython's fastest comparison); equal times keep the scan's order.
-        order = sorted(range(len(found.rels)), key=found.mtimes.__getitem__)
-        entries: list[_Entry] = list(zip(found.sizes, found.mtimes, strict=True))
-        ordered = zip(
-            map(found.rels.__getitem__, order), map(entries.__getitem__, order), strict=True
-        )
-        self._lru.update(ordered)
-        block = self.block_size
-        self._bytes_used += sum(space_taken(size, block) for size in found.sizes)
-        self._evict_locked(keep=None)
+    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
+        if self._begin_loading(on_loaded):
+            threading.Thread(
+                target=self._run_load, args=(True,), name="index-load", daemon=True
+            ).start()
+
+    def _begin_loading(self, on_loaded: Callable[[], None] | None) -> bool:
+        """Whether the caller is to run the load (the index was not loading yet);
+        on_loaded is kept for when it is loaded, or run now if it is."""
+        with self._lock:
+            state = self._state
+            if on_loaded is not None and state != _LOADED:
+                self._on_loaded.append(on_loaded)
+            if state == _UNLOADED:
+                self._state = _LOADING
+        if on_loaded is not None and state == _LOADED:
+            on_loaded()
+        return state == _UNLOADED
+
+    def _run_load(self, background: bool) -> None:
+        started = time.monotonic()
+        try:
+            found = scan_entries(self.root)
+            _wait_for_test_gate()
+            self._finish_load(found)
+        except Exception as exc:
+            self._load_error = exc
+            if background:  # it stays loading: answers from the files, evicts nothing
+                log.error(
+                    "the index of %s did not load (%s): finds look at the files, nothing "
+                    "is evicted",
+                    self.root,
+                    " ".join(str(exc).split()),
+                )
+        else:
+            entries, used, _ = self.figures()
+            log.info(
+                "index of %s loaded in %.1f s: %d entries taking %d bytes",
+                self.root,
+                time.monotonic() - started,
+                entries,
+                used,
+            )
+        finally:
+            self._done.set()
+        if self._state == _LOADED:
+            for on_loaded in self._on_loaded:
+                try:
+                    on_loaded()
+                except Exception:
+                    log.exception("after the index loaded")
+            self._on_loaded = []
+
+    def _finish_load(self, found: Scanned) -> None:
+        """Merge the scan with what changed while it ran; the index is then loaded. The
+        scan's own index is built outside the lock (~2 s for a million entries): under
+        it, only the changes are merged in."""
+        scanned, scanned_bytes = ordered_scan(found, self.block_size)
+        with self._lock:
+            block = self.block_size
+            self._bytes_used = merge_scan(scanned, scanned_bytes, self._lru, self._removed, block)
+            self._lru = scanned
+            self._removed = {}
+            self._state = _LOADED
+            self._evict_locked(keep=None)
 
     def present(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:
         """Under one lock and one clock read (finds carry thousands); the access-time
         bumps, at most one a minute per entry, come after."""
-        self.load()
+        if self._state != _LOADED:
+            if self._state == _LOADING:
+                return self._present_while_loading(list(rels), sizes)
+            self.load()
         now = time.time()
         found: list[bool] = []
         stale: list[str] = []
-        lru = self._lru
+        lru = self._lru  # not replaced once loaded
         expected: Iterable[int | None] = itertools.repeat(None) if sizes is None else sizes
         with self._lock:
             for rel, want in zip(rels, expected, strict=False):  # expected may be endless
@@ -221,6 +392,76 @@ class LocalIndex(DiskIndex):
         self._bump(stale, now)
         return found
 
+    def _present_while_loading(self, rels: list[str], sizes: Iterable[int] | None) -> list[bool]:
+        """present() before the scan is merged: an entry not known yet is looked up on
+        disk (outside the lock) and, if its file is there, becomes a live entry, unless
+        it was removed meanwhile."""
+        wanted = None if sizes is None else list(itertools.islice(sizes, len(rels)))
+        wants: list[int | None] = [None] * len(rels) if wanted is None else [*wanted]
+        removals = self._removals  # a removal numbered past this may follow a lookup
+        now = time.time()
+        found: list[bool] = []
+        unknown: list[int] = []
+        stale: list[str] = []
+        with self._lock:
+            if self._state == _LOADED:
+                merged = True
+            else:
+                merged = False
+                lru = self._lru
+                for i, (rel, want) in enumerate(zip(rels, wants, strict=True)):
+                    entry = lru.get(rel)
+                    if entry is None:
+                        unknown.append(i)
+                        found.append(False)
+                    else:
+                        found.append(self._use_locked(lru, rel, entry, want, now, stale))
+        if merged:  # the load ended since the caller looked
+            return self.present(rels, wanted)
+        looked: list[tuple[int, int, float]] = []  # (position, size, mtime) of files there
+        for i in unknown:
+            try:
+                st = os.stat(os.path.join(self.root, rels[i]))
+            except OSError:
+                continue
+            looked.append((i, st.st_size, st.st_mtime))
+        if looked:
+            with self._lock:
+                merged = self._state == _LOADED
+                lru = self._lru
+                for i, size, mtime in looked:
+                    rel = rels[i]
+                    entry = lru.get(rel)
+                    if entry is None:
+                        # Merged meanwhile, yet not in the index: it went (or was made by
+                        # another process after the scan); removed since the lookup: gone.
+                        if merged or self._removed.get(rel, -1) > removals:
+                            continue
+                        entry = lru[rel] = (size, mtime)
+                        self._bytes_used += space_taken(size, self.block_size)
+                    found[i] = self._use_locked(lru, rel, entry, wants[i], now, stale)
+        self._bump(stale, now)
+        return found
+
+    @staticmethod
+    def _use_locked(
+        lru: collections.OrderedDict[str, _Entry],
+        rel: str,
+        entry: _Entry,
+        want: int | None,
+        now: float,
+        stale: list[str],
+    ) -> bool:
+        """Whether an indexed entry is held with the size wanted; if so it becomes the
+        most recently used (and stale, for an access-time bump, if due)."""
+        if want is not None and entry[0] != want:
+            return False
+        lru.move_to_end(rel)
+        if now - entry[1] > TOUCH_INTERVAL:
+            lru[rel] = (entry[0], now)
+            stale.append(rel)
+        return True
+
     def _bump(self, rels: list[str], now: float) -> None:
         """Set the files' modification times: the LRU order survives a restart."""
         for rel in rels:
@@ -228,25 +469,38 @@ class LocalIndex(DiskIndex):
                 os.utime(os.path.join(self.root, rel), (now, now))
 
     def may_hold(self, rel: str, size: int) -> bool:
-        self.load()
+        state = self._state  # before the entry: the load's end replaces the index
+        if state == _UNLOADED:
+            self.load()
+            state = _LOADED
         entry = self._lru.get(rel)  # a dict read: atomic under the GIL
-        return entry is not None and entry[0] == size
+        if entry is None:
+            return state != _LOADED  # not known yet: the file tells
+        return entry[0] == size
 
     def touched(self, rels: Sequence[str]) -> None:
-        if self._indexed or self.max_size is not None:  # a record-only reader need not index
-            self.present(rels)
+        if self._state != _UNLOADED or self.max_size is not None:
+            self.present(rels)  # a record-only reader need not index
 
     def forget(self, rel: str) -> None:
-        self.load()
+        if self._state == _UNLOADED:
+            self.load()
         with self._lock:
-            entry = self._lru.pop(rel, None)
-            if entry is not None:
-                self._bytes_used -= space_taken(entry[0], self.block_size)
+            self._forget_locked(rel)
+
+    def _forget_locked(self, rel: str) -> None:
+        if self._state != _LOADED:
+            self._removals += 1
+            self._removed[rel] = self._removals
+        entry = self._lru.pop(rel, None)
+        if entry is not None:
+            self._bytes_used -= space_taken(entry[0], self.block_size)
 
     def admit(self, rel: str, size: int) -> None:
-        if not self._indexed and self.max_size is None:
-            return  # nothing to evict; the index, if it is ever built, finds the file
-        self.load()
+        if self._state == _UNLOADED:
+            if self.max_size is None:
+                return  # nothing to evict; the index, if it is ever built, finds the file
+            self.load()
         with self._lock:
             self._admit_locked(rel, size, time.time())
 
@@ -259,7 +513,9 @@ class LocalIndex(DiskIndex):
         self._evict_locked(keep=rel)
 
     def _evict_locked(self, keep: str | None) -> None:
-        if self.max_size is None:
+        """Evict the least recently used entries past the bound; not while loading, when
+        what the directory takes is not known yet (the load ends with this)."""
+        if self.max_size is None or self._state != _LOADED:
             return
         while self._bytes_used > self.max_size and self._lru:
             rel, (size, _) = next(iter(self._lru.items()))
@@ -272,12 +528,18 @@ class LocalIndex(DiskIndex):
                 os.unlink(self.root / rel)
 
     def figures(self) -> tuple[int, int, int]:
-        self.load()
+        """While loading: the live entries alone (see loading)."""
+        if self._state == _UNLOADED:
+            self.load()
         with self._lock:
             return len(self._lru), self._bytes_used, self._evictions
 
-    def largest(self, count: int) -> list[tuple[str, int]]:
-        self.load()
+    def largest(self, count: int) -> list[tuple[str, int]] | None:
+        """None while loading: the sizes of most entries are not known yet."""
+        if self._state != _LOADED:
+            if self._state == _LOADING:
+                return None
+            self.load()
         with self._lock:
             entries = list(self._lru.items())  # one C-level copy: the walk runs unlocked
         return [
@@ -288,13 +550,14 @@ class LocalIndex(DiskIndex):
         """What a worker reported (storage/shared_index.py), in its order and under one
         lock: (ADMITTED, rel, size on disk) for a file put in place, (TOUCHED, rel, 0)
         for an entry read, (FORGOTTEN, rel, 0) for one found gone. An entry read that
-        the index lacks (its admission lost with a worker that died) is looked up on
-        disk."""
-        self.load()
+        the index lacks (its admission lost with a worker that died, or not known yet
+        while the index loads) is looked up on disk."""
+        if self._state == _UNLOADED:
+            self.load()
         now = time.time()
         stale: list[str] = []
-        lru = self._lru
         with self._lock:
+            lru = self._lru  # under the lock: the load's end replaces it
             for kind, rel, size in reports:
                 if kind == TOUCHED:
                     entry = lru.get(rel)
@@ -312,7 +575,5 @@ class LocalIndex(DiskIndex):
                 elif kind == ADMITTED:
                     self._admit_locked(rel, size, now)
                 else:
-                    forgotten = lru.pop(rel, None)
-                    if forgotten is not None:
-                        self._bytes_used -= space_taken(forgotten[0], self.block_size)
+                    self._forget_locked(rel)
         self._bump(stale, now)

@@ -2,12 +2,16 @@
 
 The supervisor keeps the one LocalIndex of the directory (storage/disk_index.py): it
 scans the directory at start, counts the bytes used, evicts past the size bound and
-counts evictions. It is the accountant. Each worker answers from the filesystem
-(SharedIndex): a find stats the blob's file, whose size tells its digest's size, and
-a read opens it. What a worker puts in place, reads or finds gone it reports to the
-accountant over a socket, in batches sent by a thread of its own (Reporter): no call
-waits for the accountant. The accountant publishes its figures (entries, bytes,
-evictions) in shared memory, where every worker's metrics and pages read them.
+counts evictions. It is the accountant. The workers serve while it loads: they need
+no index to answer, and what they report meanwhile the accountant keeps apart from
+its scan and merges with it (as one server's index does), so its figures are exact
+once loaded; until then it says it is loading and evicts nothing. Each worker
+answers from the filesystem (SharedIndex): a find stats the blob's file, whose size
+tells its digest's size, and a read opens it. What a worker puts in place, reads or
+finds gone it reports to the accountant over a socket, in batches sent by a thread of
+its own (Reporter): no call waits for the accountant. The accountant publishes its
+figures (entries, bytes, evictions, whether it is loading) in shared memory, where
+every worker's pages and start-up line read them.
 
 What follows from reporting after the fact:
 - The bound holds once the reports are in (a few milliseconds): writes in flight
@@ -65,10 +69,11 @@ COUNTS_INTERVAL = 1.0  # seconds between reports of a worker's call counts
 # REFRESH_INTERVAL go, or all of them if half as many are newer.
 _RECENT_MAX = 50_000
 
-# The accountant's figures in shared memory: a multiprocessing RawArray of three
+# The accountant's figures in shared memory: a multiprocessing RawArray of FIGURES
 # 64-bit integers, written by the supervisor alone.
 Figures = Any
-ENTRIES, BYTES_USED, EVICTIONS = range(3)
+ENTRIES, BYTES_USED, EVICTIONS, LOADING = range(4)
+FIGURES = 4
 
 
 class Reporter:
@@ -148,7 +153,16 @@ class SharedIndex(DiskIndex):
         self._recent: dict[str, tuple[float, int]] = {}
 
     def load(self) -> None:
-        pass  # the accountant scanned the directory before the workers started
+        pass  # the accountant's: a worker answers from the files
+
+    @property
+    def loaded(self) -> bool:
+        return not self.loading
+
+    @property
+    def loading(self) -> bool:
+        """Whether the accountant's index is loading."""
+        return bool(self._figures[LOADING])
 
     def present(self, rels: Iterable[str], sizes: Iterable[int] | None = None) -> list[bool]:
         """An entry this worker reported within REFRESH_INTERVAL is taken as held (the
@@ -244,6 +258,7 @@ class Accountant:
         self.max_size = max_size
         self._figures = figures
         self._lock = threading.Lock()
+        self._publishing = threading.Lock()  # the last to publish read the latest figures
         self._counts: dict[int, dict[str, dict[str, int]]] = {}  # by worker
         self._retired: dict[str, collections.Counter[str]] = collections.defaultdict(
             collections.Counter
@@ -251,11 +266,16 @@ class Accountant:
         self.publish()
 
     def publish(self) -> None:
-        if self.index is not None:
+        """Put the index's figures in shared memory (after reports, and once loaded)."""
+        if self.index is None:
+            return
+        with self._publishing:
+            loading = self.index.loading  # first: the figures may be those of its end
             entries, used, evictions = self.index.figures()
             self._figures[ENTRIES] = entries
             self._figures[BYTES_USED] = used
             self._figures[EVICTIONS] = evictions
+            self._figures[LOADING] = int(loading)
 
     def follow(
         self, worker: int, connection: socket.socket, on_message: Callable[[int, str], None]
@@ -310,8 +330,9 @@ class Accountant:
     def stats(self) -> StoreStats | None:
         if self.index is None:
             return None
+        loading = self.index.loading
         entries, used, evictions = self.index.figures()
-        return StoreStats(entries, used, self.max_size, evictions)
+        return StoreStats(entries, used, self.max_size, evictions, loading)
 
     def operation_counts(self) -> dict[str, int]:
         return self._total("operations")

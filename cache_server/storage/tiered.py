@@ -47,6 +47,10 @@ class TieredStore(Store):
     def describe(self) -> str:
         return f"{self.fast.describe()}, in front of the {self.shared.describe()}"
 
+    def start_loading(self) -> None:
+        self.fast.start_loading()
+        self.shared.start_loading()
+
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
         not_local = self.fast.find_missing(blobs)

@@ -29,13 +29,19 @@ class StoreWrapper(Store):
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
-        self.finds_in_memory = inner.finds_in_memory
         self.reads_in_memory = inner.reads_in_memory
         self.works_in_memory = inner.works_in_memory
         self.in_place_entries = inner.in_place_entries
 
+    @property
+    def finds_in_memory(self) -> bool:
+        return self.inner.finds_in_memory  # it may change (a disk store's index loads)
+
     def describe(self) -> str:
         return self.inner.describe()
+
+    def start_loading(self) -> None:
+        self.inner.start_loading()
 
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
         return self.inner.find_missing(blobs)
