@@ -23,12 +23,13 @@ from slipstream.cache_server.storage.disk import (
     filesystem_of,
     filesystem_type,
 )
-from slipstream.cache_server.storage.disk_index import LocalIndex, space_taken
+from slipstream.cache_server.storage.disk_index import LocalIndex
 from slipstream.core.digests import EMPTY_BLOB, BlobId
 from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.support.reapi import Reapi, digest, rpc_error
 from tests.support.server_process import ServerProcess, serve_exit
+from tests.support.store_files import counted_space
 
 
 def _blob_path(storage: pathlib.Path, d: re_pb2.Digest) -> pathlib.Path:
@@ -431,14 +432,6 @@ def test_a_store_on_a_ram_filesystem_works_in_place_and_one_on_a_disk_does_not(
     assert f"{tmpfs_path / 's'} on tmpfs (" in in_ram.describe()
 
 
-def _counted_space(root: pathlib.Path) -> tuple[int, int]:
-    """(entries, bytes) the store should count for the files under root: each file's
-    space_taken, walked here without the store's code."""
-    block = os.statvfs(root).f_frsize
-    files = [p for kind in ("cas", "records") for p in (root / kind).rglob("*") if p.is_file()]
-    return len(files), sum(space_taken(p.stat().st_size, block) for p in files)
-
-
 _STORE_LINE = re.compile(r"; ([\d,]+) entries taking ([\d,]+) bytes")
 
 
@@ -464,7 +457,7 @@ def test_stats_after_a_restart_are_exact(tmp_path: pathlib.Path) -> None:
         assert server.stop() == 0
     finally:
         server.kill()
-    expected = _counted_space(root)
+    expected = counted_space(root)
     assert expected[0] >= len(blobs) + 1 + len(blobs)  # and the server's own records
     for _ in range(2):
         stats = DiskStore(root).stats()
@@ -505,7 +498,7 @@ def test_the_index_a_restart_loads_is_the_files_in_access_order(
             by_time.append((mtime, rel))
     reloaded = DiskStore(root, sync=False)
     stats = reloaded.stats()
-    assert (stats.blobs, stats.bytes_used) == _counted_space(root)
+    assert (stats.blobs, stats.bytes_used) == counted_space(root)
     index = reloaded.index
     assert isinstance(index, LocalIndex)
     assert list(index._lru) == [rel for _, rel in sorted(by_time)]
