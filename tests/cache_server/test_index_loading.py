@@ -120,12 +120,13 @@ def test_a_server_answers_while_its_index_loads_and_counts_exactly_after(
         ] * 2
         assert api.missing(corrupt, vanished) == [corrupt, vanished]
         assert not (root / _rel(corrupt)).exists()
-        # Writes meanwhile: new blobs, and the action result overwritten with a larger one.
+        # Writes meanwhile: new blobs, and the action result overwritten with one that
+        # takes more blocks (the scan saw the smaller one).
         written = api.upload(*(os.urandom(n) for n in (10, 5000, 70_000)))
+        larger = _result(overwritten, *written)
+        larger.stdout_raw = b"output " * 2000
         api.ac.UpdateActionResult(
-            re_pb2.UpdateActionResultRequest(
-                action_digest=action, action_result=_result(overwritten, *written)
-            )
+            re_pb2.UpdateActionResultRequest(action_digest=action, action_result=larger)
         )
         assert api.missing(*written, *kept, overwritten) == []
         samples = _assert_loading(server)  # the gate still holds the load
@@ -142,7 +143,7 @@ def test_a_server_answers_while_its_index_loads_and_counts_exactly_after(
             absent,
         ]
         hit = api.ac.GetActionResult(re_pb2.GetActionResultRequest(action_digest=action))
-        assert [f.digest for f in hit.output_files] == [overwritten, *written]
+        assert hit == larger
 
 
 def test_the_size_bound_holds_once_the_index_is_loaded_and_not_before(
