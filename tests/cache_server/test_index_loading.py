@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import pathlib
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import grpc
@@ -25,7 +26,7 @@ from slipstream.core.digests import BlobId
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import metrics_url, scrape
 from tests.support.reapi import Reapi, digest
-from tests.support.server_process import ServerProcess, output_line, running
+from tests.support.server_process import ServerProcess, http_url, output_line, running
 from tests.support.store_files import counted_space
 
 LOADING = ("slipstream_store_index_loading", ())
@@ -76,6 +77,11 @@ def _assert_loading(server: ServerProcess) -> dict[tuple[str, tuple[tuple[str, s
     assert samples[LOADING] == 1
     assert BYTES not in samples and BLOBS not in samples  # not known yet: left out
     return samples
+
+
+def _text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()  # type: ignore[no-any-return]
 
 
 def _serve_gated(root: pathlib.Path, gate: pathlib.Path, *args: str) -> ServerProcess:
@@ -190,13 +196,17 @@ def test_workers_serve_while_the_accountant_loads_and_count_exactly_after(
     tmp_path: pathlib.Path, gate: pathlib.Path
 ) -> None:
     """`serve --workers 2`: the supervisor's index (the accountant) loads while the workers
-    serve; what they write and find meanwhile is counted exactly once it is loaded."""
+    serve; what they write and find meanwhile is counted exactly once it is loaded, in
+    /metrics and on the workers' pages (which read the figures the accountant shares)."""
     root = tmp_path / "store"
     with running(ServerProcess(root)) as first, first.channel() as channel:
         filled = Reapi(channel).upload(*(b"filled %d " % i * 300 for i in range(20)))
-    with running(_serve_gated(root, gate, "--workers", "2")) as server:
+    args = ["--workers", "2", "--http-listen", "127.0.0.1:0"]
+    with running(_serve_gated(root, gate, *args)) as server:
         assert "index loading" in output_line(server, "storing in the disk store")
         _assert_loading(server)
+        page = f"{http_url(server)}/ui/cache"
+        assert "index loading" in _text(page)
         channels = [
             grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
             for _ in range(6)
@@ -214,7 +224,15 @@ def test_workers_serve_while_the_accountant_loads_and_count_exactly_after(
 
             gate.unlink()
             samples = _loaded_samples(server)
-            assert (samples[BLOBS], samples[BYTES]) == counted_space(root)
+            entries, taken = counted_space(root)
+            assert (samples[BLOBS], samples[BYTES]) == (entries, taken)
+            figures = (
+                f'Stored<b>{taken:,} bytes</b></div><div class="kpi">Entries<b>{entries:,}</b>'
+            )
+            deadline = time.monotonic() + 10
+            while figures not in (text := _text(page)):  # as the accountant published them
+                assert time.monotonic() < deadline, text
+                time.sleep(0.05)
         finally:
             for c in channels:
                 c.close()
