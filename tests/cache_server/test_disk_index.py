@@ -1,11 +1,16 @@
-"""The accountant's index (LocalIndex.apply) against a model of an LRU with a bound: any
-sequence of workers' reports keeps the order, the byte count and the files in step."""
+"""The disk store's index. The accountant's (LocalIndex.apply) against a model of an LRU
+with a bound: any sequence of workers' reports keeps the order, the byte count and the
+files in step. An index loading while the store changes: the merge of the scan with the
+changes made meanwhile, and what the index holds once loaded."""
 
 from __future__ import annotations
 
+import collections
+import os
 import pathlib
 import tempfile
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +19,10 @@ from slipstream.cache_server.storage.disk_index import (
     FORGOTTEN,
     TOUCHED,
     LocalIndex,
+    Scanned,
+    merge_scan,
+    ordered_scan,
+    scan_entries,
     space_taken,
 )
 
@@ -85,3 +94,133 @@ def test_reports_keep_the_lru_the_bound_and_the_files_in_step(
             assert used <= BOUND or entries == 1
             on_disk = {str(p.relative_to(root)) for p in (root / "cas").rglob("blob*")}
             assert on_disk == set(model.files)
+
+
+# ---- an index loading while the store changes ----
+ENTRY_SIZES = st.integers(min_value=1, max_value=60)
+entry_maps = st.dictionaries(
+    st.sampled_from(RELS), st.tuples(ENTRY_SIZES, st.floats(0, 1e6)), max_size=len(RELS)
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scanned=entry_maps, live=entry_maps, removed=st.sets(st.sampled_from(RELS)))
+def test_the_merge_is_the_scan_with_the_live_changes_over_it(
+    scanned: dict[str, tuple[int, float]],
+    live: dict[str, tuple[int, float]],
+    removed: set[str],
+) -> None:
+    """What the scan saw stands unless the entry was removed or is live meanwhile; live
+    entries win and come last (most recently used), in their order; the space counted is
+    that of the entries merged."""
+    ordered, taken = ordered_scan(
+        Scanned(list(scanned), [s for s, _ in scanned.values()], [t for _, t in scanned.values()]),
+        BLOCK,
+    )
+    assert list(ordered) == sorted(scanned, key=lambda rel: scanned[rel][1])
+    used = merge_scan(ordered, taken, collections.OrderedDict(live), removed, BLOCK)
+    kept = [rel for rel in sorted(scanned, key=lambda r: scanned[r][1]) if rel not in live]
+    kept = [rel for rel in kept if rel not in removed]
+    assert list(ordered) == kept + list(live)
+    assert dict(ordered) == {**{rel: scanned[rel] for rel in kept}, **live}
+    assert used == sum(space_taken(size, BLOCK) for size, _ in ordered.values())
+
+
+changes = st.lists(
+    st.tuples(
+        st.sampled_from(["write", "remove", "find", "read"]), st.sampled_from(RELS), ENTRY_SIZES
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    initial=st.dictionaries(st.sampled_from(RELS), ENTRY_SIZES),
+    steps=changes,
+    scan_at=st.lists(st.integers(0, 40), min_size=len(RELS), max_size=len(RELS)),
+    bounded=st.booleans(),
+)
+def test_an_index_loaded_while_the_store_changes_counts_the_files_left(
+    initial: dict[str, int], steps: list[tuple[str, str, int]], scan_at: list[int], bounded: bool
+) -> None:
+    """The scan looks at each file at its own moment (scan_at) among writes, removals,
+    finds and reads made through the index as the store makes them; finds are right
+    all along; once the scan is merged, the index holds exactly the files on disk with
+    their sizes, counts exactly their space, and holds the bound."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = pathlib.Path(tmp)
+        for rel in RELS:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        for rel, size in initial.items():
+            (root / rel).write_bytes(b"x" * size)
+            os.utime(root / rel, (1000.0 + size, 1000.0 + size))
+        index = LocalIndex(root, BOUND // 3 if bounded else None, BLOCK)
+        assert index._begin_loading(None)
+        seen = Scanned([], [], [])
+        for position in range(len(steps) + 1):
+            for rel, at in zip(RELS, scan_at, strict=True):
+                if min(at, len(steps)) == position and (root / rel).exists():
+                    stat = (root / rel).stat()
+                    seen.rels.append(rel)
+                    seen.sizes.append(stat.st_size)
+                    seen.mtimes.append(stat.st_mtime)
+            if position == len(steps):
+                break
+            kind, rel, size = steps[position]
+            path = root / rel
+            if kind == "write":  # as DiskStore._install: in place, then admitted
+                path.write_bytes(b"y" * size)
+                index.admit(rel, size)
+            elif kind == "remove":  # as DiskStore.delete_record
+                index.forget(rel)
+                path.unlink(missing_ok=True)
+            elif kind == "find":
+                held = path.exists() and path.stat().st_size == size
+                assert index.present([rel], [size]) == [held]
+            elif path.exists():  # a read: the file touched, or found gone
+                index.touched([rel])
+            else:
+                index.forget(rel)
+            assert index.loading
+        index._finish_load(seen)
+        assert index.loaded
+        on_disk = {
+            str(p.relative_to(root)): p.stat().st_size for p in root.rglob("blob*") if p.is_file()
+        }
+        assert {rel: size for rel, (size, _) in index._lru.items()} == on_disk
+        entries, used, _ = index.figures()
+        assert (entries, used) == (
+            len(on_disk),
+            sum(space_taken(s, BLOCK) for s in on_disk.values()),
+        )
+        if bounded:
+            assert used <= BOUND // 3
+
+
+def test_a_file_removed_while_a_find_looks_it_up_is_not_indexed(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A find during the load looks up an entry it does not know outside the index's
+    lock; the entry removed between that lookup and the find's answer is not taken in."""
+    rel = RELS[0]
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_bytes(b"x" * 10)
+    (tmp_path / "cas").mkdir(exist_ok=True)
+    (tmp_path / "records").mkdir()
+    index = LocalIndex(tmp_path, None, BLOCK)
+    assert index._begin_loading(None)
+    real_stat = os.stat
+
+    def stat_then_removed(path: str, *args: object, **kwargs: object) -> os.stat_result:
+        found = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+        if str(path).endswith(rel):  # another thread removes it meanwhile
+            index.forget(rel)
+            os.unlink(path)
+        return found
+
+    monkeypatch.setattr(os, "stat", stat_then_removed)
+    assert index.present([rel], [10]) == [False]
+    monkeypatch.setattr(os, "stat", real_stat)
+    index._finish_load(scan_entries(tmp_path))
+    assert rel not in index._lru and index.figures()[:2] == (0, 0)
