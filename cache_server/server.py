@@ -275,6 +275,11 @@ def freeze_start_up_objects() -> None:
     collector, and a server taking 4 MiB uploads grew by ~1 MiB per call between
     collections. Frozen objects that later become unused are still freed by
     reference counting.
+
+    Called again once the disk store's index has loaded in the background (after the
+    server started): a full collection walked an index of a million entries in ~57 ms
+    here, nothing once it was frozen. What calls in flight hold then is frozen with it:
+    still freed by reference counting, but a cycle among it never.
     """
     gc.freeze()
 
@@ -318,7 +323,7 @@ async def serve(config: ServerConfig) -> None:
         remove_shared_sessions(directory[0])
     # The disk store's index loads in the background: the server answers at once,
     # finds on worker threads until it is loaded (Store.finds_in_memory).
-    store.start_loading()
+    store.start_loading(on_loaded=freeze_start_up_objects)
     description = store.describe()
     server = await start_server(config, store)
     freeze_start_up_objects()

@@ -183,9 +183,12 @@ class Store(abc.ABC):
     def describe(self) -> str:
         """One line saying what is stored where, for the server's start-up message."""
 
-    def start_loading(self) -> None:  # noqa: B027 - optional hook
+    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
         """Begin loading what the store keeps in memory (the disk store's index) in the
-        background, and return at once: the store answers right meanwhile."""
+        background, and return at once: the store answers right meanwhile. on_loaded runs
+        once it is loaded (here at once: nothing to load), on the loading thread."""
+        if on_loaded is not None:
+            on_loaded()
 
     # ---- CAS ----
     @abc.abstractmethod

@@ -280,8 +280,8 @@ class DiskStore(Store):
         stat files), nor with a worker's shared index (storage/shared_index.py)."""
         return self.index.in_memory and self.index.loaded
 
-    def start_loading(self) -> None:
-        self.index.start_loading()
+    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
+        self.index.start_loading(on_loaded)
 
     def describe(self) -> str:
         """Never waits for a load under way: says "index loading" instead of figures."""

@@ -47,9 +47,9 @@ class TieredStore(Store):
     def describe(self) -> str:
         return f"{self.fast.describe()}, in front of the {self.shared.describe()}"
 
-    def start_loading(self) -> None:
-        self.fast.start_loading()
+    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
         self.shared.start_loading()
+        self.fast.start_loading(on_loaded)
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:

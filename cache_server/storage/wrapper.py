@@ -40,8 +40,8 @@ class StoreWrapper(Store):
     def describe(self) -> str:
         return self.inner.describe()
 
-    def start_loading(self) -> None:
-        self.inner.start_loading()
+    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
+        self.inner.start_loading(on_loaded)
 
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
         return self.inner.find_missing(blobs)

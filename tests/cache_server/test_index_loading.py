@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -243,18 +244,19 @@ def test_finds_leave_the_event_loop_while_the_index_loads(
 ) -> None:
     """Finds answered in place (Store.finds_in_memory) would stat files on the event loop
     during the load: they go to worker threads until it is loaded, then come back, through
-    the wrappers too."""
+    the wrappers too. What is to run once it is loaded (the server freezes the index out
+    of the garbage collector's walks) runs then, not before."""
     data = b"stored before"
     DiskStore(tmp_path / "s").put_blob(BlobId.of(data), data)
     monkeypatch.setenv(TEST_GATE_ENV, str(gate))
     store = CountingStore(DiskStore(tmp_path / "s"))
-    store.start_loading()
+    loaded = threading.Event()
+    store.start_loading(on_loaded=loaded.set)
     assert not store.finds_in_memory
     assert "index loading" in store.describe()
     assert store.find_missing([BlobId.of(data)]) == []
+    assert not loaded.wait(0.2)
     gate.unlink()
-    disk = store.inner
-    assert isinstance(disk, DiskStore)
-    disk.index.load()  # waits for the load under way
+    assert loaded.wait(10)
     assert store.finds_in_memory
     assert "1 entries taking" in store.describe()
