@@ -3,6 +3,7 @@ Slipstream beside BuildGrid with the same store contents and the same clients.
 
     python -m benchmarks.bench_fleet [--blobs N] [--clients C] [--duration S] [--rounds R]
                                      [--client-processes P] [--no-fsync] [--smoke]
+                                     [--workers N] [--rate R[,R...]]
                                      [--json PATH] [--storage-dir DIR]
                                      [--buildgrid-venv DIR] [--no-buildgrid]
 
@@ -20,6 +21,17 @@ Reports ops/s, p50/p99 per operation and overall, errors, the server's CPU and t
 clients' CPU (both in cores: CPU seconds per second), and the server's RSS sampled from
 /proc every second (start, end and max of each phase; the JSON keeps every sample).
 Target (issue 23): twice BuildGrid's throughput at 64 clients, a p99 under 50 ms, RSS flat.
+
+That is the closed loop: every client waits for its answer before the next call, so a
+server's queueing slows the offered load down with it. --rate R adds open-loop phases
+after it: the clients together start R calls per second on a fixed schedule whatever
+the answers (each call on the next client's connection; several may be in flight on
+one), and a call's latency counts from its scheduled start, so queueing in the server
+shows rather than being hidden by the clients waiting (coordinated omission). R is
+calls/s, or Nx: N times BuildGrid's closed-loop throughput just measured. Each rate
+loads each server once for --duration / --rounds seconds.
+--workers N serves Slipstream with `serve --workers N`; its CPU and RSS are then the
+sum over the supervisor and its workers (shared pages counted in each).
 
 Slipstream runs as `slipstream serve` with its defaults (fsync on, where BuildGrid never
 syncs; --no-fsync for durability like BuildGrid's); BuildGrid with bench_peers'
@@ -70,7 +82,7 @@ from slipstream.protos import bytestream_pb2 as bs_pb2
 from slipstream.protos import bytestream_pb2_grpc as bs_grpc
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import remote_execution_pb2_grpc as re_grpc
-from tests.support.proc_stats import cpu_seconds, rss_bytes
+from tests.support.proc_stats import cpu_seconds, rss_bytes, with_children
 from tests.support.server_process import ServerProcess
 
 SEED = 1
@@ -78,6 +90,9 @@ OPERATIONS = ("find", "read", "update", "get_ac", "update_ac", "stream")
 _MIX = (0.30, 0.50, 0.70, 0.85, 0.90, 1.00)  # cumulative, in OPERATIONS' order
 _POOL = 50_000  # filled blobs each client process draws from (their digests made once)
 _BIG = 4  # 1 MiB blobs for ByteStream reads
+# Open loop: calls one client process keeps in flight per client at most before it
+# starts the next scheduled call late (its latency still counts from the schedule).
+_IN_FLIGHT_PER_CLIENT = 8
 _OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
@@ -92,6 +107,7 @@ class Load:
     clients: int = 64
     duration: float = 120.0
     processes: int = 4
+    rate: float | None = None  # open loop: calls/s offered by all clients together
 
 
 SMOKE = Load(blobs=1_000, clients=4, duration=3.0, processes=2)
@@ -180,6 +196,12 @@ class _Client:
                 raise AssertionError(f"read {got} of {d.size_bytes} bytes")
 
 
+def _pick(rng: random.Random) -> str:
+    """The next call of the mix."""
+    r = rng.random()
+    return OPERATIONS[next(k for k, p in enumerate(_MIX) if r < p)]
+
+
 async def _run_clients(
     address: str, first: int, count: int, load: Load, actions: int, barrier: Any
 ) -> ClientReport:
@@ -200,21 +222,44 @@ async def _run_clients(
         deadline = time.perf_counter() + load.duration
         cpu_start = time.process_time()
 
-        async def client(channel: grpc.aio.Channel, seed: int) -> None:
+        async def timed(me: _Client, op: str, start: float) -> None:
+            """One call; its latency from start (the schedule's time, in the open loop)."""
             nonlocal first_error
+            try:
+                await me.call(op, load, actions, big)
+            except (grpc.RpcError, AssertionError) as e:
+                errors[op] += 1
+                first_error = first_error or f"{op}: {e!r}"[:500]
+            else:
+                latencies[op].append(time.perf_counter() - start)
+
+        async def client(channel: grpc.aio.Channel, seed: int) -> None:
             me = _Client(channel, random.Random(seed), pool)
             while (now := time.perf_counter()) < deadline:
-                r = me.rng.random()
-                op = OPERATIONS[next(k for k, p in enumerate(_MIX) if r < p)]
-                try:
-                    await me.call(op, load, actions, big)
-                except (grpc.RpcError, AssertionError) as e:
-                    errors[op] += 1
-                    first_error = first_error or f"{op}: {e!r}"[:500]
-                else:
-                    latencies[op].append(time.perf_counter() - now)
+                await timed(me, _pick(me.rng), now)
 
-        await asyncio.gather(*(client(ch, rng.randrange(2**32)) for ch in channels))
+        if load.rate is None:
+            await asyncio.gather(*(client(ch, rng.randrange(2**32)) for ch in channels))
+        else:
+            clients = [_Client(ch, random.Random(rng.randrange(2**32)), pool) for ch in channels]
+            # This process's share of the rate (its share of the clients'), its schedule
+            # offset from the other processes'.
+            interval = load.clients / (load.rate * count)
+            start = deadline - load.duration + interval * first / load.clients
+            in_flight: set[asyncio.Task[None]] = set()
+            k = 0
+            while (scheduled := start + k * interval) < deadline:
+                if (wait := scheduled - time.perf_counter()) > 0:
+                    await asyncio.sleep(wait)
+                while len(in_flight) >= _IN_FLIGHT_PER_CLIENT * count:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                me = clients[k % count]
+                task = asyncio.create_task(timed(me, _pick(rng), scheduled))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                k += 1
+            if in_flight:
+                await asyncio.wait(in_flight)  # the last calls, measured to their end
         cpu = time.process_time() - cpu_start
     finally:
         await asyncio.gather(*(ch.close() for ch in channels))
@@ -235,8 +280,17 @@ def _client_process(
 # ---- one phase: one server under the load ----
 
 
+def _family_rss(pid: int) -> int:
+    return sum(map(rss_bytes, with_children(pid)))
+
+
+def _family_cpu(pid: int) -> float:
+    return sum(map(cpu_seconds, with_children(pid)))
+
+
 class RssSampler:
-    """The RSS of a process every `interval` seconds, on a thread, until stopped."""
+    """The RSS of a process and its children every `interval` seconds, on a thread,
+    until stopped."""
 
     def __init__(self, pid: int, interval: float = 1.0) -> None:
         self.pid = pid
@@ -248,7 +302,7 @@ class RssSampler:
     def _run(self) -> None:
         start = time.perf_counter()
         while True:
-            self.samples.append((round(time.perf_counter() - start, 1), rss_bytes(self.pid)))
+            self.samples.append((round(time.perf_counter() - start, 1), _family_rss(self.pid)))
             if self._stop.wait(self.interval):
                 return
 
@@ -259,7 +313,7 @@ class RssSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples.append((self.samples[-1][0] if self.samples else 0.0, rss_bytes(self.pid)))
+        self.samples.append((self.samples[-1][0] if self.samples else 0.0, _family_rss(self.pid)))
 
 
 @dataclass
@@ -287,6 +341,13 @@ class Phase:
     rss_max_mib: float
     rss_samples: list[tuple[float, int]] = field(repr=False)
     first_error: str = ""
+    offered_per_s: float | None = None  # the open loop's rate; None: the closed loop
+
+    @property
+    def label(self) -> str:
+        if self.offered_per_s is None:
+            return self.server
+        return f"{self.server}@{self.offered_per_s:,.0f}/s"
 
 
 def _percentile_ms(values: list[float], pct: float) -> float:
@@ -327,14 +388,14 @@ def load_round(address: str, pid: int, load: Load, actions: int) -> Round:
     try:
         barrier.wait(timeout=300)
         with RssSampler(pid) as rss:
-            cpu_start, started = cpu_seconds(pid), time.perf_counter()
+            cpu_start, started = _family_cpu(pid), time.perf_counter()
             for _ in procs:
                 got = results.get(timeout=load.duration + 300)
                 if isinstance(got, str):
                     raise RuntimeError(f"the load failed: {got}")
                 reports.append(got)
             seconds = time.perf_counter() - started
-            server_cpu = cpu_seconds(pid) - cpu_start
+            server_cpu = _family_cpu(pid) - cpu_start
     finally:
         for p in procs:
             p.join(30)
@@ -343,7 +404,7 @@ def load_round(address: str, pid: int, load: Load, actions: int) -> Round:
     return Round(reports, seconds, server_cpu, rss.samples)
 
 
-def summarize(name: str, rounds: list[Round]) -> Phase:
+def summarize(name: str, rounds: list[Round], rate: float | None = None) -> Phase:
     """One server's figures over all its rounds."""
     reports = [r for one in rounds for r in one.reports]
     seconds = sum(one.seconds for one in rounds)
@@ -380,6 +441,7 @@ def summarize(name: str, rounds: list[Round]) -> Phase:
         rss_max_mib=round(max(mib), 1),
         rss_samples=samples,
         first_error=next((r.first_error for r in reports if r.first_error), ""),
+        offered_per_s=rate,
     )
 
 
@@ -414,8 +476,9 @@ def _seed_server(address: str, actions: int, blobs: int, send_actions: bool) -> 
 
 
 @contextlib.contextmanager
-def slipstream_on(store: pathlib.Path, fsync: bool) -> Iterator[ServerProcess]:
-    server = ServerProcess(store, [] if fsync else ["--no-fsync"])
+def slipstream_on(store: pathlib.Path, fsync: bool, workers: int = 1) -> Iterator[ServerProcess]:
+    flags = [] if fsync else ["--no-fsync"]
+    server = ServerProcess(store, [*flags, "--workers", str(workers)] if workers > 1 else flags)
     server.start(timeout=300)  # the index of a million entries loads before the ready line
     try:
         yield server
@@ -441,16 +504,16 @@ def _buildgrid_pid(workdir: pathlib.Path) -> int:
 
 def print_phases(phases: list[Phase]) -> None:
     print(
-        f"\n{'server':<11} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+        f"\n{'server':<22} {'ops/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
         f"{'server CPU':>10} {'client CPU':>10}  RSS MiB start/end/max"
     )
     for p in phases:
         print(
-            f"{p.server:<11} {p.ops_per_s:>9,.1f} {p.p50_ms:>8} {p.p99_ms:>8} {p.errors:>7} "
+            f"{p.label:<22} {p.ops_per_s:>9,.1f} {p.p50_ms:>8} {p.p99_ms:>8} {p.errors:>7} "
             f"{p.server_cpu_cores:>10} {p.client_cpu_cores:>10}  "
             f"{p.rss_start_mib:,.0f} / {p.rss_end_mib:,.0f} / {p.rss_max_mib:,.0f}"
         )
-    print(f"\n{'operation':<11} " + " ".join(f"{p.server + ' p50/p99 ms':>28}" for p in phases))
+    print(f"\n{'operation':<11} " + " ".join(f"{p.label + ' p50/p99 ms':>28}" for p in phases))
     for op in OPERATIONS:
         cells = []
         for p in phases:
@@ -460,7 +523,7 @@ def print_phases(phases: list[Phase]) -> None:
         print(f"{op:<11} " + " ".join(cells))
     for p in phases:
         if p.first_error:
-            print(f"{p.server}'s first error: {p.first_error}")
+            print(f"{p.label}'s first error: {p.first_error}")
 
 
 def measure(
@@ -471,8 +534,11 @@ def measure(
     bgd: pathlib.Path | None,
     fsync: bool,
     results: dict[str, Any],
+    workers: int = 1,
+    rates: tuple[str, ...] = (),
 ) -> list[Phase]:
-    """Fill the stores under workdir, start the servers, load each in turns."""
+    """Fill the stores under workdir, start the servers, load each in turns (closed
+    loop), then at each of rates (open loop)."""
     results["filesystem"] = filesystem_type(workdir)
     print(f"filling {workdir} with {load.blobs:,} blobs per store ...", flush=True)
     filled = fill_slipstream(workdir / "slipstream", load.blobs, actions, SEED)
@@ -484,7 +550,7 @@ def measure(
         print(f"  BuildGrid's store: {bg_seconds:.0f}s", flush=True)
     with contextlib.ExitStack() as stack:
         started = time.perf_counter()
-        ours = stack.enter_context(slipstream_on(workdir / "slipstream", fsync))
+        ours = stack.enter_context(slipstream_on(workdir / "slipstream", fsync, workers))
         results["slipstream_start_seconds"] = round(time.perf_counter() - started, 2)
         assert ours.proc is not None
         _seed_server(ours.address, actions, load.blobs, send_actions=False)
@@ -507,15 +573,57 @@ def measure(
                 )
                 measured[name].append(load_round(address, pid, each, actions))
         phases = [summarize(name, measured[name]) for name, _, _ in servers]
+        closed = {p.server: p.ops_per_s for p in phases}
+        for k, text in enumerate(rates):
+            rate = offered_rate(text, closed.get("buildgrid"))
+            if rate is None:
+                print(f"--rate {text} left out: BuildGrid's throughput was not measured")
+                continue
+            for name, address, pid in servers if k % 2 == 0 else servers[::-1]:
+                print(
+                    f"[{name}] open loop: {rate:,.0f} calls/s from {load.clients} clients, "
+                    f"{each.duration:.0f}s ...",
+                    flush=True,
+                )
+                one = load_round(address, pid, dataclasses.replace(each, rate=rate), actions)
+                phases.append(summarize(name, [one], rate))
     return phases
+
+
+def parse_rates(text: str | None) -> tuple[str, ...]:
+    """--rate's values: calls/s, or Nx (N times BuildGrid's closed-loop throughput)."""
+    if not text:
+        return ()
+    rates = tuple(part.strip() for part in text.split(","))
+    for part in rates:
+        try:
+            value = float(part.removesuffix("x"))
+        except ValueError:
+            value = 0.0
+        if not value > 0:
+            raise ValueError(
+                f"--rate {part!r}: give calls/s (300) or a multiple of BuildGrid's (2x)"
+            )
+    return rates
+
+
+def offered_rate(text: str, buildgrid_ops_per_s: float | None) -> float | None:
+    """The calls/s of one --rate value, given BuildGrid's closed-loop throughput (None
+    for Nx without it)."""
+    if not text.endswith("x"):
+        return float(text)
+    if not buildgrid_ops_per_s:
+        return None
+    return round(float(text[:-1]) * buildgrid_ops_per_s, 1)
 
 
 def report(phases: list[Phase], results: dict[str, Any], out: pathlib.Path | None) -> None:
     """Print the phases and the verdict; write the results to out if given."""
     print_phases(phases)
     results["phases"] = [asdict(p) for p in phases]
-    if len(phases) == 2:
-        ours_p, theirs = phases
+    closed = [p for p in phases if p.offered_per_s is None]
+    if len(closed) == 2:
+        ours_p, theirs = closed
         ratio = ours_p.ops_per_s / theirs.ops_per_s if theirs.ops_per_s else None
         results["throughput_ratio"] = ratio
         results["p99_ratio"] = theirs.p99_ms / ours_p.p99_ms if ours_p.p99_ms else None
@@ -527,6 +635,13 @@ def report(phases: list[Phase], results: dict[str, Any], out: pathlib.Path | Non
         )
     if results.get("buildgrid_unavailable"):
         print(f"BuildGrid not measured: {results['buildgrid_unavailable']}")
+    for p in phases:
+        if p.offered_per_s is not None:
+            print(
+                f"Open loop, {p.offered_per_s:,.0f} calls/s offered to {p.server}: "
+                f"{p.ops_per_s:,.1f} done/s, p50 {p.p50_ms} ms, p99 {p.p99_ms} ms "
+                f"(p99 < {TARGET_P99_MS:.0f} ms: {'yes' if p.p99_ms < TARGET_P99_MS else 'no'})"
+            )
     if phases:
         rss = phases[0]
         print(
@@ -571,6 +686,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-buildgrid", action="store_true", help="Slipstream's side only")
     parser.add_argument(
+        "--workers", type=int, default=1, help="Slipstream's `serve --workers N` (default 1)"
+    )
+    parser.add_argument(
+        "--rate",
+        help="open-loop phases after the closed loop, comma-separated: calls/s offered by "
+        "all clients together, or Nx for N times BuildGrid's closed-loop throughput",
+    )
+    parser.add_argument(
         "--no-fsync",
         action="store_true",
         help="Slipstream with --no-fsync (BuildGrid never syncs: durability like for like)",
@@ -588,6 +711,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (1 if args.smoke else 2)
     if rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    try:
+        rates = parse_rates(args.rate)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.no_buildgrid and any(r.endswith("x") for r in rates):
+        parser.error("--rate Nx needs BuildGrid's throughput: not with --no-buildgrid")
     actions = max(1, load.blobs // 100)
     results: dict[str, Any] = {
         "rounds": rounds,
@@ -595,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         "load": asdict(load),
         "actions": actions,
         "slipstream_fsync": not args.no_fsync,
+        "slipstream_workers": args.workers,
+        "rates": list(rates),
     }
     bgd = None
     if args.no_buildgrid:
@@ -607,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"BuildGrid unavailable, measuring Slipstream only: {e}", file=sys.stderr)
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="slipstream-fleet-", dir=args.storage_dir))
     try:
-        phases = measure(workdir, load, rounds, actions, bgd, not args.no_fsync, results)
+        phases = measure(
+            workdir, load, rounds, actions, bgd, not args.no_fsync, results, args.workers, rates
+        )
         report(phases, results, args.json)
     except BaseException:
         traceback.print_exc()  # now: removing the stores may take minutes

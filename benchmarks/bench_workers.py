@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import tempfile
 from collections.abc import Iterator
@@ -34,27 +33,15 @@ from benchmarks.bench_cache import (
     run_mixed,
     server_benchmark_parser,
 )
+from tests.support.proc_stats import cpu_seconds, with_children
 from tests.support.server_process import ServerProcess
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU time (user + system) so far of a server process and of the processes it
     started: (itself, the others). For --workers N, the supervisor and its workers."""
-    tick = os.sysconf("SC_CLK_TCK")
-    own = others = 0.0
-    for entry in pathlib.Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-        if int(entry.name) == pid:
-            own += seconds
-        elif int(fields[1]) == pid:
-            others += seconds
-    return own, others
+    own, *others = with_children(pid)
+    return cpu_seconds(own), sum(map(cpu_seconds, others))
 
 
 @dataclasses.dataclass

@@ -181,34 +181,34 @@ class ByteStreamService(bs_grpc.ByteStreamServicer):
             raise RpcError(
                 grpc.StatusCode.INVALID_ARGUMENT, "read_limit is not allowed on compressed reads"
             )
-        chunks = await self.backend.run(
-            self.backend.store.read_blob, blob, request.read_offset, READ_CHUNK
-        )
-        if chunks is None:
+        opened = await self.backend.open_read(blob, request.read_offset, READ_CHUNK)
+        if opened is None:
             raise RpcError(grpc.StatusCode.NOT_FOUND, f"blob {blob} not found")
+        first, chunks = opened
         remaining = request.read_limit or blob.size - request.read_offset
         if name.compressed:
-            async for data in self._compressed(chunks):
+            async for data in self._compressed(first, chunks):
                 yield encode_read_response(data)
             return
-        while remaining > 0:
-            chunk = await self.backend.next_chunk(chunks)
-            if chunk is None:
-                break
+        chunk: Chunk | None = first
+        while remaining > 0 and chunk is not None:
             if len(chunk) > remaining:
                 chunk = chunk[:remaining]
             remaining -= len(chunk)
             yield encode_read_response(chunk)
+            if remaining > 0:
+                chunk = await self.backend.next_chunk(chunks)
 
-    async def _compressed(self, chunks: Iterator[Chunk]) -> AsyncIterator[bytes]:
+    async def _compressed(
+        self, first: Chunk | None, chunks: Iterator[Chunk]
+    ) -> AsyncIterator[bytes]:
         compressor = compress_stream()
-        while True:
-            chunk = await self.backend.next_chunk(chunks)
-            if chunk is None:
-                break
+        chunk = first
+        while chunk is not None:
             out = compressor.compress(chunk)
             if out:
                 yield out
+            chunk = await self.backend.next_chunk(chunks)
         yield compressor.flush()
 
     # ---- Write ----

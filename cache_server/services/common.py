@@ -412,6 +412,14 @@ class Backend:
             return self.store.find_missing(blobs)
         return await self.run(self.store.find_missing, blobs)
 
+    async def open_read(
+        self, blob: BlobId, offset: int, chunk_size: int
+    ) -> tuple[Chunk | None, Iterator[Chunk]] | None:
+        """The store's read_blob and its first chunk (None: nothing from offset on),
+        taken in one worker-thread trip: a blob of one chunk costs one trip, not two;
+        None if the blob is missing."""
+        return await self.run(_read_first, self.store, blob, offset, chunk_size)
+
     async def next_chunk(self, chunks: Iterator[Chunk]) -> Chunk | None:
         """The next chunk of a read_blob iterator, None after the last one; taken in
         place when the store reads from memory (a worker-thread trip per chunk cost
@@ -419,6 +427,13 @@ class Backend:
         if self.store.reads_in_memory:
             return next(chunks, None)
         return await self.run(next, chunks, None)
+
+
+def _read_first(
+    store: Store, blob: BlobId, offset: int, chunk_size: int
+) -> tuple[Chunk | None, Iterator[Chunk]] | None:
+    chunks = store.read_blob(blob, offset, chunk_size)
+    return None if chunks is None else (next(chunks, None), chunks)
 
 
 def blob_from_request(digest: re_pb2.Digest, what: str = "digest") -> BlobId:

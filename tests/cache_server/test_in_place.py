@@ -198,3 +198,50 @@ def test_one_unreachable_blob_fails_only_its_own_batch_read_entry() -> None:
     ]
     assert entries[0].data == present and "timed out" in entries[1].status.message
     assert (encoded.found, encoded.not_found) == (1, 2)
+
+
+class _CountingExecutor(ThreadPoolExecutor):
+    """A worker pool that counts the work handed to it."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.trips = 0
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.trips += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+def test_a_read_of_a_blob_of_one_chunk_takes_one_worker_thread_trip(
+    tmp_path: pathlib.Path,
+) -> None:
+    """open_read hands the store's read and its first chunk to one worker-thread trip:
+    a ByteStream read of a blob within a chunk (a 1 MiB output) costs one trip, not
+    two; a bigger blob one more per further chunk."""
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store reads in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    chunk = 1 << 20
+    small, big = b"s" * chunk, bytes(range(256)) * (chunk * 5 // 2 // 256)
+
+    async def main() -> None:
+        with _CountingExecutor() as executor:
+            store = DiskStore(tmp_path / "store")
+            disk = Backend(store, executor)
+            for data in (small, big):
+                store.put_blob(BlobId.of(data), data)
+            executor.trips = 0
+            opened = await disk.open_read(BlobId.of(small), 0, chunk)
+            assert opened is not None and opened[0] == small and executor.trips == 1
+            assert await disk.open_read(BlobId.of(b"absent"), 0, chunk) is None
+            executor.trips = 0
+            opened = await disk.open_read(BlobId.of(big), 5, chunk)
+            assert opened is not None
+            first, rest = opened
+            got = [first]
+            while (more := await disk.next_chunk(rest)) is not None:
+                got.append(more)
+            assert b"".join(c for c in got if c is not None) == big[5:]
+            assert executor.trips == 4  # open and first chunk, two more, the end
+
+    asyncio.run(main())

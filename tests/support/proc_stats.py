@@ -36,3 +36,19 @@ def _status_kib(pid: int, key: str) -> int:
         if line.startswith(key):
             return int(line.split()[1])
     return 0
+
+
+def with_children(pid: int) -> list[int]:
+    """pid and the processes it started (for `serve --workers N`: the supervisor and
+    its workers), as /proc shows them now."""
+    pids = [pid]
+    for entry in pathlib.Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == pid:
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # the parent's pid
+            pids.append(int(entry.name))
+    return pids
