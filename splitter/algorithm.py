@@ -37,7 +37,7 @@ from typing import Literal, NamedTuple, TypeVar
 
 import xxhash
 
-from slipstream.splitter.ids import class_of, file_of
+from slipstream.splitter.ids import class_of, file_map
 
 Granularity = Literal["auto", "test", "class", "file"]
 GRANULARITIES: tuple[Granularity, ...] = ("auto", "test", "class", "file")
@@ -118,9 +118,17 @@ class Unit(NamedTuple):
         return self.tests[0]
 
 
-_tests = operator.attrgetter("tests")
-_files = operator.attrgetter("files")
-_test_time = operator.attrgetter("test_time")
+# The fields by position: a unit's fields read in C, faster than by name.
+_tests = operator.itemgetter(0)
+_files = operator.itemgetter(1)
+_test_time = operator.itemgetter(2)
+_weight = operator.itemgetter(3)
+_first = operator.itemgetter(0)
+_encode = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
+_SIXTY_FOURS = itertools.repeat(64)
+_SCALES = itertools.repeat(_SCALE)
+# Unit(*fields) without the Python frame of a named tuple's __new__: for map().
+_make_unit = functools.partial(tuple.__new__, Unit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +249,7 @@ def build_units(
 
 def _files_of(times: Mapping[str, float], check: Check) -> dict[str, str]:
     """Each test's file, the tests sorted."""
-    return {t: file_of(t) for t in _checking(sorted(times), check)}
+    return file_map(_checking(sorted(times), check))
 
 
 def _build_units(
@@ -283,6 +291,8 @@ def _build_units(
             _unit(a, times, file_of_test, _files_cost({file_of_test[t] for t in a}, fcosts))
             for a in _checking(atoms, check)
         ]
+    if granularity == "test" and not groups:
+        return _single_test_units(tests, times, file_of_test, fcosts, check)
     # Single tests (most atoms) skip the sets: their one file is file_of_test's.
     atom_files = [
         None if len(a) == 1 else {file_of_test[t] for t in a} for a in _checking(atoms, check)
@@ -306,6 +316,32 @@ def _build_units(
         share = _files_cost(maybe_fs, {f: share_of[f] for f in maybe_fs if f in fcosts})
         units.append(_unit(a, times, file_of_test, share))
     return units
+
+
+def _single_test_units(
+    tests: list[str],
+    times: Mapping[str, float],
+    file_of_test: Mapping[str, str],
+    fcosts: Mapping[str, float],
+    check: Check,
+) -> list[Unit]:
+    """The units of a split by test without groups, one per test (in the tests' order,
+    each with an equal share of its file's cost), made in C loops: what the loop of
+    ``_build_units`` makes of single tests."""
+    files = list(file_of_test.values())  # in the tests' order
+    sharing = collections.Counter(files)  # how many tests each file's cost is shared by
+    share_of = {f: fcosts[f] / count if f in fcosts else 0.0 for f, count in sharing.items()}
+    one_file = {f: (f,) for f in sharing}  # one (f,) per file, shared by its tests' units
+    seconds = list(map(times.__getitem__, tests))
+    check()
+    fields = zip(
+        zip(tests),  # (t,) each
+        map(one_file.__getitem__, files),
+        seconds,
+        map(operator.add, seconds, map(share_of.__getitem__, files)),
+        strict=True,
+    )
+    return list(_checking(map(_make_unit, fields), check))
 
 
 def _auto_units(
@@ -387,12 +423,14 @@ def _int_weight(seconds: float) -> int:
 
 def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
     """Unit indices from heaviest to lightest, ties broken by a hash of the id, then the id."""
-    hash_of = xxhash.xxh64_intdigest
-    # (-weight, hash) as one int, -weight * 2**64 + hash: the same order, sorted faster
-    keys = [
-        (-w << 64) | hash_of(u.tests[0].encode("utf-8", "surrogatepass"))
-        for u, w in zip(units, weights, strict=True)
-    ]
+    if len(units) != len(weights):
+        raise ValueError("a weight per unit")
+    # (-weight, hash) as one int, -weight * 2**64 + hash: the same order, sorted faster;
+    # made in C loops: (-w << 64) | xxh64(u.id encoded) for each unit
+    hashes = map(xxhash.xxh64_intdigest, map(_encode, map(_first, map(_tests, units))))
+    keys = list(
+        map(operator.or_, map(operator.lshift, map(operator.neg, weights), _SIXTY_FOURS), hashes)
+    )
     if len(set(keys)) < len(keys):  # a hash collision: the id decides
         return sorted(range(len(units)), key=lambda i: (keys[i], units[i].id))
     return sorted(range(len(units)), key=keys.__getitem__)
@@ -507,7 +545,15 @@ def _improve(
     loads = [sum(map(weight_of, m)) for m in members]
     if max(loads) <= floor:
         return False
-    bins = [sorted(zip(map(weight_of, m), m)) for m in members]  # noqa: B905 (same length)
+    # Each shard's (weight, unit) sorted, made when the pass first looks at the shard.
+    bins: list[list[tuple[int, int]] | None] = [None] * n
+
+    def bin_of(s: int) -> list[tuple[int, int]]:
+        got = bins[s]
+        if got is None:
+            got = bins[s] = sorted(zip(map(weight_of, members[s]), members[s]))  # noqa: B905
+        return got
+
     ranked = sorted((loads[s], s) for s in range(n))
     improved = False
     iterations = 0
@@ -526,17 +572,18 @@ def _improve(
             gap = top_load - other_load
             if gap <= 1:
                 break
-            best = _best_exchange(bins[top], bins[other], gap)
+            top_bin, other_bin = bin_of(top), bin_of(other)
+            best = _best_exchange(top_bin, other_bin, gap)
             if best is None:
                 continue
             a, b = best
             delta = a[0] - (b[0] if b else 0)
-            bins[top].remove(a)
-            bisect.insort(bins[other], a)
+            top_bin.remove(a)
+            bisect.insort(other_bin, a)
             assign[a[1]] = other
             if b is not None:
-                bins[other].remove(b)
-                bisect.insort(bins[top], b)
+                other_bin.remove(b)
+                bisect.insort(top_bin, b)
                 assign[b[1]] = top
             for s, change in ((top, -delta), (other, delta)):
                 del ranked[bisect.bisect_left(ranked, (loads[s], s))]
@@ -553,13 +600,15 @@ def _best_exchange(
     top: list[tuple[int, int]], other: list[tuple[int, int]], gap: int
 ) -> tuple[tuple[int, int], tuple[int, int] | None] | None:
     """The move (a, None) or swap (a, b) whose weight change d is closest to gap/2, 0 < d < gap."""
-    other_weights = [w for w, _ in other]
+    other_weights = list(map(_first, other))
     best: tuple[tuple[int, int], tuple[int, int] | None] | None = None
     best_dist = gap  # |2d - gap| must beat this: any 0 < d < gap qualifies
+    last = 0  # weights are never negative: a first weight of 0 is passed over too
     for a in top:
         wa = a[0]
-        if wa == 0:
+        if wa == last:  # 0, or as the unit before: that one's candidates, which won ties
             continue
+        last = wa
         if 0 < wa < gap and abs(2 * wa - gap) < best_dist:
             best, best_dist = (a, None), abs(2 * wa - gap)
         j = bisect.bisect_left(other_weights, wa - gap // 2)
@@ -585,9 +634,14 @@ def lower_bound(
 ) -> float:
     """start-up + max(everything / n, the longest unit with its files' costs)."""
     files = set(itertools.chain.from_iterable(map(_files, units)))
-    total = math.fsum(map(_test_time, units)) + math.fsum(file_costs.get(f, 0.0) for f in files)
+    total = math.fsum(map(_test_time, units)) + math.fsum(
+        map(file_costs.get, files, itertools.repeat(0.0))
+    )
+    # Each unit's test_time + _files_cost(files), the cost once per distinct files
+    # (units of one file share the tuple), added in C.
+    cost_of = {fs: _files_cost(fs, file_costs) for fs in set(map(_files, units))}
     longest = max(
-        (u.test_time + _files_cost(u.files, file_costs) for u in units),
+        map(operator.add, map(_test_time, units), map(cost_of.__getitem__, map(_files, units))),
         default=0.0,
     )
     return startup + max(total / n, longest)
@@ -628,18 +682,24 @@ def plan_hash(shards: Sequence[Sequence[str]]) -> str:
 
 def _shard(index: int, units: list[Unit], fcosts: Mapping[str, float], startup: float) -> Shard:
     """The shard of units (in input order, which the sum of their times follows)."""
+    # The units' fields, each in one tuple (a pass over the units, in C).
+    tests: Sequence[tuple[str, ...]] = ()
+    unit_files: Sequence[tuple[str, ...]] = ()
+    times: Sequence[float] = ()
+    if units:
+        tests, unit_files, times, _ = zip(*units, strict=True)
     # Added up in the units' order, as the plans before (not an fsum); map and reduce
     # run in C, where a loop would make a Python step per test.
-    test_time = functools.reduce(operator.add, map(_test_time, units), 0.0)
+    test_time = functools.reduce(operator.add, times, 0.0)
     # In the units' order, which is about sorted: sorting them is then about linear.
-    files = dict.fromkeys(itertools.chain.from_iterable(map(_files, units)))
+    files = dict.fromkeys(itertools.chain.from_iterable(unit_files))
     return Shard(
         index=index,
-        tests=tuple(sorted(itertools.chain.from_iterable(map(_tests, units)))),
+        tests=tuple(sorted(itertools.chain.from_iterable(tests))),
         files=tuple(sorted(files)),
         predicted=(startup if units else 0.0)
         + test_time
-        + math.fsum(fcosts.get(f, 0.0) for f in files),
+        + math.fsum(map(fcosts.get, files, itertools.repeat(0.0))),
     )
 
 
@@ -661,7 +721,10 @@ def split(
         raise ValueError("the number of shards must be at least 1")
     fcosts = file_costs or {}
     # Everything below works on units ranked by the total order, never on input positions.
-    unit_weights = [max(0, round(u.weight * _SCALE)) for u in units]  # _int_weight
+    # _int_weight of each, in C loops
+    unit_weights = list(map(round, map(operator.mul, map(_weight, units), _SCALES)))
+    if unit_weights and min(unit_weights) < 0:
+        unit_weights = [max(0, w) for w in unit_weights]
     order = _order(units, unit_weights)
     weights = [unit_weights[i] for i in order]
     ranks = range(len(order))
@@ -692,10 +755,8 @@ def split(
         assign[order[r]] = s
     members: list[list[Unit]] = [[] for _ in range(n)]
     check()
-    for i, s in enumerate(assign):
-        if i % _CHECK_EVERY == 0:
-            check()
-        members[s].append(units[i])
+    for s, unit in _checking(zip(assign, units), check):  # noqa: B905 (same length)
+        members[s].append(unit)
     shards = tuple(_shard(s, members[s], fcosts, startup) for s in range(n))
     check()
     predicted_makespan = max(s.predicted for s in shards)

@@ -294,3 +294,9 @@ def _scope_of(
         or file in wanted_files
     )
     return (prefix, file) if could_be_named else None
+
+
+def file_map(tests: Iterable[str]) -> dict[str, str]:
+    """``{test: file_of(test)}``, made without a call per test (100,000 calls add up)."""
+    # file_of: the part before the first "::", unless a "[" comes before it
+    return {t: t if "[" in (head := t.partition("::")[0]) else head for t in tests}

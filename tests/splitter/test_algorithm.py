@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 import random
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from slipstream.splitter import algorithm
 from slipstream.splitter.algorithm import Unit, build_units, plan_hash, split, split_tests
+from slipstream.splitter.ids import file_of
 
 # Ids like pytest's, with the odd characters parameters bring.
 _names = st.text(alphabet="abcXYZ_-[]:# '\"\\", min_size=1, max_size=6)
@@ -296,3 +298,57 @@ def test_plan_hash_is_one_line_per_test(shards):
 def test_the_cost_of_one_file_is_its_fsum(cost):
     got = algorithm._files_cost(["f"], {"f": cost})
     assert repr(got) == repr(math.fsum([cost]))  # -0.0 and nan alike
+
+
+def _plain_best_exchange(top, other, gap):
+    """_best_exchange as it was before it tried one unit per weight (issue 23)."""
+    other_weights = [w for w, _ in other]
+    best, best_dist = None, gap
+    for a in top:
+        wa = a[0]
+        if wa == 0:
+            continue
+        if 0 < wa < gap and abs(2 * wa - gap) < best_dist:
+            best, best_dist = (a, None), abs(2 * wa - gap)
+        j = bisect.bisect_left(other_weights, wa - gap // 2)
+        for k in (j - 1, j):
+            if 0 <= k < len(other):
+                d = wa - other_weights[k]
+                if 0 < d < gap and abs(2 * d - gap) < best_dist:
+                    best, best_dist = (a, other[k]), abs(2 * d - gap)
+        if best_dist <= 1:
+            break
+    return best
+
+
+_bin = st.lists(st.integers(0, 12), max_size=12).map(
+    lambda ws: sorted((w, i) for i, w in enumerate(ws))
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(_bin, _bin, st.integers(1, 30))
+def test_the_best_exchange_is_the_first_closest_to_half_the_gap(top, other, gap):
+    # Units of one weight find the same exchanges: only the first of them is tried.
+    other = [(w, i + 100) for w, i in other]
+    assert algorithm._best_exchange(top, other, gap) == _plain_best_exchange(top, other, gap)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["a.py::x", "a.py::y", "a.py::T::z", "b.py::w", "c", "d.py::v[a::b]"]),
+        st.sampled_from([0.0, 0.5, 1.25, 3.0]),
+    ),
+    st.dictionaries(st.sampled_from(["a.py", "b.py", "c"]), st.sampled_from([0.0, 1.0, 3.0])),
+)
+def test_single_test_units_are_one_test_with_its_share_of_the_file(times, costs):
+    # Made in C loops (issue 23): each test with an equal share of its file's cost.
+    units = build_units(times, 3, "test", file_costs=costs)
+    files = [file_of(t) for t in sorted(times)]
+    shares = {f: costs[f] / files.count(f) if f in costs else 0.0 for f in files}
+    expected = [
+        Unit((t,), (f,), times[t], times[t] + shares[f])
+        for t, f in zip(sorted(times), files, strict=True)
+    ]
+    assert units == expected and all(type(u) is Unit for u in units)

@@ -11,6 +11,7 @@ from slipstream.splitter.ids import (
     case_file,
     class_of,
     directories_of,
+    file_map,
     file_of,
     junit_key,
     match_cases,
@@ -167,5 +168,13 @@ def test_match_cases_agrees_with_its_plain_definition(
     cases: list[JUnitCase], candidates: list[str]
 ) -> None:
     candidates += [node_id(c) for c in cases] + [case_file(c) for c in cases]
-    assert match_cases(cases, candidates) == _plain_match_cases(cases, candidates)
+    got = match_cases(cases, candidates)
+    # In the same order too: a run's timings are added up in it.
+    assert list(got.items()) == list(_plain_match_cases(cases, candidates).items())
     assert node_ids(cases) == [node_id(c) for c in cases]
+
+
+@settings(max_examples=500)
+@given(st.lists(_ID, max_size=10))
+def test_file_map_is_file_of_each(test_ids: list[str]) -> None:
+    assert file_map(test_ids) == {t: file_of(t) for t in test_ids}
