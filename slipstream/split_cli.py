@@ -165,10 +165,8 @@ def _split(args: argparse.Namespace) -> int:
         startup=estimates.startup if args.startup is None else args.startup,
     )
     mine = set(plan.shards[index].tests)
-    out = sys.stdout
-    for test in tests:
-        if test in mine:
-            out.write(test + "\n")
+    # This shard's tests in the order they came, picked out in C.
+    sys.stdout.write("".join(t + "\n" for t in filter(mine.__contains__, tests)))
     if not args.quiet:
         print(f"slipstream split: {summary(plan, index)}", file=sys.stderr)
     return 0

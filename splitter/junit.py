@@ -97,7 +97,7 @@ class _Reader:
         # One entry per open element: the suite, case or properties it is, else None.
         self.stack: list[object] = []
         self.case_attrs: dict[str, str] = {}
-        self.case_tags: set[str] = set()
+        self.case_tags: set[str] | None = None  # the case's child elements, if any
         self.case_group: str | None = None
         # One string per distinct classname and file, however many cases share it.
         self.classnames: dict[str, str] = {}
@@ -117,11 +117,14 @@ class _Reader:
             return
         parent = stack[-1]
         if parent is _CASE:
-            self.case_tags.add(tag)
+            if self.case_tags is None:
+                self.case_tags = {tag}
+            else:
+                self.case_tags.add(tag)
             stack.append(_CASE_PROPS if tag == "properties" else None)
         elif tag == "testcase" and (parent is _ROOT or type(parent) is _Suite):
             self.case_attrs = attrs
-            self.case_tags = set()
+            self.case_tags = None
             self.case_group = None
             stack.append(_CASE)
         elif type(parent) is _Suite:
@@ -151,7 +154,9 @@ class _Reader:
         if self.stack.pop() is not _CASE:
             return
         attrs, tags = self.case_attrs, self.case_tags
-        if tags and not tags.isdisjoint(_FAILED_TAGS):
+        if tags is None:
+            outcome = "passed"
+        elif not tags.isdisjoint(_FAILED_TAGS):
             outcome = "failed"
         elif "skipped" in tags:
             outcome = "skipped"
@@ -176,9 +181,14 @@ class _Reader:
         if seconds is _UNPARSED:
             seconds = self.times[time] = parse_time(time)
         name = attrs.get("name") or ""
-        cases.append(JUnitCase(classname, name, file, seconds, outcome, self.path, self.case_group))
+        cases.append(
+            _new_tuple(
+                JUnitCase, (classname, name, file, seconds, outcome, self.path, self.case_group)
+            )
+        )
 
 
+_new_tuple = tuple.__new__  # a JUnitCase without the Python frame of its __new__
 _ROOT = object()
 _CASE = object()
 _CASE_PROPS = object()
