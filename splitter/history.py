@@ -232,84 +232,119 @@ def estimate(
     whole suite's. With no history at
     all every test gets 1 second and ``from_history`` is False.
     """
-    wanted = sorted(dict.fromkeys(tests))  # sorted(set()), in O(n) when tests are sorted
-    merged = merge_runs(runs)
-    samples: dict[str, list[Sample]] = {}
-    single = len(merged) == 1 and last_runs >= 1  # one sample per test: no lists of them
-    for run in reversed(merged if not single else ()):
-        for test, sample in run.tests.items():
-            got = samples.setdefault(test, [])
-            if len(got) < last_runs:
-                got.append(sample)
-    own: dict[str, float] = {}
-    if single:  # max(MIN_TEST_SECONDS, _percentile([one], ...)), inlined (nan, inf: MIN)
-        own = {
-            test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
-            for test, (one, _) in merged[0].tests.items()
-        }
-    for test, got in samples.items():
-        if len(got) == 1:
-            one = got[0].seconds
-            own[test] = one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
-            continue
-        passed = [s.seconds for s in got if not s.failed]
-        own[test] = max(
-            MIN_TEST_SECONDS, _percentile(passed or [s.seconds for s in got], percentile)
-        )
-    file_samples: dict[str, list[float]] = {}
-    for run in reversed(merged):
-        for f, cost in run.file_costs.items():
-            got_f = file_samples.setdefault(f, [])
-            if len(got_f) < last_runs:
-                got_f.append(cost)
-    file_costs = {f: _percentile(v, percentile) for f, v in file_samples.items()}
-    startups = [r.startup for r in merged[-last_runs:] if r.startup is not None]
-    startup = _median(startups) if startups else 0.0
-    if not own:
-        return Estimates({t: 1.0 for t in wanted}, file_costs, False, 0, startup)
-    # A scope is a file or a directory: its values are those of the tests of the file
-    # and of every file below the directory (a path may be both).
-    by_file: dict[str, list[float]] = {}
-    file_total: dict[str, float] = {}  # for runners that split by file path
-    for test, seconds in own.items():
-        f = file_of(test)
-        if f != test:
-            file_total[f] = file_total.get(f, 0.0) + seconds
-        got_file = by_file.get(f)
-        if got_file is None:
-            by_file[f] = [seconds]
-        else:
-            got_file.append(seconds)
-    by_directory: dict[str, list[float]] | None = None  # made when first needed
-    medians: dict[str, float] = {}
-    guessed: dict[str, float] = {}
-    for test in wanted:
-        if test in own or test in file_total:
-            continue
-        f = file_of(test)
-        if f in medians:
-            guessed[test] = medians[f]
-            continue
+    return Estimator(runs, last_runs=last_runs, percentile=percentile).estimate(tests)
+
+
+class Estimator:
+    """What ``estimate`` makes of the runs alone (each test's own estimate, the files'
+    totals and costs, the start-up, the groups), made once for the estimates of any
+    number of sets of tests: the split server keeps one per suite and history version.
+    Never changed once made, so threads may share one."""
+
+    def __init__(
+        self,
+        runs: Sequence[Run],
+        *,
+        last_runs: int = DEFAULT_LAST_RUNS,
+        percentile: float = DEFAULT_PERCENTILE,
+    ) -> None:
+        merged = merge_runs(runs)
+        self.groups: dict[str, str] = {}  # groups_of(runs, last_runs=last_runs)
+        for run in merged[-last_runs:]:
+            self.groups.update(run.groups)
+        samples: dict[str, list[Sample]] = {}
+        single = len(merged) == 1 and last_runs >= 1  # one sample per test: no lists of them
+        for run in reversed(merged if not single else ()):
+            for test, sample in run.tests.items():
+                got = samples.setdefault(test, [])
+                if len(got) < last_runs:
+                    got.append(sample)
+        own: dict[str, float] = {}
+        if single:  # max(MIN_TEST_SECONDS, _percentile([one], ...)), inlined (nan, inf: MIN)
+            own = {
+                test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
+                for test, (one, _) in merged[0].tests.items()
+            }
+        for test, got in samples.items():
+            if len(got) == 1:
+                one = got[0].seconds
+                own[test] = one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
+                continue
+            passed = [s.seconds for s in got if not s.failed]
+            own[test] = max(
+                MIN_TEST_SECONDS, _percentile(passed or [s.seconds for s in got], percentile)
+            )
+        self.own = own
+        file_samples: dict[str, list[float]] = {}
+        for run in reversed(merged):
+            for f, cost in run.file_costs.items():
+                got_f = file_samples.setdefault(f, [])
+                if len(got_f) < last_runs:
+                    got_f.append(cost)
+        self.file_costs = {f: _percentile(v, percentile) for f, v in file_samples.items()}
+        startups = [r.startup for r in merged[-last_runs:] if r.startup is not None]
+        self.startup = _median(startups) if startups else 0.0
+        # A scope is a file or a directory: its values are those of the tests of the file
+        # and of every file below the directory (a path may be both).
+        by_file: dict[str, list[float]] = {}
+        file_total: dict[str, float] = {}  # for runners that split by file path
+        for test, seconds in own.items():
+            f = file_of(test)
+            if f != test:
+                file_total[f] = file_total.get(f, 0.0) + seconds
+            got_file = by_file.get(f)
+            if got_file is None:
+                by_file[f] = [seconds]
+            else:
+                got_file.append(seconds)
+        self._by_file = by_file
+        self._by_directory: dict[str, list[float]] | None = None  # made when first needed
+        self._file_total = file_total
+
+    def _directories(self) -> dict[str, list[float]]:
+        by_directory = self._by_directory
         if by_directory is None:
             by_directory = {}
-            for path, values in by_file.items():
+            for path, values in self._by_file.items():
                 for d in directories_of(path):
                     by_directory.setdefault(d, []).extend(values)
-        for scope in [f, *directories_of(f)]:
-            if scope in by_file or scope in by_directory:
-                if scope not in medians:
-                    medians[scope] = _median(by_file.get(scope, []) + by_directory.get(scope, []))
-                guessed[test] = medians[scope]
-                break  # found: every path is below the directory ""
-    result = {
-        t: own[t] if t in own else file_total[t] if t in file_total else guessed[t] for t in wanted
-    }
-    known = len(result) - len(guessed)
-    if file_costs:
-        fallback = _median(list(file_costs.values()))
-        for f in {file_of(t) for t in wanted} - file_costs.keys():
-            file_costs[f] = fallback
-    return Estimates(result, file_costs, True, known, startup)
+            self._by_directory = by_directory  # whole, or not at all: threads share it
+        return by_directory
+
+    def estimate(self, tests: Iterable[str]) -> Estimates:
+        """``estimate(tests, runs)`` of the runs this was made of."""
+        wanted = sorted(dict.fromkeys(tests))  # sorted(set()), in O(n) when tests are sorted
+        file_costs = dict(self.file_costs)
+        if not self.own:
+            return Estimates({t: 1.0 for t in wanted}, file_costs, False, 0, self.startup)
+        own, file_total, by_file = self.own, self._file_total, self._by_file
+        medians: dict[str, float] = {}
+        guessed: dict[str, float] = {}
+        for test in wanted:
+            if test in own or test in file_total:
+                continue
+            f = file_of(test)
+            if f in medians:
+                guessed[test] = medians[f]
+                continue
+            by_directory = self._directories()
+            for scope in [f, *directories_of(f)]:
+                if scope in by_file or scope in by_directory:
+                    if scope not in medians:
+                        medians[scope] = _median(
+                            by_file.get(scope, []) + by_directory.get(scope, [])
+                        )
+                    guessed[test] = medians[scope]
+                    break  # found: every path is below the directory ""
+        result = {
+            t: own[t] if t in own else file_total[t] if t in file_total else guessed[t]
+            for t in wanted
+        }
+        if file_costs:
+            fallback = _median(list(file_costs.values()))
+            for f in {file_of(t) for t in wanted} - file_costs.keys():
+                file_costs[f] = fallback
+        return Estimates(result, file_costs, True, len(result) - len(guessed), self.startup)
 
 
 # ---- the store (I/O) ----
@@ -361,11 +396,17 @@ def decode_run(data: bytes) -> Run:
 
 def append_run(store: RecordStore, suite: str, run: Run) -> str:
     """Store one upload as a new record; returns its key."""
+    return store_run(store, suite, run)[0]
+
+
+def store_run(store: RecordStore, suite: str, run: Run) -> tuple[str, int]:
+    """``append_run``, returning the new record's key and size (what a listing shows)."""
     check_suite(suite)
     key = f"{suite}/{run.created_ns:020d}-{uuid.uuid4().hex}"
-    if not store.put_record(NAMESPACE, key, encode_run(run), overwrite=False):
+    data = encode_run(run)
+    if not store.put_record(NAMESPACE, key, data, overwrite=False):
         raise RuntimeError(f"timing record {key} already exists")  # a uuid4 collision
-    return key
+    return key, len(data)
 
 
 MAX_LOADED_RECORDS = 1000  # the newest uploads load_runs reads

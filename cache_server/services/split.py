@@ -30,12 +30,13 @@ import grpc
 
 from slipstream.cache_server import auth
 from slipstream.cache_server.services.common import Backend, RpcError, grpc_errors
+from slipstream.cache_server.services.ui_history import HistoryCache, Ident
 from slipstream.cache_server.storage.base import Store
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter import history, junit
 from slipstream.splitter.algorithm import Check, Granularity, build_units
-from slipstream.splitter.history import HistoryError, Run, Sample
+from slipstream.splitter.history import Estimator, HistoryError, Run, Sample
 from slipstream.splitter.ids import JUnitCase
 from slipstream.splitter.pinning import (
     MAX_RUN_TESTS,
@@ -90,6 +91,9 @@ _CACHE_BYTES = 64 << 20
 # The longest a plan or a queue may take to make when the caller sets no deadline.
 MAX_PLANNING_SECONDS = 60.0
 _CREATE_RETRIES = 50
+# Suites whose estimator (of their newest history) is kept: each holds an estimate per
+# test of its history (~10 MB at 100,000 tests).
+_KEPT_ESTIMATORS = 4
 _MAX_RUNNER_CHARS = 200
 R = TypeVar("R")
 
@@ -162,6 +166,13 @@ class SplitService(split_grpc.SplitServicer):
         self._cache: collections.OrderedDict[str, tuple[object, int]] = collections.OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
+        # The suites' timing histories, decoded (an upload this server stored is kept as
+        # it was sent), and an estimator per suite of the version (the records) it was
+        # made of: a new upload is a new version, and the next plan makes a new one.
+        self.history = HistoryCache(backend.store)
+        self._estimators: collections.OrderedDict[str, tuple[tuple[Ident, ...], Estimator]] = (
+            collections.OrderedDict()
+        )
 
     async def bounded(
         self, context: grpc.aio.ServicerContext[Any, Any], fn: Callable[[Check], R]
@@ -287,7 +298,7 @@ class SplitService(split_grpc.SplitServicer):
         run = history.run_from_cases(cases, run_id=run_id, file_costs=file_costs, startup=startup)
         run.tests.update(timings)
         if run.tests:
-            await self.backend.run(history.append_run, self.store, suite, run)
+            await self.backend.run(self._append, suite, run)
         return split_pb2.UploadTimingsResponse(reports=reports, tests=len(run.tests))
 
     # ---- static shards ----
@@ -318,13 +329,36 @@ class SplitService(split_grpc.SplitServicer):
             pinned_now=pinned_now,
         )
 
+    def _append(self, suite: str, run: Run) -> None:
+        """Store an upload in the suite's history, and keep it decoded."""
+        record = history.store_run(self.store, suite, run)
+        self.history.add(suite, record, run)
+
+    def _estimator(self, suite: str) -> Estimator:
+        """The estimator of the suite's history as it is now: the kept one while no
+        upload came since it was made."""
+        runs, _ = self.history.load(suite)
+        version = tuple(record for record, _ in runs)
+        with self._lock:
+            kept = self._estimators.get(suite)
+            if kept is not None and kept[0] == version:
+                self._estimators.move_to_end(suite)
+                return kept[1]
+        estimator = Estimator([run for _, run in runs])
+        with self._lock:
+            self._estimators[suite] = (version, estimator)
+            self._estimators.move_to_end(suite)
+            while len(self._estimators) > _KEPT_ESTIMATORS:
+                self._estimators.popitem(last=False)
+        return estimator
+
     def _estimates(self, run: _RunSpec) -> tuple[history.Estimates, dict[str, str]]:
         """Estimates of the run's tests from the suite's history, and its groups (the
         history's, then the runner's)."""
-        runs, _ = history.load_runs(self.store, run.suite)
-        merged = history.groups_of(runs)
+        estimator = self._estimator(run.suite)
+        merged = dict(estimator.groups)
         merged.update(run.groups)
-        return history.estimate(run.tests, runs), merged
+        return estimator.estimate(run.tests), merged
 
     @staticmethod
     def _check_collected(
@@ -496,9 +530,7 @@ class SplitService(split_grpc.SplitServicer):
         """The finished queue's timings into the history, once (a create-if-absent marker)."""
         marker = f"{slug}/recorded"
         if self.store.put_record(QUEUE_NAMESPACE, marker, b"1", overwrite=False):
-            history.append_run(
-                self.store, suite, Run(plan.run_key, time.time_ns(), dict(completed))
-            )
+            self._append(suite, Run(plan.run_key, time.time_ns(), dict(completed)))
 
     @grpc_errors
     async def QueueStatus(

@@ -21,7 +21,7 @@ from slipstream.splitter.history import Run
 
 MAX_KEPT_RESULTS = 400_000  # test results (one test in one upload), over all suites
 
-_Ident = tuple[str, int]  # a record's key and size
+Ident = tuple[str, int]  # a record's key and size
 
 
 class HistoryCache:
@@ -31,7 +31,7 @@ class HistoryCache:
         self.store = store
         self.max_results = max_results
         self._lock = threading.Lock()
-        self._suites: dict[str, dict[_Ident, Run]] = {}  # each newest first
+        self._suites: dict[str, dict[Ident, Run]] = {}  # each newest first
         self._results: dict[str, int] = {}
         self.records_read = 0  # records read and decoded, for the tests
 
@@ -43,11 +43,19 @@ class HistoryCache:
         self, suite: str, *, max_records: int = history.MAX_LOADED_RECORDS
     ) -> tuple[list[Run], list[str]]:
         """As history.load_runs; HistoryError for a name no suite can have."""
+        runs, warnings = self.load(suite, max_records=max_records)
+        return [run for _, run in runs], warnings
+
+    def load(
+        self, suite: str, *, max_records: int = history.MAX_LOADED_RECORDS
+    ) -> tuple[list[tuple[Ident, Run]], list[str]]:
+        """``load_runs`` with each run's record (its key and size): which records a
+        history holds is its version."""
         history.check_suite(suite)
         infos = self.store.list_records(history.NAMESPACE, f"{suite}/")[-max_records:]
         with self._lock:
             held = self._suites.get(suite, {})
-        runs: list[tuple[_Ident, Run]] = []
+        runs: list[tuple[Ident, Run]] = []
         warnings: list[str] = []
         for info in infos:
             ident = (info.key, info.size)
@@ -66,9 +74,17 @@ class HistoryCache:
                 run.tests = {sys.intern(test): sample for test, sample in run.tests.items()}
             runs.append((ident, run))
         self._keep(suite, runs)
-        return [run for _, run in runs], warnings
+        return runs, warnings
 
-    def _keep(self, suite: str, runs: list[tuple[_Ident, Run]]) -> None:
+    def add(self, suite: str, record: Ident, run: Run) -> None:
+        """Keep a run just stored under record (by this process: no need to read it back),
+        as the newest of its suite's."""
+        run.tests = {sys.intern(test): sample for test, sample in run.tests.items()}
+        with self._lock:
+            held = list(self._suites.get(suite, {}).items())  # newest first
+        self._keep(suite, [*reversed(held), (record, run)])
+
+    def _keep(self, suite: str, runs: list[tuple[Ident, Run]]) -> None:
         """Keep the newest of a suite's runs within an equal share of the budget, and trim
         the other suites to that share (their oldest go). Equal shares rather than least
         recently used: the overview reads every suite in turn, and suites that pushed each
@@ -84,9 +100,9 @@ class HistoryCache:
                 self._suites[suite], self._results[suite] = _newest(reversed(runs), share)
 
 
-def _newest(runs: Iterable[tuple[_Ident, Run]], limit: int) -> tuple[dict[_Ident, Run], int]:
+def _newest(runs: Iterable[tuple[Ident, Run]], limit: int) -> tuple[dict[Ident, Run], int]:
     """The runs, newest first, as long as their results stay within limit; and how many."""
-    kept: dict[_Ident, Run] = {}
+    kept: dict[Ident, Run] = {}
     results = 0
     for ident, run in runs:
         if results + len(run.tests) > limit:

@@ -204,6 +204,26 @@ def test_the_pages_read_each_upload_once_and_keep_a_bounded_number_of_results() 
     assert big.kept_results() <= 10_000
 
 
+def test_an_upload_kept_as_it_is_stored_is_not_read_back() -> None:
+    # The split service stores an upload and keeps it decoded: its next plan reads none.
+    store = MemoryStore()
+    _upload(store, 0, tests=100)
+    cache = HistoryCache(store, max_results=300)
+    cache.load_runs("suite")
+    for n in (1, 2):
+        sent = Run(f"r{n}", 10**18 + n, {f"t{i}": Sample(2.0, False) for i in range(100)})
+        cache.add("suite", history.store_run(store, "suite", sent), sent)
+    runs, _ = cache.load_runs("suite")
+    assert [r.run_id for r in runs] == ["r0", "r1", "r2"] and runs[-1] is sent
+    assert cache.records_read == 1  # r0, at the first load
+    assert cache.kept_results() == 300
+    other = HistoryCache(store)  # what reading the records gives
+    assert [r.tests for r in other.load_runs("suite")[0]] == [r.tests for r in runs]
+    sent = Run("r3", 10**18 + 3, {f"t{i}": Sample(3.0, False) for i in range(100)})
+    cache.add("suite", history.store_run(store, "suite", sent), sent)
+    assert cache.kept_results() == 300  # within the budget: the newest three
+
+
 def test_suites_read_in_turn_share_the_budget_rather_than_push_each_other_out() -> None:
     store = MemoryStore()
     for n in range(6):

@@ -15,6 +15,7 @@ from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
 from slipstream.splitter import history
 from slipstream.splitter.history import Sample
+from slipstream.splitter.pinning import make_plan
 from tests.support.server_process import ServerProcess
 
 TESTS = [f"tests/test_{f}.py::test_{i}" for f in "abcdef" for i in range(5)]
@@ -199,6 +200,36 @@ def test_two_replicas_on_one_store_answer_the_same(tmp_path):
         assert not set(first.tests) & set(second.tests)
         for c in clients:
             c.close()
+    finally:
+        for r in replicas:
+            r.stop()
+
+
+def test_new_timings_replace_a_kept_estimate_whichever_replica_takes_them(tmp_path):
+    # A server keeps its estimates of a suite's history between plans; an upload, to it
+    # or to another replica on the same store, is a new history that the next plan uses.
+    replicas = [ServerProcess(tmp_path / "store").start() for _ in range(2)]
+    try:
+        a, b = (SplitClient(r.address).open() for r in replicas)
+
+        def uncached_plan(run_key: str) -> str:
+            # What a server that keeps nothing plans from the store's history now.
+            store = DiskStore(tmp_path / "store")
+            try:
+                runs, _ = history.load_runs(store, "s")
+            finally:
+                store.close()
+            estimates, groups = history.estimate(TESTS, runs), history.groups_of(runs)
+            return make_plan(run_key, TESTS, 6, estimates, "auto", groups).plan_hash
+
+        hashes = []
+        for step, (via, slow) in enumerate([(a, "test_a"), (b, "test_b"), (a, "test_c")]):
+            times = {t: 10.0 if f"/{slow}." in t else 0.1 for t in TESTS}
+            via.upload_timings("s", f"r{step}", [junit_report(times)])
+            got = a.get_shard(RunSpec("s", f"run-{step}", 0, 6, TESTS))
+            assert got.from_history and got.plan_hash == uncached_plan(f"run-{step}")
+            hashes.append(got.plan_hash)
+        assert len(set(hashes)) == 3
     finally:
         for r in replicas:
             r.stop()

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.splitter import history
 from slipstream.splitter.history import Run, Sample, append_run, estimate, load_runs, merge_runs
-from slipstream.splitter.ids import JUnitCase
+from slipstream.splitter.ids import JUnitCase, directories_of, file_of
 
 
 def run(tests, *, run_id=None, created=0, file_costs=None, startup=None):
@@ -215,3 +215,98 @@ def test_a_test_timed_once_gets_its_time_floored(seconds, alone):
     got = estimate(seconds, runs)
     for t, s in seconds.items():
         assert got.tests[t] == max(history.MIN_TEST_SECONDS, history._percentile([s], 50.0))
+
+
+def _plain_estimate(tests: list[str], runs: list[Run], last_runs: int = 10) -> history.Estimates:
+    """estimate as it was before the Estimator kept the runs' part (issue 23)."""
+    wanted = sorted(set(tests))
+    merged = merge_runs(runs)
+    samples: dict[str, list[Sample]] = {}
+    for r in reversed(merged):
+        for test, sample in r.tests.items():
+            got = samples.setdefault(test, [])
+            if len(got) < last_runs:
+                got.append(sample)
+    own = {}
+    for test, got in samples.items():
+        passed = [s.seconds for s in got if not s.failed]
+        own[test] = max(
+            history.MIN_TEST_SECONDS, history._percentile(passed or [s.seconds for s in got], 50)
+        )
+    file_samples: dict[str, list[float]] = {}
+    for r in reversed(merged):
+        for f, cost in r.file_costs.items():
+            got_f = file_samples.setdefault(f, [])
+            if len(got_f) < last_runs:
+                got_f.append(cost)
+    file_costs = {f: history._percentile(v, 50) for f, v in file_samples.items()}
+    startups = [r.startup for r in merged[-last_runs:] if r.startup is not None]
+    startup = history._median(startups) if startups else 0.0
+    if not own:
+        return history.Estimates({t: 1.0 for t in wanted}, file_costs, False, 0, startup)
+    by_file: dict[str, list[float]] = {}
+    file_total: dict[str, float] = {}
+    for test, seconds in own.items():
+        f = file_of(test)
+        if f != test:
+            file_total[f] = file_total.get(f, 0.0) + seconds
+        by_file.setdefault(f, []).append(seconds)
+    by_directory: dict[str, list[float]] = {}
+    for path, values in by_file.items():
+        for d in directories_of(path):
+            by_directory.setdefault(d, []).extend(values)
+    result = {}
+    guessed = 0
+    for test in wanted:
+        if test in own:
+            result[test] = own[test]
+        elif test in file_total:
+            result[test] = file_total[test]
+        else:
+            f = file_of(test)
+            scope = next(s for s in [f, *directories_of(f)] if s in by_file or s in by_directory)
+            result[test] = history._median(by_file.get(scope, []) + by_directory.get(scope, []))
+            guessed += 1
+    if file_costs:
+        fallback = history._median(list(file_costs.values()))
+        for f in {file_of(t) for t in wanted} - file_costs.keys():
+            file_costs[f] = fallback
+    return history.Estimates(result, file_costs, True, len(result) - guessed, startup)
+
+
+_TEST_IDS = st.sampled_from(
+    ["a.py::x", "a.py::y", "a.py::T::z", "b/c.py::z", "b/d.py::w", "b/c.py", "e/f.py::v[1]"]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.builds(
+            lambda run_id, created, tests, costs, startup: Run(
+                run_id, created, tests, costs, startup
+            ),
+            st.sampled_from([None, "r1", "r2"]),
+            st.integers(0, 3),
+            st.dictionaries(
+                _TEST_IDS,
+                st.builds(Sample, st.sampled_from([0.0, 0.25, 1.0, 2.5]), st.booleans()),
+                max_size=5,
+            ),
+            st.dictionaries(st.sampled_from(["a.py", "b/c.py"]), st.sampled_from([0.5, 3.0])),
+            st.sampled_from([None, 1.0, 4.0]),
+        ),
+        max_size=5,
+    ),
+    st.lists(st.lists(_TEST_IDS | st.sampled_from(["g/h.py::u", "b/new.py::n"]), max_size=8)),
+)
+def test_a_kept_estimator_estimates_as_the_plain_estimate(runs, test_sets):
+    # The split server keeps an Estimator per history version and asks it for the
+    # tests of every plan: each answer is the one a fresh estimate gives.
+    estimator = history.Estimator(runs)
+    for tests in test_sets:
+        got, expected = estimator.estimate(tests), _plain_estimate(tests, runs)
+        assert got == expected
+        assert list(got.tests) == list(expected.tests)
+        assert history.estimate(tests, runs) == expected
+    assert estimator.groups == history.groups_of(runs)
