@@ -163,28 +163,38 @@ class ServerRun:
     next_get_shard_seconds: float  # the pinned plan
     server_rss_mb: float  # after the calls, from /proc
     plan_hash: str
+    # The server's CPU time (user + system, from /proc) during each call: on a loaded
+    # machine the wall times also hold the other processes' turns.
+    upload_cpu_seconds: float = 0.0
+    first_get_shard_cpu_seconds: float = 0.0
+    next_get_shard_cpu_seconds: float = 0.0
 
 
-def bench_server(directory: pathlib.Path, shards: int) -> ServerRun:
-    """Upload the JUnit timings to a ``slipstream serve``, then GetShard twice."""
+def bench_server(directory: pathlib.Path, shards: int, cwd: str = "") -> ServerRun:
+    """Upload the JUnit timings to a ``slipstream serve`` (of the code in cwd, this
+    checkout's when empty), then GetShard twice."""
     from slipstream.client.split_client import RunSpec, SplitClient
-    from tests.support.proc_stats import rss_bytes
+    from tests.support.proc_stats import cpu_seconds, rss_bytes
     from tests.support.server_process import ServerProcess
 
     ids = (directory / "ids.txt").read_text().split()
-    server = ServerProcess(directory / "store").start()
+    server = ServerProcess(directory / "store", cwd=cwd or None).start()
     try:
         assert server.proc is not None
+        pid = server.proc.pid
         with SplitClient(server.address, call_timeout=300.0) as client:
-            started = time.perf_counter()
+            cpu, started = cpu_seconds(pid), time.perf_counter()
             client.upload_timings("scale", "r1", [(directory / "run1.xml").read_bytes()])
             upload = time.perf_counter() - started
-            started = time.perf_counter()
+            upload_cpu = cpu_seconds(pid) - cpu
+            cpu, started = cpu_seconds(pid), time.perf_counter()
             first = client.get_shard(RunSpec("scale", "run-1", 3, shards, ids))
             first_s = time.perf_counter() - started
-            started = time.perf_counter()
+            first_cpu = cpu_seconds(pid) - cpu
+            cpu, started = cpu_seconds(pid), time.perf_counter()
             second = client.get_shard(RunSpec("scale", "run-1", 4, shards, ids))
             second_s = time.perf_counter() - started
+            second_cpu = cpu_seconds(pid) - cpu
             assert first.plan_hash == second.plan_hash
             rss = rss_bytes(server.proc.pid) / (1 << 20)
     finally:
@@ -197,6 +207,9 @@ def bench_server(directory: pathlib.Path, shards: int) -> ServerRun:
         round(second_s, 3),
         round(rss, 1),
         first.plan_hash,
+        round(upload_cpu, 3),
+        round(first_cpu, 3),
+        round(second_cpu, 3),
     )
 
 
@@ -298,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--cwd",
         default="",
-        help="the code to run (a checkout's root; default this one's): the CLI part and "
-        "--record-hashes",
+        help="the code to run (a checkout's root; default this one's): the CLI part, the "
+        "server and --record-hashes",
     )
     p.add_argument("--repeat", type=int, default=1, help="CLI runs: the fastest of N")
     p.add_argument("--no-server", action="store_true")
@@ -328,12 +341,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r.plan_hash}"
             )
         if not args.no_server:
-            server = bench_server(directory, shards)
+            server = bench_server(directory, shards, args.cwd)
             result["server"] = asdict(server)
             print(
-                f"server: upload {server.upload_seconds:.3f}s, GetShard first (plans) "
-                f"{server.first_get_shard_seconds:.3f}s, "
-                f"next {server.next_get_shard_seconds:.3f}s, RSS {server.server_rss_mb:.0f} MB"
+                f"server: upload {server.upload_seconds:.3f}s "
+                f"(CPU {server.upload_cpu_seconds:.3f}s), GetShard first (plans) "
+                f"{server.first_get_shard_seconds:.3f}s "
+                f"(CPU {server.first_get_shard_cpu_seconds:.3f}s), "
+                f"next {server.next_get_shard_seconds:.3f}s "
+                f"(CPU {server.next_get_shard_cpu_seconds:.3f}s), RSS {server.server_rss_mb:.0f} MB"
             )
         if not args.no_plugin:
             plugin_dir = directory / "plugin"

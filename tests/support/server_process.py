@@ -38,9 +38,11 @@ class ServerProcess:
         *,
         env: Mapping[str, str] | None = None,
         credentials: grpc.ChannelCredentials | None = None,  # for a server with TLS
+        cwd: pathlib.Path | str | None = None,  # a checkout's root: its code serves
     ) -> None:
         self.storage = storage
         self.env = dict(env or {})
+        self.cwd = cwd
         self.credentials = credentials
         self.extra_args = list(extra_args)
         self.port = port
@@ -62,7 +64,7 @@ class ServerProcess:
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=self.cwd
         )
         found = threading.Event()
 
