@@ -7,6 +7,8 @@ runners split by file path (``spec/models/user_spec.rb``) or by class name
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
@@ -186,7 +188,11 @@ def match_cases(
             out[candidate] = []
             missed.append(candidate)
     if missed:
-        by_id, by_file, by_class = _other_indexes(cases, missed)
+        if _none_other(cases, missed):
+            nothing: dict[str, list[JUnitCase]] = {}
+            by_id = by_file = by_class = nothing
+        else:
+            by_id, by_file, by_class = _other_indexes(cases, missed)
         for candidate in missed:
             found = (
                 by_id.get(candidate)
@@ -222,6 +228,67 @@ def node_ids(cases: Iterable[JUnitCase]) -> list[str]:
             prefix = prefixes[scope] = _node_id_prefix(case.classname, case.file, case.name)
         out.append(case.name if prefix is None else f"{prefix}::{case.name}")
     return out
+
+
+def _none_other(cases: list[JUnitCase], missed: list[str]) -> bool:
+    """True when no candidate missed by (classname, name) can name a case otherwise (by
+    its node id, file or classname), known from the (classname, file) scopes alone.
+
+    So in the common case: every scope's node ids are ``prefix::name`` with a prefix
+    that junit_key cuts back into the scope's classname, and no name has a ":" before
+    its parameters, so junit_key(a case's node id) is the case's own (classname, name)
+    and a candidate naming it by id was not missed; and no scope's file or classname
+    is a missed candidate.
+    """
+    names = map(_first, map(str.partition, map(_name, cases), _BRACKETS))
+    if any(map(operator.contains, names, _COLONS)):
+        return False
+    wanted = set(missed)
+    wanted_files = {normalize_path(c) for c in missed}
+    modules: dict[str, tuple[str, str] | None] = {}  # file -> (path, dotted), if plain
+    for classname, file in set(zip(map(_classname, cases), map(_file, cases), strict=True)):
+        if classname in wanted:
+            return False
+        if file and _plain_scope(classname, file, modules):
+            scope_file = modules[file][0]  # type: ignore[index]
+        else:  # the general rule
+            prefix = _node_id_prefix(classname, file, "x")
+            if prefix is None or junit_key(prefix + "::x") != (classname, "x"):
+                return False
+            scope_file = normalize_path(file) if file else file_of(prefix + "::x")
+        if scope_file in wanted_files:
+            return False
+    return True
+
+
+def _plain_scope(classname: str, file: str, modules: dict[str, tuple[str, str] | None]) -> bool:
+    """Whether the scope's node ids are ``path::Class::...::name`` for a .py path and
+    classes without ":", "[" or empty parts, which junit_key cuts back into the classname
+    and the name: what most reports hold, known without node_id and junit_key (in
+    modules, each file's normalized path and dotted module, None if not plain)."""
+    if file in modules:
+        module = modules[file]
+    else:
+        path = normalize_path(file)
+        plain = path.endswith(".py") and ":" not in path and "[" not in path
+        module = modules[file] = (path, _module_dotted(path)) if plain else None
+    if module is None:
+        return False
+    dotted = module[1]
+    if classname == dotted:
+        return True
+    if not classname.startswith(dotted + "."):
+        return False
+    classes = classname[len(dotted) + 1 :]
+    return ":" not in classes and "[" not in classes and all(classes.split("."))
+
+
+_first = operator.itemgetter(0)
+_classname = operator.attrgetter("classname")
+_name = operator.attrgetter("name")
+_file = operator.attrgetter("file")
+_BRACKETS = itertools.repeat("[")
+_COLONS = itertools.repeat(":")
 
 
 def _other_indexes(
