@@ -662,9 +662,16 @@ def _single_test_bound(
     total = math.fsum(times.values()) + math.fsum(
         file_costs.get(f, 0.0) for f in set(file_of_test.values())
     )
-    # + 0.0: what fsum of the one file cost gives (-0.0 becomes 0.0)
-    longest = max(
-        times[t] + (file_costs.get(f, 0.0) + 0.0) for t, f in _checking(file_of_test.items(), check)
+    # + 0.0: what fsum of the one file cost gives (-0.0 becomes 0.0); each file's once,
+    # and each test's time plus its file's added in C
+    cost_of = {f: file_costs.get(f, 0.0) + 0.0 for f in set(file_of_test.values())}
+    check()
+    longest: float = max(
+        map(
+            operator.add,
+            map(times.__getitem__, file_of_test),
+            map(cost_of.__getitem__, file_of_test.values()),
+        )
     )
     return startup + max(total / n, longest)
 

@@ -352,3 +352,25 @@ def test_single_test_units_are_one_test_with_its_share_of_the_file(times, costs)
         for t, f in zip(sorted(times), files, strict=True)
     ]
     assert units == expected and all(type(u) is Unit for u in units)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["a.py::x", "a.py::y", "a.py::T::z", "b.py::w", "c", "d.py::v[a::b]"]),
+        st.sampled_from([0.0, 0.5, 1.25, 3.0, 1e-7]),
+    ),
+    st.dictionaries(
+        st.sampled_from(["a.py", "b.py", "c", "e.py"]), st.sampled_from([-0.0, 0.0, 1.0, 0.1])
+    ),
+    st.integers(1, 4),
+)
+def test_auto_judges_by_the_bound_of_single_tests(times, costs, n):
+    # split_tests' bound for auto, made without the single-test units (and its longest
+    # unit found in C since issue 23), is lower_bound of those units.
+    units = build_units(times, n, "test", file_costs=costs)
+    expected = algorithm.lower_bound(units, n, costs, 2.0) if units else 0.0
+    got = algorithm._single_test_bound(
+        times, algorithm._files_of(times, algorithm.no_check), n, costs, 2.0, algorithm.no_check
+    )
+    assert got == expected
