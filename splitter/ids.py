@@ -163,8 +163,10 @@ def match_cases(
         else:
             got.append(case)
     # junit_key(candidate), made fast: the candidates of one scope (what comes before
-    # the last "::", a file and its classes) share one classname, so one look-up
-    scopes: dict[str, dict[str, list[JUnitCase]] | None] = {}
+    # the last "::", a file and its classes) share one classname, so one look-up; they
+    # come one after another when the candidates are sorted
+    last_scope: str | None = None
+    names = None
     out: dict[str, list[JUnitCase]] = {}
     missed: list[str] = []  # in out as [] for now, which keeps the candidates' order
     for candidate in candidates:
@@ -172,16 +174,14 @@ def match_cases(
         scope, separator, _ = base.rpartition("::")
         found = None
         if separator and ":::" not in base:  # else split("::") may cut elsewhere
-            if scope in scopes:
-                names = scopes[scope]
-            else:
-                names = scopes[scope] = _names_of_scope(scope, by_classname)
+            if scope != last_scope:
+                names, last_scope = _names_of_scope(scope, by_classname), scope
             if names is not None:
                 found = names.get(candidate[len(scope) + 2 :])
         elif separator:
             key = junit_key(candidate)
-            names = by_classname.get(key[0]) if key else None
-            found = names.get(key[1]) if key and names else None
+            of_key = by_classname.get(key[0]) if key else None
+            found = of_key.get(key[1]) if key and of_key else None
         if found:
             out[candidate] = found
         elif candidate not in out:
