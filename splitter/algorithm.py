@@ -538,9 +538,7 @@ def _improve(
     Each look at a (fullest, other) pair of shards counts as one iteration. The
     shards are kept sorted by (load, index), so a round costs a look-up, not a sort.
     """
-    members: list[list[int]] = [[] for _ in range(n)]
-    for i, s in enumerate(assign):
-        members[s].append(i)
+    members = _grouped_by_shard(range(len(assign)), assign, n)
     weight_of = weights.__getitem__
     loads = [sum(map(weight_of, m)) for m in members]
     if max(loads) <= floor:
@@ -623,10 +621,14 @@ def _best_exchange(
 
 
 def _makespan(weights: Sequence[int], assign: Sequence[int], n: int) -> int:
-    loads = [0] * n
-    for r, s in enumerate(assign):
-        loads[s] += weights[r]
-    return max(loads)
+    return max(map(sum, _grouped_by_shard(weights, assign, n)))
+
+
+def _grouped_by_shard(items: Iterable[X], assign: Iterable[int], n: int) -> list[list[X]]:
+    """Each shard's items, in their order (item i in shard assign[i]): appended in C."""
+    groups: list[list[X]] = [[] for _ in range(n)]
+    collections.deque(map(list.append, map(groups.__getitem__, assign), items), maxlen=0)
+    return groups
 
 
 def lower_bound(
@@ -733,7 +735,7 @@ def split(
     if unit_weights and min(unit_weights) < 0:
         unit_weights = [max(0, w) for w in unit_weights]
     order = _order(units, unit_weights)
-    weights = [unit_weights[i] for i in order]
+    weights = list(map(unit_weights.__getitem__, order))
     ranks = range(len(order))
     floor = math.ceil(sum(weights) / n)
     candidates = [("lpt", _lpt(weights, ranks, n, check))]
@@ -758,12 +760,10 @@ def split(
     assert best is not None
     _, method, by_rank = best
     assign = [0] * len(units)
-    for r, s in enumerate(by_rank):
-        assign[order[r]] = s
-    members: list[list[Unit]] = [[] for _ in range(n)]
     check()
-    for s, unit in _checking(zip(assign, units), check):  # noqa: B905 (same length)
-        members[s].append(unit)
+    collections.deque(map(assign.__setitem__, order, by_rank), maxlen=0)  # by rank: in C
+    check()
+    members = _grouped_by_shard(units, assign, n)  # each shard's units in input order
     shards = tuple(_shard(s, members[s], fcosts, startup) for s in range(n))
     check()
     predicted_makespan = max(s.predicted for s in shards)
