@@ -378,12 +378,17 @@ def _auto_units(
     units: list[Unit] = []
     for whole in wholes:
         check()
-        fcost = _files_cost({file_of_test[t] for t in whole}, fcosts)
-        tests_time = math.fsum(times[t] for t in whole)
+        # Without groups a whole is one file's tests, sorted: its file is its first's.
+        files = (file_of_test[whole[0]],) if not groups else {file_of_test[t] for t in whole}
+        fcost = _files_cost(files, fcosts)
+        tests_time = math.fsum(map(times.__getitem__, whole))
         cheap_to_cut = fcost <= granule / 2
         limit = granule if cheap_to_cut else target
         if tests_time + fcost <= limit or len(whole) == 1:
-            units.append(_unit(whole, times, file_of_test, fcost))
+            if groups or len(whole) == 1:
+                units.append(_unit(whole, times, file_of_test, fcost))
+            else:  # _unit's, without sorting and adding up again
+                units.append(_make_unit((whole, files, tests_time, tests_time + fcost)))
             continue
         pieces = atoms_of[root_of(whole[0])]
         shard_room = max(target - fcost, tests_time / n)

@@ -374,3 +374,26 @@ def test_auto_judges_by_the_bound_of_single_tests(times, costs, n):
         times, algorithm._files_of(times, algorithm.no_check), n, costs, 2.0, algorithm.no_check
     )
     assert got == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["a.py::x", "a.py::y", "a.py::T::z", "a.py::T::w", "b.py::w", "c", "d.py::v[a::b]"]
+        ),
+        st.sampled_from([-0.0, 0.0, 0.5, 1.25, 3.0, 9.0]),
+    ),
+    st.dictionaries(st.sampled_from(["a.py", "b.py", "c"]), st.sampled_from([0.0, 1.0, 3.0])),
+    st.integers(1, 4),
+    st.sampled_from([1, 4]),
+)
+def test_auto_units_without_groups_are_those_with_groups_of_one(times, costs, n, granules):
+    # Without groups a whole file's unit is made from the file directly (issue 23): the
+    # same units as the general path, which a group per test takes.
+    alone = {t: f"group of {t}" for t in times}
+    got = build_units(times, n, "auto", file_costs=costs, granules_per_shard=granules)
+    general = build_units(
+        times, n, "auto", file_costs=costs, groups=alone, granules_per_shard=granules
+    )
+    assert [tuple(map(repr, u)) for u in got] == [tuple(map(repr, u)) for u in general]
