@@ -80,6 +80,9 @@ class Sample(NamedTuple):
     failed: bool
 
 
+_new_tuple = tuple.__new__
+
+
 @dataclass(slots=True)
 class Run:
     """The timings of one run (possibly merged from several shard uploads)."""
@@ -155,7 +158,8 @@ def run_from_cases(
         if len(matched) == 1:  # the common case: fsum and any of one are the one
             case = matched[0]
             assert case.time is not None
-            run.tests[candidate] = Sample(case.time, case.outcome == "failed")
+            # Sample(...) without the Python frame of a named tuple's __new__
+            run.tests[candidate] = _new_tuple(Sample, (case.time, case.outcome == "failed"))
             continue
         per_case: dict[tuple[str, str, str | None], Sample] = {}
         for case in matched:
