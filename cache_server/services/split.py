@@ -336,21 +336,26 @@ class SplitService(split_grpc.SplitServicer):
         self.history.add(suite, record, run)
 
     def _estimator(self, suite: str) -> Estimator:
-        """The estimator of the suite's history as it is now: the kept one while no
-        upload came since it was made."""
-        runs, _ = self.history.load(suite)
-        version = tuple(record for record, _ in runs)
+        """The estimator of the suite's history as it is now: the kept one while the
+        records listed are those it was made of (no upload came since), known from the
+        listing alone (a history beyond HistoryCache's budget is not read for it)."""
+        infos = self.store.list_records(history.NAMESPACE, f"{suite}/")
+        listed = tuple((info.key, info.size) for info in infos[-history.MAX_LOADED_RECORDS :])
         with self._lock:
             kept = self._estimators.get(suite)
-            if kept is not None and kept[0] == version:
+            if kept is not None and kept[0] == listed:
                 self._estimators.move_to_end(suite)
                 return kept[1]
+        runs, _ = self.history.load(suite)
         estimator = Estimator([run for _, run in runs])
-        with self._lock:
-            self._estimators[suite] = (version, estimator)
-            self._estimators.move_to_end(suite)
-            while len(self._estimators) > _KEPT_ESTIMATORS:
-                self._estimators.popitem(last=False)
+        # Kept only when made of the records listed: not when one was unreadable, or an
+        # upload came between the two listings.
+        if tuple(record for record, _ in runs) == listed:
+            with self._lock:
+                self._estimators[suite] = (listed, estimator)
+                self._estimators.move_to_end(suite)
+                while len(self._estimators) > _KEPT_ESTIMATORS:
+                    self._estimators.popitem(last=False)
         return estimator
 
     def _estimates(self, run: _RunSpec) -> tuple[history.Estimates, dict[str, str]]:
