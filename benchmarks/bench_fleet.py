@@ -1,9 +1,11 @@
 """A fleet on one cache: many concurrent clients on a disk store of a million blobs,
-Slipstream beside BuildGrid with the same store contents and the same clients.
+Slipstream beside BuildGrid with the same store contents and the same clients, and the
+reference server (the thinnest Python gRPC cache: the ceiling) under the same load.
 
     python -m benchmarks.bench_fleet [--blobs N] [--clients C] [--duration S] [--rounds R]
                                      [--client-processes P] [--no-fsync] [--smoke]
                                      [--workers N] [--rate R[,R...]]
+                                     [--reference KIND[,KIND]] [--no-reference]
                                      [--json PATH] [--storage-dir DIR]
                                      [--buildgrid-venv DIR] [--no-buildgrid]
 
@@ -36,6 +38,11 @@ sum over the supervisor and its workers (shared pages counted in each).
 Slipstream runs as `slipstream serve` with its defaults (fsync on, where BuildGrid never
 syncs; --no-fsync for durability like BuildGrid's); BuildGrid with bench_peers'
 cache-only config (16 threads, 256 RPCs queued).
+The reference server (benchmarks/reference_server.py: dicts in RAM, no checks) is loaded
+in the same turns, on grpcio's threaded server (--reference threads, 16 threads) and/or
+on grpc.aio (aio); it is filled through the wire with the same N blobs (BatchUpdateBlobs)
+and action results (UpdateActionResult). The fastest one measured is the ceiling: R/B and
+S/R compare it with BuildGrid and Slipstream.
 --storage-dir defaults to the system's temp dir (a real disk here): a million small
 files on a tmpfs would hold ~4 GB of RAM per store.
 """
@@ -67,7 +74,12 @@ from typing import Any
 import grpc
 
 from benchmarks.bench_cache import machine
-from benchmarks.bench_peers import PeerUnavailable, buildgrid_server, ensure_buildgrid
+from benchmarks.bench_peers import (
+    PeerUnavailable,
+    buildgrid_server,
+    ensure_buildgrid,
+    reference_process,
+)
 from benchmarks.bench_split_peers import cache_dir
 from benchmarks.fleet_store import (
     OUTPUTS_PER_ACTION,
@@ -75,6 +87,7 @@ from benchmarks.fleet_store import (
     action_result,
     blob_digest,
     fill_buildgrid,
+    fill_over_grpc,
     fill_slipstream,
 )
 from slipstream.cache_server.storage.disk import filesystem_type
@@ -99,6 +112,9 @@ _OPTIONS = [
 ]
 TARGET_RATIO = 2.0
 TARGET_P99_MS = 50.0
+# The reference server's kinds (--reference) and their phases' names.
+REFERENCES = {"threads": "reference", "aio": "reference-aio"}
+DEFAULT_REFERENCE = "aio"
 
 
 @dataclass(frozen=True)
@@ -536,8 +552,10 @@ def measure(
     results: dict[str, Any],
     workers: int = 1,
     rates: tuple[str, ...] = (),
+    references: tuple[str, ...] = (),
 ) -> list[Phase]:
-    """Fill the stores under workdir, start the servers, load each in turns (closed
+    """Fill the stores under workdir, start the servers (and the reference servers of
+    the kinds in references, filled through the wire), load each in turns (closed
     loop), then at each of rates (open loop)."""
     results["filesystem"] = filesystem_type(workdir)
     print(f"filling {workdir} with {load.blobs:,} blobs per store ...", flush=True)
@@ -561,6 +579,15 @@ def measure(
             )
             _seed_server(address, actions, load.blobs, send_actions=True)
             servers.append(("buildgrid", address, _buildgrid_pid(workdir / "buildgrid")))
+        for kind in references:
+            name = REFERENCES[kind]
+            address, pid = stack.enter_context(reference_process(aio=kind == "aio"))
+            with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+                seconds = fill_over_grpc(channel, load.blobs, SEED)
+            results["fill_seconds"][name] = round(seconds, 1)
+            print(f"  {name}: filled through the wire in {seconds:.0f}s", flush=True)
+            _seed_server(address, actions, load.blobs, send_actions=True)
+            servers.append((name, address, pid))
         # In turns (the order flipping every round), so both meet the same noise.
         each = dataclasses.replace(load, duration=load.duration / rounds)
         measured: dict[str, list[Round]] = {name: [] for name, _, _ in servers}
@@ -621,9 +648,9 @@ def report(phases: list[Phase], results: dict[str, Any], out: pathlib.Path | Non
     """Print the phases and the verdict; write the results to out if given."""
     print_phases(phases)
     results["phases"] = [asdict(p) for p in phases]
-    closed = [p for p in phases if p.offered_per_s is None]
-    if len(closed) == 2:
-        ours_p, theirs = closed
+    closed = {p.server: p for p in phases if p.offered_per_s is None}
+    ours_p, theirs = closed.get("slipstream"), closed.get("buildgrid")
+    if ours_p and theirs:
         ratio = ours_p.ops_per_s / theirs.ops_per_s if theirs.ops_per_s else None
         results["throughput_ratio"] = ratio
         results["p99_ratio"] = theirs.p99_ms / ours_p.p99_ms if ours_p.p99_ms else None
@@ -633,6 +660,9 @@ def report(phases: list[Phase], results: dict[str, Any], out: pathlib.Path | Non
             f"{theirs.p99_ms} ms. Target ({TARGET_RATIO:.0f}x, p99 < {TARGET_P99_MS:.0f} ms): "
             f"{'met' if met else 'NOT met'}"
         )
+    references = [p for name, p in closed.items() if name in REFERENCES.values()]
+    if references:
+        report_ceiling(max(references, key=lambda p: p.ops_per_s), ours_p, theirs, results)
     if results.get("buildgrid_unavailable"):
         print(f"BuildGrid not measured: {results['buildgrid_unavailable']}")
     for p in phases:
@@ -651,6 +681,40 @@ def report(phases: list[Phase], results: dict[str, Any], out: pathlib.Path | Non
         )
     if out:
         out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def report_ceiling(
+    ceiling: Phase, ours: Phase | None, theirs: Phase | None, results: dict[str, Any]
+) -> None:
+    """The fastest reference server's closed loop beside the others: R/B, S/R, and
+    whether it reaches the target at all."""
+    clients = results["load"]["clients"]
+    needed = clients / (TARGET_P99_MS / 1000)
+    results["ceiling"] = ceiling.server
+    line = (
+        f"Ceiling ({ceiling.server}, no checks): {ceiling.ops_per_s:,.1f} ops/s, p99 "
+        f"{ceiling.p99_ms} ms; a mean under {TARGET_P99_MS:.0f} ms at {clients} closed-loop "
+        f"clients needs over {needed:,.0f} ops/s (Little's law)"
+    )
+    met = ceiling.p99_ms < TARGET_P99_MS
+    if theirs and theirs.ops_per_s:
+        results["reference_ratio"] = ceiling.ops_per_s / theirs.ops_per_s
+        line += f"; R/B {results['reference_ratio']:.2f}x"
+        met = met and results["reference_ratio"] >= TARGET_RATIO
+    if ours and ceiling.ops_per_s:
+        results["slipstream_of_reference"] = ours.ops_per_s / ceiling.ops_per_s
+        line += f"; S/R {results['slipstream_of_reference']:.2f}"
+    results["ceiling_meets_target"] = met
+    verdict = "met" if met else "NOT met"
+    print(f"{line}.\nThe target at the ceiling{'' if theirs else ' (p99 only)'}: {verdict}")
+
+
+def parse_references(text: str) -> tuple[str, ...]:
+    """--reference's kinds, each once, in REFERENCES' order."""
+    kinds = {part.strip() for part in text.split(",")}
+    if unknown := sorted(kinds - set(REFERENCES)):
+        raise ValueError(f"--reference {unknown[0]!r}: give threads, aio or threads,aio")
+    return tuple(k for k in REFERENCES if k in kinds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -694,6 +758,13 @@ def main(argv: list[str] | None = None) -> int:
         "all clients together, or Nx for N times BuildGrid's closed-loop throughput",
     )
     parser.add_argument(
+        "--reference",
+        default=DEFAULT_REFERENCE,
+        help="the reference server's kinds to load beside the others, comma-separated: "
+        f"threads (grpcio's threaded server), aio (grpc.aio) (default {DEFAULT_REFERENCE})",
+    )
+    parser.add_argument("--no-reference", action="store_true", help="no reference server")
+    parser.add_argument(
         "--no-fsync",
         action="store_true",
         help="Slipstream with --no-fsync (BuildGrid never syncs: durability like for like)",
@@ -719,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if args.no_buildgrid and any(r.endswith("x") for r in rates):
         parser.error("--rate Nx needs BuildGrid's throughput: not with --no-buildgrid")
+    try:
+        references = () if args.no_reference else parse_references(args.reference)
+    except ValueError as e:
+        parser.error(str(e))
     actions = max(1, load.blobs // 100)
     results: dict[str, Any] = {
         "rounds": rounds,
@@ -728,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         "slipstream_fsync": not args.no_fsync,
         "slipstream_workers": args.workers,
         "rates": list(rates),
+        "references": list(references),
     }
     bgd = None
     if args.no_buildgrid:
@@ -741,7 +817,16 @@ def main(argv: list[str] | None = None) -> int:
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="slipstream-fleet-", dir=args.storage_dir))
     try:
         phases = measure(
-            workdir, load, rounds, actions, bgd, not args.no_fsync, results, args.workers, rates
+            workdir,
+            load,
+            rounds,
+            actions,
+            bgd,
+            not args.no_fsync,
+            results,
+            args.workers,
+            rates,
+            references,
         )
         report(phases, results, args.json)
     except BaseException:

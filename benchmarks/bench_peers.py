@@ -312,18 +312,28 @@ def slipstream_s3_works() -> str | None:
 
 
 @contextlib.contextmanager
-def reference_server() -> Iterator[str]:
-    """benchmarks.reference_server in its own process; yields its address."""
+def reference_process(aio: bool = False) -> Iterator[tuple[str, int]]:
+    """benchmarks.reference_server in its own process (on grpc.aio if aio); yields its
+    address and pid."""
     address = f"127.0.0.1:{free_port()}"
     cmd = [sys.executable, "-m", "benchmarks.reference_server", "--port", address.split(":")[1]]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, cwd=HERE.parent)
+    proc = subprocess.Popen(
+        [*cmd, "--aio"] if aio else cmd, stdout=subprocess.DEVNULL, cwd=HERE.parent
+    )
     try:
         with grpc.insecure_channel(address) as channel:
             grpc.channel_ready_future(channel).result(timeout=60)
-        yield address
+        yield address, proc.pid
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+@contextlib.contextmanager
+def reference_server() -> Iterator[str]:
+    """benchmarks.reference_server in its own process; yields its address."""
+    with reference_process() as (address, _):
+        yield address
 
 
 def run_side_by_side(servers: dict[str, str], sizes: Sizes, rounds: int) -> dict[str, list[Row]]:

@@ -7,7 +7,9 @@ their digests, with no list of a million digests to ship around. Blob sizes cycl
 Slipstream's disk store is filled through its own code (DiskStore.fill_blob and
 put_record: the format and layout it reads back); BuildGrid's !disk-storage gets the same
 payloads as plain files in its layout (cas/objects/<hash[:2]>/<hash[2:]>). Neither fill
-syncs: the benchmarks time the servers, not the fill.
+syncs: the benchmarks time the servers, not the fill. A server that keeps its blobs in
+memory (the reference server) is filled through the wire: BatchUpdateBlobs of the same
+payloads (fill_over_grpc).
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import pathlib
 import time
 from dataclasses import dataclass
 
+import grpc
+
 from slipstream.cache_server.services.action_cache import AC_NAMESPACE, action_key
 from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.cache_server.storage.disk_index import space_taken
 from slipstream.core.digests import BlobId
 from slipstream.protos import remote_execution_pb2 as re_pb2
+from slipstream.protos import remote_execution_pb2_grpc as re_grpc
 
 MIN_SIZE = 64
 MAX_SIZE = 1024
@@ -110,4 +115,34 @@ def fill_buildgrid(root: pathlib.Path, blobs: int, seed: int = 1) -> float:
             os.write(fd, data)
         finally:
             os.close(fd)
+    return time.perf_counter() - started
+
+
+def fill_over_grpc(
+    channel: grpc.Channel, blobs: int, seed: int = 1, batch_bytes: int = 2 << 20
+) -> float:
+    """Blobs 0..blobs-1 sent to the server on channel with BatchUpdateBlobs, about
+    batch_bytes per call and a few calls in flight; returns seconds."""
+    started = time.perf_counter()
+    cas = re_grpc.ContentAddressableStorageStub(channel)
+    in_flight: list[grpc.Future[re_pb2.BatchUpdateBlobsResponse]] = []
+    request = re_pb2.BatchUpdateBlobsRequest()
+    size = 0
+
+    def sent(future: grpc.Future[re_pb2.BatchUpdateBlobsResponse]) -> None:
+        if any(r.status.code != 0 for r in future.result(timeout=300).responses):
+            raise RuntimeError("the server refused a blob of the fill")
+
+    for i in range(blobs):
+        data = blob_payload(seed, i)
+        digest = re_pb2.Digest(hash=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        request.requests.add(digest=digest, data=data)
+        size += len(data)
+        if size >= batch_bytes or i == blobs - 1:
+            in_flight.append(cas.BatchUpdateBlobs.future(request))
+            request, size = re_pb2.BatchUpdateBlobsRequest(), 0
+            if len(in_flight) >= 4:
+                sent(in_flight.pop(0))
+    for future in in_flight:
+        sent(future)
     return time.perf_counter() - started
