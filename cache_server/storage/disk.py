@@ -631,9 +631,7 @@ class DiskStore(Store):
             fsync_path(str((self.root / rel).parent), directory=True)
 
     def stats(self) -> StoreStats:
-        loading = self.index.loading  # first: the figures may be those of its end
-        entries, used_bytes, evictions = self.index.figures()
-        return StoreStats(entries, used_bytes, self.max_size, evictions, loading)
+        return self.index.stats(self.max_size)
 
     def close(self) -> None:
         self.index.close()

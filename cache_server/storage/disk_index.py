@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
+from slipstream.cache_server.storage.base import StoreStats
+
 log = logging.getLogger(__name__)
 
 # An index entry: (file size, header included; last access time); the bound counts
@@ -133,6 +135,12 @@ class DiskIndex(abc.ABC):
     @abc.abstractmethod
     def figures(self) -> tuple[int, int, int]:
         """(entries, bytes they take on disk, evictions so far)."""
+
+    def stats(self, max_size: int | None) -> StoreStats:
+        """The figures as a store reports them, saying whether the index is loading."""
+        loading = self.loading  # first: the figures may be those of the load's end
+        entries, used, evictions = self.figures()
+        return StoreStats(entries, used, max_size, evictions, loading)
 
     def largest(self, count: int) -> list[tuple[str, int]] | None:
         """The count largest entries, largest first: (rel, file size, header included);

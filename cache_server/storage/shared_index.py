@@ -270,12 +270,11 @@ class Accountant:
         if self.index is None:
             return
         with self._publishing:
-            loading = self.index.loading  # first: the figures may be those of its end
-            entries, used, evictions = self.index.figures()
-            self._figures[ENTRIES] = entries
-            self._figures[BYTES_USED] = used
-            self._figures[EVICTIONS] = evictions
-            self._figures[LOADING] = int(loading)
+            stats = self.index.stats(self.max_size)
+            self._figures[ENTRIES] = stats.blobs
+            self._figures[BYTES_USED] = stats.bytes_used
+            self._figures[EVICTIONS] = stats.evictions
+            self._figures[LOADING] = int(stats.loading)
 
     def follow(
         self, worker: int, connection: socket.socket, on_message: Callable[[int, str], None]
@@ -330,9 +329,7 @@ class Accountant:
     def stats(self) -> StoreStats | None:
         if self.index is None:
             return None
-        loading = self.index.loading
-        entries, used, evictions = self.index.figures()
-        return StoreStats(entries, used, self.max_size, evictions, loading)
+        return self.index.stats(self.max_size)
 
     def operation_counts(self) -> dict[str, int]:
         return self._total("operations")
