@@ -23,6 +23,7 @@ from slipstream.splitter.ids import (
     JUnitCase,
     directories_of,
     file_of,
+    files_of,
     match_cases,
     node_id,
     node_ids,
@@ -198,8 +199,13 @@ def merge_runs(runs: Iterable[Run]) -> list[Run]:
 
 def groups_of(runs: Sequence[Run], *, last_runs: int = DEFAULT_LAST_RUNS) -> dict[str, str]:
     """Test -> group from the recent runs, the newest run winning."""
+    return _groups_of_merged(merge_runs(runs), last_runs)
+
+
+def _groups_of_merged(merged: Sequence[Run], last_runs: int) -> dict[str, str]:
+    """groups_of of runs already merged (merge_runs)."""
     groups: dict[str, str] = {}
-    for run in merge_runs(runs)[-last_runs:]:
+    for run in merged[-last_runs:]:
         groups.update(run.groups)
     return groups
 
@@ -253,9 +259,7 @@ class Estimator:
         percentile: float = DEFAULT_PERCENTILE,
     ) -> None:
         merged = merge_runs(runs)
-        self.groups: dict[str, str] = {}  # groups_of(runs, last_runs=last_runs)
-        for run in merged[-last_runs:]:
-            self.groups.update(run.groups)
+        self.groups = _groups_of_merged(merged, last_runs)
         samples: dict[str, list[Sample]] = {}
         single = len(merged) == 1 and last_runs >= 1  # one sample per test: no lists of them
         for run in reversed(merged if not single else ()):
@@ -292,9 +296,7 @@ class Estimator:
         # and of every file below the directory (a path may be both).
         by_file: dict[str, list[float]] = {}
         file_total: dict[str, float] = {}  # for runners that split by file path
-        for test, seconds in own.items():
-            head = test.partition("::")[0]
-            f = test if "[" in head else head  # file_of(test), without a call per test
+        for (test, seconds), f in zip(own.items(), files_of(own), strict=True):
             if f != test:
                 file_total[f] = file_total.get(f, 0.0) + seconds
             got_file = by_file.get(f)

@@ -13,6 +13,7 @@ from slipstream.splitter.ids import (
     directories_of,
     file_map,
     file_of,
+    files_of,
     junit_key,
     match_cases,
     node_id,
@@ -176,5 +177,6 @@ def test_match_cases_agrees_with_its_plain_definition(
 
 @settings(max_examples=500)
 @given(st.lists(_ID, max_size=10))
-def test_file_map_is_file_of_each(test_ids: list[str]) -> None:
+def test_file_map_and_files_of_are_file_of_each(test_ids: list[str]) -> None:
     assert file_map(test_ids) == {t: file_of(t) for t in test_ids}
+    assert files_of(test_ids) == [file_of(t) for t in test_ids]
