@@ -23,6 +23,9 @@ what changes meanwhile apart from the scan:
   over what the scan saw of its file, a removal drops what the scan saw, the rest is the
   scan's; live entries are the most recently used. The figures are then exact, and the
   store is brought within its bound.
+A scan that fails (an unreadable directory, no file handle left) is logged and tried
+again in the background, LOAD_RETRY_SECONDS apart, the changes still kept, until one
+succeeds: a store whose index never loaded would never be held to its bound.
 
 SLIPSTREAM_TEST_INDEX_GATE, for tests only: the path of a file; while it exists, a
 LocalIndex whose scan is done waits before merging it (so that a test can act during
@@ -64,6 +67,8 @@ DIRECTORY_ENTRY_BYTES = 112
 # core): more only contend for the GIL, costing CPU for nothing on a warm cache.
 SCAN_THREADS = 8
 TEST_GATE_ENV = "SLIPSTREAM_TEST_INDEX_GATE"  # see the module docstring
+# Seconds between the attempts of a load that fails; the last repeats.
+LOAD_RETRY_SECONDS = (1.0, 2.0, 5.0, 15.0, 60.0)
 _GATE_MAX_SECONDS = 300.0
 
 
@@ -281,6 +286,7 @@ class LocalIndex(DiskIndex):
         self._state = _UNLOADED  # changes under the lock; _LOADED is for good
         self._done = threading.Event()  # set when a load ends, loaded or failed
         self._load_error: Exception | None = None
+        self._closed = threading.Event()  # stops the attempts of a failing load
         self._on_loaded: list[Callable[[], None]] = []
         # While loading: entries removed or found gone, each with the number of its
         # removal (the count of removals then), which tells whether a file looked up
@@ -327,38 +333,57 @@ class LocalIndex(DiskIndex):
         return state == _UNLOADED
 
     def _run_load(self, background: bool) -> None:
-        started = time.monotonic()
-        try:
-            found = scan_entries(self.root)
-            _wait_for_test_gate()
-            self._finish_load(found)
-        except Exception as exc:
-            self._load_error = exc
-            if background:  # it stays loading: answers from the files, evicts nothing
+        """Load; if that fails, try again in the background until a load succeeds (the
+        first failure of a load in the caller's thread is raised by load())."""
+        for attempt in itertools.count():
+            started = time.monotonic()
+            try:
+                found = scan_entries(self.root)
+                _wait_for_test_gate()
+                self._finish_load(found)
+            except Exception as exc:
+                self._load_error = exc
+                self._done.set()
+                delay = LOAD_RETRY_SECONDS[min(attempt, len(LOAD_RETRY_SECONDS) - 1)]
                 log.error(
-                    "the index of %s did not load (%s): finds look at the files, nothing "
-                    "is evicted",
+                    "the index of %s did not load (%s); trying again in %g s, meanwhile "
+                    "finds look at the files and nothing is evicted",
                     self.root,
                     " ".join(str(exc).split()),
+                    delay,
                 )
-        else:
-            entries, used, _ = self.figures()
-            log.info(
-                "index of %s loaded in %.1f s: %d entries taking %d bytes",
-                self.root,
-                time.monotonic() - started,
-                entries,
-                used,
-            )
-        finally:
-            self._done.set()
-        if self._state == _LOADED:
-            for on_loaded in self._on_loaded:
-                try:
-                    on_loaded()
-                except Exception:
-                    log.exception("after the index loaded")
-            self._on_loaded = []
+                if not background:
+                    threading.Thread(
+                        target=self._retry_load, args=(delay,), name="index-load", daemon=True
+                    ).start()
+                    return
+                if self._closed.wait(delay):
+                    return
+            else:
+                self._load_error = None
+                self._done.set()
+                entries, used, _ = self.figures()
+                log.info(
+                    "index of %s loaded in %.1f s: %d entries taking %d bytes",
+                    self.root,
+                    time.monotonic() - started,
+                    entries,
+                    used,
+                )
+                for on_loaded in self._on_loaded:
+                    try:
+                        on_loaded()
+                    except Exception:
+                        log.exception("after the index loaded")
+                self._on_loaded = []
+                return
+
+    def _retry_load(self, delay: float) -> None:
+        if not self._closed.wait(delay):
+            self._run_load(background=True)
+
+    def close(self) -> None:
+        self._closed.set()
 
     def _finish_load(self, found: Scanned) -> None:
         """Merge the scan with what changed while it ran; the index is then loaded. The

@@ -9,11 +9,14 @@ import collections
 import os
 import pathlib
 import tempfile
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from slipstream.cache_server.storage import disk_index
 from slipstream.cache_server.storage.disk_index import (
     ADMITTED,
     FORGOTTEN,
@@ -224,3 +227,51 @@ def test_a_file_removed_while_a_find_looks_it_up_is_not_indexed(
     monkeypatch.setattr(os, "stat", real_stat)
     index._finish_load(scan_entries(tmp_path))
     assert rel not in index._lru and index.figures()[:2] == (0, 0)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_load_that_fails_is_tried_again_until_it_succeeds(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
+    """A scan that fails (here cas/ is a file, not a directory) leaves the index loading,
+    answering from the files and keeping the changes; it is tried again in the
+    background, and once the directory can be read the index loads with exact figures.
+    A load in the caller's thread raises its first failure."""
+    monkeypatch.setattr(disk_index, "LOAD_RETRY_SECONDS", (0.05,))
+    (tmp_path / "records").mkdir()
+    (tmp_path / "cas").write_bytes(b"not a directory")
+    index = LocalIndex(tmp_path, None, BLOCK)
+    try:
+        if background:
+            index.start_loading()
+        else:
+            with pytest.raises(NotADirectoryError):
+                index.load()
+        time.sleep(0.2)  # a few failed attempts
+        assert index.loading
+        (tmp_path / "cas").unlink()
+        rel = RELS[0]
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_bytes(b"x" * 10)
+        assert index.present([rel], [10]) == [True]  # from the file, while loading
+        (tmp_path / RELS[1]).parent.mkdir(parents=True)
+        (tmp_path / RELS[1]).write_bytes(b"x" * 20)
+        deadline = time.monotonic() + 10
+        while not index.loaded:
+            assert time.monotonic() < deadline, "the index never loaded"
+            time.sleep(0.02)
+        assert index.figures()[:2] == (2, space_taken(10, BLOCK) + space_taken(20, BLOCK))
+    finally:
+        index.close()
+
+
+def test_closing_the_index_stops_the_attempts_of_a_failing_load(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "cas").write_bytes(b"not a directory")
+    index = LocalIndex(tmp_path, None, BLOCK)
+    index.start_loading()
+    index.close()
+    loader = [t for t in threading.enumerate() if t.name == "index-load"]
+    for thread in loader:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    assert index.loading
