@@ -381,9 +381,9 @@ class DiskStore(Store):
 
     def _drop_corrupt(self, rel: str, exc: Exception) -> None:
         log.warning("dropping corrupt entry: %s", exc)
-        self.index.forget(rel)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.root / rel)
+        self.index.forget(rel)
 
     # ---- CAS ----
     def find_missing(self, blobs: Sequence[BlobId]) -> list[BlobId]:
@@ -622,11 +622,12 @@ class DiskStore(Store):
 
     def delete_record(self, namespace: str, key: str) -> None:
         rel = self._record_rel(namespace, key)
-        self.index.forget(rel)
         try:
             os.unlink(self.root / rel)
         except FileNotFoundError:
             return
+        finally:
+            self.index.forget(rel)
         if self.syncs:
             fsync_path(str((self.root / rel).parent), directory=True)
 

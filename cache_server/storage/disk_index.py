@@ -135,7 +135,8 @@ class DiskIndex(abc.ABC):
 
     @abc.abstractmethod
     def forget(self, rel: str) -> None:
-        """An entry found gone or removed."""
+        """An entry whose file was found gone or removed (before the call): dropped,
+        unless a write has put the file back since."""
 
     @abc.abstractmethod
     def figures(self) -> tuple[int, int, int]:
@@ -522,6 +523,10 @@ class LocalIndex(DiskIndex):
             self._forget_locked(rel)
 
     def _forget_locked(self, rel: str) -> None:
+        # Under the lock, which a write takes to admit its file once in place: a file
+        # there now was put back by a write since the caller saw it gone, and stays.
+        if os.path.lexists(os.path.join(self.root, rel)):
+            return
         if self._state != _LOADED:
             self._removals += 1
             self._removed[rel] = self._removals

@@ -38,6 +38,7 @@ reports = st.lists(
         st.sampled_from([ADMITTED, TOUCHED, FORGOTTEN]),
         st.sampled_from(RELS),
         st.integers(min_value=1, max_value=60),
+        st.booleans(),  # a FORGOTTEN's file removed first (False: a write put it back)
     ),
     max_size=60,
 )
@@ -53,9 +54,12 @@ class Model:
     def taken(self) -> int:
         return sum(space_taken(size, BLOCK) for size in self.lru.values())
 
-    def report(self, kind: str, rel: str, size: int) -> None:
+    def report(self, kind: str, rel: str, size: int, removed: bool = True) -> None:
         if kind == FORGOTTEN:
-            self.lru.pop(rel, None)
+            if removed:
+                self.files.pop(rel, None)
+            if rel not in self.files:  # a file there again stays indexed
+                self.lru.pop(rel, None)
             return
         if kind == TOUCHED:
             if rel in self.lru:
@@ -77,7 +81,7 @@ class Model:
 @settings(max_examples=80, deadline=None)
 @given(reports=reports)
 def test_reports_keep_the_lru_the_bound_and_the_files_in_step(
-    reports: list[tuple[str, str, int]],
+    reports: list[tuple[str, str, int, bool]],
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
@@ -85,12 +89,14 @@ def test_reports_keep_the_lru_the_bound_and_the_files_in_step(
             (root / kind).mkdir()
         index = LocalIndex(root, BOUND, BLOCK)
         model = Model()
-        for kind, rel, size in reports:
+        for kind, rel, size, removed in reports:
             if kind == ADMITTED:  # the worker put the file in place, then reported it
                 (root / rel).parent.mkdir(exist_ok=True)
                 (root / rel).write_bytes(b"x" * size)
+            elif kind == FORGOTTEN and removed:  # removed, or found gone, then reported
+                (root / rel).unlink(missing_ok=True)
             index.apply([(kind, rel, size if kind == ADMITTED else 0)])
-            model.report(kind, rel, size)
+            model.report(kind, rel, size, removed)
             assert list(index._lru) == list(model.lru)
             entries, used, _ = index.figures()
             assert (entries, used) == (len(model.lru), model.taken())
@@ -176,8 +182,8 @@ def test_an_index_loaded_while_the_store_changes_counts_the_files_left(
                 path.write_bytes(b"y" * size)
                 index.admit(rel, size)
             elif kind == "remove":  # as DiskStore.delete_record
-                index.forget(rel)
                 path.unlink(missing_ok=True)
+                index.forget(rel)
             elif kind == "find":
                 held = path.exists() and path.stat().st_size == size
                 assert index.present([rel], [size]) == [held]
@@ -218,8 +224,8 @@ def test_a_file_removed_while_a_find_looks_it_up_is_not_indexed(
     def stat_then_removed(path: str, *args: object, **kwargs: object) -> os.stat_result:
         found = real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
         if str(path).endswith(rel):  # another thread removes it meanwhile
-            index.forget(rel)
             os.unlink(path)
+            index.forget(rel)
         return found
 
     monkeypatch.setattr(os, "stat", stat_then_removed)
@@ -275,3 +281,24 @@ def test_closing_the_index_stops_the_attempts_of_a_failing_load(tmp_path: pathli
         thread.join(timeout=5)
         assert not thread.is_alive()
     assert index.loading
+
+
+def test_a_read_that_finds_a_file_gone_keeps_the_entry_of_a_write_landing_meanwhile(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A read finds the file gone; before it tells the index, a write puts the file in
+    place and admits it. The entry stays (dropping it would leave a file the index never
+    counts nor evicts); a file really gone is dropped."""
+    rel = RELS[0]
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / "records").mkdir()
+    index = LocalIndex(tmp_path, BOUND, BLOCK)
+    index.load()
+    (tmp_path / rel).write_bytes(b"x" * 10)  # the write, after the read looked
+    index.admit(rel, 10)
+    index.forget(rel)  # the read, late
+    assert index.present([rel], [10]) == [True]
+    assert index.figures()[:2] == (1, space_taken(10, BLOCK))
+    (tmp_path / rel).unlink()
+    index.forget(rel)
+    assert index.present([rel]) == [False] and index.figures()[:2] == (0, 0)
