@@ -23,6 +23,7 @@ import grpc
 from google.protobuf import message_factory
 from google.protobuf.descriptor import ServiceDescriptor
 
+from slipstream.cache_server.services.ui_history import HistoryCache
 from slipstream.cache_server.storage.base import (
     Chunk,
     DiskFull,
@@ -381,6 +382,12 @@ class Backend:
     # Set when the server begins to stop: long work on worker threads checks it and
     # gives up, so shutting down does not wait for it.
     stopping: threading.Event = field(default_factory=threading.Event)
+
+    @functools.cached_property
+    def history(self) -> HistoryCache:
+        """The timing history's decoded uploads, one cache for the split service and
+        the pages: an upload is decoded once, and their memory is budgeted once."""
+        return HistoryCache(self.store)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()

@@ -33,7 +33,6 @@ from slipstream.cache_server.auth import READ
 from slipstream.cache_server.services import ui_cache
 from slipstream.cache_server.services.common import Backend, HttpError
 from slipstream.cache_server.services.http_common import HttpFrontEnd, HttpOptions, Target
-from slipstream.cache_server.services.ui_history import HistoryCache
 from slipstream.cache_server.storage.base import EntrySize
 from slipstream.cache_server.usage import Usage, day_figures
 from slipstream.splitter import dashboard, history
@@ -105,7 +104,7 @@ class UiPages(HttpFrontEnd):
 
     def __init__(self, backend: Backend, options: HttpOptions | None = None) -> None:
         super().__init__(backend, options)
-        self.history = HistoryCache(self.store)
+        self.history = backend.history
         self._largest: tuple[float, list[EntrySize] | None] | None = None
         self._largest_lock = threading.Lock()
 

@@ -30,7 +30,7 @@ import grpc
 
 from slipstream.cache_server import auth
 from slipstream.cache_server.services.common import Backend, RpcError, grpc_errors
-from slipstream.cache_server.services.ui_history import HistoryCache, Ident
+from slipstream.cache_server.services.ui_history import Ident
 from slipstream.cache_server.storage.base import Store
 from slipstream.protos import split_pb2
 from slipstream.protos import split_pb2_grpc as split_grpc
@@ -169,7 +169,7 @@ class SplitService(split_grpc.SplitServicer):
         # The suites' timing histories, decoded (an upload this server stored is kept as
         # it was sent), and an estimator per suite of the version (the records) it was
         # made of: a new upload is a new version, and the next plan makes a new one.
-        self.history = HistoryCache(backend.store)
+        self.history = backend.history
         self._estimators: collections.OrderedDict[str, tuple[tuple[Ident, ...], Estimator]] = (
             collections.OrderedDict()
         )
@@ -346,10 +346,9 @@ class SplitService(split_grpc.SplitServicer):
             if kept is not None and kept[0] == listed:
                 self._estimators.move_to_end(suite)
                 return kept[1]
-        runs, _ = self.history.load(suite)
+        runs, _ = self.history.load(suite, infos=infos)
         estimator = Estimator([run for _, run in runs])
-        # Kept only when made of the records listed: not when one was unreadable, or an
-        # upload came between the two listings.
+        # Kept only when made of the records listed: not when one was unreadable.
         if tuple(record for record, _ in runs) == listed:
             with self._lock:
                 self._estimators[suite] = (listed, estimator)

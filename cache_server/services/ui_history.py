@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from slipstream.cache_server.storage.base import Store
+from slipstream.cache_server.storage.base import RecordInfo, Store
 from slipstream.splitter import history
 from slipstream.splitter.history import Run
 
@@ -47,12 +47,19 @@ class HistoryCache:
         return [run for _, run in runs], warnings
 
     def load(
-        self, suite: str, *, max_records: int = history.MAX_LOADED_RECORDS
+        self,
+        suite: str,
+        *,
+        max_records: int = history.MAX_LOADED_RECORDS,
+        infos: Sequence[RecordInfo] | None = None,
     ) -> tuple[list[tuple[Ident, Run]], list[str]]:
         """``load_runs`` with each run's record (its key and size): which records a
-        history holds is its version."""
+        history holds is its version. infos: the suite's records as the caller just
+        listed them (saves a listing: on S3, a LIST call)."""
         history.check_suite(suite)
-        infos = self.store.list_records(history.NAMESPACE, f"{suite}/")[-max_records:]
+        if infos is None:
+            infos = self.store.list_records(history.NAMESPACE, f"{suite}/")
+        infos = infos[-max_records:]
         with self._lock:
             held = self._suites.get(suite, {})
         runs: list[tuple[Ident, Run]] = []
