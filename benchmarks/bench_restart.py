@@ -1,7 +1,7 @@
 """Restart at scale: how soon `slipstream serve` answers on a disk store of N blobs.
 
     python -m benchmarks.bench_restart [--blobs N] [--starts K] [--smoke] [--json PATH]
-                                       [--storage-dir DIR]
+                                       [--storage-dir DIR] [--cold] [--workers N]
 
 Fills a disk store under --storage-dir with N small blobs (64-1,024 bytes) and N/100
 action results (benchmarks/fleet_store.py, through the store's own code), then starts
@@ -21,13 +21,17 @@ Target (issue 23): a million blobs ready to serve within 10 s.
 
 --storage-dir defaults to the system's temp dir (a real disk here): a million small files
 on a tmpfs would hold ~4 GB of RAM. The directory entries and inodes are in the kernel's
-caches after the fill (a warm restart, as when a server process restarts on its machine).
+caches after the fill (a warm restart, as when a server process restarts on its machine);
+--cold empties those caches before each start (as after the machine's reboot: it writes
+/proc/sys/vm/drop_caches, so it needs root, and slows every process on the machine for a
+moment). --workers N starts `serve --workers N` (the supervisor loads the index).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -53,6 +57,7 @@ from tests.support.server_process import free_port
 FULL_BLOBS = 1_000_000
 SMOKE_BLOBS = 1_000
 TARGET_SECONDS = 10.0
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 SEED = 1
 _METRIC = re.compile(r"^(slipstream_store_(?:blobs|bytes)) (\S+)$", re.MULTILINE)
 
@@ -128,8 +133,22 @@ def _expected(root: pathlib.Path, filled: Filled) -> tuple[int, int]:
     return filled.blobs + len(records), filled.blob_bytes + used
 
 
-def measure_start(root: pathlib.Path, filled: Filled, timeout: float = 300) -> Start:
-    """Start `slipstream serve` on root, time its first answers, stop it."""
+def drop_caches() -> None:
+    """Write the dirty pages out and empty the kernel's page, dentry and inode caches."""
+    subprocess.run(["sync"], check=True)
+    pathlib.Path(DROP_CACHES).write_text("3\n")
+
+
+def measure_start(
+    root: pathlib.Path,
+    filled: Filled,
+    timeout: float = 300,
+    *,
+    cold: bool = False,
+    workers: int = 1,
+) -> Start:
+    """Start `slipstream serve` on root (after drop_caches if cold), time its first
+    answers, stop it."""
     expected = _expected(root, filled)
     address = f"127.0.0.1:{free_port()}"
     metrics_url = f"http://127.0.0.1:{free_port()}/metrics"
@@ -144,7 +163,10 @@ def measure_start(root: pathlib.Path, filled: Filled, timeout: float = 300) -> S
         str(root),
         "--metrics-listen",
         metrics_url.removeprefix("http://").removesuffix("/metrics"),
+        *(["--workers", str(workers)] if workers > 1 else []),
     ]
+    if cold:
+        drop_caches()
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -187,11 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         type=pathlib.Path,
         help="where the store goes (default the system's temp dir)",
     )
+    parser.add_argument(
+        "--cold", action="store_true", help="empty the kernel's caches before each start (root)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="serve --workers N (default 1)")
     args = parser.parse_args(argv)
     blobs = args.blobs or (SMOKE_BLOBS if args.smoke else FULL_BLOBS)
     starts = args.starts or (1 if args.smoke else 3)
-    if blobs < 1 or starts < 1:
-        parser.error("--blobs and --starts must be at least 1")
+    if blobs < 1 or starts < 1 or args.workers < 1:
+        parser.error("--blobs, --starts and --workers must be at least 1")
+    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+        parser.error(f"--cold needs to write {DROP_CACHES} (as root)")
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="slipstream-restart-", dir=args.storage_dir))
     try:
         root = workdir / "store"
@@ -204,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         runs = []
         for _ in range(starts):
-            run = measure_start(root, filled)
+            run = measure_start(root, filled, cold=args.cold, workers=args.workers)
             print(
                 f"start: finds answered after {run.find_seconds:.2f}s, action results after "
                 f"{run.action_seconds:.2f}s (RSS {run.rss_bytes / 2**20:,.0f} MiB, "
@@ -222,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     loaded = statistics.median(r.loaded_seconds for r in runs)
     verdict = "met" if median <= TARGET_SECONDS else "NOT met"
     print(
-        f"\n{blobs:,} blobs on {fs}: ready to serve after {median:.2f}s (median of {starts}); "
+        f"\n{blobs:,} blobs on {fs}{' (cold)' if args.cold else ''}"
+        f"{f', {args.workers} workers' if args.workers > 1 else ''}: ready to serve after "
+        f"{median:.2f}s (median of {starts}); "
         f"target {TARGET_SECONDS:.0f}s {verdict}; index loaded after {loaded:.2f}s; "
         f"stats exact: {all(r.exact for r in runs)}"
     )
@@ -231,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine(),
             "storage_dir": str(args.storage_dir or tempfile.gettempdir()),
             "filesystem": fs,
+            "cold": args.cold,
+            "workers": args.workers,
             "filled": asdict(filled),
             "starts": [asdict(r) for r in runs],
             "ready_seconds_median": median,
