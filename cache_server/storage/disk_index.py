@@ -314,11 +314,20 @@ class LocalIndex(DiskIndex):
         if self._load_error is not None:
             raise self._load_error
 
-    def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
+    def start_loading(
+        self, on_loaded: Callable[[], None] | None = None, after: threading.Event | None = None
+    ) -> None:
+        """As DiskIndex.start_loading; with after, the index is loading (it keeps the
+        changes) at once, and its scan waits until after is set."""
         if self._begin_loading(on_loaded):
             threading.Thread(
-                target=self._run_load, args=(True,), name="index-load", daemon=True
+                target=self._load_after, args=(after,), name="index-load", daemon=True
             ).start()
+
+    def _load_after(self, after: threading.Event | None) -> None:
+        if after is not None:
+            after.wait()
+        self._run_load(background=True)
 
     def _begin_loading(self, on_loaded: Callable[[], None] | None) -> bool:
         """Whether the caller is to run the load (the index was not loading yet);

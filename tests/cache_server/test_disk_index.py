@@ -302,3 +302,29 @@ def test_a_read_that_finds_a_file_gone_keeps_the_entry_of_a_write_landing_meanwh
     (tmp_path / rel).unlink()
     index.forget(rel)
     assert index.present([rel]) == [False] and index.figures()[:2] == (0, 0)
+
+
+def test_a_load_held_until_an_event_keeps_the_changes_and_scans_after_it(
+    tmp_path: pathlib.Path,
+) -> None:
+    """start_loading(after=event), as the supervisor of workers holds its scan until they
+    serve: loading at once (a write meanwhile is kept, nothing is scanned), then loaded
+    with exact figures once the event is set."""
+    for rel in RELS[:2]:
+        (tmp_path / rel).parent.mkdir(parents=True)
+        (tmp_path / rel).write_bytes(b"x" * 10)
+    (tmp_path / "records").mkdir()
+    serving = threading.Event()
+    index = LocalIndex(tmp_path, None, BLOCK)
+    index.start_loading(after=serving)
+    time.sleep(0.2)
+    (tmp_path / RELS[2]).parent.mkdir(parents=True)
+    (tmp_path / RELS[2]).write_bytes(b"x" * 20)
+    index.admit(RELS[2], 20)
+    assert index.loading and index.figures()[:2] == (1, space_taken(20, BLOCK))  # no scan
+    serving.set()
+    deadline = time.monotonic() + 10
+    while not index.loaded:
+        assert time.monotonic() < deadline, "the index never loaded"
+        time.sleep(0.02)
+    assert index.figures()[:2] == (3, 2 * space_taken(10, BLOCK) + space_taken(20, BLOCK))
