@@ -267,11 +267,15 @@ def _build_units(
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
     tests = list(file_of_test)
-    atoms: list[tuple[str, ...]]
+    atoms: list[tuple[str, ...]] | None
     if granularity == "test" and not groups:
         atoms = [(t,) for t in tests]
+    elif granularity == "auto" and not groups:
+        atoms = None  # a file's classes are found only if the file is cut (few are)
+    elif granularity == "file" and not groups:
+        atoms = _file_wholes(file_of_test, check)
     elif not groups:  # one relation: grouping by its key gives its components
-        atoms = _grouped(tests, file_of_test.get if granularity == "file" else class_of, check)
+        atoms = _grouped(tests, class_of, check)
     else:
         uf = _UnionFind(tests, check)
         if groups:
@@ -286,6 +290,7 @@ def _build_units(
         return _auto_units(
             atoms, times, file_of_test, n, fcosts, groups or {}, granules_per_shard, check
         )
+    assert atoms is not None
     if granularity == "file":
         return [
             _unit(a, times, file_of_test, _files_cost({file_of_test[t] for t in a}, fcosts))
@@ -344,8 +349,22 @@ def _single_test_units(
     return list(_checking(map(_make_unit, fields), check))
 
 
+def _file_wholes(file_of_test: Mapping[str, str], check: Check) -> list[tuple[str, ...]]:
+    """``_grouped(tests, file_of_test.get)`` for sorted tests: each file's tests, the
+    files in the order of their first test. A file's tests, sorted, mostly come one
+    after another: then they are cut where the file changes (found in C), else grouped."""
+    tests = list(file_of_test)
+    files = list(file_of_test.values())
+    check()
+    starts = [0, *itertools.compress(range(1, len(files)), map(operator.ne, files[1:], files))]
+    if len(starts) != len(set(files)):  # a file's tests apart (a "[" in a path)
+        return _grouped(tests, file_of_test.get, check)
+    ends = [*starts[1:], len(tests)]
+    return [tuple(tests[a:b]) for a, b in zip(starts, ends, strict=True)] if tests else []
+
+
 def _auto_units(
-    atoms: list[tuple[str, ...]],
+    atoms: list[tuple[str, ...]] | None,
     times: Mapping[str, float],
     file_of_test: Mapping[str, str],
     n: int,
@@ -355,8 +374,9 @@ def _auto_units(
     check: Check,
 ) -> list[Unit]:
     # Whole files, merged where a group spans files.
-    root_of: Callable[[str], str]
+    atoms_of: dict[str, list[tuple[str, ...]]] | None = None  # each whole's atoms
     if groups:
+        assert atoms is not None
         uf = _UnionFind(file_of_test, check)
         for step, atom in enumerate(atoms):
             if step % _CHECK_EVERY == 0:
@@ -365,16 +385,14 @@ def _auto_units(
                 uf.union(atom[0], t)
         uf.union_by(file_of_test, file_of_test)
         wholes = uf.components()
-        root_of = uf.find
-    else:  # atoms are classes, within a file: the wholes are the files
-        wholes = _grouped(list(file_of_test), file_of_test.get, check)
-        root_of = file_of_test.__getitem__
+        atoms_of = {}
+        for atom in atoms:
+            atoms_of.setdefault(uf.find(atom[0]), []).append(atom)
+    else:  # the wholes are the files; a file's atoms, its classes, found if it is cut
+        wholes = _file_wholes(file_of_test, check)
     total = math.fsum(times.values()) + _files_cost(set(file_of_test.values()), fcosts)
     target = total / n
     granule = target / granules_per_shard
-    atoms_of: dict[str, list[tuple[str, ...]]] = {}
-    for atom in atoms:
-        atoms_of.setdefault(root_of(atom[0]), []).append(atom)
     units: list[Unit] = []
     for whole in wholes:
         check()
@@ -390,7 +408,11 @@ def _auto_units(
             else:  # _unit's, without sorting and adding up again
                 units.append(_make_unit((whole, files, tests_time, tests_time + fcost)))
             continue
-        pieces = atoms_of[root_of(whole[0])]
+        # Without groups: the classes of the file's tests (sorted), as _grouped over all
+        # the tests gives them for this file.
+        pieces = (
+            _grouped(whole, class_of, check) if atoms_of is None else atoms_of[uf.find(whole[0])]
+        )
         shard_room = max(target - fcost, tests_time / n)
         room = granule - fcost if cheap_to_cut and granule < target else shard_room
         if any(math.fsum(times[t] for t in p) > shard_room for p in pieces):

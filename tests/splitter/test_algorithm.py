@@ -397,3 +397,21 @@ def test_auto_units_without_groups_are_those_with_groups_of_one(times, costs, n,
         times, n, "auto", file_costs=costs, groups=alone, granules_per_shard=granules
     )
     assert [tuple(map(repr, u)) for u in got] == [tuple(map(repr, u)) for u in general]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.sampled_from(
+            ["a.py::x", "a.py::T::z", "a.py2::q", "a.py", "a[1].py::v", "a[1].py", "a", "b.py"]
+        )
+        | _test_ids,
+        max_size=12,
+    )
+)
+def test_file_wholes_are_the_tests_grouped_by_file(tests):
+    # Cut where the file changes over sorted tests (issue 23, split server and CLI at
+    # 100,000 tests), or grouped when a file's tests are apart: what _grouped gives.
+    file_of_test = algorithm._files_of(dict.fromkeys(tests, 1.0), algorithm.no_check)
+    expected = algorithm._grouped(list(file_of_test), file_of_test.get, algorithm.no_check)
+    assert algorithm._file_wholes(file_of_test, algorithm.no_check) == expected
