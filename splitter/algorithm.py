@@ -466,6 +466,13 @@ def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
 def _lpt(
     weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
 ) -> list[int]:
+    return _lpt_and_loads(weights, order, n, check)[0]
+
+
+def _lpt_and_loads(
+    weights: Sequence[int], order: Sequence[int], n: int, check: Check = no_check
+) -> tuple[list[int], list[int]]:
+    """LPT's assignment and the shards' loads it ends with (read off its heap)."""
     assign = [0] * len(weights)
     # (load, shard) as one int, load * n + shard: the same order, compared faster
     heap = list(range(n))
@@ -476,7 +483,10 @@ def _lpt(
         top = heap[0]
         assign[i] = top % n
         replace_top(heap, top + weights[i] * n)
-    return assign
+    loads = [0] * n
+    for key in heap:
+        loads[key % n] = key // n
+    return assign, loads
 
 
 def _differencing(
@@ -559,12 +569,19 @@ def _improve(
     floor: int,
     max_iterations: int,
     check: Check = no_check,
+    known_loads: Sequence[int] | None = None,
 ) -> bool:
     """Moves and swaps out of the fullest shard while they lower it; True if any helped.
 
     Each look at a (fullest, other) pair of shards counts as one iteration. The
     shards are kept sorted by (load, index), so a round costs a look-up, not a sort.
+    ``known_loads``, the shards' loads if known, spares the pass over the units that
+    finds them when no shard is above the floor.
     """
+    if known_loads is not None and (
+        max(known_loads) <= floor or _no_exchange(weights, max(known_loads) - min(known_loads))
+    ):
+        return False
     members = _grouped_by_shard(range(len(assign)), assign, n)
     weight_of = weights.__getitem__
     loads = [sum(map(weight_of, m)) for m in members]
@@ -619,6 +636,19 @@ def _improve(
         if not found:
             break
     return improved
+
+
+def _no_exchange(weights: Sequence[int], widest_gap: int) -> bool:
+    """True when no move or swap can change two shards' loads by d with 0 < d < gap for
+    any gap up to widest_gap: every unit's weight and every difference of two weights
+    is 0 or at least widest_gap (as when times are whole milliseconds). Then the
+    improvement pass finds nothing, and need not sort every shard's units to see it."""
+    distinct = sorted(set(weights))
+    positive = distinct[1:] if distinct[:1] == [0] else distinct
+    if not positive:
+        return True  # no unit weighs anything: nothing to move
+    smallest_step = min(map(operator.sub, distinct[1:], distinct), default=widest_gap)
+    return smallest_step >= widest_gap and positive[0] >= widest_gap
 
 
 def _best_exchange(
@@ -765,7 +795,8 @@ def split(
     weights = list(map(unit_weights.__getitem__, order))
     ranks = range(len(order))
     floor = math.ceil(sum(weights) / n)
-    candidates = [("lpt", _lpt(weights, ranks, n, check))]
+    lpt, lpt_loads = _lpt_and_loads(weights, ranks, n, check)
+    candidates: list[tuple[str, list[int]]] = [("lpt", lpt)]
     if (
         0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n
         and n > 1
@@ -779,9 +810,11 @@ def split(
             candidates.append(("exact", exact))
     best: tuple[int, str, list[int]] | None = None
     for name, assign in candidates:
-        if _improve(weights, assign, n, floor, max_iterations, check):
+        loads = lpt_loads if assign is lpt else None
+        if _improve(weights, assign, n, floor, max_iterations, check, loads):
             name += "+improved"
-        makespan = _makespan(weights, assign, n)
+            loads = None  # changed
+        makespan = _makespan(weights, assign, n) if loads is None else max(loads)
         if best is None or makespan < best[0]:
             best = (makespan, name, assign)
     assert best is not None

@@ -415,3 +415,31 @@ def test_file_wholes_are_the_tests_grouped_by_file(tests):
     file_of_test = algorithm._files_of(dict.fromkeys(tests, 1.0), algorithm.no_check)
     expected = algorithm._grouped(list(file_of_test), file_of_test.get, algorithm.no_check)
     assert algorithm._file_wholes(file_of_test, algorithm.no_check) == expected
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(st.sampled_from([0, 500, 1000, 2000, 3000, 3001, 7000]), max_size=40),
+    st.integers(1, 6),
+    st.randoms(use_true_random=False),
+    st.booleans(),
+)
+def test_no_exchange_means_the_improvement_pass_finds_none(weights, n, rnd, by_lpt):
+    # The pass is skipped when _no_exchange says it cannot help (issue 23: at 100,000
+    # tests of whole milliseconds it sorted every shard's units to find nothing).
+    weights.sort(reverse=True)
+    if by_lpt:  # near balanced, as the pass finds LPT's plans
+        assign = algorithm._lpt(weights, range(len(weights)), n)
+    else:
+        assign = [rnd.randrange(n) for _ in weights]
+    loads = [sum(w for w, s in zip(weights, assign, strict=True) if s == i) for i in range(n)]
+    floor = math.ceil(sum(weights) / n)
+    if algorithm._no_exchange(weights, max(loads) - min(loads)):
+        kept = list(assign)
+        assert not algorithm._improve(weights, assign, n, floor, 2000) and assign == kept
+    # and with the loads given, the pass is the same as without them
+    given_loads, plain = list(assign), list(assign)
+    assert algorithm._improve(weights, given_loads, n, floor, 2000, known_loads=loads) == (
+        algorithm._improve(weights, plain, n, floor, 2000)
+    )
+    assert given_loads == plain
