@@ -10,6 +10,7 @@ else of the whole suite.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -292,30 +293,39 @@ class Estimator:
         self.file_costs = {f: _percentile(v, percentile) for f, v in file_samples.items()}
         startups = [r.startup for r in merged[-last_runs:] if r.startup is not None]
         self.startup = _median(startups) if startups else 0.0
-        # A scope is a file or a directory: its values are those of the tests of the file
-        # and of every file below the directory (a path may be both).
-        by_file: dict[str, list[float]] = {}
-        file_total: dict[str, float] = {}  # for runners that split by file path
-        for (test, seconds), f in zip(own.items(), files_of(own), strict=True):
-            if f != test:
-                file_total[f] = file_total.get(f, 0.0) + seconds
-            got_file = by_file.get(f)
-            if got_file is None:
-                by_file[f] = [seconds]
-            else:
-                got_file.append(seconds)
-        self._by_file = by_file
-        self._by_directory: dict[str, list[float]] | None = None  # made when first needed
-        self._file_total = file_total
+        # Made when first needed (each whole, or not at all: threads share them).
+        self._by_file: dict[str, list[float]] | None = None
+        self._by_directory: dict[str, list[float]] | None = None
+        self._file_total: dict[str, float] | None = None
+
+    def _files(self) -> dict[str, list[float]]:
+        """The own estimates of each file's tests. A scope is a file or a directory: its
+        values are those of the tests of the file and of every file below the directory
+        (a path may be both)."""
+        by_file = self._by_file
+        if by_file is None:
+            by_file = self._by_file = _values_by_file(self.own)
+        return by_file
+
+    def _file_totals(self) -> dict[str, float]:
+        """Each file's tests' own estimates added up, for runners that split by file path."""
+        file_total = self._file_total
+        if file_total is None:
+            file_total = {}
+            for (test, seconds), f in zip(self.own.items(), files_of(self.own), strict=True):
+                if f != test:
+                    file_total[f] = file_total.get(f, 0.0) + seconds
+            self._file_total = file_total
+        return file_total
 
     def _directories(self) -> dict[str, list[float]]:
         by_directory = self._by_directory
         if by_directory is None:
             by_directory = {}
-            for path, values in self._by_file.items():
+            for path, values in self._files().items():
                 for d in directories_of(path):
                     by_directory.setdefault(d, []).extend(values)
-            self._by_directory = by_directory  # whole, or not at all: threads share it
+            self._by_directory = by_directory
         return by_directory
 
     def estimate(self, tests: Iterable[str]) -> Estimates:
@@ -324,17 +334,20 @@ class Estimator:
         file_costs = dict(self.file_costs)
         if not self.own:
             return Estimates({t: 1.0 for t in wanted}, file_costs, False, 0, self.startup)
-        own, file_total, by_file = self.own, self._file_total, self._by_file
+        own = self.own
+        missing = list(itertools.filterfalse(own.__contains__, wanted))  # in C
+        # A file path's tests' total: only an id without "::" can be a file that way
+        file_total = self._file_totals() if any("::" not in t for t in missing) else {}
         medians: dict[str, float] = {}
         guessed: dict[str, float] = {}
-        for test in wanted:
-            if test in own or test in file_total:
+        for test in missing:
+            if test in file_total:
                 continue
             f = file_of(test)
             if f in medians:
                 guessed[test] = medians[f]
                 continue
-            by_directory = self._directories()
+            by_file, by_directory = self._files(), self._directories()
             for scope in [f, *directories_of(f)]:
                 if scope in by_file or scope in by_directory:
                     if scope not in medians:
@@ -352,6 +365,18 @@ class Estimator:
             for f in {file_of(t) for t in wanted} - file_costs.keys():
                 file_costs[f] = fallback
         return Estimates(result, file_costs, True, len(result) - len(guessed), self.startup)
+
+
+def _values_by_file(own: Mapping[str, float]) -> dict[str, list[float]]:
+    """Each file's tests' values, in own's order."""
+    by_file: dict[str, list[float]] = {}
+    for seconds, f in zip(own.values(), files_of(own), strict=True):
+        got_file = by_file.get(f)
+        if got_file is None:
+            by_file[f] = [seconds]
+        else:
+            got_file.append(seconds)
+    return by_file
 
 
 # ---- the store (I/O) ----

@@ -298,7 +298,9 @@ _TEST_IDS = st.sampled_from(
         ),
         max_size=5,
     ),
-    st.lists(st.lists(_TEST_IDS | st.sampled_from(["g/h.py::u", "b/new.py::n"]), max_size=8)),
+    st.lists(
+        st.lists(_TEST_IDS | st.sampled_from(["g/h.py::u", "b/new.py::n", "a.py", "b"]), max_size=8)
+    ),
 )
 def test_a_kept_estimator_estimates_as_the_plain_estimate(runs, test_sets):
     # The split server keeps an Estimator per history version and asks it for the
