@@ -446,7 +446,9 @@ def test_no_exchange_means_the_improvement_pass_finds_none(weights, n, rnd, by_l
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.text(alphabet="ab\n\ud800é", max_size=3), max_size=8))
-def test_ids_are_encoded_each_as_alone(ids):
-    # Encoded in one piece at 100,000 ids (issue 23); with a line break in an id, one by one.
-    assert list(algorithm._encoded(ids)) == [i.encode("utf-8", "surrogatepass") for i in ids]
+@given(st.lists(st.text(alphabet="ab\n\ud800é", max_size=3), max_size=8), st.integers(1, 4))
+def test_ids_are_encoded_each_as_alone(ids, piece):
+    # Encoded a piece at a time at 100,000 ids (issue 23); a piece with a line break in
+    # an id, one by one.
+    expected = [i.encode("utf-8", "surrogatepass") for i in ids]
+    assert list(algorithm._encoded(ids, piece)) == expected
