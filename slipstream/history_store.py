@@ -97,7 +97,7 @@ def load_estimates(source: TimingSource, tests: Iterable[str]) -> tuple[Estimate
 
     Raises FileNotFoundError (a JUnit pattern matching nothing) and HistoryError.
     """
-    wanted = sorted(dict.fromkeys(tests))  # sorted(set()), in O(n) when tests are sorted
+    wanted = history.sorted_distinct(tests)
     if source.junit:
         runs, warnings = runs_from_junit(source.junit, wanted)
         where = "the JUnit reports"

@@ -331,7 +331,7 @@ class Estimator:
 
     def estimate(self, tests: Iterable[str]) -> Estimates:
         """``estimate(tests, runs)`` of the runs this was made of."""
-        wanted = _sorted_distinct(tests)
+        wanted = sorted_distinct(tests)
         file_costs = dict(self.file_costs)
         if not self.own:
             return Estimates({t: 1.0 for t in wanted}, file_costs, False, 0, self.startup)
@@ -368,13 +368,18 @@ class Estimator:
         return Estimates(result, file_costs, True, len(result) - len(guessed), self.startup)
 
 
-def _sorted_distinct(tests: Iterable[str]) -> list[str]:
-    """sorted(set(tests)): the tests themselves when they are (as load_estimates gives
-    them), known in one pass in C; else sorted(dict.fromkeys()), in O(n) when sorted."""
+def sorted_distinct(tests: Iterable[str]) -> list[str]:
+    """sorted(set(tests)), without a set of 100,000 when none is needed: the tests
+    themselves when they are sorted and distinct (as load_estimates gives them to
+    Estimator.estimate), known in one pass in C; else sorted, then made distinct if a
+    test comes twice (one more pass in C to see that none does)."""
     listed = tests if isinstance(tests, list) else list(tests)
     if all(map(operator.lt, listed, itertools.islice(listed, 1, None))):
         return listed
-    return sorted(dict.fromkeys(listed))
+    ordered = sorted(listed)
+    if any(map(operator.eq, ordered, itertools.islice(ordered, 1, None))):
+        return list(dict.fromkeys(ordered))
+    return ordered
 
 
 def _values_by_file(own: Mapping[str, float]) -> dict[str, list[float]]:

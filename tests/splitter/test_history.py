@@ -312,3 +312,15 @@ def test_a_kept_estimator_estimates_as_the_plain_estimate(runs, test_sets):
         assert list(got.tests) == list(expected.tests)
         assert history.estimate(tests, runs) == expected
     assert estimator.groups == history.groups_of(runs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.sampled_from(["a", "b", "a.py::x", "a.py::y", "B", ""]), max_size=8), st.booleans()
+)
+def test_sorted_distinct_is_sorted_set(tests, presorted):
+    # Without a set of 100,000 ids when they are distinct, or sorted already (issue 23).
+    if presorted:
+        tests = sorted(set(tests))
+    got = history.sorted_distinct(iter(tests) if presorted else tests)
+    assert got == sorted(set(tests))
