@@ -155,8 +155,11 @@ def _split(args: argparse.Namespace) -> int:
     index, total = _shard_args(args)
     if args.startup is not None and args.startup < 0:
         raise UsageError("--startup must not be negative")
-    tests = list(dict.fromkeys(filter(None, map(str.strip, sys.stdin.read().split("\n")))))
-    estimates = _estimates(args, tests)
+    tests = list(filter(None, map(str.strip, sys.stdin.read().split("\n"))))
+    wanted = history.sorted_distinct(tests)  # what load_estimates makes of them, once
+    if len(wanted) != len(tests):  # an id twice: printed once, where it first came
+        tests = list(dict.fromkeys(tests))
+    estimates = _estimates(args, wanted)
     plan = split_tests(
         estimates.tests,
         total,

@@ -36,6 +36,16 @@ def no_ci_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
+def test_an_id_given_twice_is_printed_once_where_it_first_came(monkeypatch, capsys):
+    # The ids are made distinct only when one comes twice (issue 23): the same plan and
+    # the same lines as for the ids given once.
+    junit = ["--junit", str(DATA / "pytest_*.xml")]
+    args = ["split", "--total", "2", "--index", "0", *junit]
+    once = run_cli(monkeypatch, capsys, args, "\n".join(IDS) + "\n")
+    twice = run_cli(monkeypatch, capsys, args, "\n".join([*IDS, IDS[3], IDS[0]]) + "\n")
+    assert once == twice and once[0] == 0 and once[1]
+
+
 @pytest.mark.parametrize("by", ["auto", "test", "class", "file"])
 def test_split_shards_partition_stdin_in_input_order(monkeypatch, capsys, by):
     junit = ["--junit", str(DATA / "pytest_*.xml"), "--junit", str(DATA / "duplicates.xml")]
