@@ -160,6 +160,7 @@ def _split(args: argparse.Namespace) -> int:
     if len(wanted) != len(tests):  # an id twice: printed once, where it first came
         tests = list(dict.fromkeys(tests))
     estimates = _estimates(args, wanted)
+    del wanted  # 100,000 ids held once is enough during the split
     plan = split_tests(
         estimates.tests,
         total,
