@@ -255,13 +255,15 @@ def test_a_load_that_fails_is_tried_again_until_it_succeeds(
                 index.load()
         time.sleep(0.2)  # a few failed attempts
         assert index.loading
+        staging = tmp_path / "staging"  # put in place at once: a scan sees all or nothing
+        for rel, size in ((RELS[0], 10), (RELS[1], 20)):
+            path = staging / pathlib.Path(rel).relative_to("cas")
+            path.parent.mkdir(parents=True)
+            path.write_bytes(b"x" * size)
+        assert index.present([RELS[0]], [10]) == [False]
         (tmp_path / "cas").unlink()
-        rel = RELS[0]
-        (tmp_path / rel).parent.mkdir(parents=True)
-        (tmp_path / rel).write_bytes(b"x" * 10)
-        assert index.present([rel], [10]) == [True]  # from the file, while loading
-        (tmp_path / RELS[1]).parent.mkdir(parents=True)
-        (tmp_path / RELS[1]).write_bytes(b"x" * 20)
+        staging.rename(tmp_path / "cas")
+        assert index.present([RELS[0]], [10]) == [True]  # from the file, or the index
         deadline = time.monotonic() + 10
         while not index.loaded:
             assert time.monotonic() < deadline, "the index never loaded"
@@ -274,9 +276,10 @@ def test_a_load_that_fails_is_tried_again_until_it_succeeds(
 def test_closing_the_index_stops_the_attempts_of_a_failing_load(tmp_path: pathlib.Path) -> None:
     (tmp_path / "cas").write_bytes(b"not a directory")
     index = LocalIndex(tmp_path, None, BLOCK)
+    before = set(threading.enumerate())
     index.start_loading()
     index.close()
-    loader = [t for t in threading.enumerate() if t.name == "index-load"]
+    loader = [t for t in set(threading.enumerate()) - before if t.name == "index-load"]
     for thread in loader:
         thread.join(timeout=5)
         assert not thread.is_alive()
