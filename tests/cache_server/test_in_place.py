@@ -86,6 +86,78 @@ def test_disk_store_calls_on_tmpfs_run_in_place_unless_they_hash_much(
     asyncio.run(main())
 
 
+def test_unsynced_disk_store_writes_run_in_place_once_its_index_is_loaded(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Without fsync the page cache takes small writes: a worker-thread trip (the GIL
+    handed over around each syscall) cost more than the files. Reads may wait on the
+    disk, and a synced write on the device: those stay on worker threads."""
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+
+    async def main() -> None:
+        here = threading.get_ident()
+        with ThreadPoolExecutor(2) as executor:
+            unsynced = DiskStore(tmp_path / "unsynced", sync=False)
+            disk = Backend(unsynced, executor)
+            # While the index loads its merge holds the index's lock: not in place.
+            assert not unsynced.index.loaded
+            assert await disk.run_store(threading.get_ident, writes=True) != here
+            loaded = threading.Event()
+            unsynced.start_loading(loaded.set)
+            assert loaded.wait(10)
+            assert await disk.run_store(threading.get_ident, writes=True) == here
+            assert await disk.run_store(threading.get_ident) != here  # a read may wait
+            many = await disk.run_store(
+                threading.get_ident, entries=IN_PLACE_FILES + 1, writes=True
+            )
+            assert many != here
+
+            synced = DiskStore(tmp_path / "synced")
+            synced_loaded = threading.Event()
+            synced.start_loading(synced_loaded.set)
+            assert synced_loaded.wait(10)
+            assert (
+                await Backend(synced, executor).run_store(threading.get_ident, writes=True) != here
+            )
+
+    asyncio.run(main())
+
+
+def test_batch_writes_to_an_unsynced_disk_store_run_in_place(tmp_path: pathlib.Path) -> None:
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    data = [b"one", b"two"]
+    request = re_pb2.BatchUpdateBlobsRequest(
+        requests=[
+            re_pb2.BatchUpdateBlobsRequest.Request(digest=BlobId.of(d).to_proto(), data=d)
+            for d in data
+        ]
+    )
+    put_on: list[int] = []
+
+    class Noting(DiskStore):
+        def put_blob(self, blob: BlobId, data: bytes) -> None:
+            put_on.append(threading.get_ident())
+            super().put_blob(blob, data)
+
+    async def main() -> None:
+        store = Noting(tmp_path / "store", sync=False)
+        loaded = threading.Event()
+        store.start_loading(loaded.set)
+        assert loaded.wait(10)
+        with ThreadPoolExecutor(1) as executor:
+            cas = CasService(Backend(store, executor))
+            response = await cas.BatchUpdateBlobs(request, None)  # type: ignore[arg-type]
+        assert [r.status.code for r in response.responses] == [0, 0]
+        assert [store.get_blob(BlobId.of(d)) for d in data] == data
+
+    asyncio.run(main())
+    assert put_on == [threading.get_ident()] * 2
+
+
 class _ThreadNoting(MemoryStore):
     def __init__(self) -> None:
         super().__init__()
