@@ -287,10 +287,10 @@ class DiskStore(Store):
 
     @property
     def writes_in_place(self) -> bool:
-        """Unsynced, a write of a few small files waits on no device. Not while the index
-        loads (its merge holds the index's lock), nor with a worker's shared index (its
-        admit asks the supervisor)."""
-        return not self.syncs and self.index.in_memory and self.index.loaded
+        """Unsynced, a write of a few small files waits on no device. Not while this
+        process's own index loads (its merge holds the index's lock); a worker's shared
+        index never waits (its admissions are queued for the supervisor)."""
+        return not self.syncs and (self.index.loaded or not self.index.in_memory)
 
     def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
         self.index.start_loading(on_loaded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import re
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +26,7 @@ from slipstream.cache_server.storage.disk import (
     filesystem_type,
 )
 from slipstream.cache_server.storage.memory import MemoryStore
+from slipstream.cache_server.storage.shared_index import FIGURES, LOADING, Reporter, SharedIndex
 from slipstream.core.digests import BlobId
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import remote_execution_pb2_grpc as re_grpc
@@ -123,6 +125,38 @@ def test_unsynced_disk_store_writes_run_in_place_once_its_index_is_loaded(
             )
 
     asyncio.run(main())
+
+
+def test_a_workers_unsynced_writes_run_in_place_while_the_supervisor_loads(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A worker's admissions are queued for its supervisor (Reporter.send never blocks):
+    nothing its writes wait for, whether the supervisor's index is loaded or not."""
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    root = tmp_path / "store"
+    DiskStore(root)  # the layout, as the supervisor makes it
+    ours, supervisor = socket.socketpair()
+    figures = [0] * FIGURES
+    figures[LOADING] = 1
+    reporter = Reporter(ours, lambda: None)
+    store = DiskStore(root, sync=False, index=SharedIndex(root, reporter, figures))
+
+    async def main() -> tuple[int, int]:
+        with ThreadPoolExecutor(1) as executor:
+            backend = Backend(store, executor)
+            loading = await backend.run_store(threading.get_ident, writes=True)
+            figures[LOADING] = 0
+            return loading, await backend.run_store(threading.get_ident, writes=True)
+
+    try:
+        assert asyncio.run(main()) == (threading.get_ident(),) * 2
+        synced = DiskStore(root, index=SharedIndex(root, reporter, figures))
+        assert not synced.writes_in_place
+    finally:
+        store.close()
+        supervisor.close()
 
 
 def test_batch_writes_to_an_unsynced_disk_store_run_in_place(tmp_path: pathlib.Path) -> None:
