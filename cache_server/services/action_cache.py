@@ -147,6 +147,10 @@ class ActionCacheService(re_grpc.ActionCacheServicer):
         if len(data) > MAX_BATCH_TOTAL_SIZE:
             raise RpcError(grpc.StatusCode.INVALID_ARGUMENT, "action result is too large")
         await self.backend.run_store(
-            self.backend.store.put_record, AC_NAMESPACE, action_key(instance, action), data
+            self.backend.store.put_record,
+            AC_NAMESPACE,
+            action_key(instance, action),
+            data,
+            writes=True,
         )
         return result

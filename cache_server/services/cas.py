@@ -97,7 +97,7 @@ class CasService(re_grpc.ContentAddressableStorageServicer):
         # count for less than that.
         hashed = sum(blob.size for blob in blobs)
         statuses = await self.backend.run_store(
-            self._store_batch, items, gil_free_bytes=hashed, entries=len(items)
+            self._store_batch, items, gil_free_bytes=hashed, entries=len(items), writes=True
         )
         response = re_pb2.BatchUpdateBlobsResponse()
         add = response.responses.add

@@ -396,17 +396,23 @@ class Backend:
         return await loop.run_in_executor(self.executor, run)
 
     async def run_store(
-        self, fn: Callable[..., T], *args: Any, gil_free_bytes: int = 0, entries: int = 1
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        gil_free_bytes: int = 0,
+        entries: int = 1,
+        writes: bool = False,
     ) -> T:
-        """fn(*args), a call on the store touching `entries` blobs or records. In place
-        when the store works from memory (on a worker thread it would hold the GIL all
-        the same, and the trip there and back costs ~50-100 us), unless it hashes or
-        (de)compresses more than IN_PLACE_GIL_FREE bytes (those let go of the GIL, so a
-        worker thread does them beside the event loop) or touches more entries than
-        the store makes in place."""
+        """fn(*args), a call on the store touching `entries` blobs or records, writing
+        them if `writes`. In place when the store works from memory, or it writes and
+        the store's writes wait on nothing (Store.writes_in_place): on a worker thread
+        it would hold the GIL all the same, and the trip there and back costs ~50-100
+        us. Not if it hashes or (de)compresses more than IN_PLACE_GIL_FREE bytes (those
+        let go of the GIL, so a worker thread does them beside the event loop) or
+        touches more entries than the store makes in place."""
         store = self.store
         if (
-            store.works_in_memory
+            (store.works_in_memory or (writes and store.writes_in_place))
             and gil_free_bytes <= IN_PLACE_GIL_FREE
             and (store.in_place_entries is None or entries <= store.in_place_entries)
         ):

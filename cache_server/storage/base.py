@@ -168,6 +168,14 @@ class Store(abc.ABC):
         may change: a disk store's becomes true once its index is loaded."""
         return False
 
+    @property
+    def writes_in_place(self) -> bool:
+        """True when small writes (put_blobs, put_record) wait on no device, no other
+        process and no lock held for long now, though reads may (a disk store that does
+        not sync: the page cache takes its files), so a caller on an event loop may make
+        them in place, as works_in_memory's calls. It may change, as finds_in_memory."""
+        return False
+
     # True when the chunks of read_blob come from memory, so a caller on an event
     # loop may take them in place rather than one worker-thread trip per chunk.
     reads_in_memory: bool = False
@@ -175,8 +183,8 @@ class Store(abc.ABC):
     # memory, or on a RAM filesystem), so a caller on an event loop may make small
     # calls in place.
     works_in_memory: bool = False
-    # With works_in_memory, the most entries one call may touch and still be made
-    # in place (each costs syscalls on a RAM filesystem); None: any number.
+    # With works_in_memory or writes_in_place, the most entries one call may touch and
+    # still be made in place (each costs syscalls); None: any number.
     in_place_entries: int | None = None
 
     @abc.abstractmethod

@@ -31,7 +31,12 @@ of syscalls).
 On a RAM filesystem (tmpfs), where no call waits on a device, small calls and the
 chunks of ByteStream reads are made in place on the event loop, as the memory
 store's are (`Store.works_in_memory`, `Store.reads_in_memory`): worker-thread trips
-cost the mixed load ~20% of its calls and most of its tail latency.
+cost the mixed load ~20% of its calls and most of its tail latency. Without fsync
+(`--no-fsync`) on a disk, small batch writes and action results are made in place
+too (`Store.writes_in_place`): their files go to the kernel's page cache, and the
+trip to a worker thread cost more than the writes (the GIL handed over around each
+syscall, ~45% of the server's samples under a load of writes). Reads stay on worker
+threads: a file not in the page cache waits on the disk.
 """
 
 from __future__ import annotations
@@ -279,6 +284,13 @@ class DiskStore(Store):
         the access-time bumps, once a minute per entry. Not while it loads (a find may
         stat files), nor with a worker's shared index (storage/shared_index.py)."""
         return self.index.in_memory and self.index.loaded
+
+    @property
+    def writes_in_place(self) -> bool:
+        """Unsynced, a write of a few small files waits on no device. Not while this
+        process's own index loads (its merge holds the index's lock); a worker's shared
+        index never waits (its admissions are queued for the supervisor)."""
+        return not self.syncs and (self.index.loaded or not self.index.in_memory)
 
     def start_loading(self, on_loaded: Callable[[], None] | None = None) -> None:
         self.index.start_loading(on_loaded)

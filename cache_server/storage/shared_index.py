@@ -210,9 +210,11 @@ class SharedIndex(DiskIndex):
             recent[rel] = (now, size)
             lines.append(f"{TOUCHED}{rel}\n")
         if len(recent) > _RECENT_MAX:
-            self._recent = {rel: seen for rel, seen in recent.items() if seen[0] > cutoff}
-            if len(self._recent) > _RECENT_MAX // 2:
-                self._recent = {}
+            # Store threads and the event loop report at once: the copy is made in one
+            # step under the GIL, where walking the dict itself meets their changes
+            # ("dictionary changed size during iteration", a call failing INTERNAL).
+            kept = {rel: seen for rel, seen in list(recent.items()) if seen[0] > cutoff}
+            self._recent = kept if len(kept) <= _RECENT_MAX // 2 else {}
         if lines:
             self._reporter.send("".join(lines))
 

@@ -37,6 +37,10 @@ class StoreWrapper(Store):
     def finds_in_memory(self) -> bool:
         return self.inner.finds_in_memory  # it may change (a disk store's index loads)
 
+    @property
+    def writes_in_place(self) -> bool:
+        return self.inner.writes_in_place
+
     def describe(self) -> str:
         return self.inner.describe()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import pathlib
 import re
+import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,6 +26,7 @@ from slipstream.cache_server.storage.disk import (
     filesystem_type,
 )
 from slipstream.cache_server.storage.memory import MemoryStore
+from slipstream.cache_server.storage.shared_index import FIGURES, LOADING, Reporter, SharedIndex
 from slipstream.core.digests import BlobId
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from slipstream.protos import remote_execution_pb2_grpc as re_grpc
@@ -84,6 +86,110 @@ def test_disk_store_calls_on_tmpfs_run_in_place_unless_they_hash_much(
             assert await disk.run_store(threading.get_ident, entries=IN_PLACE_FILES + 1) != here
 
     asyncio.run(main())
+
+
+def test_unsynced_disk_store_writes_run_in_place_once_its_index_is_loaded(
+    tmp_path: pathlib.Path,
+) -> None:
+    """Without fsync the page cache takes small writes: a worker-thread trip (the GIL
+    handed over around each syscall) cost more than the files. Reads may wait on the
+    disk, and a synced write on the device: those stay on worker threads."""
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+
+    async def main() -> None:
+        here = threading.get_ident()
+        with ThreadPoolExecutor(2) as executor:
+            unsynced = DiskStore(tmp_path / "unsynced", sync=False)
+            disk = Backend(unsynced, executor)
+            # While the index loads its merge holds the index's lock: not in place.
+            assert not unsynced.index.loaded
+            assert await disk.run_store(threading.get_ident, writes=True) != here
+            loaded = threading.Event()
+            unsynced.start_loading(loaded.set)
+            assert loaded.wait(10)
+            assert await disk.run_store(threading.get_ident, writes=True) == here
+            assert await disk.run_store(threading.get_ident) != here  # a read may wait
+            many = await disk.run_store(
+                threading.get_ident, entries=IN_PLACE_FILES + 1, writes=True
+            )
+            assert many != here
+
+            synced = DiskStore(tmp_path / "synced")
+            synced_loaded = threading.Event()
+            synced.start_loading(synced_loaded.set)
+            assert synced_loaded.wait(10)
+            assert (
+                await Backend(synced, executor).run_store(threading.get_ident, writes=True) != here
+            )
+
+    asyncio.run(main())
+
+
+def test_a_workers_unsynced_writes_run_in_place_while_the_supervisor_loads(
+    tmp_path: pathlib.Path,
+) -> None:
+    """A worker's admissions are queued for its supervisor (Reporter.send never blocks):
+    nothing its writes wait for, whether the supervisor's index is loaded or not."""
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    root = tmp_path / "store"
+    DiskStore(root)  # the layout, as the supervisor makes it
+    ours, supervisor = socket.socketpair()
+    figures = [0] * FIGURES
+    figures[LOADING] = 1
+    reporter = Reporter(ours, lambda: None)
+    store = DiskStore(root, sync=False, index=SharedIndex(root, reporter, figures))
+
+    async def main() -> tuple[int, int]:
+        with ThreadPoolExecutor(1) as executor:
+            backend = Backend(store, executor)
+            loading = await backend.run_store(threading.get_ident, writes=True)
+            figures[LOADING] = 0
+            return loading, await backend.run_store(threading.get_ident, writes=True)
+
+    try:
+        assert asyncio.run(main()) == (threading.get_ident(),) * 2
+        synced = DiskStore(root, index=SharedIndex(root, reporter, figures))
+        assert not synced.writes_in_place
+    finally:
+        store.close()
+        supervisor.close()
+
+
+def test_batch_writes_to_an_unsynced_disk_store_run_in_place(tmp_path: pathlib.Path) -> None:
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    data = [b"one", b"two"]
+    request = re_pb2.BatchUpdateBlobsRequest(
+        requests=[
+            re_pb2.BatchUpdateBlobsRequest.Request(digest=BlobId.of(d).to_proto(), data=d)
+            for d in data
+        ]
+    )
+    put_on: list[int] = []
+
+    class Noting(DiskStore):
+        def put_blob(self, blob: BlobId, data: bytes) -> None:
+            put_on.append(threading.get_ident())
+            super().put_blob(blob, data)
+
+    async def main() -> None:
+        store = Noting(tmp_path / "store", sync=False)
+        loaded = threading.Event()
+        store.start_loading(loaded.set)
+        assert loaded.wait(10)
+        with ThreadPoolExecutor(1) as executor:
+            cas = CasService(Backend(store, executor))
+            response = await cas.BatchUpdateBlobs(request, None)  # type: ignore[arg-type]
+        assert [r.status.code for r in response.responses] == [0, 0]
+        assert [store.get_blob(BlobId.of(d)) for d in data] == data
+
+    asyncio.run(main())
+    assert put_on == [threading.get_ident()] * 2
 
 
 class _ThreadNoting(MemoryStore):

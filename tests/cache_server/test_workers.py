@@ -8,6 +8,8 @@ import json
 import os
 import pathlib
 import signal
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,8 +19,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from slipstream.cache_server.storage import shared_index
+from slipstream.cache_server.storage.disk import DiskStore
 from slipstream.cache_server.storage.disk_index import block_size_of, space_taken
-from slipstream.cache_server.storage.shared_index import REFRESH_INTERVAL
+from slipstream.cache_server.storage.shared_index import (
+    FIGURES,
+    REFRESH_INTERVAL,
+    Reporter,
+    SharedIndex,
+)
 from slipstream.cache_server.workers import RESTART_WITHIN
 from slipstream.protos import remote_execution_pb2 as re_pb2
 from tests.ops.helpers import metrics_url, scrape
@@ -333,3 +342,40 @@ def test_the_pages_add_up_every_workers_lookups(tmp_path: pathlib.Path) -> None:
     row = page.split('<tr data-kind="ccache">')[1].split("</tr>")[0]
     cells = [cell.split("<")[0] for cell in row.split('<td class="n">')[1:]]
     assert cells[:2] == ["0", str(CONNECTIONS)], row  # hits, misses
+
+
+def test_a_workers_index_is_used_by_many_threads_at_once(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Store threads and the event loop admit, find and touch entries at once, past
+    the bound of entries a worker remembers: none of them fails (a find answered
+    INTERNAL, "dictionary changed size during iteration", under the fleet's load)."""
+    monkeypatch.setattr(shared_index, "_RECENT_MAX", 2_000)  # passed often, not once a minute
+    root = tmp_path / "store"
+    DiskStore(root)
+    worker, supervisor = socket.socketpair()
+
+    def drain() -> None:
+        while supervisor.recv(1 << 20):
+            pass
+
+    threading.Thread(target=drain, daemon=True).start()
+    index = SharedIndex(root, Reporter(worker, lambda: None), [0] * FIGURES)
+    failures: list[BaseException] = []
+
+    def admit(thread: int) -> None:
+        try:
+            for i in range(20_000):
+                index.admit(f"cas/{thread:02x}/{i}", 4096)
+                index.touched([f"cas/ff/{thread}-{i}"])
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=admit, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    index.close()
+    supervisor.close()
+    assert failures == []
