@@ -14,6 +14,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -328,6 +329,11 @@ def grpc_errors(method: Callable[P, T]) -> Callable[P, T]:
 # Backend.run_store (SHA-256 of 64 KiB takes ~35 us, less than a trip through
 # the executor).
 IN_PLACE_GIL_FREE = 64 << 10
+# A write made in place (Store.writes_in_place) that held the event loop longer than
+# this (the kernel throttling writeback to a slow disk, a full journal) sends the
+# writes to worker threads for WRITES_OFF_LOOP_SECONDS: one stall, not one per write.
+SLOW_IN_PLACE_WRITE = 0.05
+WRITES_OFF_LOOP_SECONDS = 30.0
 
 
 _HANDLER_KINDS = {  # (client streams, server streams)
@@ -382,6 +388,8 @@ class Backend:
     # Set when the server begins to stop: long work on worker threads checks it and
     # gives up, so shutting down does not wait for it.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Until then (time.monotonic()), writes go to worker threads: see SLOW_IN_PLACE_WRITE.
+    writes_off_loop_until: float = 0.0
 
     @functools.cached_property
     def history(self) -> HistoryCache:
@@ -409,15 +417,32 @@ class Backend:
         it would hold the GIL all the same, and the trip there and back costs ~50-100
         us. Not if it hashes or (de)compresses more than IN_PLACE_GIL_FREE bytes (those
         let go of the GIL, so a worker thread does them beside the event loop) or
-        touches more entries than the store makes in place."""
+        touches more entries than the store makes in place, nor a write for a while
+        after one made in place took longer than SLOW_IN_PLACE_WRITE."""
         store = self.store
-        if (
-            (store.works_in_memory or (writes and store.writes_in_place))
-            and gil_free_bytes <= IN_PLACE_GIL_FREE
-            and (store.in_place_entries is None or entries <= store.in_place_entries)
+        if gil_free_bytes > IN_PLACE_GIL_FREE or (
+            store.in_place_entries is not None and entries > store.in_place_entries
         ):
+            return await self.run(fn, *args)
+        if store.works_in_memory:
             return fn(*args)
-        return await self.run(fn, *args)
+        if not (writes and store.writes_in_place):
+            return await self.run(fn, *args)
+        started = time.monotonic()
+        if started < self.writes_off_loop_until:
+            return await self.run(fn, *args)
+        try:
+            return fn(*args)
+        finally:
+            took = time.monotonic() - started
+            if took > SLOW_IN_PLACE_WRITE:
+                self.writes_off_loop_until = started + took + WRITES_OFF_LOOP_SECONDS
+                log.warning(
+                    "a write held the event loop for %.0f ms: writes go to worker threads "
+                    "for the next %.0f s",
+                    took * 1000,
+                    WRITES_OFF_LOOP_SECONDS,
+                )
 
     async def find_missing(self, blobs: list[BlobId]) -> list[BlobId]:
         """The store's find_missing, in place when the store answers from memory."""

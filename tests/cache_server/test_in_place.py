@@ -7,6 +7,7 @@ import pathlib
 import re
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,7 +18,12 @@ import zstandard
 from slipstream.cache_server.calls import Call, CallWrapper, Hook
 from slipstream.cache_server.services.capabilities import CapabilitiesService
 from slipstream.cache_server.services.cas import CasService
-from slipstream.cache_server.services.common import IN_PLACE_GIL_FREE, Backend
+from slipstream.cache_server.services.common import (
+    IN_PLACE_GIL_FREE,
+    SLOW_IN_PLACE_WRITE,
+    WRITES_OFF_LOOP_SECONDS,
+    Backend,
+)
 from slipstream.cache_server.storage.base import StoreUnavailable
 from slipstream.cache_server.storage.disk import (
     IN_PLACE_FILES,
@@ -351,3 +357,35 @@ def test_a_read_of_a_blob_of_one_chunk_takes_one_worker_thread_trip(
             assert executor.trips == 4  # open and first chunk, two more, the end
 
     asyncio.run(main())
+
+
+def test_a_write_that_stalls_the_event_loop_sends_writes_to_worker_threads_for_a_while(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A disk that stalls a write made in place (writeback throttled, a full journal)
+    holds up the process's other calls once, not on every write: the writes after it
+    go to worker threads for WRITES_OFF_LOOP_SECONDS, then come back in place."""
+    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
+        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+
+    def stalled_write() -> int:
+        time.sleep(SLOW_IN_PLACE_WRITE * 1.5)
+        return threading.get_ident()
+
+    async def main() -> None:
+        here = threading.get_ident()
+        with ThreadPoolExecutor(2) as executor:
+            store = DiskStore(tmp_path / "unsynced", sync=False)
+            loaded = threading.Event()
+            store.start_loading(loaded.set)
+            assert loaded.wait(10)
+            disk = Backend(store, executor)
+            assert await disk.run_store(stalled_write, writes=True) == here
+            assert await disk.run_store(threading.get_ident, writes=True) != here
+            assert disk.writes_off_loop_until > time.monotonic() + WRITES_OFF_LOOP_SECONDS - 5
+            disk.writes_off_loop_until = time.monotonic()  # the pause over
+            assert await disk.run_store(threading.get_ident, writes=True) == here
+
+    asyncio.run(main())
+    assert "a write held the event loop" in caplog.text
