@@ -42,6 +42,13 @@ def _fail() -> None:
     raise KeyError("from the store")
 
 
+def skip_on_a_ram_filesystem(path: pathlib.Path, what: str) -> None:
+    """Skip, saying why, where the disk store works (or reads) in place anyway."""
+    if filesystem_type(path) in RAM_FILESYSTEMS:
+        print(f"SKIPPED: {path} is on a RAM filesystem, where the disk store {what} in place")
+        pytest.skip(f"{path} is on a RAM filesystem")
+
+
 def test_memory_store_calls_run_in_place_unless_they_hash_much() -> None:
     async def main() -> None:
         here = threading.get_ident()
@@ -62,9 +69,7 @@ def test_memory_store_calls_run_in_place_unless_they_hash_much() -> None:
 def test_disk_store_calls_off_a_ram_filesystem_run_on_a_worker_thread(
     tmp_path: pathlib.Path,
 ) -> None:
-    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
-        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
-        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    skip_on_a_ram_filesystem(tmp_path, "works")
 
     async def main() -> None:
         here = threading.get_ident()
@@ -100,9 +105,7 @@ def test_unsynced_disk_store_writes_run_in_place_once_its_index_is_loaded(
     """Without fsync the page cache takes small writes: a worker-thread trip (the GIL
     handed over around each syscall) cost more than the files. Reads may wait on the
     disk, and a synced write on the device: those stay on worker threads."""
-    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
-        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
-        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    skip_on_a_ram_filesystem(tmp_path, "works")
 
     async def main() -> None:
         here = threading.get_ident()
@@ -138,9 +141,7 @@ def test_a_workers_unsynced_writes_run_in_place_while_the_supervisor_loads(
 ) -> None:
     """A worker's admissions are queued for its supervisor (Reporter.send never blocks):
     nothing its writes wait for, whether the supervisor's index is loaded or not."""
-    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
-        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
-        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    skip_on_a_ram_filesystem(tmp_path, "works")
     root = tmp_path / "store"
     DiskStore(root)  # the layout, as the supervisor makes it
     ours, supervisor = socket.socketpair()
@@ -166,9 +167,7 @@ def test_a_workers_unsynced_writes_run_in_place_while_the_supervisor_loads(
 
 
 def test_batch_writes_to_an_unsynced_disk_store_run_in_place(tmp_path: pathlib.Path) -> None:
-    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
-        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
-        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    skip_on_a_ram_filesystem(tmp_path, "works")
     data = [b"one", b"two"]
     request = re_pb2.BatchUpdateBlobsRequest(
         requests=[
@@ -330,9 +329,7 @@ def test_a_read_of_a_blob_of_one_chunk_takes_one_worker_thread_trip(
     """open_read hands the store's read and its first chunk to one worker-thread trip:
     a ByteStream read of a blob within a chunk (a 1 MiB output) costs one trip, not
     two; a bigger blob one more per further chunk."""
-    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
-        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store reads in place")
-        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    skip_on_a_ram_filesystem(tmp_path, "reads")
     chunk = 1 << 20
     small, big = b"s" * chunk, bytes(range(256)) * (chunk * 5 // 2 // 256)
 
@@ -365,9 +362,7 @@ def test_a_write_that_stalls_the_event_loop_sends_writes_to_worker_threads_for_a
     """A disk that stalls a write made in place (writeback throttled, a full journal)
     holds up the process's other calls once, not on every write: the writes after it
     go to worker threads for WRITES_OFF_LOOP_SECONDS, then come back in place."""
-    if filesystem_type(tmp_path) in RAM_FILESYSTEMS:
-        print(f"SKIPPED: {tmp_path} is on a RAM filesystem, where the disk store works in place")
-        pytest.skip(f"{tmp_path} is on a RAM filesystem")
+    skip_on_a_ram_filesystem(tmp_path, "works")
 
     def stalled_write() -> int:
         time.sleep(SLOW_IN_PLACE_WRITE * 1.5)
