@@ -149,8 +149,12 @@ class SharedIndex(DiskIndex):
         self._root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
         self._reporter = reporter
         self._figures = figures
-        # Entries this worker reported lately: rel -> (when, size on disk or -1).
+        # Entries this worker reported lately: rel -> (when, size on disk or -1). Store
+        # threads and the event loop change it at once: under the lock (a walk of it
+        # meeting another thread's change fails "dictionary changed size during
+        # iteration", even a walk in C, which a garbage collection can interrupt).
         self._recent: dict[str, tuple[float, int]] = {}
+        self._recent_lock = threading.Lock()
 
     def load(self) -> None:
         pass  # the accountant's: a worker answers from the files
@@ -200,30 +204,30 @@ class SharedIndex(DiskIndex):
         """Report entries used (with their size on disk, or -1 if not known), each at
         most once per REFRESH_INTERVAL."""
         now = time.monotonic()
-        recent = self._recent
         cutoff = now - REFRESH_INTERVAL
         lines = []
-        for rel, size in entries:
-            seen = recent.get(rel)
-            if seen is not None and seen[0] > cutoff:
-                continue
-            recent[rel] = (now, size)
-            lines.append(f"{TOUCHED}{rel}\n")
-        if len(recent) > _RECENT_MAX:
-            # Store threads and the event loop report at once: the copy is made in one
-            # step under the GIL, where walking the dict itself meets their changes
-            # ("dictionary changed size during iteration", a call failing INTERNAL).
-            kept = {rel: seen for rel, seen in list(recent.items()) if seen[0] > cutoff}
-            self._recent = kept if len(kept) <= _RECENT_MAX // 2 else {}
+        with self._recent_lock:
+            recent = self._recent
+            for rel, size in entries:
+                seen = recent.get(rel)
+                if seen is not None and seen[0] > cutoff:
+                    continue
+                recent[rel] = (now, size)
+                lines.append(f"{TOUCHED}{rel}\n")
+            if len(recent) > _RECENT_MAX:
+                kept = {rel: seen for rel, seen in recent.items() if seen[0] > cutoff}
+                self._recent = kept if len(kept) <= _RECENT_MAX // 2 else {}
         if lines:
             self._reporter.send("".join(lines))
 
     def admit(self, rel: str, size: int) -> None:
-        self._recent[rel] = (time.monotonic(), size)
+        with self._recent_lock:
+            self._recent[rel] = (time.monotonic(), size)
         self._reporter.send(f"{ADMITTED}{rel} {size}\n")
 
     def forget(self, rel: str) -> None:
-        self._recent.pop(rel, None)
+        with self._recent_lock:
+            self._recent.pop(rel, None)
         self._reporter.send(f"{FORGOTTEN}{rel}\n")
 
     def figures(self) -> tuple[int, int, int]:
