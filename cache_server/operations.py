@@ -134,8 +134,11 @@ class Operations:
         cache_server.usage); records past the day and unreadable ones are removed,
         the unreadable ones with a warning. Blocking: it reads the store."""
         infos = self.store.list_records(SAVED_NAMESPACE, SAVED_PREFIX, MAX_SAVED)
+        own = self.metrics.usage.key  # its figures are in memory, newer than its record
         saved = []
         for info in infos:
+            if info.key == own:
+                continue
             data = self.store.get_record(SAVED_NAMESPACE, info.key)
             if data is not None:
                 saved.append((info.key, data))
