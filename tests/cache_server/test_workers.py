@@ -359,7 +359,8 @@ def test_a_workers_index_is_used_by_many_threads_at_once(
         while supervisor.recv(1 << 20):
             pass
 
-    threading.Thread(target=drain, daemon=True).start()
+    drainer = threading.Thread(target=drain, daemon=True)
+    drainer.start()
     index = SharedIndex(root, Reporter(worker, lambda: None), [0] * FIGURES)
     failures: list[BaseException] = []
 
@@ -377,5 +378,7 @@ def test_a_workers_index_is_used_by_many_threads_at_once(
     for t in threads:
         t.join()
     index.close()
+    worker.close()  # the drain reads to the end, then the socket is closed
+    drainer.join(timeout=10)
     supervisor.close()
     assert failures == []
