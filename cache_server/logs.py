@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import sys
 from typing import Any
 
 from slipstream.cache_server.calls import current_call
@@ -60,6 +61,14 @@ class _TextFormatter(logging.Formatter):
         text = super().format(record)
         request_id = getattr(record, "request_id", None)
         return f"{text} [request {request_id}]" if request_id else text
+
+
+def announce(line: str) -> None:
+    """Print one of the server's own lines ("slipstream: ...") to stdout in one write:
+    unbuffered (PYTHONUNBUFFERED), print's text and newline are two writes, and a log
+    record written to stderr in between, into the same pipe, lands inside the line."""
+    sys.stdout.write(f"slipstream: {line}\n")
+    sys.stdout.flush()
 
 
 def setup_logging(level: str, fmt: str) -> None:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from slipstream.cache_server.config import OpsConfig
+from slipstream.cache_server.logs import announce
 from slipstream.cache_server.operations import NO_REUSEPORT, Operations
 from slipstream.cache_server.services.action_cache import ActionCacheService
 from slipstream.cache_server.services.bytestream import UPLOAD_IDLE_TIMEOUT, ByteStreamService
@@ -336,9 +337,9 @@ async def serve(config: ServerConfig) -> None:
     # Everything else is said before the gRPC line, which tells waiting
     # scripts (and tests) that the server is up.
     for line in start_up_lines(description, server.ops.describe(), server):
-        print(f"slipstream: {line}", flush=True)
+        announce(line)
     await stopping.wait()
-    print("slipstream: shutting down", flush=True)
+    announce("shutting down")
     await server.stop()
     with contextlib.suppress(Exception):
         sys.stdout.flush()

@@ -50,7 +50,7 @@ import threading
 import time
 from typing import Any
 
-from slipstream.cache_server.logs import setup_logging
+from slipstream.cache_server.logs import announce, setup_logging
 from slipstream.cache_server.metrics import serve_registry, workers_registry
 from slipstream.cache_server.server import (
     ServerConfig,
@@ -204,9 +204,9 @@ class Supervisor:
                 own.append(metrics_line)
             lines = ready[:1] + own + ready[1:]
             for line in lines:
-                print(f"slipstream: {line}", flush=True)
+                announce(line)
             code = self._supervise()
-            print("slipstream: shutting down", flush=True)
+            announce("shutting down")
             return code
         finally:
             self._stop_all()
