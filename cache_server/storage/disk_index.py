@@ -324,10 +324,13 @@ class LocalIndex(DiskIndex):
                 target=self._load_after, args=(after,), name="index-load", daemon=True
             ).start()
 
-    def _load_after(self, after: threading.Event | None) -> None:
+    def _load_after(self, after: threading.Event | None, delay: float = 0.0) -> None:
+        """The background load, once after is set and delay seconds have passed
+        (unless the index is closed meanwhile)."""
         if after is not None:
             after.wait()
-        self._run_load(background=True)
+        if not self._closed.wait(delay):
+            self._run_load(background=True)
 
     def _begin_loading(self, on_loaded: Callable[[], None] | None) -> bool:
         """Whether the caller is to run the load (the index was not loading yet);
@@ -364,7 +367,7 @@ class LocalIndex(DiskIndex):
                 )
                 if not background:
                     threading.Thread(
-                        target=self._retry_load, args=(delay,), name="index-load", daemon=True
+                        target=self._load_after, args=(None, delay), name="index-load", daemon=True
                     ).start()
                     return
                 if self._closed.wait(delay):
@@ -387,10 +390,6 @@ class LocalIndex(DiskIndex):
                         log.exception("after the index loaded")
                 self._on_loaded = []
                 return
-
-    def _retry_load(self, delay: float) -> None:
-        if not self._closed.wait(delay):
-            self._run_load(background=True)
 
     def close(self) -> None:
         self._closed.set()
