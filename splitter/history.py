@@ -164,18 +164,26 @@ def run_from_cases(
             # Sample(...) without the Python frame of a named tuple's __new__
             run.tests[candidate] = _new_tuple(Sample, (case.time, case.outcome == "failed"))
             continue
-        per_case: dict[tuple[str, str, str | None], Sample] = {}
+        samples: list[tuple[object, Sample]] = []
         for case in matched:
             assert case.time is not None
             names = (case.classname, case.name, case.file)
-            per_case[names] = _merge_sample(
-                per_case.get(names), Sample(case.time, case.outcome == "failed")
-            )
-        run.tests[candidate] = Sample(
-            math.fsum(s.seconds for s in per_case.values()),
-            any(s.failed for s in per_case.values()),
-        )
+            samples.append((names, Sample(case.time, case.outcome == "failed")))
+        run.tests[candidate] = sample_of_cases(samples)
     return run
+
+
+def sample_of_cases(samples: Iterable[tuple[object, Sample]]) -> Sample:
+    """A candidate's sample from its cases' samples, each given with what names the
+    case (its classname, name and file): a case seen twice (a rerun) counts once, as
+    ``_merge_sample`` keeps it; distinct cases (a file's, a class's) add up."""
+    per_case: dict[object, Sample] = {}
+    for names, sample in samples:
+        per_case[names] = _merge_sample(per_case.get(names), sample)
+    return Sample(
+        math.fsum(s.seconds for s in per_case.values()),
+        any(s.failed for s in per_case.values()),
+    )
 
 
 def merge_runs(runs: Iterable[Run]) -> list[Run]:
