@@ -391,14 +391,18 @@ def sorted_distinct(tests: Iterable[str]) -> list[str]:
 
 
 def _values_by_file(own: Mapping[str, float]) -> dict[str, list[float]]:
-    """Each file's tests' values, in own's order."""
+    """Each file's tests' values, in own's order: cut where the file changes (found in
+    C), a file's tests mostly coming one after another (own sorted)."""
+    files = files_of(own)
+    values = list(own.values())
+    starts = [0, *itertools.compress(range(1, len(files)), map(operator.ne, files[1:], files))]
     by_file: dict[str, list[float]] = {}
-    for seconds, f in zip(own.values(), files_of(own), strict=True):
-        got_file = by_file.get(f)
+    for start, end in zip(starts, [*starts[1:], len(files)], strict=True) if files else ():
+        got_file = by_file.get(files[start])
         if got_file is None:
-            by_file[f] = [seconds]
+            by_file[files[start]] = values[start:end]
         else:
-            got_file.append(seconds)
+            got_file.extend(values[start:end])
     return by_file
 
 
