@@ -305,6 +305,27 @@ class Estimator:
         self._by_directory: dict[str, list[float]] | None = None
         self._file_total: dict[str, float] | None = None
 
+    @classmethod
+    def of_run_seconds(
+        cls,
+        run: Run,
+        seconds: Iterable[tuple[str, float]],
+        *,
+        percentile: float = DEFAULT_PERCENTILE,
+    ) -> Estimator:
+        """``Estimator([run])`` of a run whose tests' samples are given apart, as each
+        test's seconds (run.tests empty; a test given twice takes its last seconds in
+        its first place): the estimates of one run need no more of its samples."""
+        if run.tests:
+            raise ValueError("the run's tests are given as their seconds")
+        made = cls([run], percentile=percentile)
+        # what __init__ makes of one run, inlined there too
+        made.own = {
+            test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
+            for test, one in seconds
+        }
+        return made
+
     def _files(self) -> dict[str, list[float]]:
         """The own estimates of each file's tests. A scope is a file or a directory: its
         values are those of the tests of the file and of every file below the directory

@@ -80,14 +80,80 @@ def run_of_report(
     when this way cannot tell: an unreadable report (the plain read says why), or a
     candidate that no case names by (classname, name) and that could name one otherwise
     (by its node id, file or classname)."""
+    read = _keyed_read(path, candidates, slots, created_ns)
+    if read is None:
+        return None
+    run, reader = read
+    first = reader.first
+    # The samples of the candidates named by one case, in the candidates' order, made in C
+    run.tests = dict(
+        zip(
+            itertools.compress(candidates, first),
+            map(_new_tuple, itertools.repeat(Sample), filter(None, first)),
+            strict=True,
+        )
+    )
+    for slot, sample in _samples_of_more(reader).items():  # a rerun, or one name in two files
+        run.tests[candidates[slot]] = sample
+    return run
+
+
+def estimator_of_report(
+    path: pathlib.Path,
+    candidates: Sequence[str],
+    slots: Mapping[str, Mapping[str, int]],
+    *,
+    percentile: float = history.DEFAULT_PERCENTILE,
+) -> history.Estimator | None:
+    """``history.Estimator([run_of_report(...)])``, without the run's samples: each
+    candidate's seconds go straight to it. None where run_of_report gives None."""
+    read = _keyed_read(path, candidates, slots, 0)
+    if read is None:
+        return None
+    run, reader = read
+    first = reader.first
+    seconds = itertools.chain(
+        zip(
+            itertools.compress(candidates, first),
+            map(_first, filter(None, first)),
+            strict=True,
+        ),
+        ((candidates[slot], s.seconds) for slot, s in _samples_of_more(reader).items()),
+    )
+    return history.Estimator.of_run_seconds(run, seconds, percentile=percentile)
+
+
+def estimator_from_junit(
+    patterns: Sequence[str], candidates: Sequence[str], *, last_runs: int, percentile: float
+) -> tuple[history.Estimator, list[str]]:
+    """``history.Estimator(runs_from_junit(patterns, candidates))`` and its warnings: of
+    one report, made straight from it when it can be (``estimator_of_report``)."""
+    paths = junit.expand_paths(patterns)
+    slots = slots_by_key(candidates) if len(paths) == 1 and last_runs >= 1 else None
+    if slots is not None:
+        made = estimator_of_report(paths[0], candidates, slots, percentile=percentile)
+        if made is not None:
+            return made, []
+    runs, warnings = runs_from_junit(patterns, candidates)
+    return history.Estimator(runs, last_runs=last_runs, percentile=percentile), warnings
+
+
+def _keyed_read(
+    path: pathlib.Path,
+    candidates: Sequence[str],
+    slots: Mapping[str, Mapping[str, int]],
+    created_ns: int,
+) -> tuple[Run, junit.KeyedReader] | None:
+    """The report read onto the candidates: its run but the tests (its file costs,
+    start-up and groups), and the reader holding the tests' samples; None where
+    run_of_report gives None."""
     reader = junit.KeyedReader(str(path), slots, len(candidates), history.MIN_SKIPPED_SECONDS)
     try:
         junit.parse(reader, junit.read_chunks(path))
     except (junit.NotJUnit, OSError):
         return None
     grouped, file_costs, startup = reader.finish()
-    first = reader.first
-    missed = list(itertools.compress(candidates, map(operator.is_, first, _NONES)))
+    missed = list(itertools.compress(candidates, map(operator.is_, reader.first, _NONES)))
     if missed and (
         reader.colon_in_names
         or not none_other_in_scopes({(c, _normalized(f)) for c, f in reader.all_scopes()}, missed)
@@ -97,24 +163,19 @@ def run_of_report(
     run.file_costs.update(file_costs)
     for candidate, matched in match_cases(grouped, candidates).items() if grouped else ():
         run.groups[candidate] = matched[0].group or ""
-    # The samples of the candidates named by one case, in the candidates' order, made in C
-    run.tests = dict(
-        zip(
-            itertools.compress(candidates, first),
-            map(_new_tuple, itertools.repeat(Sample), filter(None, first)),
-            strict=True,
-        )
-    )
+    return run, reader
+
+
+def _samples_of_more(reader: junit.KeyedReader) -> dict[int, Sample]:
+    """The sample of each slot named by more than one case, by the plain rule."""
     more: dict[int, list[tuple[object, Sample]]] = {}
     for slot, seconds, failed, file in reader.more:
         if slot not in more:
-            one = first[slot]
+            one = reader.first[slot]
             assert one is not None
             more[slot] = [(_normalized(reader.first_files[slot]), Sample(*one))]
         more[slot].append((_normalized(file), Sample(seconds, failed)))
-    for slot, samples in more.items():  # a rerun, or one name in several files
-        run.tests[candidates[slot]] = history.sample_of_cases(samples)
-    return run
+    return {slot: history.sample_of_cases(samples) for slot, samples in more.items()}
 
 
 def _normalized(file: str | None) -> str | None:
@@ -123,4 +184,5 @@ def _normalized(file: str | None) -> str | None:
 
 
 _NONES = itertools.repeat(None)
+_first = operator.itemgetter(0)
 _new_tuple = tuple.__new__  # a Sample without the Python frame of its __new__

@@ -19,7 +19,12 @@ from benchmarks.split_scale_suite import write_inputs
 from slipstream.splitter import history, junit
 from slipstream.splitter.history import Run
 from slipstream.splitter.ids import node_id, slots_by_key
-from slipstream.splitter.sources import run_of_report, runs_from_junit
+from slipstream.splitter.sources import (
+    estimator_from_junit,
+    estimator_of_report,
+    run_of_report,
+    runs_from_junit,
+)
 
 DATA = pathlib.Path(__file__).parent / "data"
 T = TypeVar("T")
@@ -231,7 +236,39 @@ def _check(path: pathlib.Path, candidates: list[str]) -> Run | None:
     fast = None if slots is None else run_of_report(path, candidates, slots, created_ns=0)
     if fast is not None:
         assert as_compared(fast) == as_compared(expected_runs[0])
+    # and the estimator made straight from the report is the plain runs' one
+    estimator, warnings = estimator_from_junit(
+        [str(path)], candidates, last_runs=history.DEFAULT_LAST_RUNS, percentile=50.0
+    )
+    assert warnings == expected_warnings
+    expected = history.Estimator(expected_runs, percentile=50.0)
+    assert as_estimated(estimator) == as_estimated(expected)
+    assert as_estimates(estimator.estimate(candidates)) == as_estimates(
+        history.estimate(candidates, expected_runs)
+    )
+    if slots is not None and fast is not None:  # made straight from the report
+        made = estimator_of_report(path, candidates, slots, percentile=50.0)
+        assert made is not None and as_estimated(made) == as_estimated(expected)
     return fast
+
+
+def as_estimated(estimator: history.Estimator) -> tuple[object, ...]:
+    return (
+        list(estimator.own.items()),
+        list(estimator.file_costs.items()),
+        estimator.startup,
+        list(estimator.groups.items()),
+    )
+
+
+def as_estimates(estimates: history.Estimates) -> tuple[object, ...]:
+    return (
+        list(estimates.tests.items()),
+        list(estimates.file_costs.items()),
+        estimates.from_history,
+        estimates.known,
+        estimates.startup,
+    )
 
 
 # Cases a missed id names otherwise than by (classname, name), added after the others:
