@@ -395,18 +395,26 @@ class Estimator:
         return Estimates(result, file_costs, True, len(result) - len(guessed), self.startup)
 
 
+class SortedDistinct(list[str]):
+    """Test ids that ``sorted_distinct`` gave: sorted, each once. Given to it again (the
+    CLI's ids go to load_estimates, then to Estimator.estimate), they are taken as they
+    are, without another pass over 100,000 ids to see it."""
+
+
 def sorted_distinct(tests: Iterable[str]) -> list[str]:
     """sorted(set(tests)), without a set of 100,000 when none is needed: the tests
-    themselves when they are sorted and distinct (as load_estimates gives them to
-    Estimator.estimate), known in one pass in C; else sorted, then made distinct if a
-    test comes twice (one more pass in C to see that none does)."""
+    themselves (as a SortedDistinct) when they are sorted and distinct, known in one
+    pass in C, or none when they are a SortedDistinct; else sorted, then made distinct
+    if a test comes twice (one more pass in C to see that none does)."""
+    if type(tests) is SortedDistinct:
+        return tests
     listed = tests if isinstance(tests, list) else list(tests)
     if all(map(operator.lt, listed, itertools.islice(listed, 1, None))):
-        return listed
+        return SortedDistinct(listed)
     ordered = sorted(listed)
     if any(map(operator.eq, ordered, itertools.islice(ordered, 1, None))):
-        return list(dict.fromkeys(ordered))
-    return ordered
+        return SortedDistinct(dict.fromkeys(ordered))
+    return SortedDistinct(ordered)
 
 
 def _values_by_file(own: Mapping[str, float]) -> dict[str, list[float]]:

@@ -324,6 +324,8 @@ def test_sorted_distinct_is_sorted_set(tests, presorted):
         tests = sorted(set(tests))
     got = history.sorted_distinct(iter(tests) if presorted else tests)
     assert got == sorted(set(tests))
+    # and given again, taken as it is
+    assert history.sorted_distinct(got) is got
 
 
 @settings(max_examples=300, deadline=None)
