@@ -508,12 +508,12 @@ def _lpt_and_loads(
     # (load, shard) as one int, load * n + shard: the same order, compared faster
     heap = list(range(n))
     replace_top = heapq.heapreplace
-    for step, i in enumerate(order):
-        if step % _CHECK_EVERY == 0:
-            check()
-        top = heap[0]
-        assign[i] = top % n
-        replace_top(heap, top + weights[i] * n)
+    scaled = list(map(operator.mul, weights, itertools.repeat(n)))  # each weight * n, in C
+    for chunk in _chunks(order, check):  # check() per chunk, not a test per unit
+        for i in chunk:
+            top = heap[0]
+            assign[i] = top % n
+            replace_top(heap, top + scaled[i])
     loads = [0] * n
     for key in heap:
         loads[key % n] = key // n
