@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from slipstream.splitter import history
 from slipstream.splitter.history import Estimates, HistoryError, Run
-from slipstream.splitter.sources import TimingSource, runs_from_junit
+from slipstream.splitter.sources import TimingSource, estimator_from_junit
 
 if TYPE_CHECKING:
     from slipstream.cache_server.storage.base import Store
@@ -99,14 +99,17 @@ def load_estimates(source: TimingSource, tests: Iterable[str]) -> tuple[Estimate
     """
     wanted = history.sorted_distinct(tests)
     if source.junit:
-        runs, warnings = runs_from_junit(source.junit, wanted)
+        estimator, warnings = estimator_from_junit(
+            source.junit, wanted, last_runs=source.last_runs, percentile=source.percentile
+        )
         where = "the JUnit reports"
     else:
         runs, warnings = load_history(source.storage_dir, source.suite)
+        estimator = history.Estimator(
+            runs, last_runs=source.last_runs, percentile=source.percentile
+        )
         where = f"the history of suite {source.suite!r}"
-    estimates = history.estimate(
-        wanted, runs, last_runs=source.last_runs, percentile=source.percentile
-    )
+    estimates = estimator.estimate(wanted)  # history.estimate(wanted, runs, ...)
     if wanted and not estimates.from_history:
         warnings.append(f"no timings for these tests in {where}: splitting evenly by count")
     return estimates, warnings

@@ -37,7 +37,7 @@ from typing import Literal, NamedTuple, TypeVar
 
 import xxhash
 
-from slipstream.splitter.ids import class_of, file_map
+from slipstream.splitter.ids import class_of, files_of
 
 Granularity = Literal["auto", "test", "class", "file"]
 GRANULARITIES: tuple[Granularity, ...] = ("auto", "test", "class", "file")
@@ -249,7 +249,21 @@ def build_units(
 
 def _files_of(times: Mapping[str, float], check: Check) -> dict[str, str]:
     """Each test's file, the tests sorted."""
-    return file_map(_checking(sorted(times), check))
+    return dict(zip(*_tests_and_files(times, check), strict=True))
+
+
+def _tests_and_files(times: Mapping[str, float], check: Check) -> tuple[list[str], list[str]]:
+    """The tests, sorted, and each one's file: one string per distinct file, so each
+    file is hashed once however many sets and dicts it goes in, and two of one file
+    compare by identity."""
+    tests = list(times)
+    if not all(map(operator.lt, tests, itertools.islice(tests, 1, None))):  # in C
+        tests.sort()
+    check()
+    one_of_each: dict[str, str] = {}
+    files = list(map(one_of_each.setdefault, *itertools.tee(files_of(tests))))
+    check()
+    return tests, files
 
 
 def _build_units(
@@ -436,7 +450,7 @@ def _lpt_chunks(
 ) -> list[list[str]]:
     units = [_unit(p, times, file_of_test, 0.0) for p in pieces]
     unit_weights = [_int_weight(u.weight) for u in units]
-    order = _order(units, unit_weights)
+    order = _order([u.id for u in units], unit_weights)
     bins = _lpt([unit_weights[i] for i in order], range(len(order)), k)
     chunks: list[list[str]] = [[] for _ in range(k)]
     for r, b in enumerate(bins):
@@ -448,19 +462,20 @@ def _int_weight(seconds: float) -> int:
     return max(0, round(seconds * _SCALE))
 
 
-def _order(units: Sequence[Unit], weights: Sequence[int]) -> list[int]:
-    """Unit indices from heaviest to lightest, ties broken by a hash of the id, then the id."""
-    if len(units) != len(weights):
+def _order(ids: Sequence[str], weights: Sequence[int]) -> list[int]:
+    """Unit indices (given each unit's id) from heaviest to lightest, ties broken by a
+    hash of the id, then the id."""
+    if len(ids) != len(weights):
         raise ValueError("a weight per unit")
     # (-weight, hash) as one int, -weight * 2**64 + hash: the same order, sorted faster;
-    # made in C loops: (-w << 64) | xxh64(u.id encoded) for each unit
-    hashes = map(xxhash.xxh64_intdigest, _encoded(list(map(_first, map(_tests, units)))))
+    # made in C loops: (-w << 64) | xxh64(id encoded) for each unit
+    hashes = map(xxhash.xxh64_intdigest, _encoded(list(ids)))
     keys = list(
         map(operator.or_, map(operator.lshift, map(operator.neg, weights), _SIXTY_FOURS), hashes)
     )
     if len(set(keys)) < len(keys):  # a hash collision: the id decides
-        return sorted(range(len(units)), key=lambda i: (keys[i], units[i].id))
-    return sorted(range(len(units)), key=keys.__getitem__)
+        return sorted(range(len(ids)), key=lambda i: (keys[i], ids[i]))
+    return sorted(range(len(ids)), key=keys.__getitem__)
 
 
 def _encoded(ids: list[str], piece: int = _CHECK_EVERY) -> Iterable[bytes]:
@@ -493,12 +508,12 @@ def _lpt_and_loads(
     # (load, shard) as one int, load * n + shard: the same order, compared faster
     heap = list(range(n))
     replace_top = heapq.heapreplace
-    for step, i in enumerate(order):
-        if step % _CHECK_EVERY == 0:
-            check()
-        top = heap[0]
-        assign[i] = top % n
-        replace_top(heap, top + weights[i] * n)
+    scaled = list(map(operator.mul, weights, itertools.repeat(n)))  # each weight * n, in C
+    for chunk in _chunks(order, check):  # check() per chunk, not a test per unit
+        for i in chunk:
+            top = heap[0]
+            assign[i] = top % n
+            replace_top(heap, top + scaled[i])
     loads = [0] * n
     for key in heap:
         loads[key % n] = key // n
@@ -723,31 +738,24 @@ def lower_bound(
 
 
 def _single_test_bound(
-    times: Mapping[str, float],
-    file_of_test: Mapping[str, str],
+    seconds: Sequence[float],
+    files: Sequence[str],
     n: int,
     file_costs: Mapping[str, float],
     startup: float,
     check: Check,
 ) -> float:
     """``lower_bound`` of the units of ``build_units(times, n, "test")`` (no groups: one
-    test each), without making them."""
-    if not times:
+    test each, its predicted seconds and its file), without making them."""
+    if not seconds:
         return 0.0
-    total = math.fsum(times.values()) + math.fsum(
-        file_costs.get(f, 0.0) for f in set(file_of_test.values())
-    )
+    distinct_files = set(files)
+    total = math.fsum(seconds) + math.fsum(file_costs.get(f, 0.0) for f in distinct_files)
     # + 0.0: what fsum of the one file cost gives (-0.0 becomes 0.0); each file's once,
     # and each test's time plus its file's added in C
-    cost_of = {f: file_costs.get(f, 0.0) + 0.0 for f in set(file_of_test.values())}
+    cost_of = {f: file_costs.get(f, 0.0) + 0.0 for f in distinct_files}
     check()
-    longest: float = max(
-        map(
-            operator.add,
-            map(times.__getitem__, file_of_test),
-            map(cost_of.__getitem__, file_of_test.values()),
-        )
-    )
+    longest: float = max(map(operator.add, seconds, map(cost_of.__getitem__, files)))
     return startup + max(total / n, longest)
 
 
@@ -802,24 +810,39 @@ def split(
     if n < 1:
         raise ValueError("the number of shards must be at least 1")
     fcosts = file_costs or {}
-    # Everything below works on units ranked by the total order, never on input positions.
     # _int_weight of each, in C loops
     unit_weights = list(map(round, map(operator.mul, map(_weight, units), _SCALES)))
+    ids = list(map(_first, map(_tests, units)))
+    method, assign = _assign(ids, unit_weights, n, max_iterations, check)
+    check()
+    members = _grouped_by_shard(units, assign, n)  # each shard's units in input order
+    shards = tuple(_shard(s, members[s], fcosts, startup) for s in range(n))
+    check()
+    lb = lower_bound(units, n, fcosts, startup) if units else 0.0
+    return _plan(shards, lb, method)
+
+
+def _assign(
+    ids: Sequence[str], unit_weights: list[int], n: int, max_iterations: int, check: Check
+) -> tuple[str, list[int]]:
+    """The shard of each unit (by position), given each unit's id and integer weight,
+    and the method that found the assignment: ``split``'s work on the units alone."""
+    # Everything below works on units ranked by the total order, never on input positions.
     if unit_weights and min(unit_weights) < 0:
         unit_weights = [max(0, w) for w in unit_weights]
-    order = _order(units, unit_weights)
+    order = _order(ids, unit_weights)
     weights = list(map(unit_weights.__getitem__, order))
     ranks = range(len(order))
     floor = math.ceil(sum(weights) / n)
     lpt, lpt_loads = _lpt_and_loads(weights, ranks, n, check)
     candidates: list[tuple[str, list[int]]] = [("lpt", lpt)]
     if (
-        0 < len(units) < _DIFFERENCING_UNITS_PER_SHARD * n
+        0 < len(ids) < _DIFFERENCING_UNITS_PER_SHARD * n
         and n > 1
-        and len(units) * n <= _DIFFERENCING_MAX_CELLS
+        and len(ids) * n <= _DIFFERENCING_MAX_CELLS
     ):
         candidates.append(("differencing", _differencing(weights, ranks, n, check)))
-    if 0 < len(units) <= _EXACT_MAX_UNITS and n > 1:
+    if 0 < len(ids) <= _EXACT_MAX_UNITS and n > 1:
         beat = min(_makespan(weights, a, n) for _, a in candidates)
         exact = _exact(weights, n, beat, _EXACT_NODE_LIMIT, check)
         if exact is not None:
@@ -835,15 +858,14 @@ def split(
             best = (makespan, name, assign)
     assert best is not None
     _, method, by_rank = best
-    assign = [0] * len(units)
+    assign = [0] * len(ids)
     check()
     collections.deque(map(assign.__setitem__, order, by_rank), maxlen=0)  # by rank: in C
-    check()
-    members = _grouped_by_shard(units, assign, n)  # each shard's units in input order
-    shards = tuple(_shard(s, members[s], fcosts, startup) for s in range(n))
-    check()
+    return method, assign
+
+
+def _plan(shards: tuple[Shard, ...], lb: float, method: str) -> Plan:
     predicted_makespan = max(s.predicted for s in shards)
-    lb = lower_bound(units, n, fcosts, startup) if units else 0.0
     return Plan(
         shards=shards,
         makespan=predicted_makespan,
@@ -852,6 +874,45 @@ def split(
         plan_hash=plan_hash([s.tests for s in shards]),
         method=method,
     )
+
+
+def _split_single_tests(
+    tests: list[str],
+    files: list[str],
+    seconds: list[float],
+    n: int,
+    fcosts: Mapping[str, float],
+    startup: float,
+    max_iterations: int,
+    check: Check,
+) -> Plan:
+    """``split`` of the units of a split by test without groups (one per test, sorted
+    and distinct, with its file and predicted seconds), made without the units: their
+    fields as parallel lists, each shard's picked out by position."""
+    sharing = collections.Counter(files)  # how many tests each file's cost is shared by
+    share_of = {f: fcosts[f] / count if f in fcosts else 0.0 for f, count in sharing.items()}
+    weights = map(operator.add, seconds, map(share_of.__getitem__, files))  # each unit's
+    unit_weights = list(map(round, map(operator.mul, weights, _SCALES)))
+    method, assign = _assign(tests, unit_weights, n, max_iterations, check)
+    check()
+    members = _grouped_by_shard(range(len(tests)), assign, n)  # positions, in order
+    shards = []
+    for index, positions in enumerate(members):
+        # _shard of the units at these positions
+        shard_files = dict.fromkeys(map(files.__getitem__, positions))
+        shards.append(
+            Shard(
+                index=index,
+                tests=tuple(map(tests.__getitem__, positions)),  # sorted: as the tests
+                files=tuple(sorted(shard_files)),
+                predicted=(startup if positions else 0.0)
+                + functools.reduce(operator.add, map(seconds.__getitem__, positions), 0.0)
+                + math.fsum(map(fcosts.get, shard_files, itertools.repeat(0.0))),
+            )
+        )
+    check()
+    lb = _single_test_bound(seconds, files, n, fcosts, startup, check)
+    return _plan(tuple(shards), lb, method)
 
 
 def split_tests(
@@ -886,14 +947,30 @@ def split_tests(
         )
 
     check()
-    file_of_test = _files_of(times, check)
+    tests, files = _tests_and_files(times, check)
     fcosts = file_costs or {}
+    # Each test's time in the tests' order: the times' own when they come sorted
+    seconds = list(times.values()) if tests == list(times) else list(map(times.__getitem__, tests))
+    file_of_test_made: dict[str, str] | None = None
 
     def units_of(granularity: Granularity, granules_per_shard: int = 1) -> list[Unit]:
+        nonlocal file_of_test_made
+        if file_of_test_made is None:
+            file_of_test_made = dict(zip(tests, files, strict=True))
         return _build_units(
-            times, file_of_test, n, granularity, fcosts, groups, granules_per_shard, check
+            times, file_of_test_made, n, granularity, fcosts, groups, granules_per_shard, check
         )
 
+    # Without groups, single tests' units are split as parallel lists of their fields
+    def by_single_tests() -> Plan:
+        """plan_of(units_of("test")) without groups."""
+        if n < 1:
+            raise ValueError("the number of shards must be at least 1")
+        check()
+        return _split_single_tests(tests, files, seconds, n, fcosts, startup, max_iterations, check)
+
+    if granularity == "test" and not groups:
+        return by_single_tests()
     plan = plan_of(units_of(granularity))
     if granularity != "auto":
         return plan
@@ -904,7 +981,7 @@ def split_tests(
         test_units = units_of("test")
         bound = lower_bound(test_units, n, fcosts, startup) if test_units else 0.0
     else:
-        bound = _single_test_bound(times, file_of_test, n, fcosts, startup, check)
+        bound = _single_test_bound(seconds, files, n, fcosts, startup, check)
     check()
 
     def good_enough(candidate: Plan) -> bool:
@@ -915,9 +992,7 @@ def split_tests(
         if finer.makespan < plan.makespan:
             plan = finer
         if not good_enough(plan):
-            if test_units is None:
-                test_units = units_of("test")  # no groups here: they made test_units
-            by_test = plan_of(test_units)
+            by_test = by_single_tests() if test_units is None else plan_of(test_units)
             if by_test.makespan < plan.makespan * (1 - _CUT_CLASSES_GAIN):
                 plan = by_test
     ratio = plan.makespan / bound if bound > 0 else 1.0

@@ -11,12 +11,10 @@ else of the whole suite.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import operator
 import re
 import time
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -164,18 +162,26 @@ def run_from_cases(
             # Sample(...) without the Python frame of a named tuple's __new__
             run.tests[candidate] = _new_tuple(Sample, (case.time, case.outcome == "failed"))
             continue
-        per_case: dict[tuple[str, str, str | None], Sample] = {}
+        samples: list[tuple[object, Sample]] = []
         for case in matched:
             assert case.time is not None
             names = (case.classname, case.name, case.file)
-            per_case[names] = _merge_sample(
-                per_case.get(names), Sample(case.time, case.outcome == "failed")
-            )
-        run.tests[candidate] = Sample(
-            math.fsum(s.seconds for s in per_case.values()),
-            any(s.failed for s in per_case.values()),
-        )
+            samples.append((names, Sample(case.time, case.outcome == "failed")))
+        run.tests[candidate] = sample_of_cases(samples)
     return run
+
+
+def sample_of_cases(samples: Iterable[tuple[object, Sample]]) -> Sample:
+    """A candidate's sample from its cases' samples, each given with what names the
+    case (its classname, name and file): a case seen twice (a rerun) counts once, as
+    ``_merge_sample`` keeps it; distinct cases (a file's, a class's) add up."""
+    per_case: dict[object, Sample] = {}
+    for names, sample in samples:
+        per_case[names] = _merge_sample(per_case.get(names), sample)
+    return Sample(
+        math.fsum(s.seconds for s in per_case.values()),
+        any(s.failed for s in per_case.values()),
+    )
 
 
 def merge_runs(runs: Iterable[Run]) -> list[Run]:
@@ -299,6 +305,27 @@ class Estimator:
         self._by_directory: dict[str, list[float]] | None = None
         self._file_total: dict[str, float] | None = None
 
+    @classmethod
+    def of_run_seconds(
+        cls,
+        run: Run,
+        seconds: Iterable[tuple[str, float]],
+        *,
+        percentile: float = DEFAULT_PERCENTILE,
+    ) -> Estimator:
+        """``Estimator([run])`` of a run whose tests' samples are given apart, as each
+        test's seconds (run.tests empty; a test given twice takes its last seconds in
+        its first place): the estimates of one run need no more of its samples."""
+        if run.tests:
+            raise ValueError("the run's tests are given as their seconds")
+        made = cls([run], percentile=percentile)
+        # what __init__ makes of one run, inlined there too
+        made.own = {
+            test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
+            for test, one in seconds
+        }
+        return made
+
     def _files(self) -> dict[str, list[float]]:
         """The own estimates of each file's tests. A scope is a file or a directory: its
         values are those of the tests of the file and of every file below the directory
@@ -368,29 +395,41 @@ class Estimator:
         return Estimates(result, file_costs, True, len(result) - len(guessed), self.startup)
 
 
+class SortedDistinct(list[str]):
+    """Test ids that ``sorted_distinct`` gave: sorted, each once. Given to it again (the
+    CLI's ids go to load_estimates, then to Estimator.estimate), they are taken as they
+    are, without another pass over 100,000 ids to see it."""
+
+
 def sorted_distinct(tests: Iterable[str]) -> list[str]:
     """sorted(set(tests)), without a set of 100,000 when none is needed: the tests
-    themselves when they are sorted and distinct (as load_estimates gives them to
-    Estimator.estimate), known in one pass in C; else sorted, then made distinct if a
-    test comes twice (one more pass in C to see that none does)."""
+    themselves (as a SortedDistinct) when they are sorted and distinct, known in one
+    pass in C, or none when they are a SortedDistinct; else sorted, then made distinct
+    if a test comes twice (one more pass in C to see that none does)."""
+    if type(tests) is SortedDistinct:
+        return tests
     listed = tests if isinstance(tests, list) else list(tests)
     if all(map(operator.lt, listed, itertools.islice(listed, 1, None))):
-        return listed
+        return SortedDistinct(listed)
     ordered = sorted(listed)
     if any(map(operator.eq, ordered, itertools.islice(ordered, 1, None))):
-        return list(dict.fromkeys(ordered))
-    return ordered
+        return SortedDistinct(dict.fromkeys(ordered))
+    return SortedDistinct(ordered)
 
 
 def _values_by_file(own: Mapping[str, float]) -> dict[str, list[float]]:
-    """Each file's tests' values, in own's order."""
+    """Each file's tests' values, in own's order: cut where the file changes (found in
+    C), a file's tests mostly coming one after another (own sorted)."""
+    files = files_of(own)
+    values = list(own.values())
+    starts = [0, *itertools.compress(range(1, len(files)), map(operator.ne, files[1:], files))]
     by_file: dict[str, list[float]] = {}
-    for seconds, f in zip(own.values(), files_of(own), strict=True):
-        got_file = by_file.get(f)
+    for start, end in zip(starts, [*starts[1:], len(files)], strict=True) if files else ():
+        got_file = by_file.get(files[start])
         if got_file is None:
-            by_file[f] = [seconds]
+            by_file[files[start]] = values[start:end]
         else:
-            got_file.append(seconds)
+            got_file.extend(values[start:end])
     return by_file
 
 
@@ -406,7 +445,13 @@ def check_suite(suite: str) -> None:
         raise HistoryError(f"suite name {suite!r} must be 1-64 of letters, digits, '.', '_', '-'")
 
 
+# json and uuid are imported where a record is written or read: `slipstream split
+# --junit`, run by each of a matrix's runners, does neither (about 5 ms of imports).
+
+
 def encode_run(run: Run) -> bytes:
+    import json
+
     return json.dumps(
         {
             "version": RECORD_VERSION,
@@ -423,6 +468,8 @@ def encode_run(run: Run) -> bytes:
 
 def decode_run(data: bytes) -> Run:
     """A run from its record; raises ValueError for a record it cannot read."""
+    import json
+
     try:
         raw = json.loads(data)
         if raw.get("version") != RECORD_VERSION:
@@ -448,6 +495,8 @@ def append_run(store: RecordStore, suite: str, run: Run) -> str:
 
 def store_run(store: RecordStore, suite: str, run: Run) -> tuple[str, int]:
     """``append_run``, returning the new record's key and size (what a listing shows)."""
+    import uuid
+
     check_suite(suite)
     key = f"{suite}/{run.created_ns:020d}-{uuid.uuid4().hex}"
     data = encode_run(run)

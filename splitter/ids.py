@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import operator
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 
@@ -162,26 +162,15 @@ def match_cases(
             names[case.name] = [case]
         else:
             got.append(case)
-    # junit_key(candidate), made fast: the candidates of one scope (what comes before
-    # the last "::", a file and its classes) share one classname, so one look-up; they
-    # come one after another when the candidates are sorted
-    last_scope: str | None = None
-    names = None
     out: dict[str, list[JUnitCase]] = {}
     missed: list[str] = []  # in out as [] for now, which keeps the candidates' order
-    for candidate in candidates:
-        base = candidate.partition("[")[0]
-        scope, separator, _ = base.rpartition("::")
+    candidates = list(candidates)
+    for candidate, key in zip(candidates, candidate_keys(candidates), strict=True):
         found = None
-        if separator and ":::" not in base:  # else split("::") may cut elsewhere
-            if scope != last_scope:
-                names, last_scope = _names_of_scope(scope, by_classname), scope
+        if key is not None:
+            names = by_classname.get(key[0])
             if names is not None:
-                found = names.get(candidate[len(scope) + 2 :])
-        elif separator:
-            key = junit_key(candidate)
-            of_key = by_classname.get(key[0]) if key else None
-            found = of_key.get(key[1]) if key and of_key else None
+                found = names.get(key[1])
         if found:
             out[candidate] = found
         elif candidate not in out:
@@ -206,14 +195,54 @@ def match_cases(
     return out
 
 
-def _names_of_scope(
-    scope: str, by_classname: Mapping[str, dict[str, list[JUnitCase]]]
-) -> dict[str, list[JUnitCase]] | None:
-    """The cases by name of the classname pytest writes for a scope (``file[::Class]``)."""
+def candidate_keys(candidates: Iterable[str]) -> list[tuple[str, str] | None]:
+    """The (classname, name) by which ``match_cases`` first looks a candidate up: its
+    ``junit_key``, or None for one without ``::`` (a file, a classname, a bare name).
+
+    Made fast: the candidates of one scope (what comes before the last ``::``, a file
+    and its classes) share one classname, made once for a run of them (they come one
+    after another when the candidates are sorted).
+    """
+    keys: list[tuple[str, str] | None] = []
+    last_scope: str | None = None
+    classname: str | None = None
+    for candidate in candidates:
+        base = candidate.partition("[")[0]
+        scope, separator, _ = base.rpartition("::")
+        if not separator:
+            keys.append(None)
+        elif ":::" in base:  # split("::") may cut elsewhere than rpartition
+            keys.append(junit_key(candidate))
+        else:
+            if scope != last_scope:
+                classname, last_scope = _classname_of_scope(scope), scope
+            keys.append(None if classname is None else (classname, candidate[len(scope) + 2 :]))
+    return keys
+
+
+def slots_by_key(candidates: Sequence[str]) -> dict[str, dict[str, int]] | None:
+    """Each candidate's position under its ``candidate_keys`` key, as classname ->
+    name -> position; None when a candidate has no key or shares one with another
+    (then only ``match_cases`` matches them as it does)."""
+    slots: dict[str, dict[str, int]] = {}
+    for position, key in enumerate(candidate_keys(candidates)):
+        if key is None:
+            return None
+        names = slots.get(key[0])
+        if names is None:
+            names = slots[key[0]] = {}
+        elif key[1] in names:
+            return None
+        names[key[1]] = position
+    return slots
+
+
+def _classname_of_scope(scope: str) -> str | None:
+    """The classname pytest writes for a scope (``file[::Class]``), None if not a .py file."""
     parts = scope.split("::")
     if not parts[0].endswith(".py"):
         return None
-    return by_classname.get(".".join([_module_dotted(parts[0]), *parts[1:]]))
+    return ".".join([_module_dotted(parts[0]), *parts[1:]])
 
 
 def node_ids(cases: Iterable[JUnitCase]) -> list[str]:
@@ -241,12 +270,25 @@ def _none_other(cases: list[JUnitCase], missed: list[str]) -> bool:
     is a missed candidate.
     """
     names = map(_first, map(str.partition, map(_name, cases), _BRACKETS))
-    if any(map(operator.contains, names, _COLONS)):
+    if any(map(operator.contains, names, _COLONS)):  # colon_in_name of each, in C
         return False
+    scopes = set(zip(map(_classname, cases), map(_file, cases), strict=True))
+    return none_other_in_scopes(scopes, missed)
+
+
+def colon_in_name(name: str) -> bool:
+    """Whether a case's name has a ":" before its parameters (then its node id may not
+    cut back into its classname and name)."""
+    return ":" in name and ":" in name.partition("[")[0]
+
+
+def none_other_in_scopes(scopes: Iterable[tuple[str, str | None]], missed: list[str]) -> bool:
+    """``_none_other`` of cases whose names have no ":" before their parameters, from
+    their distinct (classname, file) scopes alone."""
     wanted = set(missed)
     wanted_files = {normalize_path(c) for c in missed}
     modules: dict[str, tuple[str, str] | None] = {}  # file -> (path, dotted), if plain
-    for classname, file in set(zip(map(_classname, cases), map(_file, cases), strict=True)):
+    for classname, file in scopes:
         if classname in wanted:
             return False
         if file and _plain_scope(classname, file, modules):

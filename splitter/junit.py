@@ -11,12 +11,12 @@ from __future__ import annotations
 import glob
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from xml.parsers import expat
 
-from slipstream.splitter.ids import JUnitCase, normalize_path
+from slipstream.splitter.ids import JUnitCase, colon_in_name, normalize_path
 
 _CHUNK = 1 << 20
 _FAILED_TAGS = frozenset({"failure", "error"})
@@ -69,6 +69,15 @@ def parse_time(text: str | None) -> float | None:
     return seconds
 
 
+def outcome_of(tags: set[str]) -> str:
+    """A case's outcome from its child elements' tags."""
+    if not tags.isdisjoint(_FAILED_TAGS):
+        return "failed"
+    if "skipped" in tags:
+        return "skipped"
+    return "passed"  # flakyFailure/flakyError: passed on a rerun
+
+
 def _forbid(*_: object) -> int:
     raise NotJUnit("declares XML entities, which are refused")
 
@@ -81,7 +90,7 @@ class _Suite:
     nested: list[_Suite]
 
 
-class _Reader:
+class Reader:
     """Expat handlers that read the cases as the elements stream by, keeping no tree.
 
     The cases come out in the order of the report's tree: a suite's own cases, then its
@@ -154,14 +163,7 @@ class _Reader:
         if self.stack.pop() is not _CASE:
             return
         attrs, tags = self.case_attrs, self.case_tags
-        if tags is None:
-            outcome = "passed"
-        elif not tags.isdisjoint(_FAILED_TAGS):
-            outcome = "failed"
-        elif "skipped" in tags:
-            outcome = "skipped"
-        else:
-            outcome = "passed"  # flakyFailure/flakyError: passed on a rerun
+        outcome = "passed" if tags is None else outcome_of(tags)
         parent = self.stack[-1]
         if parent is _ROOT:
             suite_file, cases = None, self.root_cases
@@ -187,9 +189,109 @@ class _Reader:
             )
         )
 
+    def finish(self) -> tuple[list[JUnitCase], dict[str, float], float | None]:
+        """The cases kept, in the report's tree order, the per-file costs and the start-up
+        of the suites' properties (a later suite's value of a name wins)."""
+        cases: list[JUnitCase] = []
+        props: dict[str, str] = {}
+        for suite in self.top:
+            _walk(suite, cases, props)
+        file_costs: dict[str, float] = {}
+        for name, value in props.items():
+            seconds = parse_time(value)
+            if name.startswith(FILE_COST_PROPERTY) and seconds is not None:
+                file_costs[name[len(FILE_COST_PROPERTY) :]] = seconds
+        startup = parse_time(props.get(STARTUP_PROPERTY))
+        cases.extend(self.root_cases)  # cases directly under <testsuites> (seen from some tools)
+        return cases, file_costs, startup
+
+
+class KeyedReader(Reader):
+    """A Reader that puts each case that ran straight in the slot of the test id it
+    names, keeping no case (but those of an xdist group, for the plain matching).
+
+    ``slots`` maps a (classname, name), as classname -> name -> slot, to one of
+    ``count`` slots (the ids'). A case ran when it has a time and is not a skip of
+    under ``min_skipped_seconds``. A slot's first case goes in ``first`` (its seconds
+    and whether it failed) and ``first_files``, any later one in ``more``. The
+    (classname, file) of every case that ran, and whether any has a ":" in its name
+    before its parameters, tell whether an id that names no case by (classname, name)
+    could name one otherwise (``ids.none_other_in_scopes``). Files are as written
+    (a case's own, else its suite's), not normalized.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        slots: Mapping[str, Mapping[str, int]],
+        count: int,
+        min_skipped_seconds: float,
+    ) -> None:
+        super().__init__(path)
+        self.slots = slots
+        self.min_skipped_seconds = min_skipped_seconds
+        self.first: list[tuple[float, bool] | None] = [None] * count
+        self.first_files: list[str | None] = [None] * count
+        self.more: list[tuple[int, float, bool, str | None]] = []
+        # The (classname, file) scopes: each classname's first file, and any other
+        self.scope_files: dict[str, str | None] = {}
+        self.scopes: set[tuple[str, str | None]] = set()
+        self.colon_in_names = False
+
+    def all_scopes(self) -> set[tuple[str, str | None]]:
+        """The distinct (classname, file) of the cases that ran, files as written."""
+        return self.scopes.union(self.scope_files.items())
+
+    def end(self, tag: str) -> None:
+        stack = self.stack
+        if stack.pop() is not _CASE:
+            return
+        if self.case_group is not None:  # kept as a case: groups are matched the plain way
+            stack.append(_CASE)
+            Reader.end(self, tag)
+        attrs, tags = self.case_attrs, self.case_tags
+        time = attrs.get("time")
+        seconds = self.times.get(time, _UNPARSED)  # few distinct times: each parsed once
+        if seconds is _UNPARSED:
+            seconds = self.times[time] = parse_time(time)
+        if seconds is None:
+            return
+        failed = False
+        if tags is not None:
+            outcome = outcome_of(tags)
+            if outcome == "skipped" and seconds < self.min_skipped_seconds:
+                return  # skipped up front: not timing data
+            failed = outcome == "failed"
+        file = attrs.get("file")
+        if not file:
+            parent = stack[-1]
+            file = None if parent is _ROOT else parent.file  # type: ignore[attr-defined]
+        classname = attrs.get("classname") or ""
+        name = attrs.get("name") or ""
+        names = self.slots.get(classname)
+        # The scopes: most classnames have one file, compared without a tuple and a set
+        if self.scope_files.get(classname, _NO_FILE) != file:
+            if classname in self.scope_files:
+                self.scopes.add((classname, file))
+            else:
+                self.scope_files[classname] = file
+        if ":" in name and colon_in_name(name):
+            self.colon_in_names = True
+        if names is None:
+            return
+        slot = names.get(name)
+        if slot is None:
+            return
+        if self.first[slot] is None:
+            self.first[slot] = (seconds, failed)
+            self.first_files[slot] = file
+        else:
+            self.more.append((slot, seconds, failed, file))
+
 
 _new_tuple = tuple.__new__  # a JUnitCase without the Python frame of its __new__
 _ROOT = object()
+_NO_FILE = object()
 _CASE = object()
 _CASE_PROPS = object()
 _SUITE_PROPS = object()
@@ -204,7 +306,14 @@ def _walk(suite: _Suite, cases: list[JUnitCase], props: dict[str, str]) -> None:
 
 def parse_report(chunks: Iterable[bytes], path: str) -> Report:
     """The cases in one report given as byte chunks; raises NotJUnit."""
-    reader = _Reader(path)
+    reader = Reader(path)
+    parse(reader, chunks)
+    cases, file_costs, startup = reader.finish()
+    return Report(path, tuple(cases), file_costs, startup)
+
+
+def parse(reader: Reader, chunks: Iterable[bytes]) -> None:
+    """Feed a report to a reader's handlers with expat; raises NotJUnit."""
     parser = expat.ParserCreate()
     parser.SetParamEntityParsing(expat.XML_PARAM_ENTITY_PARSING_NEVER)
     parser.EntityDeclHandler = _forbid  # type: ignore[assignment]
@@ -227,21 +336,9 @@ def parse_report(chunks: Iterable[bytes], path: str) -> Report:
         ) from None
     if reader.root not in ("testsuites", "testsuite"):
         raise NotJUnit(f"is XML but not a JUnit report (root element <{reader.root}>)")
-    cases: list[JUnitCase] = []
-    props: dict[str, str] = {}
-    for suite in reader.top:
-        _walk(suite, cases, props)
-    file_costs: dict[str, float] = {}
-    for name, value in props.items():
-        seconds = parse_time(value)
-        if name.startswith(FILE_COST_PROPERTY) and seconds is not None:
-            file_costs[name[len(FILE_COST_PROPERTY) :]] = seconds
-    startup = parse_time(props.get(STARTUP_PROPERTY))
-    cases.extend(reader.root_cases)  # cases directly under <testsuites> (seen from some tools)
-    return Report(path, tuple(cases), file_costs, startup)
 
 
-def _read_chunks(path: Path) -> Iterator[bytes]:
+def read_chunks(path: Path) -> Iterator[bytes]:
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             yield chunk
@@ -279,7 +376,7 @@ def expand_paths(patterns: Iterable[str]) -> list[Path]:
 def check_report(path: Path) -> None:
     """NotJUnit, naming the file, unless it is a JUnit report; OSError if unreadable."""
     try:
-        parse_report(_read_chunks(path), str(path))
+        parse_report(read_chunks(path), str(path))
     except NotJUnit as exc:
         raise NotJUnit(f"{path} {exc}") from None
 
@@ -290,7 +387,7 @@ def read_reports(paths: Iterable[Path]) -> tuple[list[Report], list[str]]:
     warnings: list[str] = []
     for path in paths:
         try:
-            reports.append(parse_report(_read_chunks(path), str(path)))
+            reports.append(parse_report(read_chunks(path), str(path)))
         except NotJUnit as exc:
             warnings.append(f"{path}: {exc}; ignored")
         except OSError as exc:

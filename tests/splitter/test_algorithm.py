@@ -277,7 +277,7 @@ _ids = st.text(alphabet="ab\ud800é", max_size=3)  # few distinct: ids repeat, t
 def test_the_order_is_weight_then_hash_then_id(units_weights):
     units = [Unit((t,), ("f",), 0.0, 0.0) for t, _ in units_weights]
     weights = [w for _, w in units_weights]
-    assert algorithm._order(units, weights) == _plain_order(units, weights)
+    assert algorithm._order([u.id for u in units], weights) == _plain_order(units, weights)
 
 
 @settings(max_examples=300, deadline=None)
@@ -370,10 +370,47 @@ def test_auto_judges_by_the_bound_of_single_tests(times, costs, n):
     # unit found in C since issue 23), is lower_bound of those units.
     units = build_units(times, n, "test", file_costs=costs)
     expected = algorithm.lower_bound(units, n, costs, 2.0) if units else 0.0
-    got = algorithm._single_test_bound(
-        times, algorithm._files_of(times, algorithm.no_check), n, costs, 2.0, algorithm.no_check
-    )
+    tests, files = algorithm._tests_and_files(times, algorithm.no_check)
+    seconds = [times[t] for t in tests]
+    got = algorithm._single_test_bound(seconds, files, n, costs, 2.0, algorithm.no_check)
     assert got == expected
+
+
+_PLAN_TEST_IDS = st.sampled_from(
+    ["a.py::x", "a.py::y", "a.py::T::z", "a.py::T::w", "b.py::w", "c", "d.py::v[a::b]", "e/f.py::u"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.dictionaries(
+        _PLAN_TEST_IDS | _test_ids,
+        st.sampled_from([-0.0, 0.0, 0.5, 1.25, 3.0, 9.0, 1e-7, 0.0015]),
+        max_size=24,
+    ),
+    st.dictionaries(
+        st.sampled_from(["a.py", "b.py", "c", "e/f.py"]),
+        st.sampled_from([-0.0, 0.0, 1.0, 0.1, 2.5]),
+    ),
+    st.integers(1, 6),
+    st.sampled_from([0.0, 2.0]),
+    st.sampled_from([2000, 3]),
+    st.booleans(),
+)
+def test_a_split_by_single_tests_is_the_split_of_their_units(
+    times, costs, n, startup, max_iterations, shuffled
+):
+    # Split by test without groups as parallel lists, without the units (issue 23): the
+    # plan of split() over build_units' units, every field of every shard alike
+    # (differencing and branch and bound run at these sizes, LPT and the pass at all).
+    if shuffled:  # the times in another order than sorted
+        times = dict(reversed(list(times.items())))
+    units = build_units(times, n, "test", file_costs=costs)
+    expected = split(units, n, file_costs=costs, startup=startup, max_iterations=max_iterations)
+    got = split_tests(
+        times, n, "test", file_costs=costs, startup=startup, max_iterations=max_iterations
+    )
+    assert repr(got) == repr(expected)
 
 
 @settings(max_examples=300, deadline=None)

@@ -324,3 +324,21 @@ def test_sorted_distinct_is_sorted_set(tests, presorted):
         tests = sorted(set(tests))
     got = history.sorted_distinct(iter(tests) if presorted else tests)
     assert got == sorted(set(tests))
+    # and given again, taken as it is
+    assert history.sorted_distinct(got) is got
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        _TEST_IDS | st.sampled_from(["a.py", "a[1].py::v", "a[1].py", "a.py2::q", "b"]),
+        st.sampled_from([0.5, 1.0, 2.0]),
+    )
+)
+def test_values_by_file_are_each_files_tests_values_in_order(own):
+    # Cut where the file changes, in C (issue 23); a file's tests apart (unsorted, or a
+    # "[" in a path) are put together as one by one.
+    expected: dict[str, list[float]] = {}
+    for test, seconds in own.items():
+        expected.setdefault(file_of(test), []).append(seconds)
+    assert history._values_by_file(own) == expected
