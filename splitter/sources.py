@@ -37,9 +37,18 @@ def runs_from_junit(
     (``run_of_report``), else read whole and matched (``history.run_from_cases``): the
     same runs either way.
     """
-    paths = junit.expand_paths(patterns)
     wanted = None if candidates is None else list(candidates)
     slots = None if wanted is None else slots_by_key(wanted)
+    return _runs_of(junit.expand_paths(patterns), wanted, slots)
+
+
+def _runs_of(
+    paths: Iterable[pathlib.Path],
+    wanted: Sequence[str] | None,
+    slots: Mapping[str, Mapping[str, int]] | None,
+) -> tuple[list[Run], list[str]]:
+    """``runs_from_junit`` of the reports at paths: each read straight onto wanted
+    when slots (their ``slots_by_key``) are given and it can be, else read whole."""
     runs: list[Run] = []
     warnings: list[str] = []
     for path in paths:
@@ -129,12 +138,13 @@ def estimator_from_junit(
     """``history.Estimator(runs_from_junit(patterns, candidates))`` and its warnings: of
     one report, made straight from it when it can be (``estimator_of_report``)."""
     paths = junit.expand_paths(patterns)
-    slots = slots_by_key(candidates) if len(paths) == 1 and last_runs >= 1 else None
-    if slots is not None:
+    slots = slots_by_key(candidates)
+    if slots is not None and len(paths) == 1 and last_runs >= 1:
         made = estimator_of_report(paths[0], candidates, slots, percentile=percentile)
         if made is not None:
             return made, []
-    runs, warnings = runs_from_junit(patterns, candidates)
+        slots = None  # it cannot be read onto them: read whole, not tried again
+    runs, warnings = _runs_of(paths, candidates, slots)
     return history.Estimator(runs, last_runs=last_runs, percentile=percentile), warnings
 
 
