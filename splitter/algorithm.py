@@ -778,17 +778,34 @@ def _shard(index: int, units: list[Unit], fcosts: Mapping[str, float], startup: 
     times: Sequence[float] = ()
     if units:
         tests, unit_files, times, _ = zip(*units, strict=True)
+    # In the units' order, which is about sorted: sorting them is then about linear.
+    return _shard_of(
+        index,
+        tuple(sorted(itertools.chain.from_iterable(tests))),
+        dict.fromkeys(itertools.chain.from_iterable(unit_files)),
+        times,
+        fcosts,
+        startup,
+    )
+
+
+def _shard_of(
+    index: int,
+    tests: tuple[str, ...],
+    files: dict[str, None],
+    times: Iterable[float],
+    fcosts: Mapping[str, float],
+    startup: float,
+) -> Shard:
+    """The shard of tests (sorted) in files, predicted from their units' times."""
     # Added up in the units' order, as the plans before (not an fsum); map and reduce
     # run in C, where a loop would make a Python step per test.
-    test_time = functools.reduce(operator.add, times, 0.0)
-    # In the units' order, which is about sorted: sorting them is then about linear.
-    files = dict.fromkeys(itertools.chain.from_iterable(unit_files))
     return Shard(
         index=index,
-        tests=tuple(sorted(itertools.chain.from_iterable(tests))),
+        tests=tests,
         files=tuple(sorted(files)),
-        predicted=(startup if units else 0.0)
-        + test_time
+        predicted=(startup if tests else 0.0)
+        + functools.reduce(operator.add, times, 0.0)
         + math.fsum(map(fcosts.get, files, itertools.repeat(0.0))),
     )
 
@@ -896,20 +913,17 @@ def _split_single_tests(
     method, assign = _assign(tests, unit_weights, n, max_iterations, check)
     check()
     members = _grouped_by_shard(range(len(tests)), assign, n)  # positions, in order
-    shards = []
-    for index, positions in enumerate(members):
-        # _shard of the units at these positions
-        shard_files = dict.fromkeys(map(files.__getitem__, positions))
-        shards.append(
-            Shard(
-                index=index,
-                tests=tuple(map(tests.__getitem__, positions)),  # sorted: as the tests
-                files=tuple(sorted(shard_files)),
-                predicted=(startup if positions else 0.0)
-                + functools.reduce(operator.add, map(seconds.__getitem__, positions), 0.0)
-                + math.fsum(map(fcosts.get, shard_files, itertools.repeat(0.0))),
-            )
+    shards = [
+        _shard_of(  # _shard of the units at these positions
+            index,
+            tuple(map(tests.__getitem__, positions)),  # sorted: as the tests
+            dict.fromkeys(map(files.__getitem__, positions)),
+            map(seconds.__getitem__, positions),
+            fcosts,
+            startup,
         )
+        for index, positions in enumerate(members)
+    ]
     check()
     lb = _single_test_bound(seconds, files, n, fcosts, startup, check)
     return _plan(tuple(shards), lb, method)
