@@ -253,6 +253,17 @@ def estimate(
     return Estimator(runs, last_runs=last_runs, percentile=percentile).estimate(tests)
 
 
+def _own_of_one_sample(seconds: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Each test's own estimate from its one sample's seconds:
+    max(MIN_TEST_SECONDS, _percentile([one], ...)), inlined (nan, inf: MIN)."""
+    return {
+        test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS for test, one in seconds
+    }
+
+
+_seconds = operator.itemgetter(0)  # of a Sample
+
+
 class Estimator:
     """What ``estimate`` makes of the runs alone (each test's own estimate, the files'
     totals and costs, the start-up, the groups), made once for the estimates of any
@@ -276,11 +287,9 @@ class Estimator:
                 if len(got) < last_runs:
                     got.append(sample)
         own: dict[str, float] = {}
-        if single:  # max(MIN_TEST_SECONDS, _percentile([one], ...)), inlined (nan, inf: MIN)
-            own = {
-                test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
-                for test, (one, _) in merged[0].tests.items()
-            }
+        if single:
+            tests = merged[0].tests
+            own = _own_of_one_sample(zip(tests, map(_seconds, tests.values()), strict=True))
         for test, got in samples.items():
             if len(got) == 1:
                 one = got[0].seconds
@@ -319,11 +328,7 @@ class Estimator:
         if run.tests:
             raise ValueError("the run's tests are given as their seconds")
         made = cls([run], percentile=percentile)
-        # what __init__ makes of one run, inlined there too
-        made.own = {
-            test: one if MIN_TEST_SECONDS < one < _INF else MIN_TEST_SECONDS
-            for test, one in seconds
-        }
+        made.own = _own_of_one_sample(seconds)  # what __init__ makes of one run
         return made
 
     def _files(self) -> dict[str, list[float]]:
